@@ -1,0 +1,62 @@
+"""The in-memory dataset every loader returns.
+
+Samples stay at their raw storage dtype (uint8 pixels, one byte per value) so that the
+memory ledger charges exemplars what they really cost; :meth:`Dataset.to_input` turns a
+batch of raw samples into the float tensor a model reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Train and test tensors plus what is needed to read them.
+
+    ``x_*`` hold raw samples: ``(N, C, H, W)`` for images, ``(N, D)`` for vectors.
+    ``y_*`` hold int64 class ids in ``[0, len(class_names))``. ``coarse_*`` hold the
+    parent class id of every sample when the dataset has a two-level hierarchy.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    class_names: tuple[str, ...]
+    # raw value -> float input: (x * scale - mean[c]) / std[c], per channel for images
+    scale: float = 1.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    coarse_train: torch.Tensor | None = None
+    coarse_test: torch.Tensor | None = None
+    coarse_names: tuple[str, ...] | None = None
+    source: str = field(default="")
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes one stored sample takes at its raw dtype (the 'exemplar' unit)."""
+        return self.x_train[0].numel() * self.x_train.element_size()
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw samples -> normalised float32 model input, on x's device."""
+        out = x.to(torch.float32) * self.scale
+        if len(self.mean) == 1:
+            if self.mean[0] != 0.0 or self.std[0] != 1.0:
+                out = (out - self.mean[0]) / self.std[0]
+            return out
+        shape = (1, len(self.mean)) + (1,) * (out.dim() - 2)
+        mean = torch.tensor(self.mean, dtype=out.dtype, device=out.device).view(shape)
+        std = torch.tensor(self.std, dtype=out.dtype, device=out.device).view(shape)
+        return (out - mean) / std

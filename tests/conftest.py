@@ -1,0 +1,28 @@
+"""Shared fixtures. Tests that need ../shared/data fail loudly when it is missing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shared_data_root() -> Path:
+    env = os.environ.get("CLSIM_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data_root() -> Path:
+    """The real datasets beside the project; a missing folder is a failure, not a skip."""
+    root = _shared_data_root()
+    if not (root / "mnist").is_dir():
+        pytest.fail(
+            f"real datasets not found at {root} (expected mnist/, fashion-mnist/, cifar10/, "
+            "omniglot/ there); set CLSIM_DATA to the folder that holds them",
+            pytrace=False,
+        )
+    return root
