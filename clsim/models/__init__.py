@@ -1,0 +1,114 @@
+"""The model zoo: every backbone by name, with its options as a typed dataclass.
+
+Every model is a :class:`ClassifierModel` (``features`` then a linear ``head``). The
+config layer validates a scenario's ``model.options`` against ``ModelSpec.options`` (its
+fields carry ``metadata={"help": ..., "min": ...}``) and calls :func:`build_model`.
+Construction draws initial weights from torch's default generator, so the caller seeds
+around it; nothing here seeds anything.
+"""
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from clsim.errors import ConfigError
+from clsim.models.base import ClassifierModel, ModelOptionError, parameter_count
+from clsim.models.cnn import ConvNet2Options, SmallCNNOptions, build_convnet2, build_small_cnn
+from clsim.models.mlp import MLPOptions, build_mlp
+from clsim.models.resnet import (
+    FixedResNetOptions,
+    ResNetFeatures,
+    ResNetOptions,
+    build_resnet,
+    fixed_depth_builder,
+)
+
+__all__ = [
+    "MODELS",
+    "ClassifierModel",
+    "ConvNet2Options",
+    "FixedResNetOptions",
+    "MLPOptions",
+    "ModelOptionError",
+    "ModelSpec",
+    "ResNetFeatures",
+    "ResNetOptions",
+    "SmallCNNOptions",
+    "build_model",
+    "model_names",
+    "parameter_count",
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one named model.
+
+    :param build: ``build(input_shape, n_classes, options) -> ClassifierModel``.
+    :param options: the dataclass of this model's options (all fields have defaults).
+    :param help: one line for ``clsim list``.
+    """
+
+    build: Callable[[tuple[int, ...], int, Any], ClassifierModel]
+    options: type
+    help: str = ""
+
+
+RESNET_ALIAS_DEPTHS = (14, 20, 26, 32, 44, 56)
+
+MODELS: dict[str, ModelSpec] = {
+    "mlp": ModelSpec(build_mlp, MLPOptions, "fully connected net on flattened inputs"),
+    "small_cnn": ModelSpec(
+        build_small_cnn, SmallCNNOptions, "conv-BN-ReLU-maxpool blocks + global average pool"
+    ),
+    "convnet2": ModelSpec(
+        build_convnet2, ConvNet2Options, "MEMO's 2-block ConvNet (64 channels) for low memory"
+    ),
+    "resnet": ModelSpec(
+        build_resnet, ResNetOptions, "CIFAR ResNet (He et al. 2016), depth 6n+2, option-A"
+    ),
+}
+for _depth in RESNET_ALIAS_DEPTHS:
+    MODELS[f"resnet{_depth}"] = ModelSpec(
+        fixed_depth_builder(_depth), FixedResNetOptions, f"CIFAR ResNet-{_depth} (no options)"
+    )
+del _depth
+
+
+def model_names() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(MODELS)
+
+
+def build_model(
+    name: str,
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    options: Any = None,
+) -> ClassifierModel:
+    """Build model ``name`` for per-sample ``input_shape`` and ``n_classes`` outputs.
+
+    :param options: ``None`` for the defaults, else an instance of
+        ``MODELS[name].options``.
+    :raises ConfigError: unknown name, ``n_classes < 1``, or options/input shape the
+        model cannot be built with (:class:`ModelOptionError`, also a ``ValueError``).
+    :raises TypeError: ``options`` is not the model's options dataclass (a caller bug).
+    """
+    spec = MODELS.get(name)
+    if spec is None:
+        close = difflib.get_close_matches(str(name), MODELS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"unknown model {name!r}; known models: {', '.join(model_names())}.{hint}"
+        )
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
+        raise ConfigError(f"model '{name}' needs n_classes >= 1; got {n_classes!r}.")
+    if options is None:
+        options = spec.options()
+    elif not isinstance(options, spec.options):
+        raise TypeError(
+            f"options for model '{name}' must be a {spec.options.__name__}; "
+            f"got {type(options).__name__}"
+        )
+    return spec.build(tuple(int(s) for s in input_shape), n_classes, options)

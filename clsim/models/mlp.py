@@ -1,0 +1,49 @@
+"""Multi-layer perceptron: the SplitMNIST workhorse (Avalanche's baselines use 400x2)."""
+
+import math
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from clsim.models.base import ClassifierModel, ModelOptionError, require_positive_ints
+
+
+@dataclass
+class MLPOptions:
+    """Options of the ``mlp`` model."""
+
+    hidden: list[int] = field(
+        default_factory=lambda: [400, 400],
+        metadata={"help": "widths of the hidden layers; [] gives a linear model", "min": 1},
+    )
+    dropout: float = field(
+        default=0.0,
+        metadata={"help": "dropout probability after each hidden ReLU, in [0, 1)", "min": 0.0},
+    )
+
+
+def build_mlp(input_shape: tuple[int, ...], n_classes: int, options: MLPOptions) -> ClassifierModel:
+    """Flatten, then ``Linear -> ReLU [-> Dropout]`` per hidden width, then the head.
+
+    ``features`` is everything before the last Linear, so ``feature_dim`` is the last
+    hidden width (or the flattened input size when ``hidden`` is empty).
+    """
+    require_positive_ints("mlp", "hidden", options.hidden, empty_ok=True)
+    if not 0.0 <= options.dropout < 1.0:
+        raise ModelOptionError(
+            "The 'dropout' option of model 'mlp' must be a float in [0, 1). "
+            f"Got {options.dropout!r} instead.",
+            key_path="dropout",
+        )
+    in_features = math.prod(int(s) for s in input_shape)
+    if in_features < 1:
+        raise ModelOptionError(f"model 'mlp' got an empty input shape {tuple(input_shape)}.")
+
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for hidden in options.hidden:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        if options.dropout > 0.0:
+            layers.append(nn.Dropout(options.dropout))
+        width = hidden
+    return ClassifierModel(nn.Sequential(*layers), width, n_classes)
