@@ -1,0 +1,94 @@
+"""Memory budgets as users write them, resolved to bytes through one arithmetic.
+
+Accepted forms (sums with ``+`` allowed): an integer number of bytes; a size with a
+binary unit, ``"7.6MB"`` (1 KB = 2^10 bytes, 1 MB = 2^20, 1 GB = 2^30; ``KiB``/``MiB``/
+``GiB`` are the same units); ``"500 exemplars"`` (500 times the bytes of one raw sample
+of the scenario's dataset); ``"model"`` (the strategy's model at setup, parameters and
+buffers at their dtype width). ``"model + 500 exemplars"`` therefore gives a replay
+method its model plus room for 500 raw samples.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_UNITS = {"b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30}
+_MAX_BYTES = 2**50  # 1 PiB: anything larger is a typo, not a budget
+_TERM = re.compile(
+    r"^\s*(?:(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[a-z]+)?|(?P<count>\d+)?\s*(?P<word>models?))\s*$"
+)
+_FORMS = (
+    "bytes as an integer, a size such as '7.6MB' (MB = 2^20 bytes), 'N exemplars', "
+    "'model', or a sum such as 'model + 500 exemplars'"
+)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parsed budget: a constant byte count plus multiples of exemplars and of the model."""
+
+    bytes: int = 0
+    exemplars: int = 0
+    models: int = 0
+    text: str = ""
+
+    description = "a memory budget: " + _FORMS
+
+    @classmethod
+    def parse(cls, value: object) -> Budget:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"expected {_FORMS}; got {value!r}")
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError(f"a budget cannot be negative; got {value} bytes")
+            return cls._checked(cls(bytes=value, text=str(value)))
+        total = cls(text=value.strip())
+        terms = value.lower().split("+")
+        if not value.strip() or any(not t.strip() for t in terms):
+            raise ValueError(f"expected {_FORMS}; got {value!r}")
+        nbytes = exemplars = models = 0
+        for term in terms:
+            match = _TERM.match(term)
+            if not match:
+                raise ValueError(
+                    f"cannot read {term.strip()!r} in budget {value!r}: expected {_FORMS}"
+                )
+            if match["word"]:
+                models += int(match["count"] or 1)
+                continue
+            number = float(match["num"])
+            unit = match["unit"] or "b"
+            if unit in ("exemplar", "exemplars"):
+                if number != int(number):
+                    raise ValueError(f"exemplar counts are whole numbers; got {term.strip()!r}")
+                exemplars += int(number)
+            elif unit in _UNITS:
+                nbytes += round(number * _UNITS[unit])
+            else:
+                known = "B, KB, MB, GB, exemplars, model"
+                raise ValueError(f"unknown unit {unit!r} in budget {value!r} (known: {known})")
+        return cls._checked(cls(bytes=nbytes, exemplars=exemplars, models=models, text=total.text))
+
+    @classmethod
+    def _checked(cls, budget: Budget) -> Budget:
+        if budget.bytes > _MAX_BYTES or budget.exemplars > _MAX_BYTES:
+            raise ValueError(f"budget {budget.text!r} is larger than 1 PiB; is a unit missing?")
+        return budget
+
+    def resolve(self, *, model_bytes: int, sample_bytes: int) -> int:
+        """Bytes allowed for a model of ``model_bytes`` on samples of ``sample_bytes`` each."""
+        return self.bytes + self.exemplars * sample_bytes + self.models * model_bytes
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def format_bytes(n: int | None) -> str:
+    """Human-readable binary size: 1536 -> '1.50 KB' (KB = 2^10 bytes, as budgets)."""
+    if n is None:
+        return "-"
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"

@@ -1,0 +1,374 @@
+"""Scenario YAML -> a validated, typed :class:`ScenarioConfig`; defaults live here.
+
+Only ``yaml.safe_load`` semantics are used (no tag can construct an object). Every
+error names the file, the line where known, the key path, what was expected and what
+was got, and suggests the nearest valid key for a typo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from clsim.budget import Budget
+from clsim.errors import ClsimError, ConfigError
+from clsim.models import MODELS
+from clsim.plugin_manager import load_plugin_class, options_class
+from clsim.validation import KeyPath, Source, build, closest, format_path
+
+
+@dataclass
+class DataConfig:
+    dataset: str = field(
+        metadata={"help": "digits, mnist, fashion_mnist, cifar10, cifar100 or npz"}
+    )
+    root: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder holding the datasets; default: $CLSIM_DATA (relative to the YAML)"
+        },
+    )
+    path: str | None = field(default=None, metadata={"help": "the .npz file, for dataset: npz"})
+
+
+@dataclass
+class StreamConfig:
+    type: Literal["class_incremental"] = "class_incremental"
+    n_experiences: int | None = field(default=None, metadata={"min": 1})
+    increment: int | None = field(
+        default=None, metadata={"min": 1, "help": "classes per experience"}
+    )
+    initial_increment: int | None = field(
+        default=None, metadata={"min": 1, "help": "classes in the first experience"}
+    )
+    class_order: list[int] | None = field(
+        default=None,
+        metadata={"help": "explicit class order; default: a permutation drawn from the seed"},
+    )
+    shuffle_classes: bool = field(default=True, metadata={"help": "false: class order 0..C-1"})
+    task_labels: bool = field(
+        default=False, metadata={"help": "task ids visible to the strategy and at test"}
+    )
+
+    def check(self) -> None:
+        if self.n_experiences is None and self.increment is None:
+            raise ValueError("give 'n_experiences' or 'increment' (or both)")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = field(default=0.01, metadata={"min": 0, "min_exclusive": True})
+    momentum: float = field(default=0.0, metadata={"min": 0, "max": 1})
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = field(default=1, metadata={"min": 1})
+    batch_size: int = field(default=128, metadata={"min": 1})
+    eval_batch_size: int = field(default=1024, metadata={"min": 1})
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass
+class PluginSpec:
+    """One resolved plugin of a strategy: its name in the YAML, class and options."""
+
+    name: str
+    ref: str
+    cls: type
+    options: Any
+
+
+@dataclass
+class StrategyConfig:
+    name: str
+    plugins: list[PluginSpec]
+    budget: Budget | None = None
+    strict: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    options: Any = None
+
+
+@dataclass
+class _ScenarioFields:
+    """The top-level keys; strategies and model are validated by their own rules."""
+
+    data: DataConfig
+    stream: StreamConfig
+    model: dict
+    strategies: dict
+    name: str | None = None
+    description: str = ""
+    seed: int = field(default=0, metadata={"min": 0})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    budget: Budget | None = field(
+        default=None, metadata={"help": "default budget of every strategy (bytes, '7.6MB', ...)"}
+    )
+    strict: bool = field(
+        default=False, metadata={"help": "stop a strategy that exceeds its budget"}
+    )
+
+    def check(self) -> None:
+        if not (self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device)):
+            raise ValueError(f"'device' must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+
+
+def _is_cuda_index(device: str) -> bool:
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
+@dataclass
+class _StrategyFields:
+    plugins: list = field(metadata={"min_items": 1})
+    budget: Budget | None = None
+    strict: bool | None = None
+
+
+@dataclass
+class ScenarioConfig:
+    """A validated scenario. ``source`` is the YAML file it came from (for messages)."""
+
+    name: str
+    description: str
+    seed: int
+    device: str
+    data: DataConfig
+    stream: StreamConfig
+    model: ModelConfig
+    training: TrainingConfig
+    strategies: dict[str, StrategyConfig]
+    source: str = "<config>"
+    base_dir: str = "."
+    raw: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (saved beside the results)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "seed": self.seed,
+            "device": self.device,
+            "data": dataclasses.asdict(self.data),
+            "stream": dataclasses.asdict(self.stream),
+            "model": {"name": self.model.name, **_plain(self.model.options)},
+            "training": dataclasses.asdict(self.training),
+            "strategies": {
+                s.name: {
+                    "budget": None if s.budget is None else str(s.budget),
+                    "strict": s.strict,
+                    "plugins": [{p.ref: _plain(p.options)} for p in s.plugins],
+                }
+                for s in self.strategies.values()
+            },
+        }
+
+
+def _plain(options: Any) -> dict[str, Any]:
+    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
+
+
+# ---------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------
+
+
+def load_scenario(path: str | Path) -> ScenarioConfig:
+    """Read and validate a scenario file."""
+    path = Path(path)
+    name = str(path)
+    try:
+        raw_bytes = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("scenario file not found", source=name) from None
+    except IsADirectoryError:
+        raise ConfigError("expected a YAML file; got a directory", source=name) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror}", source=name) from None
+    try:
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = raw_bytes[exc.start : exc.start + 1]
+        raise ConfigError(
+            f"the file is not valid UTF-8 (byte {exc.start}: {bad!r}); save it as UTF-8",
+            source=name,
+        ) from None
+    return parse_scenario(text, source=name, base_dir=str(path.parent), default_name=path.stem)
+
+
+def parse_scenario(
+    text: str, *, source: str = "<config>", base_dir: str = ".", default_name: str = "scenario"
+) -> ScenarioConfig:
+    """Validate scenario YAML given as text."""
+    data, lines = _safe_load_with_lines(text, source)
+    src = Source(source, lines)
+    if data is None:
+        raise src.error(
+            (),
+            "the file is empty; expected a scenario mapping with data, stream, "
+            "model and strategies",
+        )
+    if not isinstance(data, dict):
+        raise src.error((), f"expected a mapping at the top level; got a {type(data).__name__}")
+    top = build(_ScenarioFields, data, (), src)
+    model = _model_config(top.model, src)
+    strategies = _strategies(top, src)
+    return ScenarioConfig(
+        name=top.name or default_name,
+        description=top.description,
+        seed=top.seed,
+        device=top.device,
+        data=top.data,
+        stream=top.stream,
+        model=model,
+        training=top.training,
+        strategies=strategies,
+        source=source,
+        base_dir=base_dir,
+        raw=data,
+    )
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (YAML would silently keep the last)."""
+
+
+def _safe_load_with_lines(text: str, source: str) -> tuple[Any, dict[KeyPath, int]]:
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, source) from None
+    if node is None:
+        return None, {}
+    lines: dict[KeyPath, int] = {}
+    _collect_lines(node, (), lines, source)
+    try:
+        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, source) from None
+    return data, lines
+
+
+def _collect_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], source: str) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
+            if key in seen:
+                raise ConfigError(
+                    f"duplicate key {key!r} (each key may appear once in a mapping)",
+                    source=source,
+                    key_path=format_path(path + (key,)),
+                    line=key_node.start_mark.line + 1,
+                )
+            seen.add(key)
+            _collect_lines(value_node, path + (key,), lines, source)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _collect_lines(item, path + (index,), lines, source)
+
+
+def _yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    problem = getattr(exc, "problem", None) or str(exc)
+    if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in str(problem):
+        problem = f"{problem} (YAML tags that construct objects are not allowed)"
+    return ConfigError(f"invalid YAML: {problem}", source=source, line=line)
+
+
+def _model_config(raw: dict, src: Source) -> ModelConfig:
+    path: KeyPath = ("model",)
+    raw = dict(raw)
+    name = raw.pop("name", None)
+    if not isinstance(name, str):
+        raise src.error(
+            path + ("name",), f"expected a model name, one of {', '.join(MODELS)}; got {name!r}"
+        )
+    if name not in MODELS:
+        hint = closest(name, MODELS)
+        raise src.error(
+            path + ("name",),
+            f"unknown model {name!r} (known: {', '.join(MODELS)})"
+            + (f"; did you mean {hint!r}?" if hint else ""),
+        )
+    options = build(MODELS[name].options, raw, path, src)
+    return ModelConfig(name, options)
+
+
+def _strategies(top: _ScenarioFields, src: Source) -> dict[str, StrategyConfig]:
+    if not top.strategies:
+        raise src.error(("strategies",), "expected at least one strategy")
+    out: dict[str, StrategyConfig] = {}
+    for name, body in top.strategies.items():
+        path: KeyPath = ("strategies", str(name))
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            raise src.error(
+                path, f"strategy names use letters, digits, '_' and '-' only; got {name!r}"
+            )
+        fields = build(_StrategyFields, body, path, src)
+        plugins = [
+            _plugin(entry, path + ("plugins", i), src) for i, entry in enumerate(fields.plugins)
+        ]
+        counts: dict[str, int] = {}
+        for spec in plugins:  # two instances of one plugin get distinct names
+            counts[spec.name] = counts.get(spec.name, 0) + 1
+            if counts[spec.name] > 1:
+                spec.name = f"{spec.name}#{counts[spec.name]}"
+        out[name] = StrategyConfig(
+            name=name,
+            plugins=plugins,
+            budget=fields.budget if fields.budget is not None else top.budget,
+            strict=top.strict if fields.strict is None else fields.strict,
+        )
+    return out
+
+
+def _plugin(entry: Any, path: KeyPath, src: Source) -> PluginSpec:
+    if isinstance(entry, str):
+        ref, options = entry, {}
+    elif isinstance(entry, dict) and len(entry) == 1:
+        ref, options = next(iter(entry.items()))
+        path = path + (str(ref),)
+    else:
+        raise src.error(
+            path,
+            "expected a plugin name, or a mapping with one key (the plugin "
+            f"name) to its options, e.g. '- replay: {{selection: herding}}'; got {entry!r}",
+        )
+    if not isinstance(ref, str):
+        raise src.error(path, f"expected a plugin name; got {ref!r}")
+    try:
+        cls = load_plugin_class(ref)
+    except ClsimError as exc:
+        raise src.error(path, str(exc)) from None
+    declared = options_class(cls)
+    if declared is None:
+        if options:
+            raise src.error(path, f"plugin {ref!r} takes no options; got {options!r}")
+        parsed = None
+    else:
+        parsed = build(declared, options, path, src)
+    short = ref.rsplit(":", 1)[-1].rsplit(".", 1)[-1] if ":" in ref else ref
+    return PluginSpec(name=short, ref=ref, cls=cls, options=parsed)
+
+
+def resolve_path(scenario: ScenarioConfig, value: str | None) -> str | None:
+    """A path from the YAML, relative to the YAML's folder unless absolute."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else Path(scenario.base_dir) / path)

@@ -1,0 +1,99 @@
+"""The run context: the public state a plugin may read, and the services it may call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from clsim.data.dataset import Dataset
+from clsim.memory import model_bytes
+from clsim.seeding import numpy_generator, torch_generator
+from clsim.stream import Experience
+
+
+@dataclass(eq=False)
+class RunContext:
+    """What a plugin sees of a run. The engine updates it; plugins read it.
+
+    Attributes a plugin may rely on: ``strategy`` (its name), ``model``, ``optimizer``
+    (set while training, None otherwise), ``device``, ``n_classes`` (size of the label
+    space), ``sample_shape`` / ``sample_dtype`` / ``sample_bytes`` (one raw sample),
+    ``budget_bytes`` (None when the strategy has no budget), ``seen_classes`` (class ids
+    met so far, in order of first appearance), ``experience`` (the current one, or None),
+    ``epochs`` / ``batch_size`` (the standard loop's settings), ``seed`` and ``log``
+    (a function taking an event name and fields, written to events.jsonl).
+    """
+
+    strategy: str
+    model: nn.Module
+    device: torch.device
+    dataset: Dataset
+    seed: int
+    epochs: int
+    batch_size: int
+    budget_bytes: int | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    experience: Experience | None = None
+    seen_classes: list[int] = field(default_factory=list)
+    log: Callable[..., None] = lambda event, **fields: None
+    _fit: Callable[..., None] | None = None
+
+    @property
+    def n_classes(self) -> int:
+        return self.dataset.n_classes
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.dataset.sample_shape
+
+    @property
+    def sample_dtype(self) -> torch.dtype:
+        return self.dataset.x_train.dtype
+
+    @property
+    def sample_bytes(self) -> int:
+        return self.dataset.sample_bytes
+
+    def model_bytes(self) -> int:
+        """Bytes of the model's parameters and buffers right now."""
+        return model_bytes(self.model)
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw samples (storage dtype, any device) -> the model's float input on ``device``."""
+        return self.dataset.to_input(x.to(self.device, non_blocking=True))
+
+    def torch_generator(
+        self, *names: str | int, device: str | torch.device = "cpu"
+    ) -> torch.Generator:
+        """A generator private to the caller, derived from the run's seed and ``names``."""
+        return torch_generator(self.seed, self.strategy, *names, device=device)
+
+    def numpy_generator(self, *names: str | int) -> np.random.Generator:
+        return numpy_generator(self.seed, self.strategy, *names)
+
+    def fit(
+        self, x: torch.Tensor, y: torch.Tensor, *, epochs: int | None = None, **kw: Any
+    ) -> None:
+        """Run the standard training loop (with every batch hook) on data of your choosing."""
+        if self._fit is None:
+            raise RuntimeError("ctx.fit is only available while a run is in progress")
+        self._fit(x, y, epochs=epochs, **kw)
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """``model.features`` of raw samples, in eval mode, batched; the mode is restored."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            parts = [
+                self.model.features(self.to_input(x[i : i + batch_size]))
+                for i in range(0, len(x), batch_size)
+            ]
+        finally:
+            self.model.train(was_training)
+        return torch.cat(parts) if parts else torch.empty(0, device=self.device)

@@ -1,0 +1,260 @@
+"""The memory ledger: bytes a strategy holds between experiences, measured by walking it.
+
+What is counted, at the real width of each dtype:
+
+* the model's parameters and buffers (BatchNorm statistics, an analytic learner's
+  autocorrelation matrix registered as a buffer), and any tensor kept as a plain
+  attribute of one of its modules;
+* everything reachable from each plugin object: attributes, lists, tuples, sets, dicts,
+  nested objects, tensors, numpy arrays and modules (old models, experts).
+
+A tensor is charged the size of its whole storage (a view keeps its base alive), once,
+however many references reach it, in the first place found (the model before plugins).
+Python numbers, strings and bytes in plugin state are charged 8 bytes per number and
+their length per string; those parts are marked *estimated*. Not charged: the plugin's
+declared ``options`` (configuration, not learned state), the run context, callables,
+classes, modules of code and random generators.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import types
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+_PY_NUMBER_BYTES = 8
+_SKIP_TYPES = (
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    type,
+    torch.Generator,
+    np.random.Generator,
+    np.random.SeedSequence,
+    torch.device,
+    torch.dtype,
+)
+
+
+@dataclass
+class Measurement:
+    """One reading of the ledger: total bytes and the named parts that make it."""
+
+    parts: dict[str, int] = field(default_factory=dict)
+    estimated_parts: set[str] = field(default_factory=set)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def estimated(self) -> bool:
+        return bool(self.estimated_parts)
+
+    def bytes_of(self, prefix: str) -> int:
+        """Bytes of the parts whose name is ``prefix`` or starts with ``prefix.``."""
+        return sum(n for k, n in self.parts.items() if k == prefix or k.startswith(prefix + "."))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total_bytes": self.total_bytes,
+            "parts": dict(sorted(self.parts.items())),
+            "estimated": self.estimated,
+            "estimated_parts": sorted(self.estimated_parts),
+        }
+
+
+class _Walker:
+    """Depth-first walk that charges each storage once and names where it was found."""
+
+    def __init__(self, skip_types: tuple[type, ...] = ()) -> None:
+        self.result = Measurement()
+        self._storages: set[tuple[str, int]] = set()
+        self._visited: set[int] = set()
+        self._skip = _SKIP_TYPES + skip_types
+
+    def charge(self, part: str, nbytes: int, estimated: bool = False) -> None:
+        self.result.parts[part] = self.result.parts.get(part, 0) + nbytes
+        if estimated:
+            self.result.estimated_parts.add(part)
+
+    def tensor(self, t: torch.Tensor, part: str) -> None:
+        if t.layout != torch.strided:
+            pieces = _sparse_pieces(t)
+            for piece in pieces:
+                self.tensor(piece, part)
+            return
+        if t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        key = (str(t.device), storage.data_ptr())
+        if storage.data_ptr() == 0 or key in self._storages:
+            return
+        self._storages.add(key)
+        self.charge(part, storage.nbytes())
+
+    def array(self, a: np.ndarray, part: str) -> None:
+        root = a
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        key = ("numpy", id(root))
+        if key in self._storages:
+            return
+        self._storages.add(key)
+        self.charge(part, root.nbytes)
+
+    def module(self, m: nn.Module, name: str) -> None:
+        for sub in m.modules():
+            if id(sub) in self._visited:
+                continue
+            self._visited.add(id(sub))
+            for p in sub._parameters.values():
+                if p is not None:
+                    self.tensor(p, f"{name}.parameters")
+            for b in sub._buffers.values():
+                if b is not None:
+                    self.tensor(b, f"{name}.buffers")
+            for attr, value in vars(sub).items():
+                if not attr.startswith("_") and not _is_scalar(value):
+                    self.value(value, f"{name}.{attr}", collapse=True)
+
+    def value(self, obj: Any, part: str, collapse: bool = False) -> None:
+        """Charge whatever ``obj`` holds to ``part`` (containers keep their holder's name)."""
+        if obj is None or isinstance(obj, self._skip):
+            return
+        if isinstance(obj, torch.Tensor):
+            self.tensor(obj, part)
+            return
+        if isinstance(obj, np.ndarray):
+            self.array(obj, part)
+            return
+        if _is_scalar(obj):
+            self.charge(part, _scalar_bytes(obj), estimated=True)
+            return
+        if id(obj) in self._visited:
+            return
+        if isinstance(obj, nn.Module):
+            self.module(obj, part)
+            return
+        self._visited.add(id(obj))
+        if isinstance(obj, dict):
+            for value in obj.values():
+                self.value(value, part, collapse=True)
+        elif isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
+            for value in obj:
+                self.value(value, part, collapse=True)
+        else:
+            for attr, value in _attributes(obj):
+                self.value(value, part if collapse else f"{part}.{attr}", collapse)
+
+
+def _attributes(obj: Any) -> Iterable[tuple[str, Any]]:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return ((f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj))
+    items = list(getattr(obj, "__dict__", {}).items())
+    for klass in type(obj).__mro__:
+        for slot in getattr(klass, "__slots__", ()):
+            if hasattr(obj, slot) and slot not in ("__dict__", "__weakref__"):
+                items.append((slot, getattr(obj, slot)))
+    return items
+
+
+def _is_scalar(obj: Any) -> bool:
+    return isinstance(obj, (bool, int, float, complex, str, bytes, bytearray, np.generic))
+
+
+def _scalar_bytes(obj: Any) -> int:
+    if isinstance(obj, str):
+        return len(obj.encode("utf-8"))
+    if isinstance(obj, (bytes, bytearray)):
+        return len(obj)
+    if isinstance(obj, np.generic):
+        return obj.nbytes
+    return _PY_NUMBER_BYTES
+
+
+def _sparse_pieces(t: torch.Tensor) -> list[torch.Tensor]:
+    if t.layout == torch.sparse_coo:
+        return [t._indices(), t._values()]
+    if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [t.crow_indices(), t.col_indices(), t.values()]
+    if t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        return [t.ccol_indices(), t.row_indices(), t.values()]
+    raise TypeError(f"the memory ledger cannot measure tensors of layout {t.layout}")
+
+
+def measure(
+    model: nn.Module | None,
+    plugins: Iterable[tuple[str, Any]] = (),
+    *,
+    skip_types: tuple[type, ...] = (),
+) -> Measurement:
+    """Bytes held by ``model`` and by each ``(name, plugin)``, part by part.
+
+    The model is walked first, so a plugin that merely refers to the live model is not
+    charged for it; a *copy* (an old model kept for distillation) is charged to the
+    plugin that holds it.
+    """
+    walker = _Walker(skip_types)
+    if model is not None:
+        walker.module(model, "model")
+    for name, plugin in plugins:
+        walker._visited.add(id(plugin))
+        declared = getattr(plugin, "options", None)
+        for attr, value in _attributes(plugin):
+            if attr == "options" and value is declared and dataclasses.is_dataclass(value):
+                continue
+            walker.value(value, f"{name}.{attr}")
+    return walker.result
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Parameters and buffers of ``model`` at their dtype width (shared storage once)."""
+    return measure(model).total_bytes
+
+
+@dataclass
+class LedgerRecord:
+    experience: int
+    measurement: Measurement
+    over_budget: bool
+
+
+@dataclass
+class Ledger:
+    """The ledger of one run: a measurement per experience, checked against the budget."""
+
+    budget_bytes: int | None
+    records: list[LedgerRecord] = field(default_factory=list)
+
+    def record(self, experience: int, measurement: Measurement) -> LedgerRecord:
+        over = self.budget_bytes is not None and measurement.total_bytes > self.budget_bytes
+        entry = LedgerRecord(experience, measurement, over)
+        self.records.append(entry)
+        return entry
+
+    @property
+    def peak_bytes(self) -> int:
+        return max((r.measurement.total_bytes for r in self.records), default=0)
+
+    @property
+    def over_budget(self) -> bool:
+        return any(r.over_budget for r in self.records)
+
+    @property
+    def estimated(self) -> bool:
+        return any(r.measurement.estimated for r in self.records)
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [
+            {"experience": r.experience, "over_budget": r.over_budget, **r.measurement.to_dict()}
+            for r in self.records
+        ]

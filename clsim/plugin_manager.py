@@ -1,0 +1,199 @@
+"""Find, load, register and call strategy plugins.
+
+A plugin is a class. It is found by name through the entry-point group
+``clsim.plugins`` (built-ins use the same door as third-party packages) or by a dotted
+path ``package.module:ClassName``. Its options are a dataclass named by the class
+attribute ``Options``; the constructor receives one instance of it. Registration fails
+fast: every ``clsim_*`` method must match a spec in :mod:`clsim.hookspecs` by name and
+arguments, so a misspelt hook is an error at start-up rather than a hook that never fires.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+from clsim import hookspecs
+from clsim.errors import ClsimError, PluginError, PluginRuntimeError
+from clsim.validation import closest
+
+ENTRY_POINT_GROUP = "clsim.plugins"
+HOOK_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("clsim_"))
+
+
+def available_plugins() -> dict[str, importlib.metadata.EntryPoint]:
+    """Plugin name -> entry point, for every installed distribution that declares one."""
+    found: dict[str, importlib.metadata.EntryPoint] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep)
+    return dict(sorted(found.items()))
+
+
+def load_plugin_class(ref: str) -> type:
+    """A registered plugin name, or ``package.module:ClassName``, -> the plugin class."""
+    if ":" in ref:
+        module_name, _, attr = ref.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise PluginError(
+                f"cannot import module {module_name!r} for plugin {ref!r}: {exc}"
+            ) from None
+        target: Any = module
+        for part in attr.split("."):
+            if not hasattr(target, part):
+                raise PluginError(
+                    f"module {module_name!r} has no attribute {attr!r} (plugin {ref!r})"
+                )
+            target = getattr(target, part)
+    else:
+        registry = available_plugins()
+        if ref not in registry:
+            hint = closest(ref, registry)
+            known = ", ".join(registry) or "none installed"
+            raise PluginError(
+                f"unknown plugin {ref!r} (registered: {known})"
+                + (f"; did you mean {hint!r}?" if hint else "")
+                + "; a plugin outside clsim is named as 'package.module:ClassName'"
+            )
+        try:
+            target = registry[ref].load()
+        except Exception as exc:  # a broken third-party package must not crash clsim
+            raise PluginError(
+                f"plugin {ref!r} failed to load ({registry[ref].value}): {exc}"
+            ) from None
+    if not inspect.isclass(target):
+        raise PluginError(f"plugin {ref!r} must be a class; got {type(target).__name__}")
+    return target
+
+
+def options_class(plugin_class: type) -> type | None:
+    """The dataclass of options a plugin declares, or None for a plugin without options."""
+    return getattr(plugin_class, "Options", None)
+
+
+class ClsimPluginManager(pluggy.PluginManager):
+    """A pluggy manager that treats every ``clsim_*`` method as a hook implementation.
+
+    As pytest does for ``pytest_*``: the ``@hookimpl`` decorator is needed only for
+    options (tryfirst, trylast, wrapper); a misspelt ``clsim_`` name is caught by
+    :meth:`check_pending` instead of silently never firing.
+    """
+
+    def parse_hookimpl_opts(self, plugin: object, name: str):  # type: ignore[override]
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is None and name.startswith("clsim_") and inspect.isroutine(getattr(plugin, name)):
+            opts = {
+                "wrapper": False,
+                "hookwrapper": False,
+                "optionalhook": False,
+                "tryfirst": False,
+                "trylast": False,
+                "specname": None,
+            }
+        return opts
+
+
+def build_plugin_manager(plugins: list[tuple[str, object]]) -> ClsimPluginManager:
+    """Register ``(name, plugin)`` pairs so that the first listed is called first."""
+    pm = ClsimPluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    for name, plugin in reversed(plugins):  # pluggy calls the last registered first
+        try:
+            pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(
+                f"plugin {name!r} ({_class_path(plugin)}) is invalid: {exc}"
+            ) from None
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(_unknown_hook_message(pm, exc)) from None
+    return pm
+
+
+def _class_path(plugin: object) -> str:
+    cls = type(plugin)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _unknown_hook_message(pm: ClsimPluginManager, exc: pluggy.PluginValidationError) -> str:
+    name = pm.get_name(exc.plugin) or _class_path(exc.plugin)
+    for hook_name in dir(pm.hook):
+        caller = getattr(pm.hook, hook_name)
+        if hook_name.startswith("clsim_") and not caller.has_spec():
+            hint = closest(hook_name, HOOK_NAMES)
+            return (
+                f"plugin {name!r} ({_class_path(exc.plugin)}) defines {hook_name!r}, which is not "
+                "a clsim hook"
+                + (f"; did you mean {hint!r}?" if hint else "")
+                + " (hooks are listed in clsim/hookspecs.py)"
+            )
+    return f"plugin {name!r}: {exc}"
+
+
+class HookRunner:
+    """Calls hooks and, when one raises, says which plugin, hook and experience failed."""
+
+    def __init__(self, pm: ClsimPluginManager, where: Callable[[], str] = lambda: "") -> None:
+        self.pm = pm
+        self.where = where
+        self._impls = {name: getattr(pm.hook, name).get_hookimpls() for name in HOOK_NAMES}
+
+    def implemented(self, hook: str) -> bool:
+        return bool(self._impls[hook])
+
+    def order(self, hook: str) -> list[str]:
+        """Plugin names in the order they are called for ``hook``."""
+        return [impl.plugin_name for impl in reversed(self._impls[hook])]
+
+    def call(self, hook: str, **kwargs: Any) -> Any:
+        """Call every implementation (or up to the first result, for first-result hooks)."""
+        impls = self._impls[hook]
+        if not impls:
+            return None if getattr(self.pm.hook, hook).spec.opts["firstresult"] else []
+        try:
+            return getattr(self.pm.hook, hook)(**kwargs)
+        except Exception as exc:
+            raise self._blame(hook, impls, exc) from exc
+
+    def chain(self, hook: str, key: str, value: Any, **kwargs: Any) -> Any:
+        """Pass ``value`` through each implementation in order; a non-None result replaces it."""
+        for impl in reversed(self._impls[hook]):
+            args = {**kwargs, key: value}
+            try:
+                result = impl.function(*[args[name] for name in impl.argnames])
+            except Exception as exc:
+                raise self._blame(hook, [impl], exc) from exc
+            if result is not None:
+                value = result
+        return value
+
+    def _blame(self, hook: str, impls: list[pluggy.HookImpl], exc: Exception) -> ClsimError:
+        culprit = _find_culprit(exc, impls)
+        name = culprit.plugin_name if culprit else "?"
+        where = self.where()
+        context = f" ({where})" if where else ""
+        detail = str(exc) if isinstance(exc, ClsimError) else f"{type(exc).__name__}: {exc}"
+        error = PluginRuntimeError(f"plugin {name!r} failed in {hook}{context}: {detail}")
+        error.exit_code = getattr(exc, "exit_code", PluginRuntimeError.exit_code)
+        error.plugin_name = name
+        error.hook = hook
+        return error
+
+
+def _find_culprit(exc: BaseException, impls: list[pluggy.HookImpl]) -> pluggy.HookImpl | None:
+    """The implementation whose frame is outermost in the traceback."""
+    codes = {getattr(impl.function, "__code__", None): impl for impl in impls}
+    tb = exc.__traceback__
+    while tb is not None:
+        impl = codes.get(tb.tb_frame.f_code)
+        if impl is not None:
+            return impl
+        tb = tb.tb_next
+    return impls[0] if len(impls) == 1 else None
