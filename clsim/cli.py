@@ -1,0 +1,255 @@
+"""The ``clsim`` command: parse arguments, call library functions, report errors plainly.
+
+Every error a user can cause prints one paragraph (``clsim: error: ...``) and exits
+non-zero; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from importlib import resources
+from pathlib import Path
+
+import clsim
+from clsim.errors import ClsimError, ConfigError
+
+EPILOG = """examples:
+  clsim run quickstart                    run a bundled scenario (see 'clsim list')
+  clsim run my.yaml --out runs/a --seed 3 run a scenario file
+  clsim validate my.yaml                  check a scenario without training
+  clsim new-plugin my_strategy            start a plugin package from a template
+"""
+
+
+def bundled_scenarios() -> dict[str, Path]:
+    """Scenario name -> file, for the YAMLs shipped in ``scenarios/``."""
+    try:
+        root = resources.files("clsim_scenarios")
+    except ModuleNotFoundError:
+        return {}
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def scenario_path(arg: str) -> Path:
+    """A file path, or the name of a bundled scenario."""
+    path = Path(arg)
+    if path.exists() or path.suffix in (".yaml", ".yml") or "/" in arg:
+        return path
+    bundled = bundled_scenarios()
+    if arg in bundled:
+        return bundled[arg]
+    raise ConfigError(
+        f"no scenario file {arg!r}, and no bundled scenario of that name "
+        f"(bundled: {', '.join(sorted(bundled)) or 'none'})"
+    )
+
+
+def _load(arg: str):
+    from clsim.config import load_scenario
+
+    return load_scenario(scenario_path(arg))
+
+
+# ---------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from clsim.engine import default_out_dir
+    from clsim.logging.console import results_table
+    from clsim.runner import run_scenario
+
+    scenario = _load(args.scenario)
+    if args.device:
+        scenario.device = args.device
+    out = Path(args.out) if args.out else default_out_dir(scenario)
+    print(
+        f"clsim: running {scenario.name!r} ({len(args.strategy or scenario.strategies)} "
+        f"strategies) -> {out}",
+        file=sys.stderr,
+    )
+    result = run_scenario(
+        scenario, out, seed=args.seed, only=args.strategy, progress=not args.no_progress
+    )
+    print(results_table(result.summary["strategies"]))
+    print(
+        f"\nresults: {out}/summary.json, events.jsonl, tensorboard/ "
+        f"(tensorboard --logdir {out}/tensorboard)"
+    )
+    if result.failed:
+        names = ", ".join(o.name for o in result.failed)
+        print(f"clsim: error: strategy {names} failed; see summary.json", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from clsim.engine import build_stream, load_scenario_data
+
+    scenario = _load(args.scenario)
+    dataset = load_scenario_data(scenario)
+    stream = build_stream(scenario, dataset, scenario.seed)
+    print(
+        f"{scenario.source}: ok — dataset {dataset.name} ({dataset.n_classes} classes, "
+        f"{dataset.sample_bytes} bytes per sample), {len(stream)} experiences, strategies: "
+        f"{', '.join(scenario.strategies)}"
+    )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from clsim.data import dataset_names
+    from clsim.models import MODELS
+    from clsim.plugin_manager import available_plugins, load_plugin_class, options_class
+    from clsim.validation import document
+
+    if args.order:
+        return _print_order(args)
+    print("plugins (entry-point group 'clsim.plugins'):")
+    for name, ep in available_plugins().items():
+        dist = ep.dist.name if ep.dist else "?"
+        try:
+            cls = load_plugin_class(name)
+        except ClsimError as exc:
+            print(f"  {name:<16} BROKEN: {exc}")
+            continue
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"  {name:<16} {summary}  [{ep.value}, from {dist}]")
+        declared = options_class(cls)
+        for row in document(declared) if declared else []:
+            print(
+                f"      {row.name}: {row.accepts}; default {row.default}"
+                + (f" — {row.help}" if row.help else "")
+            )
+    print("\nmodels:")
+    for name, spec in MODELS.items():
+        opts = ", ".join(f"{r.name}={r.default}" for r in document(spec.options))
+        print(f"  {name:<16} {opts}")
+    print("\ndatasets: " + ", ".join(dataset_names()))
+    print("\nbundled scenarios (clsim run NAME):")
+    for name, path in sorted(bundled_scenarios().items()):
+        print(f"  {name:<24} {_first_comment(path)}")
+    return 0
+
+
+def _first_comment(path: Path) -> str:
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def _print_order(args: argparse.Namespace) -> int:
+    from clsim.engine import _instantiate
+    from clsim.plugin_manager import HOOK_NAMES, HookRunner, build_plugin_manager
+
+    if args.order not in HOOK_NAMES:
+        raise ConfigError(f"--order: unknown hook {args.order!r} (hooks: {', '.join(HOOK_NAMES)})")
+    if not args.scenario:
+        raise ConfigError("--order needs a scenario: clsim list --order HOOK SCENARIO")
+    scenario = _load(args.scenario)
+    for strategy in scenario.strategies.values():
+        plugins = [(p.name, _instantiate(p)) for p in strategy.plugins]
+        order = HookRunner(build_plugin_manager(plugins)).order(args.order)
+        print(f"{strategy.name}: {' -> '.join(order) or '(no plugin implements it)'}")
+    return 0
+
+
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from clsim.scaffold import write_plugin_package
+
+    target = write_plugin_package(args.name, Path(args.dir))
+    print(f"wrote {target}/ — next: pip install -e {target} && clsim list")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# parsing
+# ---------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # usage errors: one paragraph, exit 2
+        self.print_usage(sys.stderr)
+        print(f"clsim: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="clsim",
+        description="Continual-learning simulator: run strategies "
+        "on task streams and score them against measured memory budgets.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"clsim {clsim.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+
+    run = sub.add_parser("run", help="run every strategy of a scenario and write results")
+    run.add_argument("scenario", help="a scenario YAML file, or a bundled scenario name")
+    run.add_argument(
+        "--out", help="results folder (default: runs/NAME-TIMESTAMP); must not already hold results"
+    )
+    run.add_argument("--seed", type=_nonnegative_int, help="override the scenario's seed")
+    run.add_argument(
+        "--strategy", action="append", metavar="NAME", help="run only this strategy (repeatable)"
+    )
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override 'device'")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    validate = sub.add_parser(
+        "validate", help="check a scenario (config, data files, stream) without training"
+    )
+    validate.add_argument("scenario", help="a scenario YAML file, or a bundled scenario name")
+    validate.set_defaults(func=cmd_validate)
+
+    listing = sub.add_parser(
+        "list", help="registered plugins with their options, models, datasets and bundled scenarios"
+    )
+    listing.add_argument(
+        "--order", metavar="HOOK", help="print the call order of HOOK for each strategy of SCENARIO"
+    )
+    listing.add_argument("scenario", nargs="?", help="scenario for --order")
+    listing.set_defaults(func=cmd_list)
+
+    new = sub.add_parser("new-plugin", help="write a small installable plugin package to edit")
+    new.add_argument("name", help="plugin name: a Python identifier, e.g. my_strategy")
+    new.add_argument("--dir", default=".", help="folder to write the package into (default: .)")
+    new.set_defaults(func=cmd_new_plugin)
+    return parser
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer; got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ClsimError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"clsim: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("clsim: interrupted; results written so far are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Evaluation after each experience: correct predictions on every experience's test set."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from clsim.context import RunContext
+from clsim.plugin_manager import HookRunner
+from clsim.stream import Stream
+
+
+@torch.no_grad()
+def predict(
+    ctx: RunContext,
+    hooks: HookRunner,
+    x: torch.Tensor,
+    task_id: int | None,
+    classes: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """Class ids for model inputs ``x``: a plugin's ``clsim_predict`` or the logits' argmax.
+
+    With task ids visible, the argmax is taken over ``classes`` (the task's own) only.
+    """
+    predicted = hooks.call("clsim_predict", ctx=ctx, x=x, task_id=task_id)
+    if predicted is not None:
+        return predicted
+    logits = ctx.model(x)
+    if task_id is not None and classes is not None:
+        mask = torch.full_like(logits, float("-inf"))
+        mask[:, list(classes)] = 0.0
+        logits = logits + mask
+    return logits.argmax(dim=1)
+
+
+@torch.no_grad()
+def evaluate(ctx: RunContext, hooks: HookRunner, stream: Stream, batch_size: int) -> np.ndarray:
+    """Correct predictions on each experience's test set, in stream order."""
+    was_training = ctx.model.training
+    ctx.model.eval()
+    correct = np.zeros(len(stream), dtype=np.int64)
+    try:
+        for j, exp in enumerate(stream):
+            hits = torch.zeros((), dtype=torch.int64)
+            for start in range(0, exp.n_test, batch_size):
+                x = ctx.to_input(exp.test_x[start : start + batch_size])
+                y = exp.test_y[start : start + batch_size]
+                pred = predict(ctx, hooks, x, exp.task_id, exp.classes)
+                hits += (pred.cpu() == y).sum()
+            correct[j] = int(hits)
+    finally:
+        ctx.model.train(was_training)
+    return correct

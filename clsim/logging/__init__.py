@@ -1,0 +1,1 @@
+"""Where a run reports: JSON lines, TensorBoard event files and the console."""

@@ -1,0 +1,39 @@
+"""The results folder: summary.json (rewritten atomically), events.jsonl, tensorboard/."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from clsim.errors import ConfigError
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Create ``out``; refuse a folder that already holds results, so none are overwritten."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    if (out / "summary.json").exists() or (out / "events.jsonl").exists():
+        raise ConfigError(
+            f"--out {out} already holds results; choose a new folder "
+            "(clsim never overwrites results)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

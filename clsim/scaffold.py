@@ -1,0 +1,41 @@
+"""``clsim new-plugin``: write a small installable plugin package for a user to edit."""
+
+from __future__ import annotations
+
+import keyword
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+from clsim.errors import ConfigError
+
+
+def write_plugin_package(name: str, parent: Path) -> Path:
+    """Write ``parent/clsim-NAME/`` (pyproject with the entry point, plugin, test)."""
+    if not name.isidentifier() or keyword.iskeyword(name) or name != name.lower():
+        raise ConfigError(
+            f"plugin name must be a lower-case Python identifier such as "
+            f"'my_strategy'; got {name!r}"
+        )
+    target = parent / f"clsim-{name}"
+    if target.exists():
+        raise ConfigError(f"{target} already exists; choose another name or --dir")
+    values = {
+        "name": name,
+        "class_name": "".join(p.capitalize() for p in name.split("_")) + "Plugin",
+    }
+    files = {
+        "pyproject.toml": "pyproject.toml.tmpl",
+        f"clsim_{name}/__init__.py": None,
+        f"clsim_{name}/plugin.py": "plugin.py.tmpl",
+        "tests/test_plugin.py": "test_plugin.py.tmpl",
+    }
+    templates = resources.files("clsim") / "templates"
+    for relative, template in files.items():
+        path = target / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = "" if template is None else Template((templates / template).read_text("utf-8"))
+        path.write_text(
+            text if isinstance(text, str) else text.substitute(values), encoding="utf-8"
+        )
+    return target

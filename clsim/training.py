@@ -1,0 +1,100 @@
+"""The standard training loop: epochs of shuffled mini-batches, every hook in sight."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clsim.config import OptimizerConfig, TrainingConfig
+from clsim.context import RunContext
+from clsim.errors import TrainingError
+from clsim.plugin_manager import HookRunner
+from clsim.stream import Batch
+
+
+def make_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
+    """A fresh optimizer over the model's trainable parameters (rebuilt for every fit,
+    so parameters a plugin adds or freezes between experiences are always right)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    if config.name == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+class Trainer:
+    """Trains ``ctx.model`` on tensors; plugins reach it through ``ctx.fit``."""
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        hooks: HookRunner,
+        config: TrainingConfig,
+        generator: torch.Generator,
+        progress=None,
+    ) -> None:
+        self.ctx = ctx
+        self.hooks = hooks
+        self.config = config
+        self.generator = generator
+        self.progress = progress  # a tqdm-like object with update(n), or None
+
+    def n_batches(self, n_samples: int, epochs: int | None = None) -> int:
+        per_epoch = -(-n_samples // self.config.batch_size)
+        return per_epoch * (epochs or self.config.epochs)
+
+    def fit(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        epochs: int | None = None,
+        task_ids: torch.Tensor | None = None,
+    ) -> float:
+        """Train on ``(x, y)``; returns the mean loss of the last epoch."""
+        ctx, hooks, model = self.ctx, self.hooks, self.ctx.model
+        ctx.optimizer = optimizer = make_optimizer(model, self.config.optimizer)
+        batch_size, n = self.config.batch_size, int(y.shape[0])
+        mean_loss = float("nan")
+        model.train()
+        for epoch in range(epochs or self.config.epochs):
+            order = torch.randperm(n, generator=self.generator)
+            loss_sum = torch.zeros((), device=ctx.device)
+            for start in range(0, n, batch_size):
+                index = order[start : start + batch_size]
+                batch = Batch(x[index], y[index], None if task_ids is None else task_ids[index])
+                # plugins may replace the batch (replay mixes memory samples in)
+                if hooks.implemented("clsim_before_batch"):
+                    batch = hooks.chain("clsim_before_batch", "batch", batch, ctx=ctx)
+                # forward: task loss plus every plugin's extra terms
+                logits = model(ctx.to_input(batch.x))
+                loss = F.cross_entropy(logits, batch.y.to(ctx.device, non_blocking=True))
+                for extra in hooks.call("clsim_loss", ctx=ctx, batch=batch, logits=logits):
+                    if extra is not None:
+                        loss = loss + extra
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"strategy {ctx.strategy!r}: the loss became {loss.item()} in epoch "
+                        f"{epoch + 1}, batch {start // batch_size + 1}; lower the learning rate "
+                        "or check the plugins' loss terms"
+                    )
+                # backward and update
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                hooks.call("clsim_after_backward", ctx=ctx, batch=batch, loss=loss)
+                optimizer.step()
+                hooks.call("clsim_after_update", ctx=ctx, batch=batch)
+                loss = loss.detach()
+                hooks.call(
+                    "clsim_after_batch", ctx=ctx, batch=batch, logits=logits.detach(), loss=loss
+                )
+                loss_sum += loss
+                if self.progress is not None:
+                    self.progress.update(1)
+            mean_loss = float(loss_sum) / max(1, -(-n // batch_size))
+        ctx.optimizer = None
+        return mean_loss
