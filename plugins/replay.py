@@ -1,0 +1,141 @@
+"""Experience replay with reservoir, class-balanced or herding selection, and iCaRL's
+nearest-mean-of-exemplars readout.
+
+Each training batch is concatenated with an equal-size uniform draw from memory (ER,
+Chaudhry et al. 2019). Reservoir and class-balanced memories update after every batch
+with the stream's own samples; herding (Rebuffi et al., iCaRL, CVPR 2017) rebuilds the
+memory after each experience with an even share per seen class. Unless ``capacity`` is
+given, the buffer holds what the budget leaves after the model and the plugin's own
+bookkeeping, divided by the bytes of one stored sample plus its label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from clsim_plugins.buffers import ExemplarBuffer, herding_order, label_dtype
+
+from clsim.context import RunContext
+from clsim.errors import ConfigError
+from clsim.memory import measure
+from clsim.stream import Batch, Experience
+
+
+@dataclass
+class ReplayOptions:
+    selection: Literal["reservoir", "class_balanced", "herding"] = field(
+        default="reservoir", metadata={"help": "which samples the memory keeps"}
+    )
+    capacity: int | None = field(
+        default=None,
+        metadata={
+            "min": 1,
+            "help": "samples stored; default: what the budget leaves after the model",
+        },
+    )
+    batch_size_mem: int | None = field(
+        default=None,
+        metadata={"min": 1, "help": "memory samples per batch; default: the batch size"},
+    )
+    nme: bool = field(
+        default=False, metadata={"help": "predict with the nearest mean of exemplars (iCaRL)"}
+    )
+
+
+class ReplayPlugin:
+    """Experience replay (reservoir, class-balanced or herding memory; optional NME)."""
+
+    Options = ReplayOptions
+
+    def __init__(self, options: ReplayOptions) -> None:
+        self.options = options
+        self.buffer: ExemplarBuffer | None = None
+        self.class_means: torch.Tensor | None = None
+
+    # -- setup: size the memory from the budget ----------------------------
+
+    def clsim_setup(self, ctx: RunContext) -> None:
+        generator = ctx.torch_generator("replay")
+        if self.options.nme:  # allocated now so that sizing below charges it
+            self.class_means = torch.zeros(ctx.n_classes, ctx.model.feature_dim, device=ctx.device)
+        capacity = self.options.capacity or self._capacity_from_budget(ctx, generator)
+        self.buffer = ExemplarBuffer(
+            capacity, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes, generator
+        )
+
+    def _capacity_from_budget(self, ctx: RunContext, generator: torch.Generator) -> int:
+        if ctx.budget_bytes is None:
+            raise ConfigError(
+                "replay needs 'capacity' or a budget for the strategy "
+                "(e.g. budget: 'model + 500 exemplars')"
+            )
+        self.buffer = ExemplarBuffer(
+            0, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes, generator
+        )
+        overhead = ctx.model_bytes() + measure(None, [("replay", self)]).total_bytes
+        per_sample = (
+            ctx.sample_bytes + torch.empty((), dtype=label_dtype(ctx.n_classes)).element_size()
+        )
+        capacity = (ctx.budget_bytes - overhead) // per_sample
+        if capacity < 1:
+            raise ConfigError(
+                f"replay: a budget of {ctx.budget_bytes} bytes leaves no room for exemplars: "
+                f"the model and the plugin's bookkeeping take {overhead} bytes and one stored "
+                f"sample {per_sample} bytes; the minimum budget is {overhead + per_sample} bytes"
+            )
+        return int(capacity)
+
+    # -- training: mix memory into every batch, update the memory -----------
+
+    def clsim_before_batch(self, batch: Batch) -> Batch | None:
+        if not self.buffer:
+            return None
+        x, y = self.buffer.sample(self.options.batch_size_mem or batch.n_stream)
+        return batch.extend(x, y)
+
+    def clsim_after_batch(self, batch: Batch) -> None:
+        own = batch.stream_part()
+        if self.options.selection == "reservoir":
+            self.buffer.add_reservoir(own.x.cpu(), own.y.cpu())
+        elif self.options.selection == "class_balanced":
+            self.buffer.add_class_balanced(own.x.cpu(), own.y.cpu())
+
+    def clsim_after_experience(self, ctx: RunContext, experience: Experience) -> None:
+        if self.options.selection == "herding":
+            self._herd(ctx, experience)
+        if self.options.nme:
+            self._update_class_means(ctx)
+
+    def _herd(self, ctx: RunContext, experience: Experience) -> None:
+        """Keep the first m herding picks of every seen class, m = capacity // classes."""
+        per_class = self.buffer.capacity // len(ctx.seen_classes)
+        old_x, old_y = self.buffer.stored()
+        keep_x, keep_y = [], []
+        for c in ctx.seen_classes:
+            if c in experience.classes:
+                samples = experience.train_x[experience.train_y == c]
+                order = herding_order(ctx.features(samples), per_class)
+                keep_x.append(samples[order])
+            else:  # stored in herding order already: shrinking keeps the prefix
+                keep_x.append(old_x[old_y == c][:per_class])
+            keep_y.append(torch.full((len(keep_x[-1]),), c, dtype=torch.long))
+        self.buffer.replace_all(torch.cat(keep_x), torch.cat(keep_y))
+
+    # -- evaluation: nearest mean of exemplars --------------------------------
+
+    def _update_class_means(self, ctx: RunContext) -> None:
+        x, y = self.buffer.stored()
+        features = torch.nn.functional.normalize(ctx.features(x), dim=1)
+        self.class_means.zero_()
+        for c in y.unique().tolist():
+            self.class_means[c] = torch.nn.functional.normalize(features[y == c].mean(0), dim=0)
+
+    def clsim_predict(self, ctx: RunContext, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.options.nme or not self.buffer:
+            return None
+        features = torch.nn.functional.normalize(ctx.model.features(x), dim=1)
+        known = torch.tensor(sorted(set(self.buffer.stored()[1].tolist())), device=ctx.device)
+        distance = torch.cdist(features, self.class_means[known])
+        return known[distance.argmin(dim=1)]

@@ -1,0 +1,1 @@
+"""Bundled scenario YAMLs, installed as ``clsim_scenarios`` so ``clsim run NAME`` finds them."""

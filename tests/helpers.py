@@ -1,0 +1,37 @@
+"""Small shared helpers for tests: scenario text, running the CLI as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+DIGITS_SCENARIO = """\
+name: tiny
+seed: 0
+data: {dataset: digits}
+stream: {type: class_incremental, n_experiences: 5}
+model: {name: mlp, hidden: [32]}
+training: {epochs: 1, batch_size: 64, optimizer: {name: sgd, lr: 0.1}}
+strategies:
+  naive:
+    plugins: [naive]
+"""
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``clsim ARGS`` in a fresh interpreter, as a user would from a shell."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "clsim.cli", *args],
+        cwd=cwd or REPO_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

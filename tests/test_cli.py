@@ -1,0 +1,239 @@
+"""The clsim command as a user meets it: exit codes, one-paragraph errors, results on disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import DIGITS_SCENARIO, REPO_ROOT, run_cli
+
+
+def write(tmp_path, text: str, name: str = "s.yaml"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
+    """Non-zero exit, a 'clsim: error:' message holding each fragment, and no traceback."""
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "clsim: error:" in proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qs") / "out"
+    proc = run_cli("run", "quickstart", "--out", str(out), "--no-progress")
+    return proc, out
+
+
+def test_quickstart_prints_the_table(quickstart_run):
+    proc, _ = quickstart_run
+    assert proc.returncode == 0, proc.stderr
+    header = proc.stdout.splitlines()[0].split()
+    assert header[:3] == ["strategy", "final", "acc"]
+    for column in ("bytes held", "budget", "over budget", "avg inc acc"):
+        assert column in proc.stdout.splitlines()[0]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[2:4]}
+    assert set(rows) == {"naive", "replay"}
+
+
+def test_quickstart_results_folder(quickstart_run):
+    _, out = quickstart_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["strategies"]) == {"naive", "replay"}
+    replay = summary["strategies"]["replay"]
+    for key in (
+        "accuracy_matrix",
+        "final_accuracy",
+        "average_incremental_accuracy",
+        "forgetting",
+        "budget_bytes",
+        "ledger",
+        "peak_bytes",
+        "over_budget",
+        "wall_seconds",
+    ):
+        assert key in replay
+    assert replay["budget_bytes"] == 48 * 1024
+    assert replay["peak_bytes"] <= replay["budget_bytes"] and not replay["over_budget"]
+    assert len(replay["ledger"]) == 5 and len(replay["accuracy_matrix"]) == 5
+    assert summary["config"]["strategies"]["replay"]["budget"] == "48KB"
+    assert len(summary["class_order"]) == 10
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "run_start" and events[-1]["event"] == "run_end"
+    ends = [e for e in events if e["event"] == "experience_end" and e["strategy"] == "replay"]
+    assert [e["seen_accuracy"] for e in ends] == pytest.approx(replay["seen_accuracy"])
+
+
+def test_quickstart_tensorboard_event_files_are_real(quickstart_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out = quickstart_run
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("naive", "replay"):
+        acc = EventAccumulator(str(out / "tensorboard" / name))
+        acc.Reload()
+        seen = acc.Scalars("accuracy/seen")
+        assert [e.step for e in seen] == [0, 1, 2, 3, 4]
+        expected = summary["strategies"][name]["seen_accuracy"]
+        assert [e.value for e in seen] == pytest.approx(expected, rel=1e-6)
+        total = acc.Scalars("memory/total_bytes")
+        assert [int(e.value) for e in total] == [
+            r["total_bytes"] for r in summary["strategies"][name]["ledger"]
+        ]
+
+
+def test_out_folder_with_results_is_never_overwritten(quickstart_run):
+    _, out = quickstart_run
+    before = (out / "summary.json").read_bytes()
+    proc = run_cli("run", "quickstart", "--out", str(out), "--no-progress")
+    assert_clean_failure(proc, 2, "already holds results")
+    assert (out / "summary.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "fragments"),
+    [
+        ("seed: 0", "sead: 0", ["s.yaml:2", "unknown key 'sead'", "did you mean 'seed'?"]),
+        ("epochs: 1", "epochs: many", ["training.epochs", "expected an integer"]),
+        ("plugins: [naive]", "plugins: [navie]", ["strategies.naive.plugins[0]", "unknown plugin"]),
+        ("{dataset: digits}", "{dataset: npz, path: missing.npz}", ["missing.npz"]),
+        ("{dataset: digits}", "{dataset: mnist, root: empty}", ["train-images-idx3-ubyte"]),
+    ],
+    ids=["unknown-key", "wrong-type", "unknown-plugin", "missing-npz", "missing-mnist"],
+)
+def test_bad_scenarios_fail_cleanly(tmp_path, old, new, fragments):
+    (tmp_path / "empty" / "mnist").mkdir(parents=True)
+    path = write(tmp_path, DIGITS_SCENARIO.replace(old, new))
+    proc = run_cli("run", str(path), "--out", str(tmp_path / "o"), "--no-progress")
+    assert_clean_failure(proc, 2, *fragments)
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_validate_reports_the_same_errors(tmp_path):
+    path = write(tmp_path, DIGITS_SCENARIO.replace("epochs: 1", "epochs: many"))
+    assert_clean_failure(run_cli("validate", str(path)), 2, "s.yaml:6", "training.epochs")
+
+
+def test_usage_errors_exit_2():
+    proc = run_cli()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    proc = run_cli("run", "quickstart", "--seed", "-3")
+    assert proc.returncode == 2 and "non-negative integer" in proc.stderr
+
+
+def test_unknown_bundled_scenario_lists_the_bundled_ones():
+    assert_clean_failure(run_cli("run", "quickstrat"), 2, "no bundled scenario", "quickstart")
+
+
+def test_validate_ok(tmp_path):
+    proc = run_cli("validate", str(write(tmp_path, DIGITS_SCENARIO)))
+    assert proc.returncode == 0
+    assert "ok" in proc.stdout and "5 experiences" in proc.stdout
+
+
+def test_list_shows_plugins_options_and_scenarios():
+    proc = run_cli("list")
+    assert proc.returncode == 0, proc.stderr
+    for fragment in (
+        "naive",
+        "joint",
+        "replay",
+        "selection: one of 'reservoir'",
+        "from clsim",
+        "quickstart",
+        "split_mnist",
+        "resnet32",
+        "digits",
+    ):
+        assert fragment in proc.stdout
+
+
+def test_list_order_follows_the_yaml(tmp_path):
+    text = DIGITS_SCENARIO.replace(
+        "plugins: [naive]", "plugins: [naive, {replay: {capacity: 5}}, joint]"
+    )
+    proc = run_cli("list", "--order", "clsim_after_batch", str(write(tmp_path, text)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "naive: replay"
+    proc = run_cli("list", "--order", "clsim_after_bach", str(write(tmp_path, text)))
+    assert_clean_failure(proc, 2, "unknown hook 'clsim_after_bach'")
+
+
+def test_a_failing_strategy_keeps_the_others_results(tmp_path):
+    text = DIGITS_SCENARIO + "  tiny_replay:\n    budget: 10\n    plugins: [replay]\n"
+    out = tmp_path / "out"
+    proc = run_cli("run", str(write(tmp_path, text)), "--out", str(out), "--no-progress")
+    assert proc.returncode == 1
+    assert "minimum budget" in proc.stderr and "Traceback" not in proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["strategies"]["naive"]["status"] == "ok"
+    assert summary["strategies"]["tiny_replay"]["status"] == "failed"
+    assert "replay" in summary["strategies"]["tiny_replay"]["error"]
+
+
+def test_new_plugin_scaffold_installs_and_runs_by_entry_point_and_dotted_path(tmp_path):
+    """The tutorial's path: scaffold, install, use by name, use by dotted path, its test."""
+    proc = run_cli("new-plugin", "anchor_pull", "--dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    package = tmp_path / "clsim-anchor_pull"
+    site = tmp_path / "site"
+    pip = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(package),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pip.returncode == 0, pip.stderr
+    env = {"PYTHONPATH": str(site)}
+    listing = run_cli("list", env=env)
+    assert "anchor_pull" in listing.stdout and "from clsim-anchor_pull" in listing.stdout
+    for ref in ("anchor_pull", "clsim_anchor_pull.plugin:AnchorPullPlugin"):
+        text = DIGITS_SCENARIO.replace("plugins: [naive]", f"plugins: ['{ref}']")
+        out = tmp_path / f"out-{ref.split(':')[0]}"
+        proc = run_cli(
+            "run", str(write(tmp_path, text)), "--out", str(out), "--no-progress", env=env
+        )
+        assert proc.returncode == 0, proc.stderr
+        parts = json.loads((out / "summary.json").read_text())["strategies"]["naive"]["ledger"][-1]
+        plugin_name = ref.rpartition(":")[2] or ref  # a dotted path is named by its class
+        assert parts["parts"][f"{plugin_name}.anchor"] == parts["parts"]["model.parameters"]
+    test = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(package / "tests")],
+        cwd=package,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, **env},
+        timeout=300,
+    )
+    assert test.returncode == 0, test.stdout + test.stderr
+
+
+def test_scaffold_refuses_bad_names(tmp_path):
+    assert_clean_failure(
+        run_cli("new-plugin", "My-Plugin", "--dir", str(tmp_path)),
+        2,
+        "lower-case Python identifier",
+    )
+
+
+def test_repo_root_is_where_we_think():
+    assert (REPO_ROOT / "pyproject.toml").exists()
