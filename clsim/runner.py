@@ -85,6 +85,7 @@ def run_scenario(
             **stream.description,
             "n_experiences": len(stream),
             "experience_classes": [list(e.classes) for e in stream],
+            "experience_test_sizes": [e.n_test for e in stream],
         },
         "config": scenario.to_dict(),
         "environment": {

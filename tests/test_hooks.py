@@ -1,0 +1,181 @@
+"""The hook contract and the plugin manager: specs, validation, order, chaining, blame."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+from helpers import DIGITS_SCENARIO
+
+from clsim import hookimpl, hookspecs
+from clsim.config import parse_scenario
+from clsim.errors import PluginError, PluginRuntimeError
+from clsim.plugin_manager import (
+    HOOK_NAMES,
+    HookRunner,
+    available_plugins,
+    build_plugin_manager,
+    load_plugin_class,
+)
+from clsim.runner import run_scenario
+from clsim.stream import Batch
+
+LIFECYCLE = {
+    "clsim_setup",
+    "clsim_teardown",
+    "clsim_before_experience",
+    "clsim_train_experience",
+    "clsim_after_experience",
+    "clsim_before_batch",
+    "clsim_loss",
+    "clsim_after_backward",
+    "clsim_after_update",
+    "clsim_after_batch",
+    "clsim_predict",
+}
+
+
+def test_every_lifecycle_hook_has_a_spec():
+    assert set(HOOK_NAMES) == LIFECYCLE
+
+
+@pytest.mark.parametrize("name", sorted(LIFECYCLE))
+def test_every_spec_documents_each_argument(name):
+    spec = getattr(hookspecs, name)
+    doc = inspect.getdoc(spec)
+    for arg in inspect.signature(spec).parameters:
+        assert re.search(rf":param {arg}:", doc), f"{name} does not document {arg}"
+
+
+def test_first_result_hooks_say_so():
+    for name in ("clsim_train_experience", "clsim_predict"):
+        assert getattr(hookspecs, name).clsim_spec["firstresult"] is True
+        assert "first non-None result" in inspect.getdoc(getattr(hookspecs, name))
+
+
+def test_builtin_plugins_come_through_the_entry_point_group():
+    found = available_plugins()
+    for name in ("naive", "joint", "replay"):
+        assert found[name].group == "clsim.plugins"
+        assert found[name].value.startswith("clsim_plugins.")
+        assert found[name].dist.name == "clsim"
+
+
+class Misspelt:
+    def clsim_after_bach(self, batch):
+        pass
+
+
+class ExtraArgument:
+    def clsim_after_batch(self, batch, not_in_spec):
+        pass
+
+
+def test_misspelt_hook_is_rejected_with_a_suggestion():
+    with pytest.raises(PluginError) as info:
+        build_plugin_manager([("typo", Misspelt())])
+    message = str(info.value)
+    assert "'typo'" in message and "clsim_after_bach" in message
+    assert "did you mean 'clsim_after_batch'?" in message
+
+
+def test_argument_not_in_spec_is_rejected_naming_plugin_and_hook():
+    with pytest.raises(PluginError) as info:
+        build_plugin_manager([("extra", ExtraArgument())])
+    message = str(info.value)
+    assert "'extra'" in message and "clsim_after_batch" in message and "not_in_spec" in message
+
+
+class Recorder:
+    """Appends its tag to a shared list in every batch hook it implements."""
+
+    def __init__(self, tag, log):
+        self.tag, self.log = tag, log
+
+    def clsim_after_update(self):
+        self.log.append(self.tag)
+
+
+class First(Recorder):
+    @hookimpl(tryfirst=True)
+    def clsim_after_update(self):
+        self.log.append(self.tag)
+
+
+def test_call_order_is_the_yaml_order_and_tryfirst_overrides():
+    log: list[str] = []
+    plugins = [("a", Recorder("a", log)), ("b", Recorder("b", log)), ("c", First("c", log))]
+    runner = HookRunner(build_plugin_manager(plugins))
+    assert runner.order("clsim_after_update") == ["c", "a", "b"]
+    runner.call("clsim_after_update", ctx=None, batch=None)
+    assert log == ["c", "a", "b"]
+
+
+class AddOne:
+    def clsim_before_batch(self, batch):
+        return Batch(batch.x + 1, batch.y)
+
+
+class Keep:
+    def clsim_before_batch(self, batch):
+        return None
+
+
+class Double:
+    def clsim_before_batch(self, batch):
+        return Batch(batch.x * 2, batch.y)
+
+
+def test_before_batch_is_chained_in_order():
+    import torch
+
+    batch = Batch(torch.tensor([1.0]), torch.tensor([0]))
+    for plugins, expected in (
+        ([("a", AddOne()), ("k", Keep()), ("d", Double())], 4.0),  # (1 + 1) * 2
+        ([("d", Double()), ("k", Keep()), ("a", AddOne())], 3.0),  # 1 * 2 + 1
+    ):
+        runner = HookRunner(build_plugin_manager(plugins))
+        assert runner.chain("clsim_before_batch", "batch", batch).x.item() == expected
+
+
+class Boom:
+    def clsim_after_batch(self, batch):
+        self._helper()
+
+    def _helper(self):
+        raise ValueError("boom")
+
+
+def test_a_raising_plugin_is_named_with_hook_and_experience(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "boom_plugin.py").write_text(
+        "class Quiet:\n    def clsim_after_batch(self):\n        pass\n"
+        "class Boom:\n    def clsim_after_batch(self, batch):\n        self.helper()\n"
+        "    def helper(self):\n        raise ValueError('boom')\n"
+    )
+    text = DIGITS_SCENARIO.replace(
+        "plugins: [naive]", "plugins: ['boom_plugin:Quiet', 'boom_plugin:Boom']"
+    )
+    result = run_scenario(parse_scenario(text), None)
+    error = result.outcomes[0].error
+    assert error == (
+        "plugin 'Boom' failed in clsim_after_batch (strategy 'naive', experience 0): "
+        "ValueError: boom"
+    )
+
+
+def test_load_plugin_class_errors():
+    with pytest.raises(PluginError, match="has no attribute 'Nope'"):
+        load_plugin_class("clsim_plugins.naive:Nope")
+    with pytest.raises(PluginError, match="must be a class"):
+        load_plugin_class("clsim_plugins.naive:annotations")
+    with pytest.raises(PluginError, match="did you mean 'replay'"):
+        load_plugin_class("replya")
+
+
+def test_runtime_error_type_and_attributes(tmp_path, monkeypatch):
+    runner = HookRunner(build_plugin_manager([("boom", Boom())]))
+    with pytest.raises(PluginRuntimeError) as info:
+        runner.call("clsim_after_batch", ctx=None, batch=None, logits=None, loss=None)
+    assert info.value.plugin_name == "boom" and info.value.hook == "clsim_after_batch"
