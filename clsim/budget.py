@@ -16,7 +16,7 @@ from dataclasses import dataclass
 _UNITS = {"b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30}
 _MAX_BYTES = 2**50  # 1 PiB: anything larger is a typo, not a budget
 _TERM = re.compile(
-    r"^\s*(?:(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[a-z]+)?|(?P<count>\d+)?\s*(?P<word>models?))\s*$"
+    r"^\s*(?:(?P<count>\d+)?\s*(?P<word>models?)|(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[a-z]+)?)\s*$"
 )
 _FORMS = (
     "bytes as an integer, a size such as '7.6MB' (MB = 2^20 bytes), 'N exemplars', "
@@ -72,7 +72,7 @@ class Budget:
 
     @classmethod
     def _checked(cls, budget: Budget) -> Budget:
-        if budget.bytes > _MAX_BYTES or budget.exemplars > _MAX_BYTES:
+        if max(budget.bytes, budget.exemplars, budget.models) > _MAX_BYTES:
             raise ValueError(f"budget {budget.text!r} is larger than 1 PiB; is a unit missing?")
         return budget
 

@@ -96,4 +96,6 @@ class RunContext:
             ]
         finally:
             self.model.train(was_training)
-        return torch.cat(parts) if parts else torch.empty(0, device=self.device)
+        if not parts:
+            return torch.empty(0, getattr(self.model, "feature_dim", 0), device=self.device)
+        return torch.cat(parts)

@@ -19,7 +19,7 @@ import torch
 from clsim.config import ScenarioConfig, StrategyConfig, resolve_path
 from clsim.context import RunContext
 from clsim.data import Dataset, load_dataset
-from clsim.errors import BudgetExceededError, ConfigError
+from clsim.errors import BudgetExceededError, ClsimError, ConfigError
 from clsim.evaluation import evaluate
 from clsim.logging.events import EventLog
 from clsim.logging.tensorboard import TensorBoardLogger
@@ -102,7 +102,12 @@ def run_strategy(
     tensorboard: TensorBoardLogger | None = None,
     progress: Callable[[str, int], Any] | None = None,
 ) -> StrategyOutcome:
-    """Train ``strategy`` on ``stream`` and score it. Raises on failure (the caller records)."""
+    """Train ``strategy`` on ``stream`` and score it.
+
+    A failure a user can cause (bad plugin option, over budget in strict mode, a plugin
+    raising, a diverging loss) is returned as the outcome's ``error``, with the budget and
+    the ledger recorded up to that point; anything else is a bug and propagates.
+    """
     started = time.perf_counter()
     outcome = StrategyOutcome(
         strategy.name, budget=None if strategy.budget is None else str(strategy.budget)
@@ -207,6 +212,8 @@ def run_strategy(
                         + _largest_parts(record.measurement.parts)
                     )
             outcome.metrics = summarize(matrix)
+        except ClsimError as exc:
+            outcome.error = str(exc)
         finally:
             where["experience"] = None
             outcome.wall_seconds = time.perf_counter() - started

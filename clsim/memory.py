@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 _PY_NUMBER_BYTES = 8
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _buffers, hooks, training...
 _SKIP_TYPES = (
     types.ModuleType,
     types.FunctionType,
@@ -123,7 +124,7 @@ class _Walker:
                 if b is not None:
                     self.tensor(b, f"{name}.buffers")
             for attr, value in vars(sub).items():
-                if not attr.startswith("_") and not _is_scalar(value):
+                if attr not in _MODULE_INTERNALS and not _is_scalar(value):
                     self.value(value, f"{name}.{attr}", collapse=True)
 
     def value(self, obj: Any, part: str, collapse: bool = False) -> None:
@@ -157,9 +158,11 @@ class _Walker:
 
 
 def _attributes(obj: Any) -> Iterable[tuple[str, Any]]:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return ((f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj))
     items = list(getattr(obj, "__dict__", {}).items())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        named = {name for name, _ in items}
+        items += [(f.name, getattr(obj, f.name, None)) for f in dataclasses.fields(obj)
+                  if f.name not in named]
     for klass in type(obj).__mro__:
         for slot in getattr(klass, "__slots__", ()):
             if hasattr(obj, slot) and slot not in ("__dict__", "__weakref__"):

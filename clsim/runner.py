@@ -120,12 +120,13 @@ def run_scenario(
                     tensorboard=tensorboard,
                     progress=make_progress,
                 )
-            except ClsimError as exc:
+            except ClsimError as exc:  # failed before its first experience
                 outcome = StrategyOutcome(name, error=str(exc))
-                events.write("strategy_failed", strategy=name, error=str(exc))
-                print(f"clsim: strategy {name!r} failed: {exc}", file=sys.stderr)
             finally:
                 tensorboard.close()
+            if outcome.error:
+                events.write("strategy_failed", strategy=name, error=outcome.error)
+                print(f"clsim: strategy {name!r} failed: {outcome.error}", file=sys.stderr)
             result.outcomes.append(outcome)
             summary["strategies"][name] = outcome.to_dict()
             if out_dir is not None:

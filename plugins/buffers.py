@@ -17,7 +17,7 @@ def label_dtype(n_classes: int) -> torch.dtype:
         return torch.uint8
     if n_classes <= 32768:
         return torch.int16
-    return torch.int64
+    return torch.int32
 
 
 class ExemplarBuffer:

@@ -111,6 +111,12 @@ class ReplayPlugin:
     def _herd(self, ctx: RunContext, experience: Experience) -> None:
         """Keep the first m herding picks of every seen class, m = capacity // classes."""
         per_class = self.buffer.capacity // len(ctx.seen_classes)
+        if per_class == 0:
+            raise ConfigError(
+                f"replay (herding): a capacity of {self.buffer.capacity} exemplars cannot give "
+                f"each of the {len(ctx.seen_classes)} seen classes one; raise the budget or "
+                "the capacity, or use selection: reservoir"
+            )
         old_x, old_y = self.buffer.stored()
         keep_x, keep_y = [], []
         for c in ctx.seen_classes:
@@ -127,8 +133,10 @@ class ReplayPlugin:
 
     def _update_class_means(self, ctx: RunContext) -> None:
         x, y = self.buffer.stored()
-        features = torch.nn.functional.normalize(ctx.features(x), dim=1)
         self.class_means.zero_()
+        if len(y) == 0:
+            return
+        features = torch.nn.functional.normalize(ctx.features(x), dim=1)
         for c in y.unique().tolist():
             self.class_means[c] = torch.nn.functional.normalize(features[y == c].mean(0), dim=0)
 

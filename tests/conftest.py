@@ -26,3 +26,15 @@ def shared_data_root() -> Path:
             pytrace=False,
         )
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Small models run fastest on one thread, and a busy 2-core CI box does not
+    oversubscribe; no test result depends on the thread count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
