@@ -137,6 +137,7 @@ class ReplayPlugin:
         if len(y) == 0:
             return
         features = torch.nn.functional.normalize(ctx.features(x), dim=1)
+        y = y.to(features.device)
         for c in y.unique().tolist():
             self.class_means[c] = torch.nn.functional.normalize(features[y == c].mean(0), dim=0)
 
