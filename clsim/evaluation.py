@@ -41,12 +41,12 @@ def evaluate(ctx: RunContext, hooks: HookRunner, stream: Stream, batch_size: int
     correct = np.zeros(len(stream), dtype=np.int64)
     try:
         for j, exp in enumerate(stream):
-            hits = torch.zeros((), dtype=torch.int64)
+            hits = torch.zeros((), dtype=torch.int64, device=ctx.device)
             for start in range(0, exp.n_test, batch_size):
                 x = ctx.to_input(exp.test_x[start : start + batch_size])
-                y = exp.test_y[start : start + batch_size]
+                y = exp.test_y[start : start + batch_size].to(ctx.device, non_blocking=True)
                 pred = predict(ctx, hooks, x, exp.task_id, exp.classes)
-                hits += (pred.cpu() == y).sum()
+                hits += (pred == y).sum()  # counted on the device, read once per test set
             correct[j] = int(hits)
     finally:
         ctx.model.train(was_training)

@@ -12,6 +12,10 @@ from clsim.errors import TrainingError
 from clsim.plugin_manager import HookRunner
 from clsim.stream import Batch
 
+# A non-finite loss is detected from the running loss sum, read every this many batches
+# and at the end of each epoch: one device synchronisation per window, not per batch.
+CHECK_EVERY = 50
+
 
 def make_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
     """A fresh optimizer over the model's trainable parameters (rebuilt for every fit,
@@ -76,12 +80,6 @@ class Trainer:
                 for extra in hooks.call("clsim_loss", ctx=ctx, batch=batch, logits=logits):
                     if extra is not None:
                         loss = loss + extra
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"strategy {ctx.strategy!r}: the loss became {loss.item()} in epoch "
-                        f"{epoch + 1}, batch {start // batch_size + 1}; lower the learning rate "
-                        "or check the plugins' loss terms"
-                    )
                 # backward and update
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -95,6 +93,18 @@ class Trainer:
                 loss_sum += loss
                 if self.progress is not None:
                     self.progress.update(1)
+                step = start // batch_size + 1
+                if step % CHECK_EVERY == 0 or start + batch_size >= n:
+                    self._check_finite(loss_sum, epoch, step)
             mean_loss = float(loss_sum) / max(1, -(-n // batch_size))
         ctx.optimizer = None
         return mean_loss
+
+    def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int) -> None:
+        value = float(loss_sum)
+        if value != value or value in (float("inf"), float("-inf")):
+            first = (step - 1) // CHECK_EVERY * CHECK_EVERY + 1
+            raise TrainingError(
+                f"strategy {self.ctx.strategy!r}: the loss became {value} in epoch {epoch + 1}, "
+                f"batches {first}-{step}; lower the learning rate or check the plugins' loss terms"
+            )
