@@ -92,3 +92,37 @@ def format_bytes(n: int | None) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
+
+
+@dataclass(frozen=True)
+class BudgetPoint:
+    """One point of a comparison's budget axis.
+
+    A plain budget resolves ``model`` against each strategy's own model. ``{aligned:
+    BUDGET}`` is the memory-aligned protocol of MEMO (Zhou et al., ICLR 2023): ``model``
+    means the scenario's *reference* model, so every strategy gets the same total bytes,
+    and what a strategy does not spend on its own model is left for exemplars.
+    """
+
+    budget: Budget
+    aligned: bool = False
+
+    description = "a budget (see 'budget'), or a mapping {aligned: BUDGET}"
+
+    @classmethod
+    def parse(cls, value: object) -> BudgetPoint:
+        if isinstance(value, dict):
+            if set(value) != {"aligned"}:
+                keys = ", ".join(map(str, value))
+                raise ValueError(f"a budget point mapping takes the one key 'aligned'; got {keys}")
+            return cls(Budget.parse(value["aligned"]), aligned=True)
+        return cls(Budget.parse(value))
+
+    @property
+    def label(self) -> str:
+        return f"aligned: {self.budget.text}" if self.aligned else self.budget.text
+
+    def resolve(self, *, model_bytes: int, reference_model_bytes: int, sample_bytes: int) -> int:
+        """Total bytes for a strategy whose own model takes ``model_bytes``."""
+        models = reference_model_bytes if self.aligned else model_bytes
+        return self.budget.resolve(model_bytes=models, sample_bytes=sample_bytes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 from importlib import resources
 from pathlib import Path
@@ -83,6 +84,53 @@ def cmd_run(args: argparse.Namespace) -> int:
         names = ", ".join(o.name for o in result.failed)
         print(f"clsim: error: strategy {names} failed; see summary.json", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from clsim.compare import run_compare
+    from clsim.report import auc_csv
+
+    path = scenario_path(args.scenario)
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("runs") / (f"{path.stem}-compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    )
+    print(f"clsim: comparing {path} -> {out}", file=sys.stderr)
+    result = run_compare(
+        path,
+        out,
+        executor=args.executor,
+        workers=args.workers,
+        address=args.address,
+        resume=args.resume,
+        retry_failed=args.retry_failed,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    print(auc_csv(result.analysis), end="")
+    print(
+        f"\nran {result.ran} cells, kept {result.skipped} finished ones; report: "
+        f"{out}/report.md, summary.csv, auc.csv, accuracy_vs_memory.png, tensorboard/"
+    )
+    if result.failed:
+        print(
+            f"clsim: error: {len(result.failed)} cell(s) failed; see {out}/report.md",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from clsim.compare import rebuild_report
+
+    analysis = rebuild_report(Path(args.dir))
+    print(
+        f"rebuilt {args.dir}/report.md, summary.csv, auc.csv, accuracy_vs_memory.png from "
+        f"{len(analysis.records)} cells"
+    )
     return 0
 
 
@@ -205,6 +253,41 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
+    compare = sub.add_parser(
+        "compare", help="run the scenario's grid of strategies x budgets x seeds and write a report"
+    )
+    compare.add_argument(
+        "scenario", help="a scenario YAML file with a 'compare' section, or a bundled scenario name"
+    )
+    compare.add_argument("--out", help="results folder (default: runs/NAME-compare-TIMESTAMP)")
+    compare.add_argument(
+        "--executor",
+        choices=["inline", "local", "ray"],
+        default="local",
+        help="inline: this process; local: a process pool (default); ray: a Ray cluster",
+    )
+    compare.add_argument(
+        "--workers", type=_positive_int, default=1, help="cells run at once (default: 1)"
+    )
+    compare.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    compare.add_argument(
+        "--threads", type=_positive_int, help="torch threads per cell (default: cores // workers)"
+    )
+    compare.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a comparison in --out, skipping finished cells",
+    )
+    compare.add_argument(
+        "--retry-failed", action="store_true", help="with --resume, also rerun cells that failed"
+    )
+    compare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    compare.set_defaults(func=cmd_compare)
+
+    report = sub.add_parser("report", help="rebuild a comparison's report from cells.jsonl")
+    report.add_argument("dir", help="the comparison's results folder")
+    report.set_defaults(func=cmd_report)
+
     validate = sub.add_parser(
         "validate", help="check a scenario (config, data files, stream) without training"
     )
@@ -227,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = _nonnegative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
+    return value
+
+
 def _nonnegative_int(text: str) -> int:
     try:
         value = int(text)
@@ -247,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clsim: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("clsim: interrupted; results written so far are kept", file=sys.stderr)
+        print(
+            "clsim: interrupted; results written so far are kept (clsim compare: continue "
+            "with --resume)",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from clsim.budget import Budget
+from clsim.budget import Budget, BudgetPoint
 from clsim.errors import ClsimError, ConfigError
 from clsim.models import MODELS
 from clsim.plugin_manager import load_plugin_class, options_class
@@ -76,6 +76,27 @@ class TrainingConfig:
 
 
 @dataclass
+class CompareConfig:
+    """The grid of ``clsim compare``: every strategy x every budget x every seed."""
+
+    budgets: list[BudgetPoint] = field(
+        metadata={"min_items": 1, "help": "budget axis: budgets or {aligned: BUDGET}"}
+    )
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"min": 0, "min_items": 1})
+    strategies: list[str] | None = field(
+        default=None, metadata={"help": "strategies to compare; default: all of the scenario's"}
+    )
+
+    def check(self) -> None:
+        labels = [b.label for b in self.budgets]
+        repeated = sorted({b for b in labels if labels.count(b) > 1})
+        if repeated:
+            raise ValueError(f"budgets must differ; repeated: {', '.join(repeated)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must differ; got {self.seeds}")
+
+
+@dataclass
 class PluginSpec:
     """One resolved plugin of a strategy: its name in the YAML, class and options."""
 
@@ -118,6 +139,9 @@ class _ScenarioFields:
     strict: bool = field(
         default=False, metadata={"help": "stop a strategy that exceeds its budget"}
     )
+    compare: CompareConfig | None = field(
+        default=None, metadata={"help": "the grid for 'clsim compare'"}
+    )
 
     def check(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device)):
@@ -149,6 +173,7 @@ class ScenarioConfig:
     model: ModelConfig
     training: TrainingConfig
     strategies: dict[str, StrategyConfig]
+    compare: CompareConfig | None = None
     source: str = "<config>"
     base_dir: str = "."
     raw: dict = field(default_factory=dict)
@@ -171,6 +196,16 @@ class ScenarioConfig:
                     "plugins": [{p.ref: _plain(p.options)} for p in s.plugins],
                 }
                 for s in self.strategies.values()
+            },
+            "compare": None
+            if self.compare is None
+            else {
+                "budgets": [
+                    {"aligned": b.budget.text} if b.aligned else b.budget.text
+                    for b in self.compare.budgets
+                ],
+                "seeds": self.compare.seeds,
+                "strategies": self.compare.strategies,
             },
         }
 
@@ -224,6 +259,14 @@ def parse_scenario(
     top = build(_ScenarioFields, data, (), src)
     model = _model_config(top.model, src)
     strategies = _strategies(top, src)
+    for index, name in enumerate((top.compare and top.compare.strategies) or []):
+        if name not in strategies:
+            hint = closest(name, strategies)
+            raise src.error(
+                ("compare", "strategies", index),
+                f"unknown strategy {name!r} (defined: {', '.join(strategies)})"
+                + (f"; did you mean {hint!r}?" if hint else ""),
+            )
     return ScenarioConfig(
         name=top.name or default_name,
         description=top.description,
@@ -234,6 +277,7 @@ def parse_scenario(
         model=model,
         training=top.training,
         strategies=strategies,
+        compare=top.compare,
         source=source,
         base_dir=base_dir,
         raw=data,

@@ -1,0 +1,132 @@
+"""Where the cells of a comparison run: inline, in a local process pool, or on Ray.
+
+Every executor takes the same :class:`clsim.grid.CellTask` list and yields the same
+records (from :func:`clsim.grid.run_cell`) as cells finish, so the results files do not
+depend on where the work ran. Each cell runs with ``task.threads`` torch threads, chosen
+so that cells running side by side do not oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from clsim.errors import ConfigError
+from clsim.grid import CellTask, run_cell
+
+Record = dict[str, Any]
+OnStart = Callable[[CellTask], None]
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_cell(workers: int, cores: int | None = None) -> int:
+    """Torch threads for each of ``workers`` concurrent cells on ``cores`` cores."""
+    return max(1, (cores or available_cores()) // max(1, workers))
+
+
+def _failed(task: CellTask, error: str) -> Record:
+    return {
+        "cell": task.cell_id,
+        "strategy": task.strategy,
+        "budget": task.budget_label,
+        "budget_index": task.budget_index,
+        "seed": task.seed,
+        "threads": task.threads,
+        "status": "failed",
+        "error": error,
+    }
+
+
+def run_inline(tasks: list[CellTask], on_start: OnStart = lambda t: None) -> Iterator[Record]:
+    """One cell after another, in this process."""
+    for task in tasks:
+        on_start(task)
+        yield run_cell(task)
+
+
+def run_process_pool(
+    tasks: list[CellTask], workers: int, on_start: OnStart = lambda t: None
+) -> Iterator[Record]:
+    """Each cell in a worker process (spawned: no state inherited from this one).
+
+    A worker that dies (killed, out of memory) fails only the cell it was running; the
+    pool is rebuilt for the cells still waiting.
+    """
+    waiting = list(tasks)
+    context = multiprocessing.get_context("spawn")
+    while waiting:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            running = {}
+            broken = False
+            while (waiting or running) and not broken:
+                while waiting and len(running) < workers:
+                    task = waiting.pop(0)
+                    on_start(task)
+                    running[pool.submit(run_cell, task)] = task
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    task = running.pop(future)
+                    try:
+                        yield future.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        yield _failed(
+                            task,
+                            "the worker process running this cell died (killed, or out of memory)",
+                        )
+            if broken:  # the other in-flight cells go back to the queue
+                waiting = list(running.values()) + waiting
+
+
+def run_ray(
+    tasks: list[CellTask], workers: int, address: str | None, on_start: OnStart = lambda t: None
+) -> Iterator[Record]:
+    """One Ray task per cell, on the cluster at ``address`` or on a local one started here.
+
+    Every node of a remote cluster needs clsim installed and the datasets at the path the
+    scenario names (or under its own $CLSIM_DATA). A local cluster binds to the loopback
+    address only (Ray would otherwise listen on the machine's network address).
+    """
+    if not address:  # read by Ray at import, and inherited by the processes it starts
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor ray needs Ray: pip install 'clsim[ray]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        try:
+            if address:
+                ray.init(address=address, **options)
+            else:
+                ray.init(num_cpus=workers, **options)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at {address!r}" if address else "a local Ray cluster"
+            raise ConfigError(f"cannot start or reach {where}: {exc}") from None
+    remote_cell = ray.remote(num_cpus=1, max_retries=0)(run_cell)
+    try:
+        pending = {}
+        for task in tasks:
+            on_start(task)
+            pending[remote_cell.remote(task)] = task
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            task = pending.pop(done[0])
+            try:
+                yield ray.get(done[0])
+            except Exception as exc:  # the worker died: the cell fails, the grid goes on
+                yield _failed(task, f"the Ray worker running this cell failed: {exc}")
+    finally:
+        if started_here:
+            ray.shutdown()

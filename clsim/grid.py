@@ -1,0 +1,145 @@
+"""The comparison grid: strategies x budgets x seeds, and how one cell is run.
+
+A cell is self-contained: :class:`CellTask` carries the scenario's YAML text (not a
+path), so a worker process or a Ray node on another machine can rebuild everything from
+it; :func:`run_cell` never raises and returns one JSON-ready record, ``status`` "ok" or
+"failed" with the error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from clsim.budget import Budget
+from clsim.config import ScenarioConfig, parse_scenario
+from clsim.errors import ClsimError, ConfigError
+
+
+@dataclass(frozen=True)
+class CellTask:
+    """Everything a worker needs to run one cell of the grid."""
+
+    scenario_text: str
+    source: str
+    base_dir: str
+    strategy: str
+    budget_index: int
+    seed: int
+    threads: int
+
+    @property
+    def cell_id(self) -> str:
+        return cell_id(self.strategy, self.budget_label, self.seed)
+
+    @property
+    def budget_label(self) -> str:
+        return (
+            _scenario(self.scenario_text, self.source, self.base_dir)
+            .compare.budgets[self.budget_index]
+            .label
+        )
+
+
+def cell_id(strategy: str, budget_label: str, seed: int) -> str:
+    return f"{strategy} | {budget_label} | seed {seed}"
+
+
+def plan(scenario: ScenarioConfig, text: str, threads: int) -> list[CellTask]:
+    """Every cell of the scenario's ``compare`` grid, strategy-major, in a fixed order."""
+    if scenario.compare is None:
+        raise ConfigError(
+            "the scenario has no 'compare' section; add one with 'budgets' (and 'seeds'), "
+            "e.g. compare: {budgets: ['1MB', '2MB'], seeds: [0, 1, 2]}",
+            source=scenario.source,
+        )
+    names = scenario.compare.strategies or list(scenario.strategies)
+    return [
+        CellTask(text, scenario.source, scenario.base_dir, name, b, seed, threads)
+        for name in names
+        for b in range(len(scenario.compare.budgets))
+        for seed in scenario.compare.seeds
+    ]
+
+
+@functools.lru_cache(maxsize=4)
+def _scenario(text: str, source: str, base_dir: str) -> ScenarioConfig:
+    return parse_scenario(text, source=source, base_dir=base_dir)
+
+
+@functools.lru_cache(maxsize=2)
+def _dataset(text: str, source: str, base_dir: str):
+    from clsim.engine import load_scenario_data
+
+    return load_scenario_data(_scenario(text, source, base_dir))
+
+
+def run_cell(task: CellTask) -> dict[str, Any]:
+    """Run one cell and return its record; every failure is recorded, never raised."""
+    started = time.perf_counter()
+    record: dict[str, Any] = {
+        "cell": task.cell_id,
+        "strategy": task.strategy,
+        "budget": task.budget_label,
+        "budget_index": task.budget_index,
+        "seed": task.seed,
+        "threads": task.threads,
+        "pid": os.getpid(),
+    }
+    try:
+        record.update(_run(task))
+    except ClsimError as exc:
+        record.update(status="failed", error=str(exc))
+    except Exception as exc:  # a bug, but one cell's bug must not stop the grid
+        frames = traceback.format_exception(exc)
+        record.update(
+            status="failed", error=f"{type(exc).__name__}: {exc}", traceback="".join(frames[-6:])
+        )
+    record.setdefault("wall_seconds", round(time.perf_counter() - started, 3))
+    return record
+
+
+def _run(task: CellTask) -> dict[str, Any]:
+    from clsim.engine import build_stream, resolve_device, run_strategy
+    from clsim.memory import model_bytes
+    from clsim.models import build_model
+
+    torch.set_num_threads(task.threads)
+    scenario = _scenario(task.scenario_text, task.source, task.base_dir)
+    point = scenario.compare.budgets[task.budget_index]
+    dataset = _dataset(task.scenario_text, task.source, task.base_dir)
+    stream = build_stream(scenario, dataset, task.seed)
+    # the reference model of the aligned protocol is the scenario's model
+    reference = build_model(
+        scenario.model.name, dataset.sample_shape, dataset.n_classes, scenario.model.options
+    )
+    strategy = scenario.strategies[task.strategy]
+    if point.aligned:
+        total = point.resolve(
+            model_bytes=0,
+            reference_model_bytes=model_bytes(reference),
+            sample_bytes=dataset.sample_bytes,
+        )
+        budget = Budget(bytes=total, text=point.label)
+    else:
+        budget = point.budget
+    outcome = run_strategy(
+        scenario,
+        dataclasses.replace(strategy, budget=budget),
+        dataset,
+        stream,
+        seed=task.seed,
+        device=resolve_device(scenario.device),
+    )
+    result = outcome.to_dict()
+    result["memory_mb"] = None if outcome.budget_bytes is None else outcome.budget_bytes / 2**20
+    result["class_order"] = list(stream.class_order)
+    result["scenario"] = scenario.name
+    return result
