@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,15 @@ class RunContext:
     seen_classes: list[int] = field(default_factory=list)
     log: Callable[..., None] = lambda event, **fields: None
     _fit: Callable[..., None] | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Nothing may be parked on the context: the ledger charges plugin objects, not ctx.
+        if name not in _FIELDS:
+            raise AttributeError(
+                f"RunContext has no attribute {name!r}; a plugin keeps its state on itself "
+                f"(self.{name} = ...), where the memory ledger charges it"
+            )
+        object.__setattr__(self, name, value)
 
     @property
     def n_classes(self) -> int:
@@ -99,3 +108,6 @@ class RunContext:
         if not parts:
             return torch.empty(0, getattr(self.model, "feature_dim", 0), device=self.device)
         return torch.cat(parts)
+
+
+_FIELDS = frozenset(f.name for f in fields(RunContext))

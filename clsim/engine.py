@@ -181,7 +181,9 @@ def run_strategy(
                     trainer.progress.close()
                 hooks.call("clsim_after_experience", ctx=ctx, experience=exp)
                 # measure what is held now, then check the budget
-                record = ledger.record(exp.index, measure(model, plugins, skip_types=(RunContext,)))
+                record = ledger.record(
+                    exp.index, measure(ctx.model, plugins, skip_types=(RunContext,))
+                )
                 # evaluate on every experience's test data
                 matrix.correct[exp.index] = evaluate(ctx, hooks, stream, eval_bs)
                 row = (matrix.correct[exp.index] / np.maximum(matrix.counts, 1)).tolist()

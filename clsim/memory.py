@@ -18,8 +18,10 @@ classes, modules of code and random generators.
 
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
+import functools
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,16 +34,9 @@ from torch import nn
 _PY_NUMBER_BYTES = 8
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _buffers, hooks, training...
 _SKIP_TYPES = (
-    types.ModuleType,
-    types.FunctionType,
-    types.BuiltinFunctionType,
-    types.MethodType,
-    type,
-    torch.Generator,
-    np.random.Generator,
-    np.random.SeedSequence,
-    torch.device,
-    torch.dtype,
+    types.ModuleType, types.BuiltinFunctionType, types.CodeType, type, torch.Generator,
+    np.random.Generator, np.random.SeedSequence, torch.device, torch.dtype,
+    staticmethod, classmethod, property,
 )
 
 
@@ -106,11 +101,20 @@ class _Walker:
         root = a
         while isinstance(root.base, np.ndarray):
             root = root.base
-        key = ("numpy", id(root))
+        # keyed by address, like a CPU tensor's storage: torch.from_numpy shares it
+        key = ("cpu", root.__array_interface__["data"][0])
         if key in self._storages:
             return
         self._storages.add(key)
         self.charge(part, root.nbytes)
+        if root.dtype == object:  # an array of references: charge what they point to
+            for item in root.flat:
+                self.value(item, part, collapse=True)
+
+    def buffer(self, key: tuple[str, int], nbytes: int, part: str) -> None:
+        if key not in self._storages:
+            self._storages.add(key)
+            self.charge(part, nbytes)
 
     def module(self, m: nn.Module, name: str) -> None:
         for sub in m.modules():
@@ -124,7 +128,8 @@ class _Walker:
                 if b is not None:
                     self.tensor(b, f"{name}.buffers")
             for attr, value in vars(sub).items():
-                if attr not in _MODULE_INTERNALS and not _is_scalar(value):
+                # kernel sizes, strides and other settings are configuration, not state
+                if attr not in _MODULE_INTERNALS and not _only_scalars(value):
                     self.value(value, f"{name}.{attr}", collapse=True)
 
     def value(self, obj: Any, part: str, collapse: bool = False) -> None:
@@ -147,10 +152,21 @@ class _Walker:
             return
         self._visited.add(id(obj))
         if isinstance(obj, dict):
-            for value in obj.values():
+            for key, value in obj.items():
+                if not isinstance(key, str):  # string keys are names; others may hold data
+                    self.value(key, part, collapse=True)
                 self.value(value, part, collapse=True)
         elif isinstance(obj, (list, tuple, set, frozenset, collections.deque)):
             for value in obj:
+                self.value(value, part, collapse=True)
+        elif isinstance(obj, torch.UntypedStorage):
+            self.buffer((str(obj.device), obj.data_ptr()), obj.nbytes(), part)
+        elif isinstance(obj, array.array):
+            address, length = obj.buffer_info()
+            self.buffer(("cpu", address), length * obj.itemsize, part)
+        elif isinstance(obj, (types.FunctionType, types.MethodType, functools.partial,
+                              types.GeneratorType)):
+            for value in _captured(obj):  # what a closure, method or partial keeps alive
                 self.value(value, part, collapse=True)
         else:
             for attr, value in _attributes(obj):
@@ -168,6 +184,31 @@ def _attributes(obj: Any) -> Iterable[tuple[str, Any]]:
             if hasattr(obj, slot) and slot not in ("__dict__", "__weakref__"):
                 items.append((slot, getattr(obj, slot)))
     return items
+
+
+def _captured(obj: Any) -> list[Any]:
+    if isinstance(obj, types.MethodType):
+        return [obj.__self__, obj.__func__]
+    if isinstance(obj, functools.partial):
+        return [obj.func, obj.args, obj.keywords]
+    if isinstance(obj, types.GeneratorType):
+        return list(obj.gi_frame.f_locals.values()) if obj.gi_frame is not None else []
+    cells = [cell.cell_contents for cell in obj.__closure__ or () if _cell_full(cell)]
+    return cells + list(obj.__defaults__ or ()) + list((obj.__kwdefaults__ or {}).values())
+
+
+def _cell_full(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises ValueError
+    except ValueError:
+        return False
+    return True
+
+
+def _only_scalars(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_only_scalars(v) for v in value)
+    return value is None or _is_scalar(value)
 
 
 def _is_scalar(obj: Any) -> bool:
@@ -216,7 +257,24 @@ def measure(
             if attr == "options" and value is declared and dataclasses.is_dataclass(value):
                 continue
             walker.value(value, f"{name}.{attr}")
+        for attr, value in _class_state(type(plugin)):  # shared by instances, still held
+            walker.value(value, f"{name}.{attr}")
     return walker.result
+
+
+def _class_state(cls: type) -> list[tuple[str, Any]]:
+    """Data kept on a plugin's class (not its methods, descriptors or declared Options)."""
+    items = []
+    for klass in cls.__mro__:
+        if klass is object:
+            continue
+        for attr, value in vars(klass).items():
+            if attr.startswith("__") or attr == "Options" or callable(value):
+                continue
+            if isinstance(value, (staticmethod, classmethod, property, type)):
+                continue
+            items.append((attr, value))
+    return items
 
 
 def model_bytes(model: nn.Module) -> int:

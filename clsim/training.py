@@ -98,6 +98,7 @@ class Trainer:
                     self._check_finite(loss_sum, epoch, step)
             mean_loss = float(loss_sum) / max(1, -(-n // batch_size))
         ctx.optimizer = None
+        model.zero_grad(set_to_none=True)  # gradients are not state to keep between experiences
         return mean_loss
 
     def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int) -> None:

@@ -271,7 +271,8 @@ def test_declared_options_are_not_charged() -> None:
 
 def test_run_context_in_skip_types_is_not_walked() -> None:
     """A plugin that keeps the run context is not charged for what the context reaches
-    (the engine passes RunContext in skip_types); without the skip it would be."""
+    (the engine passes RunContext in skip_types); without the skip it would be. Nothing
+    can be parked on the context to escape the ledger: it refuses new attributes."""
     model = digits_mlp()
     ctx = RunContext(
         strategy="s",
@@ -283,7 +284,9 @@ def test_run_context_in_skip_types_is_not_walked() -> None:
         batch_size=8,
         seen_classes=[0, 1, 2],
     )
-    ctx.scratch = torch.zeros(1000, dtype=torch.float32)
+    with pytest.raises(AttributeError, match="keeps its state on itself"):
+        ctx.scratch = torch.zeros(1000, dtype=torch.float32)
+    ctx.seen_classes = list(range(1000))  # engine-owned fields stay writable
     p = Holder()
     p.ctx = ctx
     skipped = measure(model, [("p", p)], skip_types=(RunContext,))
@@ -451,3 +454,59 @@ def test_lenient_budget_runs_to_the_end_flagged_over_budget(one_kb_run) -> None:
     assert [r["over_budget"] for r in s["ledger"]] == [True] * 5
     assert [r["total_bytes"] for r in s["ledger"]] == [DIGITS_MLP_BYTES] * 5
     assert 0.0 <= s["final_accuracy"] <= 1.0
+
+
+class _ClassLevel:
+    shared = torch.zeros(16, dtype=torch.uint8)  # held by the class, so by every instance
+
+    def get(self) -> torch.Tensor:
+        return self.data
+
+
+def test_state_behind_closures_methods_keys_and_buffers_is_charged() -> None:
+    """Each 1 KiB hiding place is charged exactly once (review of the ledger's blind spots)."""
+    import array
+    import functools
+
+    def kib(fill: int) -> torch.Tensor:
+        return torch.full((1024,), fill, dtype=torch.uint8)
+
+    captured = kib(1)
+    holder = Holder()
+    holder.closure = lambda: captured.sum()
+    holder.partial = functools.partial(torch.add, kib(2))
+    other = _ClassLevel()
+    other.data = kib(3)
+    holder.method = other.get  # a bound method keeps its object alive
+    holder.keyed = {kib(4): "a tensor used as a key"}
+    holder.storage = kib(5).untyped_storage()
+    holder.arr = array.array("b", bytes(1024))
+    holder.objects = np.array([kib(6), None], dtype=object)
+    shared = np.zeros(1024, dtype=np.uint8)
+    holder.twins = [shared, torch.from_numpy(shared)]  # one buffer, two views
+    parts = measure(None, [("p", holder)]).parts
+    assert parts["p.closure"] == 1024
+    assert parts["p.partial"] == 1024
+    assert parts["p.method"] == 1024  # the object it is bound to
+    assert parts["p.keyed"] == 1024 + len("a tensor used as a key")
+    assert parts["p.storage"] == 1024
+    assert parts["p.arr"] == 1024
+    assert parts["p.objects"] == 2 * 8 + 1024  # the pointer array and what it points to
+    assert parts["p.twins"] == 1024
+
+
+def test_plugin_class_attributes_are_charged() -> None:
+    assert measure(None, [("c", _ClassLevel())]).parts == {"c.shared": 16}
+
+
+def test_module_settings_are_not_charged_as_state() -> None:
+    """Kernel sizes, strides and paddings are configuration: a conv net's ledger is exactly
+    its parameters and buffers, and nothing in it is estimated."""
+    from clsim.models import build_model
+
+    model = build_model("resnet20", (3, 32, 32), 10)
+    reading = measure(model)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert reading.total_bytes == params + buffers
+    assert not reading.estimated

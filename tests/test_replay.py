@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from clsim_plugins.replay import ReplayPlugin
 
 from clsim.config import parse_scenario
 from clsim.data import load_dataset
-from clsim.plugin_manager import load_plugin_class
 from clsim.runner import run_scenario
 
 try:
@@ -354,16 +352,18 @@ def test_label_dtype_is_narrowest_above_int16() -> None:
 # ---------------------------------------------------------------------------
 
 
-class RecordingReplay(ReplayPlugin):
-    """ReplayPlugin that records its memory after each experience (on the class, so the
-    ledger, which walks the instance, does not charge the record)."""
+# Test instrumentation, outside the plugin: the ledger charges what the plugin object and
+# its class hold, so a record kept there would (rightly) count against the budget.
+HISTORY: list[dict] = []
 
-    history: ClassVar[list[dict]] = []
+
+class RecordingReplay(ReplayPlugin):
+    """ReplayPlugin that records its memory after each experience into HISTORY."""
 
     def clsim_after_experience(self, ctx, experience) -> None:
         super().clsim_after_experience(ctx, experience)
         x, y = self.buffer.stored()
-        type(self).history.append(
+        HISTORY.append(
             {
                 "seen": list(ctx.seen_classes),
                 "capacity": self.buffer.capacity,
@@ -399,8 +399,7 @@ def e2e():
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(Path(__file__).parent))
         ref = f"{__name__}:RecordingReplay"
-        recorder = load_plugin_class(ref)
-        recorder.history.clear()
+        HISTORY.clear()
         strategies = run(
             f"  reservoir:\n    budget: {BUDGET}\n    plugins: [replay]\n"
             f"  balanced:\n    budget: {BUDGET}\n"
@@ -413,7 +412,7 @@ def e2e():
             "  nme_small:\n"
             "    plugins:\n      - replay: {selection: herding, nme: true, capacity: 5}\n"
         )
-        return {"strategies": strategies, "history": list(recorder.history)}
+        return {"strategies": strategies, "history": list(HISTORY)}
 
 
 @pytest.mark.parametrize("name", ["reservoir", "balanced", "herding", "nme"])

@@ -57,7 +57,7 @@ class Dataset:
         """
         gain = [self.scale / s for s in self.std]
         shift = [-m / s for m, s in zip(self.mean, self.std, strict=True)]
-        out = x.to(torch.float32)
+        out = x.to(torch.float32, copy=True)  # float32 input would otherwise be the same tensor
         if len(gain) == 1:
             return out.mul_(gain[0]).add_(shift[0])
         shape = (1, len(gain)) + (1,) * (out.dim() - 2)
