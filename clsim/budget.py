@@ -58,6 +58,8 @@ class Budget:
                 models += int(match["count"] or 1)
                 continue
             number = float(match["num"])
+            if number > _MAX_BYTES:
+                raise ValueError(f"budget {value!r} is larger than 1 PiB; is a unit missing?")
             unit = match["unit"] or "b"
             if unit in ("exemplar", "exemplars"):
                 if number != int(number):

@@ -135,11 +135,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from clsim.engine import build_stream, load_scenario_data
+    from clsim.engine import build_scenario_model, build_stream, load_scenario_data
 
     scenario = _load(args.scenario)
     dataset = load_scenario_data(scenario)
     stream = build_stream(scenario, dataset, scenario.seed)
+    build_scenario_model(scenario, dataset)
     print(
         f"{scenario.source}: ok — dataset {dataset.name} ({dataset.n_classes} classes, "
         f"{dataset.sample_bytes} bytes per sample), {len(stream)} experiences, strategies: "
@@ -336,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"clsim: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # a bug: one paragraph, the traceback only on request
+        if args.debug:
+            traceback.print_exc()
+        print(f"clsim: internal error: {type(exc).__name__}: {exc}. This is a bug in clsim or "
+              "in a plugin; rerun with --debug for the traceback and report it.", file=sys.stderr)
+        return 70
     except KeyboardInterrupt:
         print(
             "clsim: interrupted; results written so far are kept (clsim compare: continue "

@@ -8,6 +8,7 @@ was got, and suggests the nearest valid key for a typo.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -130,7 +131,12 @@ class _ScenarioFields:
     strategies: dict
     name: str | None = None
     description: str = ""
-    seed: int = field(default=0, metadata={"min": 0})
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**63 - 1})
+    threads: int | None = field(
+        default=None,
+        metadata={"min": 1, "help": "torch threads per run; metrics repeat exactly at a fixed "
+                  "thread count (default: torch's own choice)"},
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     training: TrainingConfig = field(default_factory=TrainingConfig)
     budget: Budget | None = field(
@@ -146,6 +152,12 @@ class _ScenarioFields:
     def check(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device)):
             raise ValueError(f"'device' must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.name is not None and not _NAME.fullmatch(self.name):
+            raise ValueError("'name' is used in folder names: letters, digits, '.', '_' and '-' "
+                             f"only, not starting with '.'; got {self.name!r}")
+
+
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 
 def _is_cuda_index(device: str) -> bool:
@@ -167,6 +179,7 @@ class ScenarioConfig:
     name: str
     description: str
     seed: int
+    threads: int | None
     device: str
     data: DataConfig
     stream: StreamConfig
@@ -184,6 +197,7 @@ class ScenarioConfig:
             "name": self.name,
             "description": self.description,
             "seed": self.seed,
+            "threads": self.threads,
             "device": self.device,
             "data": dataclasses.asdict(self.data),
             "stream": dataclasses.asdict(self.stream),
@@ -246,7 +260,11 @@ def parse_scenario(
     text: str, *, source: str = "<config>", base_dir: str = ".", default_name: str = "scenario"
 ) -> ScenarioConfig:
     """Validate scenario YAML given as text."""
-    data, lines = _safe_load_with_lines(text, source)
+    try:
+        data, lines = _safe_load_with_lines(text, source)
+    except RecursionError:
+        raise ConfigError("the YAML is nested too deeply (or refers to itself)",
+                          source=source) from None
     src = Source(source, lines)
     if data is None:
         raise src.error(
@@ -271,6 +289,7 @@ def parse_scenario(
         name=top.name or default_name,
         description=top.description,
         seed=top.seed,
+        threads=top.threads,
         device=top.device,
         data=top.data,
         stream=top.stream,
@@ -304,8 +323,17 @@ def _safe_load_with_lines(text: str, source: str) -> tuple[Any, dict[KeyPath, in
     return data, lines
 
 
-def _collect_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], source: str) -> None:
+def _collect_lines(
+    node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], source: str,
+    entered: set[int] | None = None,
+) -> None:
+    """Key path -> line, entering each node once: an alias is not expanded again, so a
+    self-referencing alias or an 'alias bomb' costs no more than the file's size."""
+    entered = set() if entered is None else entered
     lines[path] = node.start_mark.line + 1
+    if id(node) in entered:
+        return
+    entered.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
@@ -318,11 +346,11 @@ def _collect_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], so
                     line=key_node.start_mark.line + 1,
                 )
             seen.add(key)
-            _collect_lines(value_node, path + (key,), lines, source)
+            _collect_lines(value_node, path + (key,), lines, source, entered)
             lines[path + (key,)] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _collect_lines(item, path + (index,), lines, source)
+            _collect_lines(item, path + (index,), lines, source, entered)
 
 
 def _yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
@@ -401,7 +429,7 @@ def _plugin(entry: Any, path: KeyPath, src: Source) -> PluginSpec:
         raise src.error(path, str(exc)) from None
     declared = options_class(cls)
     if declared is None:
-        if options:
+        if options not in (None, {}):
             raise src.error(path, f"plugin {ref!r} takes no options; got {options!r}")
         parsed = None
     else:
@@ -415,4 +443,4 @@ def resolve_path(scenario: ScenarioConfig, value: str | None) -> str | None:
     if value is None:
         return None
     path = Path(value).expanduser()
-    return str(path if path.is_absolute() else Path(scenario.base_dir) / path)
+    return str(path if path.is_absolute() else (Path(scenario.base_dir) / path).absolute())

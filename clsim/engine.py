@@ -19,7 +19,7 @@ import torch
 from clsim.config import ScenarioConfig, StrategyConfig, resolve_path
 from clsim.context import RunContext
 from clsim.data import Dataset, load_dataset
-from clsim.errors import BudgetExceededError, ClsimError, ConfigError
+from clsim.errors import BudgetExceededError, ClsimError, ConfigError, PluginError
 from clsim.evaluation import evaluate
 from clsim.logging.events import EventLog
 from clsim.logging.tensorboard import TensorBoardLogger
@@ -81,13 +81,33 @@ def load_scenario_data(scenario: ScenarioConfig) -> Dataset:
     return load_dataset(data.dataset, root=resolve_path(scenario, data.root), **options)
 
 
+def build_scenario_model(scenario: ScenarioConfig, dataset: Dataset):
+    """The scenario's model for ``dataset``; a model that cannot be built is a ConfigError."""
+    try:
+        return build_model(scenario.model.name, dataset.sample_shape, dataset.n_classes,
+                           scenario.model.options)
+    except ClsimError:
+        raise
+    except (RuntimeError, MemoryError, ValueError) as exc:  # e.g. an absurd layer width
+        raise ConfigError(f"model {scenario.model.name!r} could not be built for samples of "
+                          f"shape {dataset.sample_shape}: {exc}", source=scenario.source,
+                          key_path="model") from None
+
+
 def build_stream(scenario: ScenarioConfig, dataset: Dataset, seed: int) -> Stream:
     """The scenario's stream; option errors become ConfigErrors at ``stream``."""
     options = {k: v for k, v in vars(scenario.stream).items() if k != "type"}
     try:
-        return STREAM_BUILDERS[scenario.stream.type](dataset, seed=seed, **options)
+        stream = STREAM_BUILDERS[scenario.stream.type](dataset, seed=seed, **options)
     except ValueError as exc:
         raise ConfigError(str(exc), source=scenario.source, key_path="stream") from None
+    for exp in stream:  # every experience must be trainable and testable
+        if exp.n_train == 0 or exp.n_test == 0:
+            split = "training" if exp.n_train == 0 else "test"
+            raise ConfigError(f"experience {exp.index} (classes {list(exp.classes)}) has no "
+                              f"{split} samples in dataset {dataset.name!r}",
+                              source=scenario.source, key_path="stream")
+    return stream
 
 
 def run_strategy(
@@ -117,9 +137,7 @@ def run_strategy(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         # setup: model, plugins (first listed is called first), budget, context
         torch.manual_seed(derive_seed(seed, "model"))
-        model = build_model(
-            scenario.model.name, dataset.sample_shape, dataset.n_classes, scenario.model.options
-        ).to(device)
+        model = build_scenario_model(scenario, dataset).to(device)
         torch.manual_seed(derive_seed(seed, strategy.name, "torch-global"))
         plugins = [(spec.name, _instantiate(spec)) for spec in strategy.plugins]
         where = {"experience": None}
@@ -172,7 +190,8 @@ def run_strategy(
                     else None
                 )
                 loss = float("nan")
-                if hooks.call("clsim_train_experience", ctx=ctx, experience=exp) is None:
+                owner, _ = hooks.first("clsim_train_experience", ctx=ctx, experience=exp)
+                if owner is None:
                     task_ids = (
                         None if exp.task_id is None else torch.full_like(exp.train_y, exp.task_id)
                     )
@@ -192,7 +211,7 @@ def run_strategy(
                     "experience_end",
                     strategy=strategy.name,
                     experience=exp.index,
-                    loss=loss,
+                    loss=None if loss != loss else loss,  # NaN is not JSON
                     accuracy_row=row,
                     seen_accuracy=seen,
                     ledger_bytes=record.measurement.total_bytes,
@@ -219,13 +238,23 @@ def run_strategy(
         finally:
             where["experience"] = None
             outcome.wall_seconds = time.perf_counter() - started
-            hooks.call("clsim_teardown", ctx=ctx)
             ctx._fit = None
+            try:  # a failing teardown must not hide the error that ended the run
+                hooks.call("clsim_teardown", ctx=ctx)
+            except ClsimError as exc:
+                outcome.error = f"{outcome.error}; then {exc}" if outcome.error else str(exc)
     return outcome
 
 
 def _instantiate(spec) -> object:
-    return spec.cls() if spec.options is None else spec.cls(spec.options)
+    """A plugin instance; a constructor that raises is reported as the plugin's fault."""
+    try:
+        return spec.cls() if spec.options is None else spec.cls(spec.options)
+    except ClsimError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"plugin {spec.name!r} ({spec.ref}) could not be created: "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 def _where(strategy: str, where: dict) -> str:

@@ -22,9 +22,16 @@ def predict(
 
     With task ids visible, the argmax is taken over ``classes`` (the task's own) only.
     """
-    predicted = hooks.call("clsim_predict", ctx=ctx, x=x, task_id=task_id)
-    if predicted is not None:
-        return predicted
+    plugin, predicted = hooks.first("clsim_predict", ctx=ctx, x=x, task_id=task_id)
+    if plugin is not None:
+        ok = (isinstance(predicted, torch.Tensor) and predicted.shape == (len(x),)
+              and not predicted.is_floating_point() and not predicted.is_complex())
+        if not ok:
+            got = (f"{predicted.dtype} of shape {tuple(predicted.shape)}"
+                   if isinstance(predicted, torch.Tensor) else type(predicted).__name__)
+            raise hooks.fault(plugin, "clsim_predict", f"returned {got}; expected integer "
+                              f"class ids of shape ({len(x)},)")
+        return predicted.to(x.device)
     logits = ctx.model(x)
     if task_id is not None and classes is not None:
         mask = torch.full_like(logits, float("-inf"))

@@ -40,7 +40,7 @@ def load_plugin_class(ref: str) -> type:
         module_name, _, attr = ref.partition(":")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
+        except (ImportError, ValueError, TypeError) as exc:  # also ':X' and '.relative:X'
             raise PluginError(
                 f"cannot import module {module_name!r} for plugin {ref!r}: {exc}"
             ) from None
@@ -138,62 +138,86 @@ def _unknown_hook_message(pm: ClsimPluginManager, exc: pluggy.PluginValidationEr
 
 
 class HookRunner:
-    """Calls hooks and, when one raises, says which plugin, hook and experience failed."""
+    """Calls hooks in plugin order and names the plugin, hook and experience of any fault.
+
+    pluggy registers and validates the implementations and sorts them (YAML order,
+    tryfirst, trylast); the calls are made here, one implementation at a time, so that an
+    exception or a malformed return value is always attributed to the exact plugin
+    instance. Hook wrappers are not part of clsim's contract and are refused.
+    """
 
     def __init__(self, pm: ClsimPluginManager, where: Callable[[], str] = lambda: "") -> None:
         self.pm = pm
         self.where = where
-        self._impls = {name: getattr(pm.hook, name).get_hookimpls() for name in HOOK_NAMES}
+        self._impls = {  # in call order: pluggy keeps the list last-called-first
+            name: list(reversed(getattr(pm.hook, name).get_hookimpls())) for name in HOOK_NAMES
+        }
+        for hook, impls in self._impls.items():
+            for impl in impls:
+                if impl.hookwrapper or impl.wrapper:
+                    raise PluginError(
+                        f"plugin {impl.plugin_name!r} declares {hook} as a wrapper; clsim hooks "
+                        "take plain implementations (order them with tryfirst / trylast)"
+                    )
 
     def implemented(self, hook: str) -> bool:
         return bool(self._impls[hook])
 
     def order(self, hook: str) -> list[str]:
         """Plugin names in the order they are called for ``hook``."""
-        return [impl.plugin_name for impl in reversed(self._impls[hook])]
+        return [impl.plugin_name for impl in self._impls[hook]]
 
-    def call(self, hook: str, **kwargs: Any) -> Any:
-        """Call every implementation (or up to the first result, for first-result hooks)."""
-        impls = self._impls[hook]
-        if not impls:
-            return None if getattr(self.pm.hook, hook).spec.opts["firstresult"] else []
-        try:
-            return getattr(self.pm.hook, hook)(**kwargs)
-        except Exception as exc:
-            raise self._blame(hook, impls, exc) from exc
+    def call(self, hook: str, **kwargs: Any) -> None:
+        """Call every implementation; results are ignored."""
+        for impl in self._impls[hook]:
+            self._invoke(hook, impl, kwargs)
 
-    def chain(self, hook: str, key: str, value: Any, **kwargs: Any) -> Any:
-        """Pass ``value`` through each implementation in order; a non-None result replaces it."""
-        for impl in reversed(self._impls[hook]):
-            args = {**kwargs, key: value}
-            try:
-                result = impl.function(*[args[name] for name in impl.argnames])
-            except Exception as exc:
-                raise self._blame(hook, [impl], exc) from exc
+    def collect(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """``(plugin name, result)`` of every implementation that returned something."""
+        results = []
+        for impl in self._impls[hook]:
+            result = self._invoke(hook, impl, kwargs)
             if result is not None:
-                value = result
+                results.append((impl.plugin_name, result))
+        return results
+
+    def first(self, hook: str, **kwargs: Any) -> tuple[str | None, Any]:
+        """``(plugin name, result)`` of the first implementation returning non-None."""
+        for impl in self._impls[hook]:
+            result = self._invoke(hook, impl, kwargs)
+            if result is not None:
+                return impl.plugin_name, result
+        return None, None
+
+    def chain(self, hook: str, key: str, value: Any, expect: type | None = None,
+              **kwargs: Any) -> Any:
+        """Pass ``value`` through each implementation in order; a non-None result replaces
+        it, and must be an instance of ``expect`` when given."""
+        for impl in self._impls[hook]:
+            result = self._invoke(hook, impl, {**kwargs, key: value})
+            if result is None:
+                continue
+            if expect is not None and not isinstance(result, expect):
+                raise self.fault(impl.plugin_name, hook, f"returned a {type(result).__name__}; "
+                                 f"expected a {expect.__name__} or None")
+            value = result
         return value
 
-    def _blame(self, hook: str, impls: list[pluggy.HookImpl], exc: Exception) -> ClsimError:
-        culprit = _find_culprit(exc, impls)
-        name = culprit.plugin_name if culprit else "?"
+    def fault(self, plugin: str, hook: str, detail: str, exit_code: int | None = None
+              ) -> PluginRuntimeError:
+        """The error for plugin ``plugin`` misbehaving in ``hook``, with where it happened."""
         where = self.where()
         context = f" ({where})" if where else ""
-        detail = str(exc) if isinstance(exc, ClsimError) else f"{type(exc).__name__}: {exc}"
-        error = PluginRuntimeError(f"plugin {name!r} failed in {hook}{context}: {detail}")
-        error.exit_code = getattr(exc, "exit_code", PluginRuntimeError.exit_code)
-        error.plugin_name = name
+        error = PluginRuntimeError(f"plugin {plugin!r} failed in {hook}{context}: {detail}")
+        error.exit_code = exit_code or PluginRuntimeError.exit_code
+        error.plugin_name = plugin
         error.hook = hook
         return error
 
-
-def _find_culprit(exc: BaseException, impls: list[pluggy.HookImpl]) -> pluggy.HookImpl | None:
-    """The implementation whose frame is outermost in the traceback."""
-    codes = {getattr(impl.function, "__code__", None): impl for impl in impls}
-    tb = exc.__traceback__
-    while tb is not None:
-        impl = codes.get(tb.tb_frame.f_code)
-        if impl is not None:
-            return impl
-        tb = tb.tb_next
-    return impls[0] if len(impls) == 1 else None
+    def _invoke(self, hook: str, impl: pluggy.HookImpl, kwargs: dict[str, Any]) -> Any:
+        try:
+            return impl.function(*[kwargs[name] for name in impl.argnames])
+        except Exception as exc:
+            detail = str(exc) if isinstance(exc, ClsimError) else f"{type(exc).__name__}: {exc}"
+            raise self.fault(impl.plugin_name, hook, detail,
+                             getattr(exc, "exit_code", None)) from exc

@@ -20,7 +20,10 @@ def prepare_out_dir(out: Path) -> Path:
             f"--out {out} already holds results; choose a new folder "
             "(clsim never overwrites results)"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out} cannot be created: {exc.strerror}") from None
     return out
 
 

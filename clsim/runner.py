@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ def run_scenario(
             source=scenario.source,
         )
     device = resolve_device(scenario.device)
+    if scenario.threads:
+        torch.set_num_threads(scenario.threads)
     dataset = load_scenario_data(scenario)
     stream = build_stream(scenario, dataset, seed)
     if out_dir is not None:
@@ -122,6 +125,11 @@ def run_scenario(
                 )
             except ClsimError as exc:  # failed before its first experience
                 outcome = StrategyOutcome(name, error=str(exc))
+            except Exception as exc:  # a bug in clsim or a plugin: record it, run the rest
+                outcome = StrategyOutcome(name, error=f"internal error: {type(exc).__name__}: "
+                                          f"{exc} (traceback in events.jsonl)")
+                events.write("internal_error", strategy=name,
+                             traceback="".join(traceback.format_exception(exc)))
             finally:
                 tensorboard.close()
             if outcome.error:

@@ -33,9 +33,12 @@ def write_plugin_package(name: str, parent: Path) -> Path:
     templates = resources.files("clsim") / "templates"
     for relative, template in files.items():
         path = target / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
         text = "" if template is None else Template((templates / template).read_text("utf-8"))
-        path.write_text(
-            text if isinstance(text, str) else text.substitute(values), encoding="utf-8"
-        )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(
+                text if isinstance(text, str) else text.substitute(values), encoding="utf-8"
+            )
+        except OSError as exc:
+            raise ConfigError(f"--dir {parent}: cannot write {path}: {exc.strerror}") from None
     return target

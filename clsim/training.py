@@ -73,13 +73,13 @@ class Trainer:
                 batch = Batch(x[index], y[index], None if task_ids is None else task_ids[index])
                 # plugins may replace the batch (replay mixes memory samples in)
                 if hooks.implemented("clsim_before_batch"):
-                    batch = hooks.chain("clsim_before_batch", "batch", batch, ctx=ctx)
+                    batch = hooks.chain("clsim_before_batch", "batch", batch, Batch, ctx=ctx)
                 # forward: task loss plus every plugin's extra terms
                 logits = model(ctx.to_input(batch.x))
                 loss = F.cross_entropy(logits, batch.y.to(ctx.device, non_blocking=True))
-                for extra in hooks.call("clsim_loss", ctx=ctx, batch=batch, logits=logits):
-                    if extra is not None:
-                        loss = loss + extra
+                for plugin, extra in hooks.collect("clsim_loss", ctx=ctx, batch=batch,
+                                                   logits=logits):
+                    loss = loss + self._loss_term(plugin, extra, loss)
                 # backward and update
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -100,6 +100,17 @@ class Trainer:
         ctx.optimizer = None
         model.zero_grad(set_to_none=True)  # gradients are not state to keep between experiences
         return mean_loss
+
+    def _loss_term(self, plugin: str, extra: object, loss: torch.Tensor) -> torch.Tensor:
+        """A plugin's loss term, if it is a scalar tensor on the loss's device."""
+        if not isinstance(extra, torch.Tensor) or extra.numel() != 1:
+            got = tuple(extra.shape) if isinstance(extra, torch.Tensor) else type(extra).__name__
+            raise self.hooks.fault(plugin, "clsim_loss", f"returned {got}; expected a scalar "
+                                   "tensor or None")
+        if extra.device != loss.device:
+            raise self.hooks.fault(plugin, "clsim_loss", f"returned a tensor on {extra.device}; "
+                                   f"the loss is on {loss.device}")
+        return extra.reshape(())
 
     def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int) -> None:
         value = float(loss_sum)

@@ -184,7 +184,11 @@ def coerce(value: Any, tp: Any, path: KeyPath, source: Source, meta: Mapping | N
         if not isinstance(value, dict):
             raise source.error(path, f"expected {describe(tp)}; {_got(value)}")
         item = args[1] if args else Any
-        return {str(k): coerce(v, item, path + (str(k),), source) for k, v in value.items()}
+        for k in value:
+            if not isinstance(k, str):  # 1, 1.0 and true would otherwise collide as names
+                raise source.error(path + (str(k),), f"keys must be strings; got {k!r} "
+                                   f"({_type_name(k)}); quote it")
+        return {k: coerce(v, item, path + (k,), source) for k, v in value.items()}
     parse = getattr(tp, "parse", None)
     if callable(parse):  # a type that reads its own syntax (a budget string)
         try:

@@ -169,3 +169,40 @@ def test_resolved_config_round_trips_to_plain_data():
     assert plain["strategies"]["naive"]["plugins"] == [
         {"replay": {"selection": "reservoir", "capacity": 10, "batch_size_mem": None, "nme": False}}
     ]
+
+
+def test_alias_bombs_and_self_references_are_cheap_and_clean():
+    import time
+
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):  # 10^9 leaves if aliases were expanded
+        levels.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    start = time.perf_counter()
+    err = error_of("\n".join(levels) + "\n")
+    assert time.perf_counter() - start < 5
+    assert "unknown key 'a0'" in str(err)
+    assert "unknown key" in str(error_of("a: &x [*x]\n"))
+
+
+def test_deep_nesting_is_a_config_error():
+    assert "nested too deeply" in str(error_of("a: " + "[" * 5000 + "]" * 5000 + "\n"))
+
+
+def test_non_string_keys_are_refused_not_merged():
+    text = DIGITS_SCENARIO.replace("  naive:\n", "  1:\n")
+    err = error_of(text)
+    assert err.key_path == "strategies.1" and "keys must be strings; got 1 (integer)" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "fragment"),
+    [
+        ("name: tiny", "name: ../../escape", "'name' is used in folder names"),
+        ("plugins: [naive]", "plugins: [{naive: 0}]", "takes no options; got 0"),
+        ("seed: 0", "seed: 18446744073709551616", "expected an integer >= 0 and <= "),
+        ("seed: 0", "seed: 0\nthreads: 0", "expected an integer >= 1"),
+        ("plugins: [naive]", "plugins: [':Cls']", "cannot import module ''"),
+    ],
+)
+def test_more_bad_values(old, new, fragment):
+    assert fragment in str(error_of(DIGITS_SCENARIO.replace(old, new)))

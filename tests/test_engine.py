@@ -176,3 +176,62 @@ def test_split_mnist_naive_forgets_and_replay_remembers(shared_data_root, monkey
     assert (
         not replay["over_budget"] and replay["ledger"][-1]["parts"]["replay.buffer.x"] == 500 * 784
     )
+
+
+def test_to_input_never_changes_the_callers_tensor():
+    """float32 data would otherwise be normalised in place on every evaluation."""
+    from clsim.data.dataset import Dataset
+
+    x = torch.full((4, 3), 51.0)
+    data = Dataset("f", x, torch.zeros(4, dtype=torch.long), x, torch.zeros(4, dtype=torch.long),
+                   ("a",), scale=0.5, mean=(1.0,), std=(2.0,))
+    out = data.to_input(x)
+    assert torch.equal(x, torch.full((4, 3), 51.0))
+    assert torch.allclose(out, torch.full((4, 3), (51.0 * 0.5 - 1.0) / 2.0))
+
+
+class KeepsLookingAtGrads:
+    """Records whether any gradient survives past an experience."""
+
+    def __init__(self):
+        self.grads_after = []
+
+    def clsim_after_experience(self, ctx):
+        self.grads_after.append(any(p.grad is not None for p in ctx.model.parameters()))
+
+
+def test_gradients_are_not_held_between_experiences(local_plugins):
+    from clsim.engine import run_strategy  # noqa: F401 (the runner calls it)
+
+    text = DIGITS_SCENARIO.replace(
+        "plugins: [naive]", f"plugins: ['{local_plugins}:KeepsLookingAtGrads']")
+    scenario = parse_scenario(text)
+    spec = scenario.strategies["naive"].plugins[0]
+    seen = []
+    original = spec.cls.clsim_after_experience
+
+    def spy(self, ctx):
+        original(self, ctx)
+        seen.append(self.grads_after[-1])
+
+    spec.cls.clsim_after_experience = spy
+    try:
+        assert run_scenario(scenario, None).outcomes[0].error is None
+    finally:
+        spec.cls.clsim_after_experience = original
+    assert seen == [False] * 5
+
+
+def test_an_experience_without_test_samples_is_a_config_error(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (40, 4), dtype=np.uint8)
+    y = np.repeat(np.arange(4), 10)
+    test_x, test_y = x[y < 3], y[y < 3]  # class 3 has no test samples
+    np.savez(tmp_path / "d.npz", x=x, y=y, x_test=test_x, y_test=test_y)
+    text = DIGITS_SCENARIO.replace("{dataset: digits}", "{dataset: npz, path: d.npz}").replace(
+        "n_experiences: 5", "n_experiences: 4, class_order: [0, 1, 2, 3]")
+    (tmp_path / "s.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"experience 3 \(classes \[3\]\) has no test"):
+        run_scenario(load_scenario(tmp_path / "s.yaml"), None)

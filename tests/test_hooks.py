@@ -179,3 +179,95 @@ def test_runtime_error_type_and_attributes(tmp_path, monkeypatch):
     with pytest.raises(PluginRuntimeError) as info:
         runner.call("clsim_after_batch", ctx=None, batch=None, logits=None, loss=None)
     assert info.value.plugin_name == "boom" and info.value.hook == "clsim_after_batch"
+
+
+class BadBatch:
+    def clsim_before_batch(self, batch):
+        return (batch.x, batch.y)
+
+
+class BadLoss:
+    def clsim_loss(self, logits):
+        return logits  # not a scalar
+
+
+class BadPredict:
+    def clsim_predict(self, x):
+        return torch.zeros(len(x))  # float, not class ids
+
+
+class Numbered:
+    created = 0
+
+    def __init__(self):
+        type(self).created += 1
+        self.number = type(self).created
+
+    def clsim_after_experience(self):
+        if self.number == 2:
+            raise RuntimeError("instance 2")
+
+
+class TeardownFails:
+    def clsim_setup(self):
+        raise ValueError("setup broke")
+
+    def clsim_teardown(self):
+        raise ValueError("teardown broke too")
+
+
+class Wrapper:
+    @hookimpl(wrapper=True)
+    def clsim_before_batch(self, batch):
+        return (yield)
+
+
+import torch  # noqa: E402  (used by the plugin classes above at call time)
+
+
+@pytest.fixture
+def this_module(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "hook_test_plugins", sys.modules[__name__])
+    return "hook_test_plugins"
+
+
+@pytest.mark.parametrize(
+    ("plugin", "message"),
+    [
+        ("BadBatch", "plugin 'BadBatch' failed in clsim_before_batch (strategy 'naive', "
+                     "experience 0): returned a tuple; expected a Batch or None"),
+        ("BadLoss", "plugin 'BadLoss' failed in clsim_loss (strategy 'naive', experience 0): "
+                    "returned (64, 10); expected a scalar tensor or None"),
+        ("BadPredict", "plugin 'BadPredict' failed in clsim_predict (strategy 'naive'): "
+                       "returned torch.float32 of shape ("),
+    ],
+)
+def test_malformed_return_values_are_blamed_on_the_plugin(this_module, plugin, message):
+    text = DIGITS_SCENARIO.replace("plugins: [naive]", f"plugins: ['{this_module}:{plugin}']")
+    error = run_scenario(parse_scenario(text), None).outcomes[0].error
+    assert error.startswith(message), error
+
+
+def test_the_failing_instance_is_named_when_a_plugin_is_listed_twice(this_module):
+    """Two instances of one class: only the second raises, and the message names it
+    'Numbered#2' (the YAML name of the second instance), not the first."""
+    Numbered.created = 0
+    text = DIGITS_SCENARIO.replace(
+        "plugins: [naive]", f"plugins: ['{this_module}:Numbered', '{this_module}:Numbered']")
+    error = run_scenario(parse_scenario(text), None).outcomes[0].error
+    assert error.startswith("plugin 'Numbered#2' failed in clsim_after_experience (strategy "
+                            "'naive', experience 0): RuntimeError: instance 2"), error
+
+
+def test_a_failing_teardown_keeps_the_first_error(this_module):
+    text = DIGITS_SCENARIO.replace("plugins: [naive]", f"plugins: ['{this_module}:TeardownFails']")
+    error = run_scenario(parse_scenario(text), None).outcomes[0].error
+    assert "clsim_setup" in error and "setup broke" in error
+    assert error.index("setup broke") < error.index("teardown broke too")
+
+
+def test_wrappers_are_refused():
+    with pytest.raises(PluginError, match="declares clsim_before_batch as a wrapper"):
+        HookRunner(build_plugin_manager([("w", Wrapper())]))

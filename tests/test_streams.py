@@ -103,4 +103,4 @@ def test_stream_is_a_sequence(digits):
     assert len(stream) == 5
     assert stream[-1] is stream.experiences[4]
     assert isinstance(stream[1:3], Stream) and len(stream[1:3]) == 2
-    assert [e.index for e in stream] == [e.index for e in stream]  # a fresh iterator each time
+    assert [e.index for e in stream] == [e.index for e in stream] == [0, 1, 2, 3, 4]
