@@ -63,7 +63,7 @@ class StreamConfig:
 @dataclass
 class OptimizerConfig:
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = field(default=0.01, metadata={"min": 0, "min_exclusive": True})
+    lr: float = field(default=0.01, metadata={"min": 0, "min_exclusive": True, "max": 1e4})
     momentum: float = field(default=0.0, metadata={"min": 0, "max": 1})
     weight_decay: float = field(default=0.0, metadata={"min": 0})
 
