@@ -64,7 +64,10 @@ def run_compare(
         base_dir=str(scenario_path.parent),
         default_name=scenario_path.stem,
     )
-    threads = threads or threads_per_cell(workers if executor != "inline" else 1)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1; got {threads}")
+    if threads is None:
+        threads = threads_per_cell(workers if executor != "inline" else 1)
     tasks = plan(scenario, text, threads)
     # fail fast on missing data or a bad stream, before any cell starts
     dataset = load_scenario_data(scenario)

@@ -342,3 +342,16 @@ def test_scenario_without_compare_section(tmp_path):
     text = GRID.split("compare:")[0]
     proc = compare(tmp_path, "--out", str(tmp_path / "o"), text=text)
     assert proc.returncode == 2 and "no 'compare' section" in proc.stderr
+
+
+def test_thread_and_worker_counts_are_checked(tmp_path):
+    from pathlib import Path
+
+    from clsim.compare import run_compare
+
+    path = tmp_path / "g.yaml"
+    path.write_text(GRID, encoding="utf-8")
+    with pytest.raises(ConfigError, match="--threads must be >= 1; got -1"):
+        run_compare(Path(path), tmp_path / "o", threads=-1)
+    proc = run_cli("compare", str(path), "--workers", "0")
+    assert proc.returncode == 2 and "expected a positive integer; got 0" in proc.stderr
