@@ -159,8 +159,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed runs of every configuration; the median counts (default: 1)")
-    parser.add_argument("--seeds", type=int, default=3,
-                        help="seeds 0..N-1; the grid has 4N cells (default: 3, 12 cells)")
+    parser.add_argument("--seeds", type=int, default=6,
+                        help="seeds 0..N-1; the grid has 4N cells (default: 6, 24 cells: "
+                        "on fewer cells the fixed start-up costs dominate)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per cell in the 1- and 2-worker runs (default: 1; "
                         "the 'every core' baseline always uses all cores)")
@@ -169,10 +170,10 @@ def parse_args() -> argparse.Namespace:
                         help="folder holding mnist/ (default: $CLSIM_DATA)")
     parser.add_argument("--wait-idle", type=float, default=120, metavar="SECONDS",
                         help="before each run, wait up to this long for the machine to be idle "
-                        f"(under {IDLE_BUSY:.0%} busy for 2 s); 0: do not wait (default: 120)")
+                        f"(under {IDLE_BUSY:.0%}% busy for 2 s); 0: do not wait (default: 120)")
     parser.add_argument("--retries", type=int, default=2,
                         help="run a configuration again, up to this many times, when other "
-                        f"processes used more than {DISTURBED:.0%} of a core during it; the "
+                        f"processes used more than {DISTURBED:.0%}% of a core during it; the "
                         "least disturbed run counts (default: 2)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the results folders (their paths are printed)")
