@@ -35,16 +35,7 @@ def threads_per_cell(workers: int, cores: int | None = None) -> int:
 
 
 def _failed(task: CellTask, error: str) -> Record:
-    return {
-        "cell": task.cell_id,
-        "strategy": task.strategy,
-        "budget": task.budget_label,
-        "budget_index": task.budget_index,
-        "seed": task.seed,
-        "threads": task.threads,
-        "status": "failed",
-        "error": error,
-    }
+    return task.record(status="failed", error=error)
 
 
 def run_inline(tasks: list[CellTask], on_start: OnStart = lambda t: None) -> Iterator[Record]:

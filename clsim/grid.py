@@ -39,6 +39,12 @@ class CellTask:
     def cell_id(self) -> str:
         return cell_id(self.strategy, self.budget_label, self.seed)
 
+    def record(self, **fields: Any) -> dict[str, Any]:
+        """A cell record: the cell's identity, then ``fields``."""
+        return {"cell": self.cell_id, "strategy": self.strategy, "budget": self.budget_label,
+                "budget_index": self.budget_index, "seed": self.seed,
+                "threads": self.threads, **fields}
+
     @property
     def budget_label(self) -> str:
         return (
@@ -84,15 +90,7 @@ def _dataset(text: str, source: str, base_dir: str):
 def run_cell(task: CellTask) -> dict[str, Any]:
     """Run one cell and return its record; every failure is recorded, never raised."""
     started = time.perf_counter()
-    record: dict[str, Any] = {
-        "cell": task.cell_id,
-        "strategy": task.strategy,
-        "budget": task.budget_label,
-        "budget_index": task.budget_index,
-        "seed": task.seed,
-        "threads": task.threads,
-        "pid": os.getpid(),
-    }
+    record = task.record(pid=os.getpid())
     try:
         record.update(_run(task))
     except ClsimError as exc:

@@ -354,4 +354,4 @@ def test_thread_and_worker_counts_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="--threads must be >= 1; got -1"):
         run_compare(Path(path), tmp_path / "o", threads=-1)
     proc = run_cli("compare", str(path), "--workers", "0")
-    assert proc.returncode == 2 and "expected a positive integer; got 0" in proc.stderr
+    assert proc.returncode == 2 and "expected a positive integer; got '0'" in proc.stderr
