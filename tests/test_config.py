@@ -52,7 +52,7 @@ def test_bool_is_not_an_integer():
 def test_bounds_are_checked():
     err = error_of(DIGITS_SCENARIO.replace("lr: 0.1", "lr: -0.1"))
     assert err.key_path == "training.optimizer.lr"
-    assert "expected a number > 0; got -0.1" in str(err)
+    assert "expected a number > 0 and <= 10000.0; got -0.1" in str(err)
 
 
 def test_literal_typo_suggests_closest_option():
