@@ -20,6 +20,8 @@ EPILOG = """examples:
   clsim run quickstart                    run a bundled scenario (see 'clsim list')
   clsim run my.yaml --out runs/a --seed 3 run a scenario file
   clsim validate my.yaml                  check a scenario without training
+  clsim compare budget_sweep_quick --workers 2   strategies x budgets x seeds, with a report
+  clsim compare my.yaml --out runs/s --resume    continue a stopped comparison
   clsim new-plugin my_strategy            start a plugin package from a template
 """
 
