@@ -25,7 +25,7 @@ from clsim.validation import KeyPath, Source, build, closest, format_path
 @dataclass
 class DataConfig:
     dataset: str = field(
-        metadata={"help": "digits, mnist, fashion_mnist, cifar10, cifar100 or npz"}
+        metadata={"help": "digits, mnist, fashion_mnist, cifar10, cifar100, omniglot or npz"}
     )
     root: str | None = field(
         default=None,

@@ -666,7 +666,7 @@ def test_unknown_dataset_suggests_closest() -> None:
         assert name in str(caught.value)
     with pytest.raises(DataError, match="did you mean 'cifar100'"):
         load_dataset("cifar1000")
-    expected = {"digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "npz"}
+    expected = {"digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "omniglot", "npz"}
     assert set(dataset_names()) == expected
 
 

@@ -52,7 +52,7 @@ CIFAR10_ZIP_NAME = "cifar10-jpeg.zip"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 SPLITS = ("train", "test")
 _MODE_CHANNELS = {"L": 1, "RGB": 3}
-_PIL_FORMATS = ("JPEG", "PNG")
+PIL_FORMATS = ("JPEG", "PNG")
 # bump when the cached arrays' meaning changes, so old cache files rebuild
 _CACHE_VERSION = 1
 _LAYOUT_HELP = (
@@ -103,11 +103,11 @@ class _Source:
     open: Callable[[], _Listing]
 
 
-def _is_image(name: str) -> bool:
+def is_image(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _is_junk(parts: Sequence[str]) -> bool:
+def is_junk(parts: Sequence[str]) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
@@ -145,7 +145,7 @@ def _list_zip(path: Path, title: str) -> _Listing:
     by_prefix: dict[str, list[tuple[_Entry, zipfile.ZipInfo]]] = {}
     for info in infos:
         parts = info.filename.split("/")
-        if info.is_dir() or len(parts) < 3 or _is_junk(parts) or not _is_image(parts[-1]):
+        if info.is_dir() or len(parts) < 3 or is_junk(parts) or not is_image(parts[-1]):
             continue
         split = parts[-3]
         if split not in SPLITS:
@@ -189,7 +189,7 @@ def _split_root(folder: Path) -> Path | None:
     """The folder that holds train/ and test/: ``folder`` itself or its only subfolder."""
     if all((folder / s).is_dir() for s in SPLITS):
         return folder
-    subdirs = [p for p in folder.iterdir() if p.is_dir() and not _is_junk([p.name])]
+    subdirs = [p for p in folder.iterdir() if p.is_dir() and not is_junk([p.name])]
     if len(subdirs) == 1 and all((subdirs[0] / s).is_dir() for s in SPLITS):
         return subdirs[0]
     return None
@@ -207,7 +207,7 @@ def _folder_source(folder: Path, title: str) -> _Source:
             if not class_dir.is_dir() or class_dir.name.startswith("."):
                 continue
             for item in os.scandir(class_dir.path):
-                if item.name.startswith(".") or not _is_image(item.name) or not item.is_file():
+                if item.name.startswith(".") or not is_image(item.name) or not item.is_file():
                     continue
                 member = f"{split}/{class_dir.name}/{item.name}"
                 entries.append(_Entry(split=split, label=class_dir.name, member=member))
@@ -235,7 +235,7 @@ def _decode(listing: _Listing, entries: Sequence[_Entry], mode: str, title: str)
     for i, entry in enumerate(entries):
         data = listing.read(entry)
         try:
-            with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as image:
+            with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
                 image.load()
                 if image.mode != mode:
                     image = image.convert(mode)

@@ -6,6 +6,7 @@ Layout under the data root (``data.root`` in a scenario, else ``$CLSIM_DATA``)::
     fashion-mnist/   the same four file names
     cifar10/         cifar10-jpeg.zip (or any one .zip), or extracted train/ and test/
     cifar100/        train, test, meta pickles (or a cifar-100-python/ folder of them)
+    omniglot/        images_background_small1.zip and images_background_small2.zip
 
 ``digits`` is bundled with scikit-learn and needs no root; ``npz`` takes ``path=``.
 Every loader in :data:`DATASETS` is called as ``loader(root, **options)``.
@@ -25,6 +26,7 @@ from clsim.data.digits import load_digits
 from clsim.data.idx import load_fashion_mnist, load_mnist
 from clsim.data.images import load_cifar10
 from clsim.data.npz import load_npz
+from clsim.data.omniglot import OMNIGLOT_SUBFOLDER, load_omniglot
 from clsim.errors import ConfigError, DataError
 
 DATA_ENV = "CLSIM_DATA"
@@ -42,7 +44,7 @@ def resolve_data_root(root: str | os.PathLike[str] | None) -> Path:
     else:
         raise DataError(
             f"no data root: set data.root in the scenario or the {DATA_ENV} environment "
-            "variable to the folder holding mnist/, fashion-mnist/, cifar10/, cifar100/"
+            "variable to the folder holding mnist/, fashion-mnist/, cifar10/, cifar100/, omniglot/"
         )
     if not path.is_dir():
         state = "is not a folder" if path.exists() else "does not exist"
@@ -84,6 +86,12 @@ def _cifar100(root: PathArg) -> Dataset:
     return load_cifar100(_folder(root, "cifar100", CIFAR100_SUBFOLDER))
 
 
+def _omniglot(root: PathArg, *, size: int = 28, test_per_class: int = 5, seed: int = 0) -> Dataset:
+    return load_omniglot(
+        _folder(root, OMNIGLOT_SUBFOLDER), size=size, test_per_class=test_per_class, seed=seed
+    )
+
+
 def _npz(
     root: PathArg,
     *,
@@ -106,6 +114,7 @@ DATASETS: dict[str, Loader] = {
     "fashion_mnist": _fashion_mnist,
     "cifar10": _cifar10,
     "cifar100": _cifar100,
+    "omniglot": _omniglot,
     "npz": _npz,
 }
 
@@ -131,8 +140,9 @@ def load_dataset(
     """Load dataset ``name`` from under ``root`` (else ``$CLSIM_DATA``).
 
     ``options`` go to the loader: ``path``, ``test_fraction``, ``seed``, ``name`` for npz;
-    ``cache`` and ``cache_dir`` for cifar10. A relative npz ``path`` is taken relative to
-    ``root`` when a root is given, else to the working directory.
+    ``cache`` and ``cache_dir`` for cifar10; ``size``, ``test_per_class``, ``seed`` for
+    omniglot. A relative npz ``path`` is taken relative to ``root`` when a root is given,
+    else to the working directory.
     """
     loader = _lookup(name)
     signature = inspect.signature(loader)
