@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from clsim.cellstore import CellStore
-from clsim.config import parse_scenario
+from clsim.config import parse_scenario, read_scenario_text
 from clsim.engine import build_stream, load_scenario_data
 from clsim.errors import ConfigError
 from clsim.executors import run_inline, run_process_pool, run_ray, threads_per_cell
@@ -57,7 +57,7 @@ def run_compare(
         raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1; got {workers}")
-    text = _read(scenario_path)
+    text = read_scenario_text(scenario_path)
     scenario = parse_scenario(
         text,
         source=str(scenario_path),
@@ -114,19 +114,6 @@ def rebuild_report(out: Path) -> Analysis:
         raise ConfigError(f"{store.path} holds no finished cell")
     name = records[0].get("scenario", out.name)
     return write_report(out, records, title=f"{name}: comparison")
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError("scenario file not found", source=str(path)) from None
-    except UnicodeDecodeError:
-        raise ConfigError(
-            "the file is not valid UTF-8; save it as UTF-8", source=str(path)
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read the file: {exc.strerror}", source=str(path)) from None
 
 
 def _prepare(

@@ -236,6 +236,13 @@ def _plain(options: Any) -> dict[str, Any]:
 def load_scenario(path: str | Path) -> ScenarioConfig:
     """Read and validate a scenario file."""
     path = Path(path)
+    text = read_scenario_text(path)
+    return parse_scenario(text, source=str(path), base_dir=str(path.parent),
+                          default_name=path.stem)
+
+
+def read_scenario_text(path: Path) -> str:
+    """The file's text; a missing, unreadable or non-UTF-8 file is a ConfigError."""
     name = str(path)
     try:
         raw_bytes = path.read_bytes()
@@ -253,7 +260,7 @@ def load_scenario(path: str | Path) -> ScenarioConfig:
             f"the file is not valid UTF-8 (byte {exc.start}: {bad!r}); save it as UTF-8",
             source=name,
         ) from None
-    return parse_scenario(text, source=name, base_dir=str(path.parent), default_name=path.stem)
+    return text
 
 
 def parse_scenario(

@@ -145,6 +145,7 @@ class ReplayPlugin:
         if not self.options.nme or not self.buffer:
             return None
         features = torch.nn.functional.normalize(ctx.model.features(x), dim=1)
-        known = torch.tensor(sorted(set(self.buffer.stored()[1].tolist())), device=ctx.device)
+        # classes with exemplars are exactly those with a (unit-norm, so non-zero) mean
+        known = self.class_means.any(dim=1).nonzero().squeeze(1)
         distance = torch.cdist(features, self.class_means[known])
         return known[distance.argmin(dim=1)]

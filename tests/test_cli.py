@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import DIGITS_SCENARIO, REPO_ROOT, run_cli
+from helpers import DIGITS_SCENARIO, run_cli
 
 
 def write(tmp_path, text: str, name: str = "s.yaml"):
@@ -234,6 +234,3 @@ def test_scaffold_refuses_bad_names(tmp_path):
         "lower-case Python identifier",
     )
 
-
-def test_repo_root_is_where_we_think():
-    assert (REPO_ROOT / "pyproject.toml").exists()
