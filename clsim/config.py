@@ -19,6 +19,7 @@ from clsim.budget import Budget, BudgetPoint
 from clsim.errors import ClsimError, ConfigError
 from clsim.models import MODELS
 from clsim.plugin_manager import load_plugin_class, options_class
+from clsim.streams import STREAM_TYPES
 from clsim.validation import KeyPath, Source, build, closest, format_path
 
 
@@ -38,26 +39,10 @@ class DataConfig:
 
 @dataclass
 class StreamConfig:
-    type: Literal["class_incremental"] = "class_incremental"
-    n_experiences: int | None = field(default=None, metadata={"min": 1})
-    increment: int | None = field(
-        default=None, metadata={"min": 1, "help": "classes per experience"}
-    )
-    initial_increment: int | None = field(
-        default=None, metadata={"min": 1, "help": "classes in the first experience"}
-    )
-    class_order: list[int] | None = field(
-        default=None,
-        metadata={"help": "explicit class order; default: a permutation drawn from the seed"},
-    )
-    shuffle_classes: bool = field(default=True, metadata={"help": "false: class order 0..C-1"})
-    task_labels: bool = field(
-        default=False, metadata={"help": "task ids visible to the strategy and at test"}
-    )
+    """The stream section: a type from :data:`clsim.streams.STREAM_TYPES` and its options."""
 
-    def check(self) -> None:
-        if self.n_experiences is None and self.increment is None:
-            raise ValueError("give 'n_experiences' or 'increment' (or both)")
+    type: str
+    options: Any
 
 
 @dataclass
@@ -126,7 +111,7 @@ class _ScenarioFields:
     """The top-level keys; strategies and model are validated by their own rules."""
 
     data: DataConfig
-    stream: StreamConfig
+    stream: dict
     model: dict
     strategies: dict
     name: str | None = None
@@ -190,6 +175,11 @@ class ScenarioConfig:
     source: str = "<config>"
     base_dir: str = "."
     raw: dict = field(default_factory=dict)
+    lines: dict[KeyPath, int] = field(default_factory=dict, repr=False)
+
+    def error(self, key_path: KeyPath, message: str) -> ConfigError:
+        """A ConfigError at ``key_path`` of this scenario's file, with its line if known."""
+        return Source(self.source, self.lines).error(key_path, message)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (saved beside the results)."""
@@ -200,7 +190,7 @@ class ScenarioConfig:
             "threads": self.threads,
             "device": self.device,
             "data": dataclasses.asdict(self.data),
-            "stream": dataclasses.asdict(self.stream),
+            "stream": {"type": self.stream.type, **_plain(self.stream.options)},
             "model": {"name": self.model.name, **_plain(self.model.options)},
             "training": dataclasses.asdict(self.training),
             "strategies": {
@@ -282,6 +272,10 @@ def parse_scenario(
     if not isinstance(data, dict):
         raise src.error((), f"expected a mapping at the top level; got a {type(data).__name__}")
     top = build(_ScenarioFields, data, (), src)
+    stream = _stream_config(top.stream, src)
+    if getattr(stream.options, "online", False) and top.training.epochs != 1:
+        raise src.error(("training", "epochs"), f"the stream is online (each sample is seen "
+                        f"once), so epochs must be 1; got {top.training.epochs}")
     model = _model_config(top.model, src)
     strategies = _strategies(top, src)
     for index, name in enumerate((top.compare and top.compare.strategies) or []):
@@ -299,7 +293,7 @@ def parse_scenario(
         threads=top.threads,
         device=top.device,
         data=top.data,
-        stream=top.stream,
+        stream=stream,
         model=model,
         training=top.training,
         strategies=strategies,
@@ -307,6 +301,7 @@ def parse_scenario(
         source=source,
         base_dir=base_dir,
         raw=data,
+        lines=src.lines,
     )
 
 
@@ -367,6 +362,20 @@ def _yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
     if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in str(problem):
         problem = f"{problem} (YAML tags that construct objects are not allowed)"
     return ConfigError(f"invalid YAML: {problem}", source=source, line=line)
+
+
+def _stream_config(raw: dict, src: Source) -> StreamConfig:
+    path: KeyPath = ("stream",)
+    raw = dict(raw)
+    kind = raw.pop("type", "class_incremental")
+    if not isinstance(kind, str) or kind not in STREAM_TYPES:
+        hint = closest(str(kind), STREAM_TYPES)
+        raise src.error(
+            path + ("type",),
+            f"unknown stream type {kind!r} (known: {', '.join(STREAM_TYPES)})"
+            + (f"; did you mean {hint!r}?" if hint else ""),
+        )
+    return StreamConfig(kind, build(STREAM_TYPES[kind].options, raw, path, src))
 
 
 def _model_config(raw: dict, src: Source) -> ModelConfig:

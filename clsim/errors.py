@@ -67,3 +67,16 @@ class BudgetExceededError(ClsimError):
 
 class TrainingError(ClsimError):
     """Training diverged (a NaN or infinite loss) or could not proceed."""
+
+
+class OptionError(ValueError):
+    """An option value that does not fit (raised by builders and ``check`` methods).
+
+    ``key`` is the option's name, or a dotted path below the section being checked
+    (``"shots"``, ``"hierarchy.tree.animal"``), so the config layer can name the full
+    key path. Being a ValueError, plain-Python callers can catch what they expect.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(message)

@@ -12,6 +12,8 @@ from typing import overload
 
 import torch
 
+from clsim.labels import LabelSpace
+
 
 @dataclass(frozen=True, eq=False)
 class Batch:
@@ -57,7 +59,10 @@ class Batch:
 class Experience:
     """One step of a stream: its training data, its test data and what it introduces.
 
-    ``task_id`` is None when task identities are hidden from the strategy.
+    ``task_id`` is None when task identities are hidden from the strategy. ``classes``
+    are the flat label ids the experience introduces and tests; ``level`` is the label
+    level they belong to (0 unless the stream is hierarchical). Training data may hold
+    samples of other experiences' classes (blurry streams), in the order they arrive.
     """
 
     index: int
@@ -67,6 +72,7 @@ class Experience:
     test_x: torch.Tensor
     test_y: torch.Tensor
     task_id: int | None = None
+    level: int = 0
 
     @property
     def n_train(self) -> int:
@@ -79,13 +85,60 @@ class Experience:
 
 @dataclass(frozen=True, eq=False)
 class Stream(Sequence[Experience]):
-    """An ordered, immutable sequence of experiences plus how it was built."""
+    """An ordered, immutable sequence of experiences plus how it was built.
+
+    ``family`` names the protocol (class_incremental, hierarchical, few_shot,
+    task_agnostic), which decides the scores reported. ``online``: each training sample
+    is seen once, in stream order, with an evaluation every ``eval_every`` samples
+    (anytime accuracy). ``boundaries_hidden``: the strategy sees one experience holding
+    the whole stream; the experiences here are the true tasks, kept for scoring.
+    ``ordered``: the builder's sample order is part of the protocol (the engine keeps
+    it instead of shuffling within an experience).
+    """
 
     experiences: tuple[Experience, ...]
     n_classes: int
     class_order: tuple[int, ...]
     task_labels: bool = False
     description: dict = field(default_factory=dict)
+    labels: LabelSpace | None = None
+    family: str = "class_incremental"
+    online: bool = False
+    eval_every: int | None = None
+    boundaries_hidden: bool = False
+    ordered: bool = False
+
+    def __post_init__(self) -> None:
+        if self.labels is None:
+            names = tuple(str(c) for c in range(self.n_classes))
+            object.__setattr__(self, "labels", LabelSpace.flat(names))
+        if self.labels.n_classes != self.n_classes:
+            raise ValueError(f"n_classes={self.n_classes} but the label space has "
+                             f"{self.labels.n_classes} ids")
+
+    def boundaries(self) -> tuple[int, ...]:
+        """Stream position (in training samples) where each true experience starts."""
+        starts = [0]
+        for exp in self.experiences[:-1]:
+            starts.append(starts[-1] + exp.n_train)
+        return tuple(starts)
+
+    def seen_by_strategy(self) -> tuple[Experience, ...]:
+        """The experiences a strategy is shown: the true ones, or with hidden boundaries
+        a single one holding every training sample in stream order (no classes, no
+        test data, no task id, so nothing about the tasks leaks)."""
+        if not self.boundaries_hidden:
+            return self.experiences
+        first = self.experiences[0]
+        merged = Experience(
+            index=0,
+            classes=(),
+            train_x=torch.cat([exp.train_x for exp in self.experiences]),
+            train_y=torch.cat([exp.train_y for exp in self.experiences]),
+            test_x=first.test_x[:0],
+            test_y=first.test_y[:0],
+        )
+        return (merged,)
 
     def __len__(self) -> int:
         return len(self.experiences)

@@ -254,7 +254,9 @@ def build(cls: type, data: Any, path: KeyPath = (), source: Source | None = None
         try:
             check()
         except ValueError as exc:
-            raise source.error(path, str(exc)) from None
+            key = getattr(exc, "key", None)  # an OptionError names the key at fault
+            where = path + tuple(key.split(".")) if key else path
+            raise source.error(where, str(exc)) from None
     return instance
 
 

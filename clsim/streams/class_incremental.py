@@ -3,12 +3,43 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from clsim.data.dataset import Dataset
+from clsim.errors import OptionError
+from clsim.labels import LabelSpace
 from clsim.stream import Experience, Stream
+from clsim.streams.common import TimingOptions
+
+
+@dataclass
+class ClassIncrementalOptions(TimingOptions):
+    n_experiences: int | None = field(default=None, metadata={"min": 1})
+    increment: int | None = field(
+        default=None, metadata={"min": 1, "help": "classes per experience"}
+    )
+    initial_increment: int | None = field(
+        default=None, metadata={"min": 1, "help": "classes in the first experience"}
+    )
+    class_order: list[int] | None = field(
+        default=None,
+        metadata={"help": "explicit class order; default: a permutation drawn from the seed"},
+    )
+    shuffle_classes: bool = field(default=True, metadata={"help": "false: class order 0..C-1"})
+    task_labels: bool = field(
+        default=False, metadata={"help": "task ids visible to the strategy and at test"}
+    )
+
+    def check(self) -> None:
+        super().check()
+        if self.n_experiences is None and self.increment is None:
+            raise ValueError("give 'n_experiences' or 'increment' (or both)")
+        if self.task_labels and self.boundaries == "hidden":
+            raise OptionError("task_labels", "task ids cannot be visible when boundaries are "
+                              "hidden; set task_labels: false")
 
 
 def class_groups(
@@ -136,4 +167,5 @@ def class_incremental(
         class_order=order,
         task_labels=task_labels,
         description={"type": "class_incremental", "class_groups": sizes},
+        labels=LabelSpace.flat(dataset.class_names),
     )
