@@ -62,7 +62,7 @@ def _load(arg: str):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from clsim.engine import default_out_dir
-    from clsim.logging.console import results_table
+    from clsim.logging.console import family_table, results_table
     from clsim.runner import run_scenario
 
     scenario = _load(args.scenario)
@@ -75,9 +75,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     result = run_scenario(
-        scenario, out, seed=args.seed, only=args.strategy, progress=not args.no_progress
+        scenario, out, seed=args.seed, only=args.strategy, progress=not args.no_progress,
+        limit=args.limit,
     )
     print(results_table(result.summary["strategies"]))
+    family = family_table(result.summary)
+    if family:
+        print("\n" + family)
     print(
         f"\nresults: {out}/summary.json, events.jsonl, tensorboard/ "
         f"(tensorboard --logdir {out}/tensorboard)"
@@ -142,10 +146,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     scenario = _load(args.scenario)
     dataset = load_scenario_data(scenario)
     stream = build_stream(scenario, dataset, scenario.seed)
-    build_scenario_model(scenario, dataset)
+    build_scenario_model(scenario, dataset, stream)
+    timing = (f"online, evaluated every {stream.eval_every} samples"
+              if stream.online else "offline")
+    hidden = ", boundaries hidden" if stream.boundaries_hidden else ""
     print(
         f"{scenario.source}: ok — dataset {dataset.name} ({dataset.n_classes} classes, "
-        f"{dataset.sample_bytes} bytes per sample), {len(stream)} experiences, strategies: "
+        f"{dataset.sample_bytes} bytes per sample), {scenario.stream.type} stream "
+        f"({timing}{hidden}) of {len(stream)} experiences and "
+        f"{sum(e.n_train for e in stream)} training samples, strategies: "
         f"{', '.join(scenario.strategies)}"
     )
     return 0
@@ -155,6 +164,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from clsim.data import dataset_names
     from clsim.models import MODELS
     from clsim.plugin_manager import available_plugins, load_plugin_class, options_class
+    from clsim.streams import STREAM_TYPES
     from clsim.validation import document
 
     if args.order:
@@ -179,6 +189,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name, spec in MODELS.items():
         opts = ", ".join(f"{r.name}={r.default}" for r in document(spec.options))
         print(f"  {name:<16} {opts}")
+    print("\nstream types (stream: {type: NAME, ...}):")
+    for name, kind in STREAM_TYPES.items():
+        print(f"  {name:<18} {kind.help}")
+        for row in document(kind.options):
+            print(f"      {row.name}: {row.accepts}; default {row.default}"
+                  + (f" — {row.help}" if row.help else ""))
     print("\ndatasets: " + ", ".join(dataset_names()))
     print("\nbundled scenarios (clsim run NAME):")
     for name, path in sorted(bundled_scenarios().items()):
@@ -254,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override 'device'")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--limit", type=_positive_int, metavar="N",
+        help="smoke test: keep the first N training and N test samples of every experience",
+    )
     run.set_defaults(func=cmd_run)
 
     compare = sub.add_parser(
@@ -330,6 +350,7 @@ def _int_at_least(low: int, words: str):
 
 _positive_int = _int_at_least(1, "a positive integer")
 _nonnegative_int = _int_at_least(0, "a non-negative integer")
+_positive_int = _int_at_least(1, "a positive integer")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from clsim.data.dataset import Dataset
+from clsim.labels import LabelSpace
 from clsim.memory import model_bytes
 from clsim.seeding import numpy_generator, torch_generator
 from clsim.stream import Experience
@@ -21,8 +22,10 @@ class RunContext:
     """What a plugin sees of a run. The engine updates it; plugins read it.
 
     Attributes a plugin may rely on: ``strategy`` (its name), ``model``, ``optimizer``
-    (set while training, None otherwise), ``device``, ``n_classes`` (size of the label
-    space), ``sample_shape`` / ``sample_dtype`` / ``sample_bytes`` (one raw sample),
+    (set while training, None otherwise), ``device``, ``labels`` (the stream's
+    :class:`~clsim.labels.LabelSpace`: levels of class ids), ``n_classes`` (size of the label
+    space: the model's outputs), ``sample_shape`` / ``sample_dtype`` / ``sample_bytes``
+    (one raw sample),
     ``budget_bytes`` (None when the strategy has no budget), ``seen_classes`` (class ids
     met so far, in order of first appearance), ``experience`` (the current one, or None),
     ``epochs`` / ``batch_size`` (the standard loop's settings), ``seed`` and ``log``
@@ -37,6 +40,7 @@ class RunContext:
     epochs: int
     batch_size: int
     budget_bytes: int | None = None
+    labels: LabelSpace | None = None
     optimizer: torch.optim.Optimizer | None = None
     experience: Experience | None = None
     seen_classes: list[int] = field(default_factory=list)
@@ -54,7 +58,7 @@ class RunContext:
 
     @property
     def n_classes(self) -> int:
-        return self.dataset.n_classes
+        return self.dataset.n_classes if self.labels is None else self.labels.n_classes
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -8,8 +8,8 @@ each plugin's own), so the same config and seed give the same metrics.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +19,23 @@ import torch
 from clsim.config import ScenarioConfig, StrategyConfig, resolve_path
 from clsim.context import RunContext
 from clsim.data import Dataset, load_dataset
-from clsim.errors import BudgetExceededError, ClsimError, ConfigError, PluginError
-from clsim.evaluation import evaluate
+from clsim.errors import BudgetExceededError, ClsimError, ConfigError, OptionError, PluginError
+from clsim.evaluation import evaluate, label_counts
 from clsim.logging.events import EventLog
 from clsim.logging.tensorboard import TensorBoardLogger
 from clsim.memory import Ledger, measure, model_bytes
-from clsim.metrics import AccuracyMatrix, seen_accuracy, summarize
 from clsim.models import build_model
+from clsim.models.heads import ActiveHead, expose_labels
 from clsim.plugin_manager import HookRunner, build_plugin_manager
+from clsim.scoring import AnytimePoint, RunRecord, score
 from clsim.seeding import derive_seed, torch_generator
-from clsim.stream import Stream
-from clsim.streams import STREAM_BUILDERS
+from clsim.stream import Experience, Stream
+from clsim.streams import STREAM_TYPES, TIMING_KEYS
+from clsim.streams.common import DEFAULT_EVAL_EVERY
 from clsim.training import Trainer
+
+# stream options naming a file or folder: resolved relative to the scenario file
+_PATH_OPTIONS = ("hierarchy", "index_dir")
 
 
 @dataclass
@@ -81,33 +86,92 @@ def load_scenario_data(scenario: ScenarioConfig) -> Dataset:
     return load_dataset(data.dataset, root=resolve_path(scenario, data.root), **options)
 
 
-def build_scenario_model(scenario: ScenarioConfig, dataset: Dataset):
-    """The scenario's model for ``dataset``; a model that cannot be built is a ConfigError."""
+def build_scenario_model(scenario: ScenarioConfig, dataset: Dataset, stream: Stream | None = None):
+    """The scenario's model for ``dataset``, with one output per label id of ``stream``
+    (a growing head when its label space is masked); a model that cannot be built is a
+    ConfigError."""
+    n_outputs = dataset.n_classes if stream is None else stream.labels.n_classes
     try:
-        return build_model(scenario.model.name, dataset.sample_shape, dataset.n_classes,
-                           scenario.model.options)
+        model = build_model(scenario.model.name, dataset.sample_shape, n_outputs,
+                            scenario.model.options)
     except ClsimError:
         raise
     except (RuntimeError, MemoryError, ValueError) as exc:  # e.g. an absurd layer width
         raise ConfigError(f"model {scenario.model.name!r} could not be built for samples of "
                           f"shape {dataset.sample_shape}: {exc}", source=scenario.source,
                           key_path="model") from None
+    if stream is not None and stream.labels.masked:
+        model.head = ActiveHead.replacing(model.head)
+    return model
 
 
 def build_stream(scenario: ScenarioConfig, dataset: Dataset, seed: int) -> Stream:
-    """The scenario's stream; option errors become ConfigErrors at ``stream``."""
-    options = {k: v for k, v in vars(scenario.stream).items() if k != "type"}
+    """The scenario's stream; option errors become ConfigErrors naming the key."""
+    options = dict(vars(scenario.stream.options))
+    timing = {key: options.pop(key) for key in TIMING_KEYS}
+    for key in _PATH_OPTIONS:
+        if isinstance(options.get(key), str):
+            options[key] = resolve_path(scenario, options[key])
     try:
-        stream = STREAM_BUILDERS[scenario.stream.type](dataset, seed=seed, **options)
+        stream = STREAM_TYPES[scenario.stream.type].build(dataset, seed=seed, **options)
+    except OptionError as exc:
+        raise scenario.error(("stream", *exc.key.split(".")), str(exc)) from None
     except ValueError as exc:
-        raise ConfigError(str(exc), source=scenario.source, key_path="stream") from None
+        raise scenario.error(("stream",), str(exc)) from None
     for exp in stream:  # every experience must be trainable and testable
         if exp.n_train == 0 or exp.n_test == 0:
             split = "training" if exp.n_train == 0 else "test"
-            raise ConfigError(f"experience {exp.index} (classes {list(exp.classes)}) has no "
-                              f"{split} samples in dataset {dataset.name!r}",
-                              source=scenario.source, key_path="stream")
-    return stream
+            raise scenario.error(("stream",), f"experience {exp.index} (classes "
+                                 f"{list(exp.classes)}) has no {split} samples in dataset "
+                                 f"{dataset.name!r}")
+    online = timing["online"]
+    if online and not stream.ordered:  # fix one arrival order, drawn from the seed
+        stream = _shuffle_within_experiences(stream, seed)
+    return replace(
+        stream,
+        online=online,
+        eval_every=(timing["eval_every"] or DEFAULT_EVAL_EVERY) if online else None,
+        boundaries_hidden=timing["boundaries"] == "hidden",
+        # heads grow as classes appear in online and hierarchical protocols
+        labels=replace(stream.labels, masked=stream.labels.masked or online
+                       or stream.family == "hierarchical"),
+    )
+
+
+def _shuffle_within_experiences(stream: Stream, seed: int) -> Stream:
+    """Each experience's training samples in a seeded random order (an online stream
+    sees them once, in that order)."""
+    generator = torch_generator(seed, "online-order")
+    experiences = []
+    for exp in stream:
+        order = torch.randperm(exp.n_train, generator=generator)
+        experiences.append(replace(exp, train_x=exp.train_x[order], train_y=exp.train_y[order]))
+    return replace(stream, experiences=tuple(experiences), ordered=True)
+
+
+def limit_stream(stream: Stream, n: int) -> Stream:
+    """A smoke-test copy of ``stream``: the first ``n`` training and test samples of each
+    experience (order kept), so a long scenario can be checked end to end in seconds."""
+    experiences = tuple(
+        replace(exp, train_x=exp.train_x[:n], train_y=exp.train_y[:n],
+                test_x=exp.test_x[:n], test_y=exp.test_y[:n])
+        for exp in stream
+    )
+    return replace(stream, experiences=experiences,
+                   eval_every=None if stream.eval_every is None else min(stream.eval_every, n))
+
+
+def stream_parts(exp: Experience, position: int, every: int | None) -> Iterator[Experience]:
+    """``exp`` cut where the stream's sample count crosses a multiple of ``every``
+    (online: an anytime evaluation follows each part); the whole experience offline."""
+    if every is None:
+        yield exp
+        return
+    start = 0
+    while start < exp.n_train:
+        stop = min(exp.n_train, start + every - (position + start) % every)
+        yield replace(exp, train_x=exp.train_x[start:stop], train_y=exp.train_y[start:stop])
+        start = stop
 
 
 def run_strategy(
@@ -137,7 +201,7 @@ def run_strategy(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         # setup: model, plugins (first listed is called first), budget, context
         torch.manual_seed(derive_seed(seed, "model"))
-        model = build_scenario_model(scenario, dataset).to(device)
+        model = build_scenario_model(scenario, dataset, stream).to(device)
         torch.manual_seed(derive_seed(seed, strategy.name, "torch-global"))
         plugins = [(spec.name, _instantiate(spec)) for spec in strategy.plugins]
         where = {"experience": None}
@@ -146,93 +210,28 @@ def run_strategy(
             outcome.budget_bytes = strategy.budget.resolve(
                 model_bytes=model_bytes(model), sample_bytes=dataset.sample_bytes
             )
-        outcome.ledger = ledger = Ledger(outcome.budget_bytes)
+        outcome.ledger = Ledger(outcome.budget_bytes)
         ctx = RunContext(
             strategy=strategy.name,
             model=model,
             device=device,
             dataset=dataset,
             seed=seed,
-            epochs=scenario.training.epochs,
+            epochs=1 if stream.online else scenario.training.epochs,
             batch_size=scenario.training.batch_size,
             budget_bytes=outcome.budget_bytes,
+            labels=stream.labels,
             log=lambda event, **f: events.write(event, strategy=strategy.name, **f),
         )
         trainer = Trainer(ctx, hooks, scenario.training, torch_generator(seed, "batches"))
+        trainer.online = stream.online
         ctx._fit = lambda x, y, epochs=None, **kw: trainer.fit(x, y, epochs=epochs, **kw)
-        matrix = AccuracyMatrix(
-            correct=np.zeros((len(stream), len(stream)), dtype=np.int64),
-            counts=np.array([exp.n_test for exp in stream], dtype=np.int64),
-        )
-        eval_bs = scenario.training.eval_batch_size
+        loop = _Loop(scenario, strategy, stream, ctx, hooks, trainer, plugins, outcome,
+                     events, tensorboard, progress, where)
         try:
             hooks.call("clsim_setup", ctx=ctx)
-            matrix.initial_correct = evaluate(ctx, hooks, stream, eval_bs)
-            for exp in stream:
-                where["experience"] = exp.index
-                ctx.experience = exp
-                ctx.seen_classes.extend(c for c in exp.classes if c not in ctx.seen_classes)
-                events.write(
-                    "experience_start",
-                    strategy=strategy.name,
-                    experience=exp.index,
-                    classes=list(exp.classes),
-                    n_train=exp.n_train,
-                )
-                # train: a plugin may own this experience, else the standard loop runs
-                hooks.call("clsim_before_experience", ctx=ctx, experience=exp)
-                trainer.progress = (
-                    progress(
-                        f"{strategy.name} {exp.index + 1}/{len(stream)}",
-                        trainer.n_batches(exp.n_train),
-                    )
-                    if progress
-                    else None
-                )
-                loss = float("nan")
-                owner, _ = hooks.first("clsim_train_experience", ctx=ctx, experience=exp)
-                if owner is None:
-                    task_ids = (
-                        None if exp.task_id is None else torch.full_like(exp.train_y, exp.task_id)
-                    )
-                    loss = trainer.fit(exp.train_x, exp.train_y, task_ids=task_ids)
-                if trainer.progress is not None:
-                    trainer.progress.close()
-                hooks.call("clsim_after_experience", ctx=ctx, experience=exp)
-                # measure what is held now, then check the budget
-                record = ledger.record(
-                    exp.index, measure(ctx.model, plugins, skip_types=(RunContext,))
-                )
-                # evaluate on every experience's test data
-                matrix.correct[exp.index] = evaluate(ctx, hooks, stream, eval_bs)
-                row = (matrix.correct[exp.index] / np.maximum(matrix.counts, 1)).tolist()
-                seen = seen_accuracy(matrix, exp.index)
-                events.write(
-                    "experience_end",
-                    strategy=strategy.name,
-                    experience=exp.index,
-                    loss=None if loss != loss else loss,  # NaN is not JSON
-                    accuracy_row=row,
-                    seen_accuracy=seen,
-                    ledger_bytes=record.measurement.total_bytes,
-                    over_budget=record.over_budget,
-                )
-                tensorboard.experience(
-                    exp.index,
-                    seen,
-                    row,
-                    loss,
-                    record.measurement.total_bytes,
-                    record.measurement.parts,
-                )
-                if record.over_budget and strategy.strict:
-                    raise BudgetExceededError(
-                        f"strategy {strategy.name!r} holds {record.measurement.total_bytes} bytes "
-                        f"after experience {exp.index}, over its budget of {outcome.budget_bytes} "
-                        f"bytes ({outcome.budget}); largest parts: "
-                        + _largest_parts(record.measurement.parts)
-                    )
-            outcome.metrics = summarize(matrix)
+            loop.run()
+            outcome.metrics = score(stream, loop.record)
         except ClsimError as exc:
             outcome.error = str(exc)
         finally:
@@ -244,6 +243,134 @@ def run_strategy(
             except ClsimError as exc:
                 outcome.error = f"{outcome.error}; then {exc}" if outcome.error else str(exc)
     return outcome
+
+
+class _Loop:
+    """The stream loop of one run; its state is what :func:`score` reads."""
+
+    def __init__(self, scenario, strategy, stream, ctx, hooks, trainer, plugins, outcome,
+                 events, tensorboard, progress, where) -> None:
+        self.scenario, self.strategy, self.stream = scenario, strategy, stream
+        self.ctx, self.hooks, self.trainer, self.plugins = ctx, hooks, trainer, plugins
+        self.outcome, self.events, self.tensorboard = outcome, events, tensorboard
+        self.progress, self.where = progress, where
+        self.record = RunRecord(counts=label_counts(stream))
+        self.seen = np.zeros(stream.labels.n_classes, dtype=bool)  # labels met in training
+        self.position = 0  # training samples delivered so far
+
+    def evaluate(self) -> np.ndarray:
+        return evaluate(self.ctx, self.hooks, self.stream, self.scenario.training.eval_batch_size)
+
+    def run(self) -> None:
+        stream = self.stream
+        self.record.initial = self.evaluate()
+        shown = stream.seen_by_strategy()
+        total = sum(exp.n_train for exp in shown)
+        for exp in shown:
+            self.where["experience"] = exp.index
+            self.ctx.experience = exp
+            if not stream.boundaries_hidden:
+                self._meet(exp.classes)
+            self.events.write("experience_start", strategy=self.strategy.name,
+                              experience=exp.index, classes=list(exp.classes),
+                              n_train=exp.n_train)
+            self.hooks.call("clsim_before_experience", ctx=self.ctx, experience=exp)
+            loss = self._train(exp, total)
+            self.hooks.call("clsim_after_experience", ctx=self.ctx, experience=exp)
+            record = self._measure(exp.index)
+            hits = self.evaluate()
+            if not stream.boundaries_hidden:
+                self.record.after_experience.append(hits)
+            if stream.online and exp is shown[-1]:  # the last anytime point: the end
+                self.record.anytime.append(AnytimePoint(self.position, hits.sum(0),
+                                                        self.seen.copy()))
+            self._report_experience(exp, hits, loss, record)
+
+    def _meet(self, labels) -> None:
+        """Record labels as seen (in order of first appearance) for ctx and scoring."""
+        seen_classes = self.ctx.seen_classes
+        for label in labels:
+            if not self.seen[label]:
+                self.seen[label] = True
+                seen_classes.append(int(label))
+
+    def _train(self, exp: Experience, total: int) -> float:
+        """Deliver ``exp`` to the strategy (in parts when online); the last loss."""
+        stream, trainer = self.stream, self.trainer
+        trainer.progress = (
+            self.progress(f"{self.strategy.name} {exp.index + 1}/{len(stream.seen_by_strategy())}"
+                          if not stream.boundaries_hidden else f"{self.strategy.name} stream",
+                          trainer.n_batches(exp.n_train, 1 if stream.online else None))
+            if self.progress else None
+        )
+        loss = float("nan")
+        for number, part in enumerate(stream_parts(exp, self.position, stream.eval_every)):
+            if stream.online:  # labels appear as their first samples do
+                self._meet(dict.fromkeys(part.train_y.tolist()))
+            owner, _ = self.hooks.first("clsim_train_experience", ctx=self.ctx, experience=part)
+            if owner is None:
+                task_ids = (None if part.task_id is None
+                            else torch.full_like(part.train_y, part.task_id))
+                loss = trainer.fit(part.train_x, part.train_y, task_ids=task_ids,
+                                   epochs=1 if stream.online else None,
+                                   shuffle=not stream.online,
+                                   keep_optimizer=number > 0)
+            else:
+                expose_labels(self.ctx.model, part.train_y)
+            self.position += part.n_train
+            if stream.online and self.position % stream.eval_every == 0 \
+                    and self.position < total:
+                self._anytime(exp.index)
+        trainer.end_experience()
+        if trainer.progress is not None:
+            trainer.progress.close()
+        return loss
+
+    def _anytime(self, experience: int) -> None:
+        """An evaluation in the middle of an online stream, with a ledger check."""
+        record = self._measure(experience)
+        hits = self.evaluate().sum(0)
+        self.record.anytime.append(AnytimePoint(self.position, hits, self.seen.copy()))
+        counts = self.record.counts.sum(0)
+        accuracy = float(hits[self.seen].sum() / max(1, counts[self.seen].sum()))
+        self.events.write("evaluation", strategy=self.strategy.name, position=self.position,
+                          seen_accuracy=accuracy, ledger_bytes=record.measurement.total_bytes,
+                          over_budget=record.over_budget)
+        self.tensorboard.anytime(self.position, accuracy)
+        self._check_budget(record, f"after {self.position} training samples")
+
+    def _measure(self, experience: int):
+        measurement = measure(self.ctx.model, self.plugins, skip_types=(RunContext,))
+        return self.outcome.ledger.record(experience, measurement, position=self.position)
+
+    def _report_experience(self, exp: Experience, hits: np.ndarray, loss: float, record) -> None:
+        counts = self.record.counts
+        row = (hits.sum(1) / np.maximum(counts.sum(1), 1)).tolist()
+        seen_hits, seen_counts = hits.sum(0)[self.seen].sum(), counts.sum(0)[self.seen].sum()
+        seen = float(seen_hits / max(1, seen_counts))
+        self.events.write(
+            "experience_end",
+            strategy=self.strategy.name,
+            experience=exp.index,
+            position=self.position,
+            loss=None if loss != loss else loss,  # NaN is not JSON
+            accuracy_row=row,
+            seen_accuracy=seen,
+            ledger_bytes=record.measurement.total_bytes,
+            over_budget=record.over_budget,
+        )
+        self.tensorboard.experience(exp.index, seen, row, loss, record.measurement.total_bytes,
+                                    record.measurement.parts)
+        self._check_budget(record, f"after experience {exp.index}")
+
+    def _check_budget(self, record, when: str) -> None:
+        if record.over_budget and self.strategy.strict:
+            raise BudgetExceededError(
+                f"strategy {self.strategy.name!r} holds {record.measurement.total_bytes} bytes "
+                f"{when}, over its budget of {self.outcome.budget_bytes} bytes "
+                f"({self.outcome.budget}); largest parts: "
+                + _largest_parts(record.measurement.parts)
+            )
 
 
 def _instantiate(spec) -> object:

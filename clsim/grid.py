@@ -105,9 +105,8 @@ def run_cell(task: CellTask) -> dict[str, Any]:
 
 
 def _run(task: CellTask) -> dict[str, Any]:
-    from clsim.engine import build_stream, resolve_device, run_strategy
+    from clsim.engine import build_scenario_model, build_stream, resolve_device, run_strategy
     from clsim.memory import model_bytes
-    from clsim.models import build_model
 
     torch.set_num_threads(task.threads)
     scenario = _scenario(task.scenario_text, task.source, task.base_dir)
@@ -115,9 +114,7 @@ def _run(task: CellTask) -> dict[str, Any]:
     dataset = _dataset(task.scenario_text, task.source, task.base_dir)
     stream = build_stream(scenario, dataset, task.seed)
     # the reference model of the aligned protocol is the scenario's model
-    reference = build_model(
-        scenario.model.name, dataset.sample_shape, dataset.n_classes, scenario.model.options
-    )
+    reference = build_scenario_model(scenario, dataset, stream)
     strategy = scenario.strategies[task.strategy]
     if point.aligned:
         total = point.resolve(

@@ -287,6 +287,7 @@ class LedgerRecord:
     experience: int
     measurement: Measurement
     over_budget: bool
+    position: int | None = None  # training samples seen when measured
 
 
 @dataclass
@@ -296,9 +297,11 @@ class Ledger:
     budget_bytes: int | None
     records: list[LedgerRecord] = field(default_factory=list)
 
-    def record(self, experience: int, measurement: Measurement) -> LedgerRecord:
+    def record(
+        self, experience: int, measurement: Measurement, position: int | None = None
+    ) -> LedgerRecord:
         over = self.budget_bytes is not None and measurement.total_bytes > self.budget_bytes
-        entry = LedgerRecord(experience, measurement, over)
+        entry = LedgerRecord(experience, measurement, over, position)
         self.records.append(entry)
         return entry
 
@@ -316,6 +319,7 @@ class Ledger:
 
     def to_list(self) -> list[dict[str, Any]]:
         return [
-            {"experience": r.experience, "over_budget": r.over_budget, **r.measurement.to_dict()}
+            {"experience": r.experience, "position": r.position, "over_budget": r.over_budget,
+             **r.measurement.to_dict()}
             for r in self.records
         ]

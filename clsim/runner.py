@@ -16,6 +16,7 @@ from clsim.config import ScenarioConfig
 from clsim.engine import (
     StrategyOutcome,
     build_stream,
+    limit_stream,
     load_scenario_data,
     resolve_device,
     run_strategy,
@@ -45,6 +46,7 @@ def run_scenario(
     seed: int | None = None,
     only: list[str] | None = None,
     progress: bool = False,
+    limit: int | None = None,
 ) -> RunResult:
     """Run the scenario's strategies (or ``only`` those) and write results to ``out_dir``.
 
@@ -65,6 +67,8 @@ def run_scenario(
         torch.set_num_threads(scenario.threads)
     dataset = load_scenario_data(scenario)
     stream = build_stream(scenario, dataset, seed)
+    if limit is not None:
+        stream = limit_stream(stream, limit)
     if out_dir is not None:
         prepare_out_dir(out_dir)
     events = EventLog(None if out_dir is None else out_dir / "events.jsonl")
@@ -84,8 +88,19 @@ def run_scenario(
             "n_test": int(dataset.y_test.shape[0]),
         },
         "class_order": list(stream.class_order),
+        "limit": limit,
         "stream": {
             **stream.description,
+            "family": stream.family,
+            "online": stream.online,
+            "eval_every": stream.eval_every,
+            "boundaries_hidden": stream.boundaries_hidden,
+            "true_boundaries": list(stream.boundaries()),
+            "label_levels": [
+                {"name": name, "n_classes": size, "first_id": first}
+                for name, size, first in zip(stream.labels.level_names, stream.labels.sizes,
+                                             stream.labels.offsets, strict=True)
+            ],
             "n_experiences": len(stream),
             "experience_classes": [list(e.classes) for e in stream],
             "experience_test_sizes": [e.n_test for e in stream],

@@ -9,6 +9,7 @@ from torch import nn
 from clsim.config import OptimizerConfig, TrainingConfig
 from clsim.context import RunContext
 from clsim.errors import TrainingError
+from clsim.models.heads import expose_labels
 from clsim.plugin_manager import HookRunner
 from clsim.stream import Batch
 
@@ -46,6 +47,12 @@ class Trainer:
         self.config = config
         self.generator = generator
         self.progress = progress  # a tqdm-like object with update(n), or None
+        self.online = False  # the engine sets it: optimizers then carry over between parts
+        self._last_optimizer: tuple[list[nn.Parameter], torch.optim.Optimizer] | None = None
+
+    def end_experience(self) -> None:
+        """Drop the optimizer kept for the next part of an online experience."""
+        self._last_optimizer = None
 
     def n_batches(self, n_samples: int, epochs: int | None = None) -> int:
         per_epoch = -(-n_samples // self.config.batch_size)
@@ -58,25 +65,35 @@ class Trainer:
         *,
         epochs: int | None = None,
         task_ids: torch.Tensor | None = None,
+        shuffle: bool = True,
+        keep_optimizer: bool = False,
     ) -> float:
-        """Train on ``(x, y)``; returns the mean loss of the last epoch."""
+        """Train on ``(x, y)``; returns the mean loss of the last epoch.
+
+        ``shuffle=False`` keeps the given order (online streams); ``keep_optimizer``
+        continues with the previous fit's optimizer state (the next part of the same
+        online experience) when the trainable parameters have not changed.
+        """
         ctx, hooks, model = self.ctx, self.hooks, self.ctx.model
-        ctx.optimizer = optimizer = make_optimizer(model, self.config.optimizer)
+        ctx.optimizer = optimizer = self._optimizer(keep_optimizer)
         batch_size, n = self.config.batch_size, int(y.shape[0])
+        task_loss = F.cross_entropy if ctx.labels is None else ctx.labels.cross_entropy
         mean_loss = float("nan")
         model.train()
         for epoch in range(epochs or self.config.epochs):
-            order = torch.randperm(n, generator=self.generator)
+            order = torch.randperm(n, generator=self.generator) if shuffle else None
             loss_sum = torch.zeros((), device=ctx.device)
             for start in range(0, n, batch_size):
-                index = order[start : start + batch_size]
+                index = slice(start, start + batch_size) if order is None else \
+                    order[start : start + batch_size]
                 batch = Batch(x[index], y[index], None if task_ids is None else task_ids[index])
+                expose_labels(model, batch.y)  # a growing head switches on new classes
                 # plugins may replace the batch (replay mixes memory samples in)
                 if hooks.implemented("clsim_before_batch"):
                     batch = hooks.chain("clsim_before_batch", "batch", batch, Batch, ctx=ctx)
                 # forward: task loss plus every plugin's extra terms
                 logits = model(ctx.to_input(batch.x))
-                loss = F.cross_entropy(logits, batch.y.to(ctx.device, non_blocking=True))
+                loss = task_loss(logits, batch.y.to(ctx.device, non_blocking=True))
                 for plugin, extra in hooks.collect("clsim_loss", ctx=ctx, batch=batch,
                                                    logits=logits):
                     loss = loss + self._loss_term(plugin, extra, loss)
@@ -100,6 +117,17 @@ class Trainer:
         ctx.optimizer = None
         model.zero_grad(set_to_none=True)  # gradients are not state to keep between experiences
         return mean_loss
+
+    def _optimizer(self, keep: bool) -> torch.optim.Optimizer:
+        params = [p for p in self.ctx.model.parameters() if p.requires_grad]
+        kept = self._last_optimizer
+        if keep and kept is not None and len(kept[0]) == len(params) and all(
+            a is b for a, b in zip(kept[0], params, strict=True)
+        ):
+            return kept[1]
+        optimizer = make_optimizer(self.ctx.model, self.config.optimizer)
+        self._last_optimizer = (params, optimizer) if self.online else None
+        return optimizer
 
     def _loss_term(self, plugin: str, extra: object, loss: torch.Tensor) -> torch.Tensor:
         """A plugin's loss term, if it is a scalar tensor on the loss's device."""

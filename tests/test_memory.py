@@ -391,6 +391,7 @@ def test_ledger_to_list_structure() -> None:
     assert ledger.to_list() == [
         {
             "experience": 0,
+            "position": None,
             "over_budget": False,
             "total_bytes": 30,
             "parts": {"a": 20, "z": 10},
@@ -399,6 +400,7 @@ def test_ledger_to_list_structure() -> None:
         },
         {
             "experience": 1,
+            "position": None,
             "over_budget": True,
             "total_bytes": 58,
             "parts": {"model.parameters": 50, "p.n": 8},

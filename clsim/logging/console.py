@@ -47,15 +47,48 @@ def results_table(strategies: dict[str, dict[str, Any]]) -> str:
         rows.append(
             (
                 name,
-                f"{s['final_accuracy']:.4f}",
-                f"{s['average_incremental_accuracy']:.4f}",
-                f"{s['forgetting']:.4f}",
+                _score(s.get("final_accuracy")),
+                _score(s.get("average_incremental_accuracy")),
+                _score(s.get("forgetting")),
                 held,
                 format_bytes(s["budget_bytes"]),
                 "YES" if s["over_budget"] else "no",
             )
         )
     return _align([header, *rows])
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def family_table(summary: dict[str, Any]) -> str:
+    """The family's own scores: anytime (online), per level (hierarchical), per session
+    (few-shot); empty for a plain class-incremental run."""
+    stream = summary.get("stream", {})
+    done = {n: s for n, s in summary["strategies"].items() if s.get("status") == "ok"}
+    blocks = []
+    levels = [level["name"] for level in stream.get("label_levels", [])]
+    if stream.get("online") and done:
+        groups = ["all"] + (levels if len(levels) > 1 else [])
+        header = ("strategy", *(f"{g} A_auc" for g in groups), *(f"{g} A_last" for g in groups))
+        rows = [(name, *(_score(s["anytime"][g]["a_auc"]) for g in groups),
+                 *(_score(s["anytime"][g]["a_last"]) for g in groups))
+                for name, s in done.items()]
+        blocks.append(f"anytime accuracy (every {stream.get('eval_every')} samples):\n"
+                      + _align([header, *rows]))
+    if stream.get("family") == "few_shot" and done:
+        n = len(next(iter(done.values()))["few_shot"]["session_accuracy"])
+        header = ("strategy", *(f"s{i}" for i in range(n)), "base", "novel", "drop")
+        rows = []
+        for name, s in done.items():
+            f = s["few_shot"]
+            rows.append((name, *(_score(a) for a in f["session_accuracy"]),
+                         _score(f["base_accuracy"][-1]), _score(f["novel_accuracy"][-1]),
+                         _score(f["performance_drop"])))
+        blocks.append("accuracy per session on all seen classes; last session's base and "
+                      "novel accuracy; first-to-last drop:\n" + _align([header, *rows]))
+    return "\n\n".join(blocks)
 
 
 def _align(rows: Iterable[tuple[str, ...]]) -> str:

@@ -39,6 +39,11 @@ class TensorBoardLogger:
             self._writer.add_scalar(f"memory/{part}", nbytes, step)
         self._writer.flush()
 
+    def anytime(self, position: int, seen_accuracy: float) -> None:
+        """Anytime accuracy of an online stream, stepped by training samples seen."""
+        if self._writer is not None:
+            self._writer.add_scalar("anytime/seen_accuracy", seen_accuracy, position)
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
