@@ -27,7 +27,7 @@ from clsim.memory import Ledger, measure, model_bytes
 from clsim.models import build_model
 from clsim.models.heads import ActiveHead, expose_labels
 from clsim.plugin_manager import HookRunner, build_plugin_manager
-from clsim.scoring import AnytimePoint, RunRecord, score
+from clsim.scoring import AnytimePoint, RunRecord, per_label, score
 from clsim.seeding import derive_seed, torch_generator
 from clsim.stream import Experience, Stream
 from clsim.streams import STREAM_TYPES, TIMING_KEYS
@@ -268,22 +268,27 @@ class _Loop:
         total = sum(exp.n_train for exp in shown)
         for exp in shown:
             self.where["experience"] = exp.index
-            self.ctx.experience = exp
+            # with hidden boundaries the hooks get the stream without its data: samples
+            # arrive part by part, and nothing about what is to come is shown
+            told = replace(exp, train_x=exp.train_x[:0], train_y=exp.train_y[:0]) \
+                if stream.boundaries_hidden else exp
+            self.ctx.experience = told
             if not stream.boundaries_hidden:
                 self._meet(exp.classes)
             self.events.write("experience_start", strategy=self.strategy.name,
                               experience=exp.index, classes=list(exp.classes),
                               n_train=exp.n_train)
-            self.hooks.call("clsim_before_experience", ctx=self.ctx, experience=exp)
-            loss = self._train(exp, total)
-            self.hooks.call("clsim_after_experience", ctx=self.ctx, experience=exp)
+            self.hooks.call("clsim_before_experience", ctx=self.ctx, experience=told)
+            loss = self._train(exp, total, len(shown))
+            self.ctx.experience = told
+            self.hooks.call("clsim_after_experience", ctx=self.ctx, experience=told)
             record = self._measure(exp.index)
             hits = self.evaluate()
             if not stream.boundaries_hidden:
                 self.record.after_experience.append(hits)
             if stream.online and exp is shown[-1]:  # the last anytime point: the end
-                self.record.anytime.append(AnytimePoint(self.position, hits.sum(0),
-                                                        self.seen.copy()))
+                self.record.anytime.append(AnytimePoint(
+                    self.position, per_label(hits, self.record.counts), self.seen.copy()))
             self._report_experience(exp, hits, loss, record)
 
     def _meet(self, labels) -> None:
@@ -294,19 +299,23 @@ class _Loop:
                 self.seen[label] = True
                 seen_classes.append(int(label))
 
-    def _train(self, exp: Experience, total: int) -> float:
+    def _train(self, exp: Experience, total: int, n_shown: int) -> float:
         """Deliver ``exp`` to the strategy (in parts when online); the last loss."""
         stream, trainer = self.stream, self.trainer
-        trainer.progress = (
-            self.progress(f"{self.strategy.name} {exp.index + 1}/{len(stream.seen_by_strategy())}"
-                          if not stream.boundaries_hidden else f"{self.strategy.name} stream",
-                          trainer.n_batches(exp.n_train, 1 if stream.online else None))
-            if self.progress else None
-        )
+        parts = list(stream_parts(exp, self.position, stream.eval_every))
+        trainer.progress = None
+        if self.progress:
+            label = (f"{self.strategy.name} stream" if stream.boundaries_hidden
+                     else f"{self.strategy.name} {exp.index + 1}/{n_shown}")
+            batches = sum(trainer.n_batches(part.n_train, 1 if stream.online else None)
+                          for part in parts)
+            trainer.progress = self.progress(label, batches)
         loss = float("nan")
-        for number, part in enumerate(stream_parts(exp, self.position, stream.eval_every)):
-            if stream.online:  # labels appear as their first samples do
-                self._meet(dict.fromkeys(part.train_y.tolist()))
+        for number, part in enumerate(parts):
+            if stream.boundaries_hidden:
+                self.ctx.experience = part
+            if self.hooks.implemented("clsim_train_experience"):
+                expose_labels(self.ctx.model, part.train_y)  # an owner trains on them all
             owner, _ = self.hooks.first("clsim_train_experience", ctx=self.ctx, experience=part)
             if owner is None:
                 task_ids = (None if part.task_id is None
@@ -315,8 +324,8 @@ class _Loop:
                                    epochs=1 if stream.online else None,
                                    shuffle=not stream.online,
                                    keep_optimizer=number > 0)
-            else:
-                expose_labels(self.ctx.model, part.train_y)
+            if stream.online:  # labels count as seen once their samples were trained on
+                self._meet(dict.fromkeys(part.train_y.tolist()))
             self.position += part.n_train
             if stream.online and self.position % stream.eval_every == 0 \
                     and self.position < total:
@@ -324,14 +333,15 @@ class _Loop:
         trainer.end_experience()
         if trainer.progress is not None:
             trainer.progress.close()
+            trainer.progress = None
         return loss
 
     def _anytime(self, experience: int) -> None:
         """An evaluation in the middle of an online stream, with a ledger check."""
         record = self._measure(experience)
-        hits = self.evaluate().sum(0)
+        hits = per_label(self.evaluate(), self.record.counts)
         self.record.anytime.append(AnytimePoint(self.position, hits, self.seen.copy()))
-        counts = self.record.counts.sum(0)
+        counts = per_label(self.record.counts, self.record.counts)
         accuracy = float(hits[self.seen].sum() / max(1, counts[self.seen].sum()))
         self.events.write("evaluation", strategy=self.strategy.name, position=self.position,
                           seen_accuracy=accuracy, ledger_bytes=record.measurement.total_bytes,
@@ -346,7 +356,8 @@ class _Loop:
     def _report_experience(self, exp: Experience, hits: np.ndarray, loss: float, record) -> None:
         counts = self.record.counts
         row = (hits.sum(1) / np.maximum(counts.sum(1), 1)).tolist()
-        seen_hits, seen_counts = hits.sum(0)[self.seen].sum(), counts.sum(0)[self.seen].sum()
+        seen_hits = per_label(hits, counts)[self.seen].sum()
+        seen_counts = per_label(counts, counts)[self.seen].sum()
         seen = float(seen_hits / max(1, seen_counts))
         self.events.write(
             "experience_end",

@@ -73,16 +73,33 @@ def score(stream: Stream, record: RunRecord) -> dict[str, Any]:
             out.update(final_accuracy=overall["a_last"],
                        average_incremental_accuracy=overall["a_auc"],
                        forgetting=overall["class_forgetting"])
-    if stream.labels.n_levels > 1:
-        out["levels"] = level_scores(stream, record)
-    if stream.family == "few_shot":
-        out["few_shot"] = few_shot_scores(stream, record)
+    if record.after_experience:  # per-experience scores need experience ends
+        if stream.labels.n_levels > 1:
+            out["levels"] = level_scores(stream, record)
+        if stream.family == "few_shot":
+            out["few_shot"] = few_shot_scores(stream, record)
     return out
 
 
+def first_occurrence(counts: np.ndarray) -> np.ndarray:
+    """``(n_experiences, n_labels)`` bool: the first experience testing each label. A
+    recurring task tests its classes again in later experiences; per-label scores count
+    each class's test set once."""
+    tested = counts > 0
+    return tested & (np.cumsum(tested, axis=0) == 1)
+
+
+def per_label(table: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``(n_labels,)`` hits (or counts) of ``table``, each label's test set counted once."""
+    return (table * first_occurrence(counts)).sum(axis=0)
+
+
 def anytime_scores(stream: Stream, record: RunRecord) -> dict[str, Any]:
-    """A_auc, A_last and per-class forgetting, over all labels and per level."""
-    counts = record.counts.sum(axis=0)
+    """A_auc, A_last and per-class forgetting, over all labels and per level. A_auc is the
+    area under the anytime-accuracy curve over the samples seen, divided by their number:
+    the mean of the evaluations, each weighted by the samples since the previous one (the
+    last period may be shorter)."""
+    counts = per_label(record.counts, record.counts)
     levels = stream.labels.level_of()
     groups = {"all": np.ones_like(levels, dtype=bool)}
     if stream.labels.n_levels > 1:
@@ -90,14 +107,22 @@ def anytime_scores(stream: Stream, record: RunRecord) -> dict[str, Any]:
     out: dict[str, Any] = {"positions": [p.position for p in record.anytime]}
     for name, members in groups.items():
         curve = [_ratio(p.hits, counts, p.seen & members) for p in record.anytime]
-        defined = [a for a in curve if a is not None]
+        defined = [(a, w) for a, w in zip(curve, _periods(record.anytime), strict=True)
+                   if a is not None]
         out[name] = {
             "accuracy": curve,
-            "a_auc": float(np.mean(defined)) if defined else None,
+            "a_auc": (float(np.average([a for a, _ in defined], weights=[w for _, w in defined]))
+                      if defined else None),
             "a_last": curve[-1] if curve else None,
             "class_forgetting": _class_forgetting(record.anytime, counts, members),
         }
     return out
+
+
+def _periods(points: list[AnytimePoint]) -> list[int]:
+    """Samples between each evaluation and the previous one (the first: from 0)."""
+    positions = [0] + [p.position for p in points]
+    return [max(1, b - a) for a, b in zip(positions, positions[1:], strict=False)]
 
 
 def _class_forgetting(points: list[AnytimePoint], counts: np.ndarray,
@@ -116,13 +141,13 @@ def _class_forgetting(points: list[AnytimePoint], counts: np.ndarray,
 
 def level_scores(stream: Stream, record: RunRecord) -> dict[str, Any]:
     """Per level: accuracy after each experience on that level's seen classes."""
-    counts = record.counts.sum(axis=0)
+    counts = per_label(record.counts, record.counts)
     levels = stream.labels.level_of()
     seen = np.zeros_like(levels, dtype=bool)
     curves: dict[str, list[float | None]] = {n: [] for n in stream.labels.level_names}
     for exp, hits in zip(stream, record.after_experience, strict=False):
         seen[list(exp.classes)] = True
-        total = hits.sum(axis=0)
+        total = per_label(hits, record.counts)
         for i, name in enumerate(stream.labels.level_names):
             curves[name].append(_ratio(total, counts, seen & (levels == i)))
     return {name: {"accuracy_after_experience": curve,
@@ -132,14 +157,14 @@ def level_scores(stream: Stream, record: RunRecord) -> dict[str, Any]:
 
 def few_shot_scores(stream: Stream, record: RunRecord) -> dict[str, Any]:
     """Per session: accuracy on all seen, base and novel classes; the first-to-last drop."""
-    counts = record.counts.sum(axis=0)
+    counts = per_label(record.counts, record.counts)
     base = np.zeros(counts.shape, dtype=bool)
     base[list(stream[0].classes)] = True
     seen = np.zeros_like(base)
     sessions: dict[str, list[float | None]] = {"all": [], "base": [], "novel": []}
     for exp, hits in zip(stream, record.after_experience, strict=False):
         seen[list(exp.classes)] = True
-        total = hits.sum(axis=0)
+        total = per_label(hits, record.counts)
         sessions["all"].append(_ratio(total, counts, seen))
         sessions["base"].append(_ratio(total, counts, seen & base))
         sessions["novel"].append(_ratio(total, counts, seen & ~base))

@@ -87,10 +87,10 @@ class Trainer:
                 index = slice(start, start + batch_size) if order is None else \
                     order[start : start + batch_size]
                 batch = Batch(x[index], y[index], None if task_ids is None else task_ids[index])
-                expose_labels(model, batch.y)  # a growing head switches on new classes
                 # plugins may replace the batch (replay mixes memory samples in)
                 if hooks.implemented("clsim_before_batch"):
                     batch = hooks.chain("clsim_before_batch", "batch", batch, Batch, ctx=ctx)
+                expose_labels(model, batch.y)  # a growing head switches on new classes
                 # forward: task loss plus every plugin's extra terms
                 logits = model(ctx.to_input(batch.x))
                 loss = task_loss(logits, batch.y.to(ctx.device, non_blocking=True))

@@ -110,6 +110,12 @@ class ReplayPlugin:
 
     def _herd(self, ctx: RunContext, experience: Experience) -> None:
         """Keep the first m herding picks of every seen class, m = capacity // classes."""
+        if not experience.classes:
+            raise ConfigError(
+                "replay (herding): herding picks exemplars from an experience's data at its "
+                "end, and with hidden boundaries there is no such end; use selection: "
+                "reservoir or class_balanced"
+            )
         per_class = self.buffer.capacity // len(ctx.seen_classes)
         if per_class == 0:
             raise ConfigError(
@@ -147,5 +153,7 @@ class ReplayPlugin:
         features = torch.nn.functional.normalize(ctx.model.features(x), dim=1)
         # classes with exemplars are exactly those with a (unit-norm, so non-zero) mean
         known = self.class_means.any(dim=1).nonzero().squeeze(1)
+        if len(known) == 0:  # no means yet (online, before the first experience end)
+            return None
         distance = torch.cdist(features, self.class_means[known])
         return known[distance.argmin(dim=1)]

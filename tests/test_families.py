@@ -161,6 +161,7 @@ class BoundaryRecorder:
         self.calls: list[tuple[str, int, tuple, int]] = []
         self.labels: list[torch.Tensor] = []
         self.task_ids: list[object] = []
+        self.part_sizes: list[int] = []  # what ctx.experience holds at each batch
         type(self).last = self
 
     def clsim_before_experience(self, experience) -> None:
@@ -169,9 +170,13 @@ class BoundaryRecorder:
     def clsim_after_experience(self, experience) -> None:
         self.calls.append(("after", experience.index, experience.classes, experience.n_train))
 
-    def clsim_before_batch(self, batch) -> None:
+    def clsim_before_batch(self, ctx, batch) -> None:
         self.labels.append(batch.y.clone())
         self.task_ids.append(batch.task_id)
+        # nothing about classes still to come: every class ctx calls seen has been shown
+        shown = set(torch.cat(self.labels).tolist())
+        assert set(ctx.seen_classes) <= shown, (ctx.seen_classes, shown)
+        self.part_sizes.append(ctx.experience.n_train)
 
 
 def _recorder_scenario(stream: str) -> str:
@@ -194,14 +199,16 @@ strategies:
 ])
 def test_hidden_boundaries_fire_no_boundary_hook(stream, monkeypatch):
     """One experience-start and one experience-end call for the whole stream, with no
-    classes and no task ids; the batches arrive in exactly the builder's order; anytime
-    evaluations follow every period, and the true boundaries are recorded."""
+    classes, no task ids and no data (samples arrive part by part); the batches arrive in
+    exactly the builder's order; anytime evaluations follow every period, and the true
+    boundaries are recorded."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     scenario = parse_scenario(_recorder_scenario(stream))
     summary = run_scenario(scenario, None).summary
     rec = BoundaryRecorder.last
     total = summary["dataset"]["n_train"]
-    assert rec.calls == [("before", 0, (), total), ("after", 0, (), total)]
+    assert rec.calls == [("before", 0, (), 0), ("after", 0, (), 0)]
+    assert summary["dataset"]["n_train"] == total
     assert all(t is None for t in rec.task_ids)
     from clsim.data import load_dataset
     from clsim.engine import build_stream
@@ -210,6 +217,7 @@ def test_hidden_boundaries_fire_no_boundary_hook(stream, monkeypatch):
     strategy = summary["strategies"]["rec"]
     assert strategy["status"] == "ok", strategy["error"]
     every = summary["stream"]["eval_every"]
+    assert max(rec.part_sizes) <= every  # ctx.experience is the current part only
     positions = strategy["anytime"]["positions"]
     assert positions == [*range(every, total, every), total]
     assert summary["stream"]["true_boundaries"] == list(built.boundaries())
@@ -386,3 +394,47 @@ def test_load_real_scenarios_resolves_relative_paths():
     scenario = load_scenario(SCENARIOS / "hle_quick.yaml")
     assert scenario.stream.type == "hierarchical"
     assert scenario.to_dict()["stream"]["mode"] == "single_label"
+
+
+# ---------------------------------------------------------------------------- review fixes
+
+
+def test_a_recurring_task_is_scored_once_per_class():
+    """A, B, A tests A's classes in two experiences; per-label scores count them once."""
+    from clsim.scoring import first_occurrence, per_label
+
+    counts = np.array([[5, 5, 0, 0], [0, 0, 4, 4], [5, 5, 0, 0]])
+    assert first_occurrence(counts).tolist() == [
+        [True, True, False, False], [False, False, True, True], [False, False, False, False]]
+    hits = np.array([[1, 2, 0, 0], [0, 0, 3, 4], [1, 2, 0, 0]])
+    assert per_label(hits, counts).tolist() == [1, 2, 3, 4]
+    assert per_label(counts, counts).tolist() == [5, 5, 4, 4]
+
+
+def test_a_auc_weights_each_evaluation_by_its_period():
+    """Evaluations at 100, 200 and a short last period ending at 250: weights 100, 100, 50."""
+    counts = np.array([[10]])
+    seen = np.array([True])
+    points = [AnytimePoint(100, np.array([2]), seen), AnytimePoint(200, np.array([4]), seen),
+              AnytimePoint(250, np.array([10]), seen)]
+    stream = Stream((_exp(0, (0,)),), 1, (0,), online=True, eval_every=100)
+    scores = anytime_scores(stream, RunRecord(counts=counts, anytime=points))
+    assert scores["all"]["a_auc"] == pytest.approx((0.2 * 100 + 0.4 * 100 + 1.0 * 50) / 250)
+
+
+@pytest.mark.parametrize(("stream", "plugin", "expect"), [
+    ("{type: si_blurry, eval_every: 100}", "{replay: {selection: reservoir, nme: true}}", "ok"),
+    ("{type: si_blurry, eval_every: 100}", "{replay: {selection: herding}}", "hidden boundaries"),
+    ("{type: few_shot, base_classes: 4, ways: 2, sessions: 3, online: true, "
+     "boundaries: hidden}", "naive", "ok"),
+])
+def test_hidden_boundaries_with_boundary_based_options(stream, plugin, expect):
+    text = _recorder_scenario(stream).replace(
+        f"[{__name__}:BoundaryRecorder]", f"[{plugin}]").replace(
+        "  rec:\n", "  rec:\n    budget: model + 100 exemplars\n")
+    s = run_scenario(parse_scenario(text), None).summary["strategies"]["rec"]
+    if expect == "ok":
+        assert s["status"] == "ok", s["error"]
+        assert s["anytime"]["all"]["a_last"] is not None
+    else:
+        assert s["status"] == "failed" and expect in s["error"]
