@@ -156,4 +156,15 @@ class ReplayPlugin:
         if len(known) == 0:  # no means yet (online, before the first experience end)
             return None
         distance = torch.cdist(features, self.class_means[known])
-        return known[distance.argmin(dim=1)]
+        if ctx.labels is None or ctx.labels.n_levels == 1:
+            return known[distance.argmin(dim=1)]
+        # hierarchical labels: the nearest mean within each level, -1 for a level without
+        return torch.stack([self._nearest_in(known, distance, ctx.labels.level_slice(level))
+                            for level in range(ctx.labels.n_levels)], dim=1)
+
+    @staticmethod
+    def _nearest_in(known: torch.Tensor, distance: torch.Tensor, level: slice) -> torch.Tensor:
+        inside = (known >= level.start) & (known < level.stop)
+        if not bool(inside.any()):
+            return torch.full((len(distance),), -1, dtype=known.dtype, device=known.device)
+        return known[inside][distance[:, inside].argmin(dim=1)]

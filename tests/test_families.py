@@ -438,3 +438,15 @@ def test_hidden_boundaries_with_boundary_based_options(stream, plugin, expect):
         assert s["anytime"]["all"]["a_last"] is not None
     else:
         assert s["status"] == "failed" and expect in s["error"]
+
+
+def test_nme_on_a_hierarchical_stream_answers_per_level():
+    text = (SCENARIOS / "hle_quick.yaml").read_text().replace(
+        "- replay: {selection: reservoir}", "- replay: {selection: reservoir, nme: true}")
+    summary = run_scenario(parse_scenario(text), None).summary
+    s = summary["strategies"]["replay"]
+    assert s["status"] == "ok", s["error"]
+    # nearest mean within each level (0.80 measured); one nearest mean over both levels
+    # lets coarse prototypes answer digit samples, always wrongly (0.78)
+    assert s["anytime"]["digit"]["a_last"] > 0.79
+    assert s["anytime"]["parity"]["a_last"] > 0.9

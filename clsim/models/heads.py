@@ -4,9 +4,10 @@ Online protocols (hierarchical label expansion, Si-Blurry) train a classifier wh
 outputs appear as classes appear; a softmax over classes nobody has met would push
 every new class down before its first sample. :class:`ActiveHead` keeps one output per
 label id of the stream and masks the ones not yet exposed, which is what a head grown
-output by output computes, without rebuilding the optimizer at every new class. The
-outputs of unseen classes are held from the start, so the memory ledger charges the
-full head (an honest upper bound of a grown one).
+output by output computes, without rebuilding the optimizer at every new class (one
+difference: weight decay shrinks a masked row before its class appears, where a grown
+head would initialise it then). The outputs of unseen classes are held from the start,
+so the memory ledger charges the full head (an honest upper bound of a grown one).
 """
 
 from __future__ import annotations
