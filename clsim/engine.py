@@ -225,7 +225,9 @@ def run_strategy(
         )
         trainer = Trainer(ctx, hooks, scenario.training, torch_generator(seed, "batches"))
         trainer.online = stream.online
-        ctx._fit = lambda x, y, epochs=None, **kw: trainer.fit(x, y, epochs=epochs, **kw)
+        # a plugin's own fits default to the run's epochs (1 on an online stream)
+        ctx._fit = lambda x, y, epochs=None, **kw: trainer.fit(x, y, epochs=epochs or ctx.epochs,
+                                                               **kw)
         loop = _Loop(scenario, strategy, stream, ctx, hooks, trainer, plugins, outcome,
                      events, tensorboard, progress, where)
         try:
