@@ -35,3 +35,16 @@ def run_cli(
         text=True,
         timeout=600,
     )
+
+
+def bare_context(model, dataset, **fields):
+    """A run context outside a run (plugins driven by hand): CPU, seed 0, one epoch,
+    the dataset's flat labels unless ``labels`` is given; ``fields`` override the rest."""
+    import torch
+
+    from clsim.context import RunContext
+    from clsim.labels import LabelSpace
+
+    values = {"strategy": "s", "device": torch.device("cpu"), "seed": 0, "epochs": 1,
+              "batch_size": 32, "labels": LabelSpace.flat(dataset.class_names), **fields}
+    return RunContext(model=model, dataset=dataset, **values)

@@ -13,9 +13,9 @@ from clsim_plugins.analytic import (
     RecursiveLeastSquares,
     ridge_solution,
 )
+from helpers import bare_context
 
 from clsim.config import parse_scenario
-from clsim.context import RunContext
 from clsim.data import load_dataset
 from clsim.models import MLPOptions, build_model
 from clsim.runner import run_scenario
@@ -125,13 +125,10 @@ def test_plugin_weights_are_the_joint_solution_on_a_generalized_stream(
     dataset = load_dataset("digits")
     torch.manual_seed(0)
     model = build_model("mlp", dataset.sample_shape, dataset.n_classes, MLPOptions(hidden=[24]))
-    ctx = RunContext(
+    ctx = bare_context(
+        model,
+        dataset,
         strategy="a",
-        model=model,
-        device=torch.device("cpu"),
-        dataset=dataset,
-        seed=0,
-        epochs=1,
         batch_size=16,
     )
     options = AnalyticOptions(

@@ -24,6 +24,7 @@ from clsim_plugins.language_head import (
     SemanticHead,
     class_names,
 )
+from helpers import bare_context
 
 from clsim.config import parse_scenario
 from clsim.context import RunContext
@@ -148,13 +149,10 @@ def make_ctx(labels: LabelSpace, head_masked: bool) -> RunContext:
     if head_masked:
         model.head = ActiveHead.replacing(model.head)
         model.head.expose(torch.tensor([0, 3]))
-    return RunContext(
+    return bare_context(
+        model,
+        dataset,
         strategy="s",
-        model=model,
-        device=torch.device("cpu"),
-        dataset=dataset,
-        seed=0,
-        epochs=1,
         batch_size=32,
         labels=labels,
     )

@@ -28,6 +28,7 @@ from clsim_plugins.memo import (
     split_backbone,
 )
 from clsim_plugins.replay import ReplayOptions, ReplayPlugin
+from helpers import bare_context
 from torch import nn
 
 from clsim.budget import Budget
@@ -127,13 +128,10 @@ def cifar_context(budget: int) -> RunContext:
     dataset = Dataset("cifar-shaped", x, y, x, y, names)
     torch.manual_seed(0)
     model = build_model("resnet", (3, 32, 32), 100, ResNetOptions(depth=32))
-    return RunContext(
+    return bare_context(
+        model,
+        dataset,
         strategy="memo",
-        model=model,
-        device=torch.device("cpu"),
-        dataset=dataset,
-        seed=0,
-        epochs=1,
         batch_size=8,
         budget_bytes=budget,
         labels=LabelSpace.flat(names),
@@ -249,13 +247,10 @@ def digits_context(budget: int | None = None, channels: int = 8) -> RunContext:
     dataset = load_dataset("digits")
     torch.manual_seed(0)
     model = build_model("convnet2", dataset.sample_shape, 10, ConvNet2Options(channels=channels))
-    return RunContext(
+    return bare_context(
+        model,
+        dataset,
         strategy="memo",
-        model=model,
-        device=torch.device("cpu"),
-        dataset=dataset,
-        seed=0,
-        epochs=1,
         batch_size=32,
         budget_bytes=budget,
         labels=LabelSpace.flat(dataset.class_names),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from clsim_plugins.prd import PrdOptions, PrdPlugin, supcon_loss
+from helpers import bare_context
 
 from clsim.config import parse_scenario
 from clsim.context import RunContext
@@ -74,13 +75,10 @@ def make_plugin(dataset: Dataset, options: PrdOptions = SMALL, model=None, event
         if events is not None
         else (lambda event, **f: None)
     )
-    ctx = RunContext(
+    ctx = bare_context(
+        model,
+        dataset,
         strategy="prd",
-        model=model,
-        device=torch.device("cpu"),
-        dataset=dataset,
-        seed=0,
-        epochs=1,
         batch_size=64,
         labels=stream.labels,
         log=log,
