@@ -132,12 +132,16 @@ def herding_order(features: torch.Tensor, m: int) -> torch.Tensor:
     m = min(m, phi.shape[0])
     picked: list[int] = []
     running = torch.zeros_like(mu)
-    available = torch.ones(phi.shape[0], dtype=torch.bool, device=phi.device)
+    taken = torch.zeros(phi.shape[0], dtype=torch.bool, device=phi.device)
+    half_norms = (phi * phi).sum(dim=1) / 2
     for k in range(1, m + 1):
-        distance = torch.linalg.vector_norm(mu - (running + phi) / k, dim=1)
-        distance[~available] = float("inf")
-        index = int(torch.argmin(distance))
+        # ||mu - (r + phi_i)/k||^2 = ||mu - r/k||^2 - 2/k <mu - r/k, phi_i> + ||phi_i||^2/k^2,
+        # and every ||phi_i|| is 1 (a zero feature stays 0, so its term is kept): the
+        # argmin over i is one matrix-vector product instead of an (n, d) difference
+        score = phi @ (mu - running / k) - half_norms / k
+        score[taken] = float("-inf")
+        index = int(torch.argmax(score))
         picked.append(index)
-        available[index] = False
+        taken[index] = True
         running += phi[index]
     return torch.tensor(picked, dtype=torch.long)
