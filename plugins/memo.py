@@ -335,7 +335,11 @@ class MemoPlugin:
         if not isinstance(getattr(model, "features", None), nn.Module) or not isinstance(
             head, nn.Linear
         ):
-            raise ConfigError("memo needs a clsim model with .features and a linear .head")
+            raise ConfigError(
+                "memo needs a clsim model with .features and a linear .head; got a "
+                f"{type(head).__name__} head (a plugin that replaces the head, such as "
+                "language_head, does not compose with memo yet)"
+            )
         shared, block = split_backbone(model.features)
         self.generator = ctx.torch_generator("memo")
         padding = 0

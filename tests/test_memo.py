@@ -575,3 +575,23 @@ def test_e2e_head_growth_alignment_and_exemplars(e2e) -> None:
         assert len(seen) == 2 * (t + 1)
         share = h["capacity"] // len(seen)
         assert h["stored"] == [min(share, available[c]) if c in seen else 0 for c in range(10)]
+
+
+def test_memo_refuses_a_head_another_plugin_replaced():
+    """language_head swaps model.head at setup (it runs first); memo cannot grow that head,
+    so it refuses in setup with a message naming the conflict instead of dropping it."""
+    text = """\
+name: t
+seed: 0
+data: {dataset: digits}
+stream: {type: class_incremental, n_experiences: 5}
+model: {name: convnet2, channels: 8}
+training: {epochs: 1, batch_size: 32, optimizer: {name: sgd, lr: 0.05}}
+budget: 5 models + 100 exemplars
+strategies:
+  memo_lingo:
+    plugins: [{memo: {augment: false}}, {language_head: {encoder: random_fallback}}]
+"""
+    s = run_scenario(parse_scenario(text), None).summary["strategies"]["memo_lingo"]
+    assert s["status"] == "failed"
+    assert "SemanticHead head" in s["error"] and "does not compose with memo" in s["error"]
