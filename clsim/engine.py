@@ -257,6 +257,8 @@ class _Loop:
         self.outcome, self.events, self.tensorboard = outcome, events, tensorboard
         self.progress, self.where = progress, where
         self.record = RunRecord(counts=label_counts(stream))
+        # test samples per label, each test set once (a recurring task tests them again)
+        self.label_totals = per_label(self.record.counts, self.record.counts)
         self.seen = np.zeros(stream.labels.n_classes, dtype=bool)  # labels met in training
         self.position = 0  # training samples delivered so far
 
@@ -343,8 +345,7 @@ class _Loop:
         record = self._measure(experience)
         hits = per_label(self.evaluate(), self.record.counts)
         self.record.anytime.append(AnytimePoint(self.position, hits, self.seen.copy()))
-        counts = per_label(self.record.counts, self.record.counts)
-        accuracy = float(hits[self.seen].sum() / max(1, counts[self.seen].sum()))
+        accuracy = float(hits[self.seen].sum() / max(1, self.label_totals[self.seen].sum()))
         self.events.write("evaluation", strategy=self.strategy.name, position=self.position,
                           seen_accuracy=accuracy, ledger_bytes=record.measurement.total_bytes,
                           over_budget=record.over_budget)
@@ -359,8 +360,7 @@ class _Loop:
         counts = self.record.counts
         row = (hits.sum(1) / np.maximum(counts.sum(1), 1)).tolist()
         seen_hits = per_label(hits, counts)[self.seen].sum()
-        seen_counts = per_label(counts, counts)[self.seen].sum()
-        seen = float(seen_hits / max(1, seen_counts))
+        seen = float(seen_hits / max(1, self.label_totals[self.seen].sum()))
         self.events.write(
             "experience_end",
             strategy=self.strategy.name,

@@ -44,6 +44,11 @@ class LabelSpace:
             parents, above = self.parents[level], self.sizes[level - 1]
             if len(parents) != self.sizes[level] or any(not 0 <= p < above for p in parents):
                 raise ValueError(f"level {self.level_names[level]!r}: bad parent indices")
+        # read on every evaluation batch: computed once, read-only
+        for name, table in (("_level_of", np.repeat(np.arange(self.n_levels), self.sizes)),
+                            ("_ancestors", self._ancestor_table())):
+            table.setflags(write=False)
+            object.__setattr__(self, name, table)
 
     @classmethod
     def flat(cls, class_names: Sequence[str], *, masked: bool = False) -> LabelSpace:
@@ -85,8 +90,8 @@ class LabelSpace:
         return self.offsets[level] + index
 
     def level_of(self) -> np.ndarray:
-        """``(n_classes,)``: the level of every flat id."""
-        return np.repeat(np.arange(self.n_levels), self.sizes)
+        """``(n_classes,)``: the level of every flat id (read-only)."""
+        return self._level_of
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The task loss: cross-entropy within each target's own level (one softmax per
@@ -99,14 +104,18 @@ class LabelSpace:
         return -log_probs.gather(1, targets.unsqueeze(1)).mean()
 
     def ancestors(self) -> np.ndarray:
-        """``(n_classes + 1, n_levels)`` int64: the flat id of each id's ancestor at every
-        level (itself at its own level), -1 at finer levels. The extra last row is all -1,
-        so "no prediction" (-1) indexes a row that matches nothing."""
+        """``(n_classes + 1, n_levels)`` int64 (read-only): the flat id of each id's ancestor
+        at every level (itself at its own level), -1 at finer levels. The extra last row is
+        all -1, so "no prediction" (-1) indexes a row that matches nothing."""
+        return self._ancestors
+
+    def _ancestor_table(self) -> np.ndarray:
         table = np.full((self.n_classes + 1, self.n_levels), -1, dtype=np.int64)
         for level in range(self.n_levels):
+            rows = self.flat_id(level, np.arange(self.sizes[level]))
             ids = np.arange(self.sizes[level])
             for up in range(level, -1, -1):  # walk to the root, recording each step
-                table[self.flat_id(level, np.arange(self.sizes[level])), up] = self.flat_id(up, ids)
+                table[rows, up] = self.flat_id(up, ids)
                 if up:
                     ids = np.asarray(self.parents[up], dtype=np.int64)[ids]
         return table
@@ -126,18 +135,17 @@ def correct_predictions(
     """
     if labels.n_levels == 1 and predictions.dim() == 1:
         return predictions == targets
-    table = torch.as_tensor(labels.ancestors(), device=targets.device)
+    table = torch.tensor(labels.ancestors(), device=targets.device)
     if predictions.dim() == 1:  # one flat id: it speaks for its own level only
-        level = torch.as_tensor(labels.level_of(), device=targets.device)[predictions]
+        level = torch.tensor(labels.level_of(), device=targets.device)[predictions]
         per_level = torch.full((len(predictions), labels.n_levels), -1,
                                dtype=torch.long, device=targets.device)
         per_level.scatter_(1, level.unsqueeze(1), predictions.unsqueeze(1).long())
         predictions = per_level
     none = labels.n_classes  # the all -1 row
     predictions = torch.where(predictions < 0, torch.full_like(predictions, none), predictions)
-    target_level = torch.as_tensor(labels.level_of(), device=targets.device)[targets]
+    target_level = torch.tensor(labels.level_of(), device=targets.device)[targets]
     # ancestor of each level's prediction at the target's level: (N, n_levels)
+    # (a coarser level's prediction has no ancestor at a finer level: -1, never a match)
     ancestor = table[predictions, target_level.unsqueeze(1).expand_as(predictions)]
-    finer_or_same = (torch.arange(labels.n_levels, device=targets.device).unsqueeze(0)
-                     >= target_level.unsqueeze(1))
-    return ((ancestor == targets.unsqueeze(1)) & finer_or_same).any(dim=1)
+    return (ancestor == targets.unsqueeze(1)).any(dim=1)

@@ -48,3 +48,16 @@ def bare_context(model, dataset, **fields):
     values = {"strategy": "s", "device": torch.device("cpu"), "seed": 0, "epochs": 1,
               "batch_size": 32, "labels": LabelSpace.flat(dataset.class_names), **fields}
     return RunContext(model=model, dataset=dataset, **values)
+
+
+def stream_hash(stream) -> str:
+    """SHA-256 of everything a stream delivers: class order, each experience's classes,
+    level and tensors (sample order included), for byte-for-byte determinism checks."""
+    import hashlib
+
+    digest = hashlib.sha256(repr(stream.class_order).encode())
+    for exp in stream:
+        digest.update(repr((exp.classes, exp.level)).encode())
+        for t in (exp.train_x, exp.train_y, exp.test_x, exp.test_y):
+            digest.update(t.numpy().tobytes())
+    return digest.hexdigest()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO_ROOT, run_cli
+from helpers import REPO_ROOT, run_cli, stream_hash
 
 from clsim.cli import main
 from clsim.config import load_scenario, parse_scenario
@@ -390,10 +390,27 @@ def test_online_stream_with_several_epochs_is_rejected():
         parse_scenario(text)
 
 
-def test_load_real_scenarios_resolves_relative_paths():
-    scenario = load_scenario(SCENARIOS / "hle_quick.yaml")
-    assert scenario.stream.type == "hierarchical"
-    assert scenario.to_dict()["stream"]["mode"] == "single_label"
+def test_a_hierarchy_file_is_found_relative_to_the_scenario(tmp_path, monkeypatch):
+    """stream.hierarchy given as a file name is read from the scenario's folder, not the
+    working directory, and gives the same stream as the same tree written inline."""
+    from clsim.data import load_dataset
+    from clsim.engine import build_stream
+
+    inline = load_scenario(SCENARIOS / "hle_quick.yaml")
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    (folder / "parity.yaml").write_text(
+        "levels: [parity, digit]\ntree: {even: [0, 2, 4, 6, 8], odd: [1, 3, 5, 7, 9]}\n")
+    text = (SCENARIOS / "hle_quick.yaml").read_text()
+    start = text.index("  hierarchy:")
+    text = text[:start] + "  hierarchy: parity.yaml\n" + text[text.index("model:"):]
+    (folder / "s.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)  # not the scenario's folder
+    from_file = load_scenario(folder / "s.yaml")
+    digits = load_dataset("digits")
+    assert stream_hash(build_stream(from_file, digits, 0)) == stream_hash(
+        build_stream(inline, digits, 0))
+
 
 
 # ---------------------------------------------------------------------------- review fixes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -10,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import stream_hash
 
 from clsim.data import Dataset, load_dataset
 from clsim.errors import ConfigError, OptionError
-from clsim.stream import Stream
 from clsim.streams.few_shot import FewShotOptions, few_shot, write_index_dir
 from clsim.validation import build
 
@@ -53,14 +52,6 @@ def synthetic(
 def row_index(x: torch.Tensor) -> list[int]:
     return (x[:, 0].long() + 256 * x[:, 1].long()).tolist()
 
-
-def stream_hash(stream: Stream) -> str:
-    h = hashlib.sha256(repr(stream.class_order).encode())
-    for exp in stream:
-        h.update(repr(exp.classes).encode())
-        for t in (exp.train_x, exp.train_y, exp.test_x, exp.test_y):
-            h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def test_session_shapes_on_digits(digits):

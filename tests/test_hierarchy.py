@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from helpers import stream_hash
 
 from clsim.data import load_dataset
 from clsim.data.dataset import Dataset
@@ -411,14 +411,6 @@ def test_shipped_cifar10_stream_and_too_many_tasks():
         hierarchical(few, seed=0, mode="multi_depth")
     assert err.value.key == "levels"
 
-
-def stream_hash(stream) -> str:
-    digest = hashlib.sha256()
-    for exp in stream:
-        for t in (exp.train_x, exp.train_y, exp.test_x, exp.test_y):
-            digest.update(t.numpy().tobytes())
-        digest.update(repr(exp.classes).encode())
-    return digest.hexdigest()
 
 
 @pytest.mark.parametrize("mode", ["single_label", "dual_label", "multi_depth"])

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
+from helpers import stream_hash
 
 from clsim.data import load_dataset
 from clsim.stream import Stream
@@ -16,14 +15,6 @@ from clsim.streams.class_incremental import class_groups, class_incremental
 def digits():
     return load_dataset("digits")
 
-
-def stream_hash(stream: Stream) -> str:
-    h = hashlib.sha256()
-    h.update(repr(stream.class_order).encode())
-    for exp in stream:
-        for t in (exp.train_x, exp.train_y, exp.test_x, exp.test_y):
-            h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize(

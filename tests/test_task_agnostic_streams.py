@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
 import pytest
 import torch
+from helpers import stream_hash
 
 from clsim.data import load_dataset
 from clsim.data.dataset import Dataset
@@ -64,14 +64,6 @@ def synthetic(n_classes: int, n_train: int, n_test: int = 2) -> Dataset:
 def hundred() -> Dataset:
     return synthetic(100, 50)
 
-
-def stream_hash(stream: Stream) -> str:
-    h = hashlib.sha256(repr(stream.class_order).encode())
-    for exp in stream:
-        h.update(repr(exp.classes).encode())
-        for t in (exp.train_x, exp.train_y, exp.test_x, exp.test_y):
-            h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def stream_indices(stream: Stream) -> np.ndarray:
