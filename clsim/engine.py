@@ -234,6 +234,9 @@ def run_strategy(
             hooks.call("clsim_setup", ctx=ctx)
             loop.run()
             outcome.metrics = score(stream, loop.record)
+            reports = plugin_reports(hooks, ctx, stream)
+            if reports:
+                outcome.metrics["plugins"] = reports
         except ClsimError as exc:
             outcome.error = str(exc)
         finally:
@@ -384,6 +387,41 @@ class _Loop:
                 f"({self.outcome.budget}); largest parts: "
                 + _largest_parts(record.measurement.parts)
             )
+
+
+def plugin_reports(hooks: HookRunner, ctx: RunContext, stream: Stream) -> dict[str, Any]:
+    """Each plugin's ``clsim_report`` dict, checked to be JSON-ready plain data."""
+    reports = {}
+    for name, report in hooks.collect("clsim_report", ctx=ctx, stream=stream):
+        problem = _not_plain(report, "the report")
+        if problem:
+            raise hooks.fault(name, "clsim_report", problem)
+        reports[name] = report
+    return reports
+
+
+def _not_plain(value: Any, where: str) -> str | None:
+    """Why ``value`` is not JSON-ready plain data (a dict at the top), or None."""
+    if where == "the report" and not isinstance(value, dict):
+        return f"returned a {type(value).__name__}; expected a dict or None"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{where} has a non-string key {key!r}"
+            problem = _not_plain(item, f"{where}[{key!r}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            problem = _not_plain(item, f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    if value is None or isinstance(value, bool | int | float | str):
+        return None
+    return f"{where} is a {type(value).__name__}; expected plain data (numbers, strings, " \
+        "bools, None, lists, dicts)"
 
 
 def _instantiate(spec) -> object:

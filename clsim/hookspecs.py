@@ -21,6 +21,8 @@ Per experience the engine fires, in this order::
     clsim_after_experience
     (ledger measures the bytes held; evaluation uses clsim_predict)
 
+After the last experience ``clsim_report`` collects each plugin's own scores.
+
 ``clsim_setup`` fires once before the first experience and ``clsim_teardown`` once
 after the last (also when the run fails).
 """
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     import torch
 
     from clsim.context import RunContext
-    from clsim.stream import Batch, Experience
+    from clsim.stream import Batch, Experience, Stream
 
 PROJECT_NAME = "clsim"
 
@@ -186,4 +188,24 @@ def clsim_predict(ctx: RunContext, x: torch.Tensor, task_id: int | None) -> torc
     :param ctx: the run context; the model is in eval mode and gradients are off.
     :param x: model input (already converted from raw samples), on ``ctx.device``.
     :param task_id: the experience's task id when task ids are visible at test, else None.
+    """
+
+
+# ---------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def clsim_report(ctx: RunContext, stream: Stream) -> dict[str, Any] | None:
+    """Contribute the plugin's own scores to ``summary.json`` after the last experience.
+
+    Training is over, so the whole stream may be read now: its test sets (to score a
+    routing strategy's within-expert accuracy, say) and ``stream.boundaries()``, the true
+    experience starts in training samples (to score a shift detector against). Return a
+    dict of JSON-ready plain data (str keys; numbers, strings, bools, None, lists, dicts)
+    or None; it is stored under ``metrics.plugins.<plugin name>`` of the strategy.
+
+    :param ctx: the run context; the model is as training left it.
+    :param stream: the stream the strategy was trained on (with hidden boundaries too).
     """

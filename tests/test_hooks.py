@@ -33,6 +33,7 @@ LIFECYCLE = {
     "clsim_after_update",
     "clsim_after_batch",
     "clsim_predict",
+    "clsim_report",
 }
 
 
@@ -216,6 +217,19 @@ class TeardownFails:
         raise ValueError("teardown broke too")
 
 
+class Reporter:
+    """Reports what only the end of a run knows: the true boundaries and test sizes."""
+
+    def clsim_report(self, ctx, stream):
+        return {"boundaries": list(stream.boundaries()), "seen": list(ctx.seen_classes),
+                "tests": [e.n_test for e in stream], "nested": {"ok": [1.5, None, True]}}
+
+
+class BadReport:
+    def clsim_report(self, stream):
+        return {"boundaries": stream.boundaries, "fine": 1}  # a bound method, not data
+
+
 class Wrapper:
     @hookimpl(wrapper=True)
     def clsim_before_batch(self, batch):
@@ -271,3 +285,22 @@ def test_a_failing_teardown_keeps_the_first_error(this_module):
 def test_wrappers_are_refused():
     with pytest.raises(PluginError, match="declares clsim_before_batch as a wrapper"):
         HookRunner(build_plugin_manager([("w", Wrapper())]))
+
+
+def test_a_plugin_report_lands_in_the_strategy_metrics(this_module):
+    text = DIGITS_SCENARIO.replace("plugins: [naive]",
+                                   f"plugins: [naive, '{this_module}:Reporter']")
+    outcome = run_scenario(parse_scenario(text), None).outcomes[0]
+    assert outcome.error is None
+    report = outcome.metrics["plugins"]["Reporter"]
+    assert sorted(report["seen"]) == list(range(10)) and len(report["tests"]) == 5
+    assert report["boundaries"][0] == 0 and report["boundaries"] == sorted(report["boundaries"])
+    assert report["nested"] == {"ok": [1.5, None, True]}
+
+
+def test_a_report_that_is_not_plain_data_is_blamed_on_the_plugin(this_module):
+    text = DIGITS_SCENARIO.replace("plugins: [naive]",
+                                   f"plugins: [naive, '{this_module}:BadReport']")
+    error = run_scenario(parse_scenario(text), None).outcomes[0].error
+    assert error.startswith("plugin 'BadReport' failed in clsim_report (strategy 'naive'): "
+                            "the report['boundaries'] is a method; expected plain data"), error
