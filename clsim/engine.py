@@ -234,6 +234,7 @@ def run_strategy(
             hooks.call("clsim_setup", ctx=ctx)
             loop.run()
             outcome.metrics = score(stream, loop.record)
+            where["experience"] = None
             reports = plugin_reports(hooks, ctx, stream)
             if reports:
                 outcome.metrics["plugins"] = reports
