@@ -8,9 +8,12 @@ the backbone, h a learnable projection into the text space and eta a learnable s
 Because the targets never move, a new task's classes cannot overwrite an old class's
 classifier, and related names start close together. The host strategy's losses
 (cross-entropy, replay, distillation) are computed on these logits unchanged: this plugin
-only swaps ``model.head``, so it composes with any strategy that trains a classifier
-head through the standard logits (naive, replay, distillation, MEMO). PRD trains no head
-and predicts by prototypes, so with it this plugin would change nothing.
+only swaps ``model.head`` (for a :class:`clsim.models.heads.SemanticHead`), so it
+composes with any strategy that trains a classifier head through the standard logits
+(naive, replay, distillation). Two hosts use the head in their own way: MEMO grows it
+(each new block widens the projection's input, the trained columns copied) and PRD takes
+its targets as prototypes in the projected space (see ``plugins/memo.py`` and
+``plugins/prd.py``).
 
 What this implementation does (METHODS.md section 7):
 
@@ -44,7 +47,6 @@ and on the head (``head.encoder``).
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -56,7 +58,7 @@ from torch import nn
 from clsim.context import RunContext
 from clsim.errors import ConfigError, OptionError
 from clsim.hookspecs import hookimpl
-from clsim.models.heads import MASK_VALUE, ActiveHead
+from clsim.models.heads import ActiveHead, SemanticHead
 from clsim.stream import Experience
 from clsim.text_encoder import TEXT_DIM, TextEncoderMissing, encode_class_names
 
@@ -89,83 +91,6 @@ class LanguageHeadOptions:
             )
 
 
-class SemanticHead(nn.Module):
-    """``logits = eta * cos(h(features), T)`` against frozen targets ``T`` (a buffer).
-
-    ``in_features`` / ``out_features`` mirror a linear head's, so code that reads a
-    model's number of outputs keeps working. With ``active`` (a masked head's bool mask,
-    copied), outputs of classes not yet exposed are masked as :class:`ActiveHead` does.
-    """
-
-    targets: torch.Tensor
-    scale: torch.Tensor
-
-    def __init__(
-        self,
-        in_features: int,
-        targets: torch.Tensor,
-        *,
-        init_scale: float,
-        learn_scale: bool,
-        generator: torch.Generator | None = None,
-        active: torch.Tensor | None = None,
-        encoder: str = "minilm",
-        prompt: str | None = None,
-    ) -> None:
-        super().__init__()
-        self.in_features = int(in_features)
-        self.out_features, self.text_dim = (int(n) for n in targets.shape)
-        self.encoder = encoder  # strings on a module are configuration: not charged
-        self.prompt = prompt
-        self.register_buffer("targets", targets.detach().to(torch.float32).clone())
-        self.projection: nn.Module = (
-            nn.Identity()
-            if self.in_features == self.text_dim
-            else _linear(self.in_features, self.text_dim, generator, targets.device)
-        )
-        scale = torch.tensor(float(init_scale), device=targets.device)
-        if learn_scale:
-            self.scale = nn.Parameter(scale)
-        else:
-            self.register_buffer("scale", scale)
-        if active is not None:
-            self.register_buffer("active", active.detach().to(torch.bool).clone())
-
-    @property
-    def masked(self) -> bool:
-        return "active" in self._buffers
-
-    @torch.no_grad()
-    def expose(self, labels: torch.Tensor) -> None:
-        """Switch on the outputs of ``labels`` (a no-op for an unmasked head)."""
-        if self.masked:
-            self.active[labels.to(self.active.device, torch.long)] = True
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        embedded = F.normalize(self.projection(features), dim=1)
-        logits = self.scale * (embedded @ self.targets.t())
-        return logits.masked_fill(~self.active, MASK_VALUE) if self.masked else logits
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"text_dim={self.text_dim}, encoder={self.encoder!r}"
-        )
-
-
-def _linear(
-    n_in: int, n_out: int, generator: torch.Generator | None, device: torch.device
-) -> nn.Linear:
-    """``nn.Linear``'s own initialisation, drawn from the plugin's generator (not the
-    global one), so the projection does not depend on other plugins' random draws."""
-    layer = nn.Linear(n_in, n_out, device=device)
-    with torch.no_grad():
-        nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
-        bound = 1.0 / math.sqrt(n_in)
-        nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
-    return layer
-
-
 def class_names(ctx: RunContext) -> list[str]:
     """The name of every output, in id order; each level's raw names for a multi-level
     label space (its ``names`` carry a ``level/`` prefix, which is not language)."""
@@ -186,7 +111,6 @@ class LanguageHeadPlugin:
 
     def __init__(self, options: LanguageHeadOptions) -> None:
         self.options = options
-        self.head: SemanticHead | None = None  # the live head (charged with the model)
 
     @property
     def uses_random_fallback(self) -> bool:
@@ -211,7 +135,7 @@ class LanguageHeadPlugin:
                 f"names {len(names)} classes"
             )
         targets = self._targets(ctx, names)
-        self.head = SemanticHead(
+        head = SemanticHead(
             feature_dim,
             targets.to(ctx.device),
             init_scale=self.options.init_scale,
@@ -221,7 +145,7 @@ class LanguageHeadPlugin:
             encoder=self.options.encoder,
             prompt=self.options.prompt,
         )
-        model.head = self.head
+        model.head = head
         ctx.log(
             "language_head_targets",
             encoder=self.options.encoder,
@@ -229,10 +153,10 @@ class LanguageHeadPlugin:
             prompt=self.options.prompt,
             n_classes=len(names),
             text_dim=TEXT_DIM,
-            projection="identity" if isinstance(self.head.projection, nn.Identity) else "linear",
-            targets_bytes=self.head.targets.numel() * self.head.targets.element_size(),
+            projection="identity" if isinstance(head.projection, nn.Identity) else "linear",
+            targets_bytes=head.targets.numel() * head.targets.element_size(),
             projection_bytes=sum(
-                p.numel() * p.element_size() for p in self.head.projection.parameters()
+                p.numel() * p.element_size() for p in head.projection.parameters()
             ),
         )
 
@@ -256,9 +180,12 @@ class LanguageHeadPlugin:
             ) from None
 
     def clsim_after_experience(self, ctx: RunContext, experience: Experience) -> None:
-        if self.head is not None:
+        # the head is read from the model, where a host may have replaced it (MEMO widens
+        # it at each task); the plugin keeps no reference, so nothing is charged twice
+        head = getattr(ctx.model, "head", None)
+        if isinstance(head, SemanticHead):
             ctx.log(
                 "language_head_scale",
                 experience=experience.index,
-                scale=float(self.head.scale.detach()),
+                scale=float(head.scale.detach()),
             )

@@ -18,10 +18,16 @@ and ``ctx.features`` keep working on it):
   all blocks' features. It grows each task: old weights are copied into the old-class x
   old-feature block, the rest is a fresh ``nn.Linear`` initialisation. It still returns
   one logit per label id; unseen classes get :data:`clsim.models.heads.MASK_VALUE`.
-* ``model.head.aux``: the auxiliary head on S_t alone, (new classes + 1) outputs, old
-  classes collapsed to label 0. Loss: CE(head) + ``aux_weight`` x CE(aux).
+* ``model.features.aux``: the auxiliary head on S_t alone, (new classes + 1) outputs,
+  old classes collapsed to label 0. Loss: CE(head) + ``aux_weight`` x CE(aux).
 * After each task t >= 1, weight alignment scales the new-class rows of the head by
   mean norm of old rows / mean norm of new rows.
+* With ``language_head`` (LingoCL, listed in the same strategy; it runs first) the head
+  is its :class:`clsim.models.heads.SemanticHead` instead: cosine logits against frozen
+  class-name targets. MEMO grows it the same way: each task widens the projection to the
+  new feature width, the trained projection copied into the old input columns, and
+  switches on the task's classes (unseen ones stay masked). The targets never change,
+  so weight alignment has nothing to align and is skipped (logged as such).
 * Exemplars: herding (iCaRL) on the concatenated features, an even share per seen class,
   trained on together with the task's data (the union, as in iCaRL / PyCIL).
 
@@ -61,7 +67,8 @@ Reconstructions (choices the paper leaves open, or that clsim's engine imposes):
 * Augmentation (``augment``) is a batched random crop + horizontal flip inside
   ``MemoFeatures.forward`` in training mode, on the normalised input, zero padded by
   ``max(1, round(4 * H / 32))`` pixels (the CIFAR 4 at 32 px, 1 on 8x8 digits).
-* The aux head stays in the model (and is charged) until the next task replaces it.
+* The aux head stays in the model (on ``model.features``, trained by the same optimizer,
+  charged) until the next task replaces it.
   Weight alignment scales weights only, not biases (as the published code).
 * The head keeps rows for seen classes only; other label ids are masked logits.
 * The budget check counts this plugin's own state, not other plugins of the strategy.
@@ -85,7 +92,7 @@ from clsim.augment import crop_flip
 from clsim.context import RunContext
 from clsim.errors import ConfigError
 from clsim.memory import measure
-from clsim.models.heads import MASK_VALUE
+from clsim.models.heads import MASK_VALUE, SemanticHead
 from clsim.stream import Batch, Experience
 
 PUBLISHED_SCHEDULE: dict[str, dict[str, Any]] = {
@@ -197,6 +204,7 @@ class MemoFeatures(nn.Module):
         self.augment_padding = int(augment_padding)
         self.generator = generator
         self.newest: torch.Tensor | None = None
+        self.aux: nn.Linear | None = None  # the auxiliary head on the newest block
 
     @property
     def out_dim(self) -> int:
@@ -231,7 +239,7 @@ class MemoFeatures(nn.Module):
 
 class MemoHead(nn.Module):
     """A linear head over the seen classes (``classes``, in order) returning one logit
-    per label id, ``MASK_VALUE`` for ids without a row; ``aux`` is the auxiliary head."""
+    per label id, ``MASK_VALUE`` for ids without a row."""
 
     classes: torch.Tensor
 
@@ -255,7 +263,6 @@ class MemoHead(nn.Module):
         self.register_buffer(
             "classes", torch.tensor(list(classes), dtype=torch.long, device=device)
         )
-        self.aux: nn.Linear | None = None
 
     def grown(self, classes: Sequence[int], in_features: int) -> MemoHead:
         """A head over ``classes`` (the current ones first) and ``in_features`` inputs,
@@ -273,6 +280,14 @@ class MemoHead(nn.Module):
         logits = F.linear(x, self.weight, self.bias)
         out = logits.new_full((x.shape[0], self.out_features), MASK_VALUE)
         return out.index_copy(1, self.classes, logits)
+
+
+def _head_classes(head: MemoHead | SemanticHead) -> list[int]:
+    """The classes a head already has, in order: a linear head's rows, or the outputs a
+    semantic head has switched on (its targets exist for every class from the start)."""
+    if isinstance(head, SemanticHead):
+        return head.active.nonzero().squeeze(1).tolist()
+    return head.classes.tolist()
 
 
 # --------------------------------------------------------------------------- plugin
@@ -333,12 +348,11 @@ class MemoPlugin:
         model = ctx.model
         head = getattr(model, "head", None)
         if not isinstance(getattr(model, "features", None), nn.Module) or not isinstance(
-            head, nn.Linear
+            head, nn.Linear | SemanticHead
         ):
             raise ConfigError(
-                "memo needs a clsim model with .features and a linear .head; got a "
-                f"{type(head).__name__} head (a plugin that replaces the head, such as "
-                "language_head, does not compose with memo yet)"
+                "memo needs a clsim model with .features and a linear .head (or the "
+                f"language_head's semantic head); got a {type(head).__name__} head"
             )
         shared, block = split_backbone(model.features)
         self.generator = ctx.torch_generator("memo")
@@ -352,7 +366,16 @@ class MemoPlugin:
             padding,
             ctx.torch_generator("memo", "augment", device=ctx.device),
         )
-        model.head = MemoHead(model.feature_dim, head.out_features, device=head.weight.device)
+        if isinstance(head, SemanticHead):  # language-guided: no class is active yet
+            model.head = head.widened(
+                model.feature_dim,
+                generator=self.generator,
+                active=torch.zeros(head.out_features, dtype=torch.bool),
+            ).to(ctx.device)
+        else:
+            model.head = MemoHead(
+                model.feature_dim, head.out_features, device=head.weight.device
+            )
         self.aux_labels = torch.zeros(head.out_features, dtype=torch.long, device=ctx.device)
         ctx.log(
             "memo_split",
@@ -372,7 +395,8 @@ class MemoPlugin:
         """What the budget must hold before exemplars: the paper's G + S parameter bytes
         (``parameters_only``), else the ledger's model and plugin state with no exemplar."""
         if self.options.parameters_only:
-            return parameter_bytes(ctx.model.features)
+            features = ctx.model.features  # G and the blocks: not the aux head
+            return parameter_bytes(features.shared) + parameter_bytes(features.blocks)
         kept = self.buffer
         self.buffer = ExemplarBuffer(
             0, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes, self.generator
@@ -465,18 +489,23 @@ class MemoPlugin:
                 "experience boundaries (class_incremental streams)"
             )
         features, head = ctx.model.features, ctx.model.head
-        if not isinstance(features, MemoFeatures) or not isinstance(head, MemoHead):
+        if not isinstance(features, MemoFeatures) or not isinstance(head, MemoHead | SemanticHead):
             raise ConfigError("memo: another plugin replaced model.features or model.head")
         if self.n_tasks > 0:
             features.add_block()
-        old = head.classes.tolist()
+        old = _head_classes(head)
         known = set(old)
         new = [c for c in ctx.seen_classes if c not in known]
-        grown = head.grown(old + new, features.out_dim)
+        if isinstance(head, SemanticHead):  # widen the projection, switch the new classes on
+            grown = head.widened(features.out_dim, generator=self.generator)
+            grown.expose(torch.tensor(new, dtype=torch.long))
+        else:
+            grown = head.grown(old + new, features.out_dim)
         self.n_old = len(old)
         self.aux_labels.zero_()
+        features.aux = None
         if self.n_tasks > 0:
-            grown.aux = nn.Linear(features.block_dim, len(new) + 1).to(head.weight.device)
+            features.aux = nn.Linear(features.block_dim, len(new) + 1).to(ctx.device)
             index = torch.tensor(new, dtype=torch.long, device=self.aux_labels.device)
             self.aux_labels[index] = torch.arange(1, len(new) + 1, device=index.device)
         ctx.model.head = grown
@@ -503,25 +532,30 @@ class MemoPlugin:
         return True
 
     def clsim_loss(self, ctx: RunContext, batch: Batch, logits: torch.Tensor) -> Any:
-        features, head = ctx.model.features, ctx.model.head
+        features = ctx.model.features
         newest, features.newest = features.newest, None
         if (
             newest is None
-            or head.aux is None
+            or features.aux is None
             or self.options.aux_weight == 0
             or newest.shape[0] != len(batch)
         ):
             return None
         targets = self.aux_labels[batch.y.to(self.aux_labels.device)]
-        return self.options.aux_weight * F.cross_entropy(head.aux(newest), targets)
+        return self.options.aux_weight * F.cross_entropy(features.aux(newest), targets)
 
     # -- after the task: align, select exemplars --------------------------------
 
     def clsim_after_experience(self, ctx: RunContext, experience: Experience) -> None:
         ctx.model.features.newest = None
+        head = ctx.model.head
         if self.n_tasks > 0 and self.options.weight_align:
-            gamma = align_weights(ctx.model.head.weight.data, self.n_old)
-            ctx.log("memo_weight_align", experience=experience.index, gamma=gamma)
+            if isinstance(head, SemanticHead):  # nothing to align: rows are unit targets
+                ctx.log("memo_weight_align", experience=experience.index, gamma=None,
+                        skipped="cosine logits against frozen unit-norm targets")
+            else:
+                gamma = align_weights(head.weight.data, self.n_old)
+                ctx.log("memo_weight_align", experience=experience.index, gamma=gamma)
         self._select_exemplars(ctx, experience)
         self.n_tasks += 1
         ctx.log("memo_memory", experience=experience.index, **self.memory_parts(ctx))
@@ -552,8 +586,8 @@ class MemoPlugin:
         parts = {"shared": measure(features.shared).total_bytes}
         for i, block in enumerate(features.blocks):
             parts[f"block_{i}"] = measure(block).total_bytes
-        parts["aux_head"] = 0 if head.aux is None else measure(head.aux).total_bytes
-        parts["head"] = measure(head).total_bytes - parts["aux_head"]
+        parts["aux_head"] = 0 if features.aux is None else measure(features.aux).total_bytes
+        parts["head"] = measure(head).total_bytes
         parts["exemplars"] = (
             self.buffer.x.untyped_storage().nbytes() + self.buffer.y.untyped_storage().nbytes()
         )

@@ -56,6 +56,18 @@ engine's, the optimizer is not kept between calls: it is built for each training
   normalised input value with probability ``drop_prob`` and adds Gaussian noise of std
   ``noise_std``; images get a random crop (``crop_padding``) and a horizontal flip.
 
+**With the language-guided head** (``language_head`` in the same strategy, LingoCL) the
+frozen class-name targets of its :class:`clsim.models.heads.SemanticHead` are the
+prototypes, and the prototype space is the text space the head's projection ``h`` maps
+features into: no prototype is learned (the bank records class ids only), the prototype
+loss is ``1 - cos(t_y, h(f(x).detach()))`` (so it trains ``h``), the distillation scores
+are ``<h(f(x)), t_c>`` against the teacher's frozen copies of the encoder *and* of ``h``
+(still exactly 0.0 at a task's first batch), and prediction is the nearest target by
+cosine, the argmax of the head's logits over the seen classes. Measured here (README) this
+composition learns new classes poorly: ``h`` is shared by all classes, the distillation
+holds it where the earlier tasks left it, and new targets cannot move to their class's
+features as PRD's mean-initialised prototypes do.
+
 With task ids visible at test, prediction is restricted to the prototypes created in the
 task's experience. PRD needs task boundaries: a stream with hidden boundaries is refused.
 Per-batch loss parts are reported as events: ``prd_first_batch`` (exact values of the
@@ -77,6 +89,7 @@ from torch import nn
 from clsim.augment import crop_flip, random_crop
 from clsim.context import RunContext
 from clsim.errors import ConfigError, OptionError, TrainingError
+from clsim.models.heads import SemanticHead
 from clsim.seeding import derive_seed
 from clsim.stream import Experience
 
@@ -157,12 +170,21 @@ class PrototypeBank(nn.Module):
     def __len__(self) -> int:
         return int(self.classes.numel())
 
-    def add_group(self, task: int, classes: torch.Tensor, rows: torch.Tensor) -> None:
-        """Prototypes ``rows`` (k, dim) for ``classes`` (k,), introduced by ``task``."""
+    def add_group(self, task: int, classes: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """Prototypes ``rows`` (k, dim) for ``classes`` (k,), introduced by ``task``;
+        ``rows=None`` records the classes only (their prototypes live elsewhere: the
+        frozen targets of a semantic head)."""
         device = self.classes.device
-        self.groups.append(nn.Parameter(rows.detach().clone().to(device)))
+        if rows is not None:
+            self.groups.append(nn.Parameter(rows.detach().clone().to(device)))
         self.classes = torch.cat([self.classes, classes.to(device, torch.long)])
         self.tasks = torch.cat([self.tasks, torch.full_like(classes, task).to(device)])
+
+    def spans(self) -> list[slice]:
+        """The rows of each group, in order (one group per introducing task)."""
+        tasks = self.tasks.tolist()
+        starts = [i for i, t in enumerate(tasks) if i == 0 or t != tasks[i - 1]]
+        return [slice(a, b) for a, b in zip(starts, [*starts[1:], len(tasks)], strict=True)]
 
     def weights(self) -> torch.Tensor:
         """All prototypes, ``(n_rows, dim)``."""
@@ -182,6 +204,7 @@ class PrdPlugin:
         self.prototypes: PrototypeBank | None = None
         # the teacher lives while one experience trains
         self.old_encoder: nn.Module | None = None
+        self.old_projection: nn.Module | None = None  # with a semantic head
         self.old_prototypes: list[torch.Tensor] | None = None
         self._first_batch_due: bool | None = None  # None once logged: nothing to charge
         self._order: torch.Generator | None = None
@@ -220,13 +243,19 @@ class PrdPlugin:
                 "prd needs task boundaries (it snapshots a teacher and adds prototypes at the "
                 "start of each task); this stream hides them (boundaries: hidden)"
             )
-        bank = self.prototypes
+        bank, semantic = self.prototypes, semantic_head(ctx)
         if len(bank):  # the teacher: frozen copies of the encoder and prototypes as they are
             self.old_encoder = copy.deepcopy(ctx.model.features).requires_grad_(False)
-            self.old_prototypes = [group.detach().clone() for group in bank.groups]
+            if semantic is None:
+                self.old_prototypes = [group.detach().clone() for group in bank.groups]
+            else:  # the targets are frozen: the teacher differs by its projection only
+                self.old_projection = copy.deepcopy(semantic.projection).requires_grad_(False)
+                self.old_prototypes = self.prototype_groups(ctx)
         labels = experience.train_y.unique()
         new = labels[~torch.isin(labels, bank.classes.cpu())]
-        if len(new):
+        if len(new) and semantic is not None:
+            bank.add_group(experience.index, new, None)
+        elif len(new):
             features = ctx.features(experience.train_x)
             y = experience.train_y.to(features.device)
             means = torch.stack([features[y == c].mean(0) for c in new.tolist()])
@@ -236,10 +265,12 @@ class PrdPlugin:
     def clsim_train_experience(self, ctx: RunContext, experience: Experience) -> Any:
         """Epochs of mini-batches with the PRD loss, under a fresh SGD per call (an online
         stream delivers an experience in parts: momentum restarts with each part)."""
+        semantic = semantic_head(ctx)
         params = itertools.chain(
             ctx.model.features.parameters(),
             self.projector.parameters(),
             self.prototypes.parameters(),
+            () if semantic is None else semantic.projection.parameters(),
         )
         optimizer = torch.optim.SGD(
             [p for p in params if p.requires_grad],
@@ -291,6 +322,7 @@ class PrdPlugin:
     def _release(self, ctx: RunContext) -> None:
         """Drop what only one experience's training needs (teacher, gradients)."""
         self.old_encoder = None
+        self.old_projection = None
         self.old_prototypes = None
         self._first_batch_due = None
         for module in (ctx.model, self.projector, self.prototypes):
@@ -312,10 +344,15 @@ class PrdPlugin:
         features = ctx.model.features(views)
         old_features = self._teacher_features(views, rng, ctx)
         z = F.normalize(self.projector(features), dim=1)
+        # prototype space: f's own, or the text space of a semantic head, h(f)
+        semantic = semantic_head(ctx)
+        to_space = nn.Identity() if semantic is None else semantic.projection
+        if old_features is not None and self.old_projection is not None:
+            old_features = self.old_projection(old_features)
         parts = {
             "supcon": supcon_loss(z, labels, o.temperature),
-            "proto": self._proto_loss(ctx, features.detach(), labels),
-            "distill": self._distill_loss(features, old_features),
+            "proto": self._proto_loss(ctx, to_space(features.detach()), labels),
+            "distill": self._distill_loss(ctx, to_space(features), old_features),
         }
         total = parts["supcon"]
         # a term of weight 0 stays out of the graph: its parameters then get no gradient
@@ -362,9 +399,9 @@ class PrdPlugin:
         """mean(1 - cos(p_y, f(x))) over samples of the classes this experience introduced."""
         bank = self.prototypes
         zero = features.new_zeros(())
-        if not len(bank.groups) or int(bank.tasks[-1]) != ctx.experience.index:
+        if not len(bank) or int(bank.tasks[-1]) != ctx.experience.index:
             return zero
-        current = bank.groups[-1]
+        current = self.prototype_groups(ctx)[-1]
         classes = bank.classes[-len(current) :]
         match = labels.unsqueeze(1) == classes.unsqueeze(0)
         inside = match.any(dim=1)
@@ -374,14 +411,14 @@ class PrdPlugin:
         return (1 - F.cosine_similarity(rows, features[inside], dim=1)).mean()
 
     def _distill_loss(
-        self, features: torch.Tensor, old_features: torch.Tensor | None
+        self, ctx: RunContext, features: torch.Tensor, old_features: torch.Tensor | None
     ) -> torch.Tensor:
         """KL(teacher || student) of the prototype-sample score distributions, averaged
         over the earlier tasks."""
         if old_features is None or not self.old_prototypes:
             return features.new_zeros(())
         terms = []
-        for new, old in zip(self.prototypes.groups, self.old_prototypes, strict=False):
+        for new, old in zip(self.prototype_groups(ctx), self.old_prototypes, strict=False):
             log_q = F.log_softmax(features @ F.normalize(new, dim=1).T, dim=1)
             log_p = F.log_softmax(old_features @ F.normalize(old, dim=1).T, dim=1)
             terms.append((log_p.exp() * (log_p - log_q)).sum(dim=1).mean())
@@ -397,14 +434,32 @@ class PrdPlugin:
         bank = self.prototypes
         if bank is None or not len(bank):
             return None  # before the first experience: the engine's argmax
-        prototypes, classes = bank.weights(), bank.classes
+        prototypes, classes = torch.cat(self.prototype_groups(ctx)), bank.classes
         if task_id is not None:
             own = bank.tasks == task_id
             if bool(own.any()):
                 prototypes, classes = prototypes[own], classes[own]
-        features = F.normalize(ctx.model.features(x), dim=1)
-        similarity = features @ F.normalize(prototypes, dim=1).T
+        semantic = semantic_head(ctx)
+        features = ctx.model.features(x)
+        embedded = F.normalize(features, dim=1) if semantic is None else semantic.embed(features)
+        similarity = embedded @ F.normalize(prototypes, dim=1).T
         return classes[similarity.argmax(dim=1)]
+
+    def prototype_groups(self, ctx: RunContext) -> list[torch.Tensor]:
+        """The current prototypes, one tensor per task: the learned rows, or with a
+        semantic head the frozen targets of each task's classes."""
+        semantic = semantic_head(ctx)
+        if semantic is None:
+            return list(self.prototypes.groups)
+        classes = self.prototypes.classes.to(semantic.targets.device)
+        return [semantic.targets[classes[span]] for span in self.prototypes.spans()]
+
+
+def semantic_head(ctx: RunContext) -> SemanticHead | None:
+    """The language_head's head when the strategy has one: its frozen class-name targets
+    are then the prototypes, in the text space its projection maps features into."""
+    head = getattr(ctx.model, "head", None)
+    return head if isinstance(head, SemanticHead) else None
 
 
 def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:

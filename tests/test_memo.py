@@ -182,7 +182,10 @@ def test_plugin_capacity_is_the_papers_in_parameters_only_mode() -> None:
     assert capacities[1] == 7431
     assert capacities[-1] == 3312
     assert len(ctx.model.features.blocks) == 10
-    assert parameter_bytes(ctx.model.features) == 4 * (112_016 + 10 * 351_488)
+    features = ctx.model.features  # G and the blocks (the aux head is not the paper's)
+    assert parameter_bytes(features.shared) + parameter_bytes(features.blocks) == 4 * (
+        112_016 + 10 * 351_488
+    )
     # every step in between is the same formula with one block more
     for n_blocks, capacity in enumerate(capacities[1:], start=1):
         assert capacity == memo_exemplar_arithmetic(PAPER_BUDGET, 112_016, 351_488, n_blocks, 3072)
@@ -204,7 +207,7 @@ def test_ledger_mode_counts_slightly_more() -> None:
     # the head: 100 classes over 10 x 64 features, and an aux head of 10 new + 1 outputs
     head = ctx.model.head
     assert tuple(head.weight.shape) == (100, 640)
-    assert tuple(head.aux.weight.shape) == (11, 64)
+    assert tuple(ctx.model.features.aux.weight.shape) == (11, 64)
     # the plugin's account of its parts adds up to the ledger's model and exemplars
     parts = plugin.memory_parts(ctx)
     bn_buffers = 9336  # running mean / var and counters of all 31 BatchNorms of ResNet-32
@@ -293,7 +296,7 @@ def test_head_grows_copying_old_weights_and_the_aux_head_has_new_plus_one() -> N
     exp0 = experience_of(ctx, 0, (3, 7))
     begin(plugin, ctx, exp0)
     head0 = ctx.model.head
-    assert tuple(head0.weight.shape) == (2, 8) and head0.aux is None
+    assert tuple(head0.weight.shape) == (2, 8) and ctx.model.features.aux is None
     with torch.no_grad():
         head0.weight.normal_()
         head0.bias.normal_()
@@ -307,7 +310,8 @@ def test_head_grows_copying_old_weights_and_the_aux_head_has_new_plus_one() -> N
     assert tuple(head.weight.shape) == (4, 16) and ctx.model.feature_dim == 16
     assert torch.equal(head.weight[:2, :8], old_w)
     assert torch.equal(head.bias[:2], old_b)
-    assert head.aux.out_features == 3 and head.aux.in_features == 8
+    aux = ctx.model.features.aux
+    assert aux.out_features == 3 and aux.in_features == 8
     assert plugin.aux_labels.tolist() == [0, 1, 0, 0, 0, 2, 0, 0, 0, 0]
     logits = ctx.model(ctx.to_input(ctx.dataset.x_test[:5]))
     assert logits.shape == (5, 10)
@@ -335,7 +339,7 @@ def test_aux_loss_is_cross_entropy_on_the_newest_block() -> None:
     assert newest is not None and newest.shape == (16, 8)
     assert torch.equal(newest, features.blocks[1](features.shared(ctx.to_input(x))))
     loss = plugin.clsim_loss(ctx=ctx, batch=Batch(x, y), logits=logits)
-    expected = 0.5 * F.cross_entropy(ctx.model.head.aux(newest), torch.tensor([0, 0, 1, 2] * 4))
+    expected = 0.5 * F.cross_entropy(features.aux(newest), torch.tensor([0, 0, 1, 2] * 4))
     assert torch.allclose(loss, expected)
     assert features.newest is None
     ctx.model.eval()
@@ -577,21 +581,97 @@ def test_e2e_head_growth_alignment_and_exemplars(e2e) -> None:
         assert h["stored"] == [min(share, available[c]) if c in seen else 0 for c in range(10)]
 
 
-def test_memo_refuses_a_head_another_plugin_replaced():
-    """language_head swaps model.head at setup (it runs first); memo cannot grow that head,
-    so it refuses in setup with a message naming the conflict instead of dropping it."""
+# ---------------------------------------------------------------------------
+# MEMO hosting the language-guided head
+# ---------------------------------------------------------------------------
+
+LINGO: list[dict] = []  # test instrumentation, outside every plugin
+
+
+class WideningRecorder:
+    """Listed after memo: sees the head memo widened at each task, and the one trained."""
+
+    def clsim_before_experience(self, ctx) -> None:
+        head = ctx.model.head
+        LINGO.append({"event": "before", "projection": _projection(head),
+                      "active": head.active.clone(), "targets": head.targets.clone(),
+                      "blocks": len(ctx.model.features.blocks)})
+
+    def clsim_after_experience(self, ctx) -> None:
+        LINGO.append({"event": "after", "projection": _projection(ctx.model.head)})
+
+
+def _projection(head) -> tuple[torch.Tensor, torch.Tensor]:
+    return head.projection.weight.detach().clone(), head.projection.bias.detach().clone()
+
+
+def test_widened_semantic_head_keeps_the_old_projection_exactly() -> None:
+    """The old projection fills the old input columns; an identity becomes [I 0]."""
+    from clsim.models.heads import SemanticHead
+
+    targets = F.normalize(torch.randn(5, 6, generator=torch.Generator().manual_seed(0)), dim=1)
+    head = SemanticHead(4, targets, init_scale=3.0, learn_scale=True,
+                        generator=torch.Generator().manual_seed(1))
+    wide = head.widened(7, generator=torch.Generator().manual_seed(2),
+                        active=torch.tensor([True, False, True, False, False]))
+    assert torch.equal(wide.projection.weight[:, :4], head.projection.weight)
+    assert torch.equal(wide.projection.bias, head.projection.bias)
+    assert torch.equal(wide.targets, head.targets) and float(wide.scale.detach()) == 3.0
+    features = torch.randn(3, 7)
+    features[:, 4:] = 0  # the new inputs silent: the widened head scores as the old one
+    assert torch.allclose(wide(features)[:, [0, 2]], head(features[:, :4])[:, [0, 2]])
+    assert bool((wide(features)[:, [1, 3, 4]] == MASK_VALUE).all())
+    same = SemanticHead(6, targets, init_scale=1.0, learn_scale=False)  # identity projection
+    wide = same.widened(9, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(wide.projection.weight[:, :6], torch.eye(6))
+    assert not bool(wide.projection.bias.any())
+    with pytest.raises(ValueError, match=">= 6 inputs"):
+        same.widened(5)
+
+
+def test_memo_hosts_the_language_head(monkeypatch) -> None:
+    """memo + language_head (the real MiniLM targets): memo widens the semantic head's
+    projection at each task, copying the trained one exactly into the old columns; the
+    targets stay bit-identical; only seen classes are switched on; the run (weight
+    alignment skipped: unit targets have no row norms) stays within budget, with the
+    projection and targets charged in the model."""
+    from clsim.text_encoder import encode_class_names
+
+    monkeypatch.setitem(__import__("sys").modules, "memo_lingo_test", __import__("sys").modules[
+        __name__])
     text = """\
 name: t
 seed: 0
+threads: 1
 data: {dataset: digits}
 stream: {type: class_incremental, n_experiences: 5}
 model: {name: convnet2, channels: 8}
 training: {epochs: 1, batch_size: 32, optimizer: {name: sgd, lr: 0.05}}
-budget: 5 models + 100 exemplars
+budget: 200KB
 strategies:
   memo_lingo:
-    plugins: [{memo: {augment: false}}, {language_head: {encoder: random_fallback}}]
+    plugins: [{memo: {augment: false}}, language_head, memo_lingo_test:WideningRecorder]
 """
-    s = run_scenario(parse_scenario(text), None).summary["strategies"]["memo_lingo"]
-    assert s["status"] == "failed"
-    assert "SemanticHead head" in s["error"] and "does not compose with memo" in s["error"]
+    LINGO.clear()
+    result = run_scenario(parse_scenario(text), None)
+    outcome = result.summary["strategies"]["memo_lingo"]
+    assert outcome["status"] == "ok", outcome["error"]
+    assert not outcome["over_budget"]
+    before = [r for r in LINGO if r["event"] == "before"]
+    after = [r for r in LINGO if r["event"] == "after"]
+    assert [r["blocks"] for r in before] == [1, 2, 3, 4, 5]
+    names = load_dataset("digits").class_names
+    expected_targets = encode_class_names(names, "a photo of a {name}.")
+    order = result.summary["class_order"]
+    for t, record in enumerate(before):
+        assert torch.equal(record["targets"], expected_targets)
+        assert record["active"].nonzero().squeeze(1).tolist() == sorted(order[: 2 * (t + 1)])
+        weight = record["projection"][0]
+        assert weight.shape == (384, 8 * (t + 1))  # convnet2's block is 8 wide
+        if t:
+            old_weight, old_bias = after[t - 1]["projection"]
+            assert torch.equal(weight[:, : 8 * t], old_weight)
+            assert torch.equal(record["projection"][1], old_bias)
+    parts = outcome["ledger"][-1]["parts"]
+    assert parts["model.buffers"] >= 10 * 384 * 4  # the targets, charged with the model
+    assert outcome["final_accuracy"] > 0.3

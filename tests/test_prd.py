@@ -379,3 +379,66 @@ def test_same_seed_same_metrics() -> None:
     assert first["status"] == "ok", first["error"]
     assert run(0) == first
     assert run(1)["accuracy_matrix"] != first["accuracy_matrix"]
+
+
+# ---------------------------------------------------------------------------
+# with the language-guided head: the class-name targets are the prototypes
+# ---------------------------------------------------------------------------
+
+
+def test_with_a_language_head_the_targets_are_the_prototypes(tmp_path) -> None:
+    """prd + language_head (real MiniLM targets): no prototype is learned (the bank keeps
+    class ids only), the distillation is exactly 0.0 at each task's first batch, the
+    targets stay bit-identical, and a prediction is the nearest target by cosine in the
+    projected space: the argmax of the semantic head's logits over the seen classes."""
+    from clsim.models.heads import SemanticHead
+    from clsim.text_encoder import encode_class_names
+
+    plugins = (
+        f"[language_head, {{{REF}: {{projector_hidden: 16, projector_dim: 8, crop_padding: 1,"
+        " flip: false, lr: 0.05}}]"
+    )
+    text = scenario().replace(
+        f"    plugins:\n      - {REF}: {{projector_hidden: 16, projector_dim: 8, crop_padding: 1,"
+        " flip: false, lr: 0.05}\n",
+        f"    plugins: {plugins}\n",
+    )
+    assert "language_head" in text
+    result = run_scenario(parse_scenario(text), tmp_path)
+    strategy = result.summary["strategies"]["prd"]
+    assert strategy["status"] == "ok", strategy["error"]
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    first = [e for e in events if e["event"] == "prd_first_batch"]
+    assert [e["distill"] for e in first] == [0.0] * 5
+    assert all(e["proto"] > 0 for e in first)
+    parts = strategy["ledger"][-1]["parts"]
+    assert not any("groups" in name for name in parts)  # no learned prototype rows
+    assert parts["model.buffers"] == 10 * 384 * 4  # the targets, charged with the model
+
+    # the same composition driven by hand, to compare predictions with the head's logits
+    from clsim_plugins.language_head import LanguageHeadOptions, LanguageHeadPlugin
+
+    dataset = load_dataset("digits")
+    stream = class_incremental(dataset, seed=0, n_experiences=5)
+    torch.manual_seed(0)
+    model = build_model("mlp", dataset.sample_shape, 10, MLPOptions(hidden=[32]))
+    ctx = bare_context(model, dataset, strategy="prd", batch_size=64, labels=stream.labels)
+    LanguageHeadPlugin(LanguageHeadOptions()).clsim_setup(ctx=ctx)
+    plugin = PrdPlugin(SMALL)
+    plugin.clsim_setup(ctx=ctx)
+    head = ctx.model.head
+    assert isinstance(head, SemanticHead)
+    targets = encode_class_names(dataset.class_names, "a photo of a {name}.")
+    projection = head.projection.weight.detach().clone()
+    for exp in stream[:2]:
+        train(plugin, ctx, exp)
+    assert len(plugin.prototypes.groups) == 0 and len(plugin.prototypes) == 4
+    assert torch.equal(head.targets, targets)
+    assert not torch.equal(head.projection.weight, projection)  # the projection learns
+    seen = plugin.prototypes.classes
+    x = ctx.to_input(torch.cat([exp.test_x for exp in stream[:2]]))
+    ctx.model.eval()
+    with torch.no_grad():
+        logits = ctx.model(x)[:, seen]
+        predicted = plugin.clsim_predict(ctx=ctx, x=x, task_id=None)
+    assert torch.equal(predicted, seen[logits.argmax(1)])
