@@ -1,11 +1,14 @@
 # Two commands do all the set-up: `make demo` (the quickstart) and `make test`.
-# Each creates the virtual environment .venv on first use.
+# Each creates the virtual environment .venv on first use; `make test` also creates
+# .venv-avalanche, where the Avalanche interop tests run (DEVELOPERS.md says why).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+AVENV ?= .venv-avalanche
+ABIN := $(AVENV)/bin
 export CLSIM_DATA ?= $(abspath $(CURDIR)/../shared/data)
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test test-core test-avalanche lint venv venv-avalanche clean
 
 $(BIN)/clsim: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,15 +22,33 @@ $(BIN)/clsim: pyproject.toml
 
 venv: $(BIN)/clsim
 
+# avalanche-lib needs torchvision, which has no build matching the CPU torch above: this
+# environment takes the torch and torchvision avalanche-lib resolves (they match each other)
+$(ABIN)/clsim: pyproject.toml
+	$(PYTHON) -m venv $(AVENV)
+	$(ABIN)/python -m pip install --quiet --upgrade pip
+	$(ABIN)/python -m pip install --quiet "avalanche-lib>=0.6"
+	$(ABIN)/python -m pip install --quiet -e ".[dev,avalanche]"
+	touch $@
+
+venv-avalanche: $(ABIN)/clsim
+
 demo: $(BIN)/clsim
 	$(BIN)/clsim run quickstart
 
 lint: $(BIN)/clsim
 	$(BIN)/ruff check .
 
-test: $(BIN)/clsim
+test: test-core test-avalanche
+
+test-core: $(BIN)/clsim
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# no skip: a missing or broken avalanche environment fails here
+test-avalanche: $(ABIN)/clsim
+	$(ABIN)/python -c "import avalanche, torchvision"
+	$(ABIN)/python -m pytest -q -p no:cacheprovider tests/test_avalanche_interop.py
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(AVENV) runs .pytest_cache .ruff_cache

@@ -118,6 +118,8 @@ def build_stream(scenario: ScenarioConfig, dataset: Dataset, seed: int) -> Strea
         raise scenario.error(("stream", *exc.key.split(".")), str(exc)) from None
     except ValueError as exc:
         raise scenario.error(("stream",), str(exc)) from None
+    except ConfigError as exc:  # e.g. an optional dependency the stream type needs
+        raise scenario.error(("stream", "type"), str(exc)) from None
     for exp in stream:  # every experience must be trainable and testable
         if exp.n_train == 0 or exp.n_test == 0:
             split = "training" if exp.n_train == 0 else "test"

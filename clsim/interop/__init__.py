@@ -1,0 +1,1 @@
+"""Bridges to other continual-learning libraries (optional dependencies, imported lazily)."""
