@@ -326,7 +326,12 @@ class _Loop:
                 self.ctx.experience = part
             if self.hooks.implemented("clsim_train_experience"):
                 expose_labels(self.ctx.model, part.train_y)  # an owner trains on them all
+            ticks = getattr(trainer.progress, "n", None)
             owner, _ = self.hooks.first("clsim_train_experience", ctx=self.ctx, experience=part)
+            if owner is not None and ticks is not None and trainer.progress.n == ticks:
+                # the plugin trained with a loop of its own: count the part as done
+                trainer.progress.update(trainer.n_batches(part.n_train,
+                                                          1 if stream.online else None))
             if owner is None:
                 task_ids = (None if part.task_id is None
                             else torch.full_like(part.train_y, part.task_id))
