@@ -18,23 +18,22 @@ Two directions:
 * :func:`benchmark_from_stream` turns a clsim stream into an Avalanche benchmark with the
   same experiences, sample for sample, for running Avalanche's strategies as a peer.
 
-The YAML stream type ``avalanche`` (:func:`avalanche_stream`) builds a benchmark with one
-of Avalanche's generators over the scenario's clsim dataset and converts it back.
+The YAML stream type ``avalanche`` (:mod:`clsim.streams.avalanche`) builds a benchmark
+with one of Avalanche's generators (:data:`GENERATORS`) over the scenario's clsim dataset
+and converts it back with these functions.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from clsim.data.dataset import Dataset
 from clsim.errors import ConfigError, OptionError
 from clsim.stream import Experience, Stream
-from clsim.streams.common import TimingOptions
 
 INDEX_ATTRIBUTE = "clsim_index"  # the Avalanche data attribute holding clsim sample ids
 INSTALL_HINT = (
@@ -236,49 +235,6 @@ def _without_task(exp: Experience) -> Experience:
     from dataclasses import replace
 
     return replace(exp, task_id=None)
-
-
-# ---------------------------------------------------------------------------
-# the YAML stream type
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class AvalancheStreamOptions(TimingOptions):
-    """``stream: {type: avalanche, benchmark: ..., args: {...}}``."""
-
-    benchmark: Literal["class_incremental_benchmark", "new_instances_benchmark"] = field(
-        default="class_incremental_benchmark",
-        metadata={"help": "Avalanche generator run over the scenario's dataset"},
-    )
-    args: dict[str, Any] = field(
-        default_factory=dict,
-        metadata={"help": "keyword arguments of the generator (e.g. num_experiences: 5, "
-                  "class_order: [...]); seed defaults to the run's"},
-    )
-
-
-def avalanche_stream(dataset: Dataset, *, seed: int,
-                     benchmark: str = "class_incremental_benchmark",
-                     args: dict[str, Any] | None = None) -> Stream:
-    """Avalanche's ``benchmark`` generator over ``dataset``, as a clsim stream."""
-    import_avalanche()
-    module = importlib.import_module(GENERATORS[benchmark])
-    generator = getattr(module, benchmark)
-    kwargs = dict(args or {})
-    if "datasets_dict" in kwargs:
-        raise OptionError("args.datasets_dict", "clsim passes the scenario's dataset itself")
-    if "class_order" not in kwargs and "seed" not in kwargs:
-        kwargs["seed"] = seed  # Avalanche draws the class order from the seed
-    # Avalanche's generators reseed torch's global generator: keep clsim's untouched
-    with torch.random.fork_rng(devices=[]):
-        try:
-            built = generator(avalanche_datasets(dataset), **kwargs)
-        except TypeError as exc:
-            raise OptionError("args", f"{benchmark} rejected its arguments: {exc}") from None
-        except (ValueError, AssertionError) as exc:
-            raise OptionError("args", f"{benchmark}: {exc}") from None
-    return stream_from_avalanche(built, dataset, name=benchmark)
 
 
 # ---------------------------------------------------------------------------

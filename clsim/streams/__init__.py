@@ -1,21 +1,11 @@
 """Stream builders: pure functions of (dataset, options, seed), one module per family."""
 
+from clsim.streams.avalanche import AvalancheStreamOptions, avalanche_stream
 from clsim.streams.class_incremental import ClassIncrementalOptions, class_incremental
 from clsim.streams.common import TIMING_KEYS, StreamType, TimingOptions
 from clsim.streams.few_shot import FewShotOptions, few_shot
 from clsim.streams.hierarchical import HierarchicalOptions, hierarchical
 from clsim.streams.task_agnostic import TASK_AGNOSTIC_TYPES
-
-
-def _avalanche_type() -> StreamType:
-    # the module imports avalanche-lib only when a stream is built (it is optional)
-    from clsim.interop.avalanche import AvalancheStreamOptions, avalanche_stream
-
-    return StreamType(
-        avalanche_stream, AvalancheStreamOptions,
-        "an Avalanche generator over the dataset (needs avalanche-lib: make venv-avalanche)",
-    )
-
 
 STREAM_TYPES: dict[str, StreamType] = {
     "class_incremental": StreamType(
@@ -28,7 +18,10 @@ STREAM_TYPES: dict[str, StreamType] = {
         few_shot, FewShotOptions, "a base session, then N-way K-shot sessions"
     ),
     **TASK_AGNOSTIC_TYPES,
-    "avalanche": _avalanche_type(),
+    "avalanche": StreamType(
+        avalanche_stream, AvalancheStreamOptions,
+        "an Avalanche generator over the dataset (needs avalanche-lib: make venv-avalanche)",
+    ),
 }
 
 __all__ = ["STREAM_TYPES", "TIMING_KEYS", "StreamType", "TimingOptions", "class_incremental"]
