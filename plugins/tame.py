@@ -505,8 +505,11 @@ class TamePlugin:
         if created:
             new = self._fresh_expert(ctx)
             self._add_expert(ctx, new)
-            with torch.no_grad():
+            with torch.no_grad():  # in eval mode, like every other expert's loss
+                was = new.training
+                new.eval()
                 loss = self._loss(new, inputs, y)
+                new.train(was)
             losses = torch.cat([losses, loss.view(1).cpu()])
             self.smoothed_losses[-1] = losses[-1]
             target = len(self.experts) - 1

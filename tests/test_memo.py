@@ -621,6 +621,9 @@ def test_widened_semantic_head_keeps_the_old_projection_exactly() -> None:
     features[:, 4:] = 0  # the new inputs silent: the widened head scores as the old one
     assert torch.allclose(wide(features)[:, [0, 2]], head(features[:, :4])[:, [0, 2]])
     assert bool((wide(features)[:, [1, 3, 4]] == MASK_VALUE).all())
+    to_text_width = head.widened(6)  # now as wide as the text space: still the trained map
+    assert isinstance(to_text_width.projection, nn.Linear)
+    assert torch.equal(to_text_width.projection.weight[:, :4], head.projection.weight)
     same = SemanticHead(6, targets, init_scale=1.0, learn_scale=False)  # identity projection
     wide = same.widened(9, generator=torch.Generator().manual_seed(3))
     assert torch.equal(wide.projection.weight[:, :6], torch.eye(6))

@@ -158,6 +158,10 @@ class SemanticHead(nn.Module):
             encoder=self.encoder,
             prompt=self.prompt,
         )
+        if isinstance(self.projection, nn.Linear) and isinstance(head.projection, nn.Identity):
+            # widths that now match the text space: keep a trained projection all the same
+            head.projection = seeded_linear(in_features, self.text_dim, generator,
+                                            self.targets.device)
         if isinstance(head.projection, nn.Linear):
             d_old = self.in_features
             old = self.projection
@@ -179,11 +183,13 @@ class SemanticHead(nn.Module):
 def seeded_linear(
     n_in: int, n_out: int, generator: torch.Generator | None, device: torch.device
 ) -> nn.Linear:
-    """``nn.Linear``'s own initialisation, drawn from ``generator`` (not the global one),
-    so a plugin's layer does not depend on other plugins' random draws."""
-    layer = nn.Linear(n_in, n_out, device=device)
+    """``nn.Linear``'s own initialisation, drawn from ``generator``, so a plugin's layer
+    does not depend on other plugins' random draws. (Constructing the layer still
+    advances the global generator once, as before: results stay comparable.) The layer
+    is initialised on the CPU, where the generator lives, then moved to ``device``."""
+    layer = nn.Linear(n_in, n_out)  # on the CPU, where the generator lives
     with torch.no_grad():
         nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
         bound = 1.0 / math.sqrt(n_in)
         nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
-    return layer
+    return layer.to(device)
