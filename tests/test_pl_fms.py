@@ -233,6 +233,20 @@ def test_pseudo_label_loss_is_the_weighted_cross_entropy_at_the_other_levels() -
                              logits=logits) is None
 
 
+def step(plugin: PlFmsPlugin, ctx, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
+    """One step of the engine's loop by hand: expose labels, per-level cross-entropy plus
+    the plugin's pseudo-label term, update, then the plugin's after-update hook."""
+    model = ctx.model
+    expose_labels(model, batch.y)
+    logits = model(ctx.to_input(batch.x))
+    loss = ctx.labels.cross_entropy(logits, batch.y) + plugin.clsim_loss(
+        ctx=ctx, batch=batch, logits=logits)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    plugin.clsim_after_update(ctx=ctx)
+
+
 def test_importance_is_the_moving_average_of_each_replayed_samples_loss_decrease() -> None:
     plugin, ctx, stream = plugin_on_digits(PlFmsOptions(capacity=40, importance_decay=0.75),
                                            stream_length=100_000)
@@ -244,14 +258,7 @@ def test_importance_is_the_moving_average_of_each_replayed_samples_loss_decrease
         slots = plugin._replayed.clone()
         old = plugin.memory.importance[slots].clone()
         before = plugin._sample_losses(ctx, slots)
-        expose_labels(model, batch.y)
-        logits = model(ctx.to_input(batch.x))
-        loss = ctx.labels.cross_entropy(logits, batch.y) + plugin.clsim_loss(
-            ctx=ctx, batch=batch, logits=logits)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        plugin.clsim_after_update(ctx=ctx)
+        step(plugin, ctx, optimizer, batch)
         after = plugin._sample_losses(ctx, slots)
         assert torch.allclose(plugin.memory.importance[slots],
                               0.75 * old + 0.25 * (before - after), atol=1e-6)
@@ -309,14 +316,7 @@ def test_stored_pseudo_labels_follow_the_hierarchy_after_a_run() -> None:
         for start in range(0, min(exp.n_train, 160), 16):
             batch = plugin.clsim_before_batch(
                 ctx=ctx, batch=Batch(exp.train_x[start:start + 16], exp.train_y[start:start + 16]))
-            expose_labels(model, batch.y)
-            logits = model(ctx.to_input(batch.x))
-            loss = ctx.labels.cross_entropy(logits, batch.y) + plugin.clsim_loss(
-                ctx=ctx, batch=batch, logits=logits)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            plugin.clsim_after_update(ctx=ctx)
+            step(plugin, ctx, optimizer, batch)
             plugin.clsim_after_batch()
     memory = plugin.memory
     rows, level = memory.label_rows(), memory.level[: memory.size].long()
