@@ -21,6 +21,8 @@ EPILOG = """examples:
   clsim run my.yaml --out runs/a --seed 3 run a scenario file
   clsim validate my.yaml                  check a scenario without training
   clsim compare budget_sweep_quick --workers 2   strategies x budgets x seeds, with a report
+  clsim run my.yaml --out runs/a --checkpoint-every experience
+  clsim run my.yaml --out runs/a --resume        continue a stopped run
   clsim compare my.yaml --out runs/s --resume    continue a stopped comparison
   clsim new-plugin my_strategy            start a plugin package from a template
 """
@@ -65,18 +67,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     from clsim.logging.console import family_table, results_table
     from clsim.runner import run_scenario
 
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out: the folder of the run to continue")
     scenario = _load(args.scenario)
     if args.device:
         scenario.device = args.device
     out = Path(args.out) if args.out else default_out_dir(scenario)
     print(
-        f"clsim: running {scenario.name!r} ({len(args.strategy or scenario.strategies)} "
-        f"strategies) -> {out}",
+        f"clsim: {'resuming' if args.resume else 'running'} {scenario.name!r} "
+        f"({len(args.strategy or scenario.strategies)} strategies) -> {out}",
         file=sys.stderr,
     )
     result = run_scenario(
         scenario, out, seed=args.seed, only=args.strategy, progress=not args.no_progress,
-        limit=args.limit,
+        limit=args.limit, checkpoint_every=args.checkpoint_every, resume=args.resume,
     )
     print(results_table(result.summary["strategies"]))
     family = family_table(result.summary)
@@ -274,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=_positive_int, metavar="N",
         help="smoke test: keep the first N training and N test samples of every experience",
     )
+    run.add_argument(
+        "--checkpoint-every", choices=["experience"],
+        help="save the strategy in flight after every experience, so --resume can continue it",
+    )
+    run.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --out after an interruption (same scenario, seed, limit)",
+    )
     run.set_defaults(func=cmd_run)
 
     compare = sub.add_parser(
@@ -370,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         return 70
     except KeyboardInterrupt:
         print(
-            "clsim: interrupted; results written so far are kept (clsim compare: continue "
-            "with --resume)",
+            "clsim: interrupted; results written so far are kept (continue with the same "
+            "command and --resume)",
             file=sys.stderr,
         )
         return 130

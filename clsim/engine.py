@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clsim.checkpoint import Checkpointing, restore
 from clsim.config import ScenarioConfig, StrategyConfig, resolve_path
 from clsim.context import RunContext
 from clsim.data import Dataset, load_dataset
@@ -187,12 +188,15 @@ def run_strategy(
     events: EventLog | None = None,
     tensorboard: TensorBoardLogger | None = None,
     progress: Callable[[str, int], Any] | None = None,
+    checkpoint: Checkpointing | None = None,
 ) -> StrategyOutcome:
     """Train ``strategy`` on ``stream`` and score it.
 
     A failure a user can cause (bad plugin option, over budget in strict mode, a plugin
     raising, a diverging loss) is returned as the outcome's ``error``, with the budget and
-    the ledger recorded up to that point; anything else is a bug and propagates.
+    the ledger recorded up to that point; anything else is a bug and propagates. With
+    ``checkpoint``, the state is saved after every experience, and a run given a
+    checkpoint to resume from continues from it after the usual setup.
     """
     started = time.perf_counter()
     outcome = StrategyOutcome(
@@ -232,9 +236,15 @@ def run_strategy(
                                                                **kw)
         loop = _Loop(scenario, strategy, stream, ctx, hooks, trainer, plugins, outcome,
                      events, tensorboard, progress, where)
+        loop.checkpoint, loop.started = checkpoint, started
         try:
             hooks.call("clsim_setup", ctx=ctx)
-            loop.run()
+            start = 0
+            if checkpoint is not None and checkpoint.resume_from is not None:
+                start = restore(loop, checkpoint.resume_from)
+                loop.started = started = started - checkpoint.resume_from["wall_seconds"]
+                events.write("strategy_resumed", strategy=strategy.name, experience=start)
+            loop.run(start)
             outcome.metrics = score(stream, loop.record)
             where["experience"] = None
             reports = plugin_reports(hooks, ctx, stream)
@@ -267,16 +277,22 @@ class _Loop:
         self.label_totals = per_label(self.record.counts, self.record.counts)
         self.seen = np.zeros(stream.labels.n_classes, dtype=bool)  # labels met in training
         self.position = 0  # training samples delivered so far
+        self.checkpoint: Checkpointing | None = None
+        self.started = time.perf_counter()
 
     def evaluate(self) -> np.ndarray:
         return evaluate(self.ctx, self.hooks, self.stream, self.scenario.training.eval_batch_size)
 
-    def run(self) -> None:
+    def run(self, start: int = 0) -> None:
+        """Train on the shown experiences from number ``start`` (past 0 when resumed)."""
         stream = self.stream
-        self.record.initial = self.evaluate()
+        if start == 0:
+            self.record.initial = self.evaluate()
         shown = stream.seen_by_strategy()
         total = sum(exp.n_train for exp in shown)
-        for exp in shown:
+        for number, exp in enumerate(shown):
+            if number < start:
+                continue
             self.where["experience"] = exp.index
             # with hidden boundaries the hooks get the stream without its data: samples
             # arrive part by part, and nothing about what is to come is shown
@@ -300,6 +316,8 @@ class _Loop:
                 self.record.anytime.append(AnytimePoint(
                     self.position, per_label(hits, self.record.counts), self.seen.copy()))
             self._report_experience(exp, hits, loss, record)
+            if self.checkpoint is not None:
+                self.checkpoint.save(self, number + 1, time.perf_counter() - self.started)
 
     def _meet(self, labels) -> None:
         """Record labels as seen (in order of first appearance) for ctx and scoring."""

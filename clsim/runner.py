@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 import traceback
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 import clsim
+from clsim.checkpoint import Checkpointing, checkpoint_path, fingerprint, read_checkpoint
 from clsim.config import ScenarioConfig
 from clsim.engine import (
     StrategyOutcome,
@@ -47,11 +49,16 @@ def run_scenario(
     only: list[str] | None = None,
     progress: bool = False,
     limit: int | None = None,
+    checkpoint_every: str | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Run the scenario's strategies (or ``only`` those) and write results to ``out_dir``.
 
     A strategy that fails is recorded with its error and the others still run; the
     summary is rewritten after every strategy, so a crash loses at most the one in flight.
+    With ``checkpoint_every="experience"`` even that one is saved after each experience;
+    ``resume`` continues a run in ``out_dir``: finished strategies are kept as written,
+    the one in flight continues from its checkpoint, the rest run.
     """
     seed = scenario.seed if seed is None else seed
     names = list(scenario.strategies) if not only else only
@@ -69,9 +76,10 @@ def run_scenario(
     stream = build_stream(scenario, dataset, seed)
     if limit is not None:
         stream = limit_stream(stream, limit)
-    if out_dir is not None:
+    if resume and out_dir is None:
+        raise ConfigError("--resume needs --out: the folder of the run to continue")
+    if out_dir is not None and not resume:
         prepare_out_dir(out_dir)
-    events = EventLog(None if out_dir is None else out_dir / "events.jsonl")
     summary: dict[str, Any] = {
         "clsim_version": clsim.__version__,
         "scenario": scenario.name,
@@ -106,6 +114,8 @@ def run_scenario(
             "experience_test_sizes": [e.n_test for e in stream],
         },
         "config": scenario.to_dict(),
+        "strategies_requested": names,
+        "checkpoint_every": checkpoint_every,
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -113,9 +123,15 @@ def run_scenario(
         },
         "strategies": {},
     }
+    if resume:
+        summary = resumable_summary(out_dir, summary)
+        checkpoint_every = summary["checkpoint_every"]
+    elif out_dir is not None:  # from the start, so a run killed early can be resumed
+        write_json_atomic(out_dir / "summary.json", summary)
+    events = EventLog(None if out_dir is None else out_dir / "events.jsonl")
     result = RunResult(out_dir, summary)
     events.write(
-        "run_start",
+        "run_resumed" if resume else "run_start",
         scenario=scenario.name,
         seed=seed,
         strategies=names,
@@ -123,7 +139,13 @@ def run_scenario(
     )
     make_progress = progress_factory() if progress else None
     try:
-        for name in names:
+        for number, name in enumerate(names):
+            if name in summary["strategies"]:  # finished before the interruption
+                result.outcomes.append(kept_outcome(name, summary["strategies"][name]))
+                continue
+            checkpoint = None
+            if checkpoint_every is not None and out_dir is not None:
+                checkpoint = _checkpointing(out_dir, number, name, summary, limit, resume)
             tb_dir = None if out_dir is None else out_dir / "tensorboard" / name
             tensorboard = TensorBoardLogger(tb_dir)
             try:
@@ -137,6 +159,7 @@ def run_scenario(
                     events=events,
                     tensorboard=tensorboard,
                     progress=make_progress,
+                    checkpoint=checkpoint,
                 )
             except ClsimError as exc:  # failed before its first experience
                 outcome = StrategyOutcome(name, error=str(exc))
@@ -152,9 +175,61 @@ def run_scenario(
                 print(f"clsim: strategy {name!r} failed: {outcome.error}", file=sys.stderr)
             result.outcomes.append(outcome)
             summary["strategies"][name] = outcome.to_dict()
+            if checkpoint is not None and checkpoint.unavailable:
+                summary["strategies"][name]["checkpoint"] = \
+                    f"unavailable: {checkpoint.unavailable}"
+                print(f"clsim: warning: strategy {name!r} ran without checkpoints: "
+                      f"{checkpoint.unavailable}", file=sys.stderr)
             if out_dir is not None:
                 write_json_atomic(out_dir / "summary.json", summary)
+            if checkpoint is not None:  # its results are written: the checkpoint is spent
+                checkpoint.discard()
     finally:
         events.write("run_end", failed=[o.name for o in result.failed])
         events.close()
     return result
+
+
+# what a resumed run must share with the run it continues
+_RESUME_KEYS = ("scenario", "config", "seed", "limit", "strategies_requested", "device")
+
+
+def resumable_summary(out_dir: Path, fresh: dict[str, Any]) -> dict[str, Any]:
+    """The summary of the run in ``out_dir``, checked to be the run ``fresh`` describes."""
+    path = out_dir / "summary.json"
+    try:
+        written = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--resume: {path} does not exist; there is no run to continue "
+                          "in that folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--resume: {path} cannot be read: {exc}") from None
+    if not isinstance(written, dict) or not isinstance(written.get("strategies"), dict):
+        raise ConfigError(f"--resume: {path} is not a clsim run summary")
+    for key in _RESUME_KEYS:
+        if written.get(key) != json.loads(json.dumps(fresh[key], default=str)):
+            raise ConfigError(
+                f"--resume: {path} was written by a run with a different {key!r} "
+                f"({_short(written.get(key))} there, {_short(fresh[key])} now); resume with "
+                "the same scenario file, --seed, --limit and --strategy, or start a new --out"
+            )
+    return {**fresh, "strategies": written["strategies"],
+            "checkpoint_every": fresh["checkpoint_every"] or written.get("checkpoint_every")}
+
+
+def kept_outcome(name: str, record: dict[str, Any]) -> StrategyOutcome:
+    """A strategy finished before a resume, as the summary recorded it."""
+    return StrategyOutcome(name, error=record.get("error"))
+
+
+def _checkpointing(out_dir: Path, number: int, name: str, summary: dict[str, Any],
+                   limit: int | None, resume: bool) -> Checkpointing:
+    key = fingerprint(summary["config"], summary["seed"], limit, name)
+    path = checkpoint_path(out_dir, number, name)
+    resume_from = read_checkpoint(path, key) if resume and path.exists() else None
+    return Checkpointing(path, key, resume_from=resume_from)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."

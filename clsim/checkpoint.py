@@ -1,0 +1,202 @@
+"""Checkpoints of a strategy in progress: everything needed to continue after a kill.
+
+After each experience the engine saves the model, every plugin's state, the optimizer
+state plugins keep, every random generator, the scores so far, the ledger and the stream
+position (:func:`capture`), written to a temporary file and renamed into place, so a
+checkpoint on disk is always whole. :func:`restore` puts a fresh run into that state; the
+rest of the stream then gives the same final metrics as a run never interrupted. Files are
+read with ``torch.load(weights_only=True)`` and decoded by :mod:`clsim.snapshot`, so
+loading one never runs code from the file, and a checkpoint of another scenario, seed or
+strategy is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import clsim
+from clsim.snapshot import Decoder, Encoder, SnapshotError, allowed_modules, as_tuples
+
+FORMAT = "clsim-checkpoint/1"
+# trainer attributes that are wiring, not state
+_TRAINER_WIRING = ("ctx", "hooks", "config", "progress")
+
+
+def fingerprint(config: dict[str, Any], seed: int, limit: int | None, strategy: str) -> str:
+    """What a checkpoint must match to be resumed: the resolved scenario, seed, sample
+    limit and strategy."""
+    text = json.dumps([config, seed, limit, strategy], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def checkpoint_path(out_dir: Path, index: int, strategy: str) -> Path:
+    """``checkpoints/<n>-<name>.pt``: the index keeps names that clean alike apart."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", strategy)[:60]
+    return out_dir / "checkpoints" / f"{index}-{safe}.pt"
+
+
+@dataclass
+class Checkpointing:
+    """Where one strategy's checkpoint goes, and the one to continue from, if any."""
+
+    path: Path
+    fingerprint: str
+    resume_from: dict[str, Any] | None = None
+    unavailable: str | None = None  # why this strategy cannot be checkpointed
+    written: list[int] = field(default_factory=list)  # experiences checkpointed
+
+    def save(self, loop: Any, next_experience: int, wall_seconds: float) -> None:
+        """Write the run's state; a strategy whose state cannot be saved is run on
+        without checkpoints, and says why (the results are never put at risk)."""
+        if self.unavailable:
+            return
+        try:
+            payload = capture(loop, next_experience, wall_seconds, self.fingerprint)
+        except SnapshotError as exc:
+            self.unavailable = str(exc)
+            loop.ctx.log("checkpoint_unavailable", reason=self.unavailable)
+            return
+        write_atomic(self.path, payload)
+        self.written.append(next_experience)
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+        try:
+            self.path.parent.rmdir()  # only when empty
+        except OSError:
+            pass
+
+
+def write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: Path, expected_fingerprint: str) -> dict[str, Any]:
+    """A checkpoint file, loaded without unpickling objects, checked to be this run's."""
+    try:
+        payload = torch.load(path, weights_only=True, map_location=None)
+    except Exception as exc:  # truncated, not a torch file, or holding objects
+        raise SnapshotError(f"checkpoint {path} cannot be read safely ({type(exc).__name__}: "
+                            f"{str(exc)[:300]}); delete it to run this strategy from the "
+                            "start") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise SnapshotError(f"checkpoint {path} is not a {FORMAT} file")
+    if payload.get("fingerprint") != expected_fingerprint:
+        raise SnapshotError(f"checkpoint {path} was written for a different scenario, seed, "
+                            "limit or strategy; it cannot be resumed by this run")
+    return payload
+
+
+def capture(loop: Any, next_experience: int, wall_seconds: float,
+            fingerprint_: str) -> dict[str, Any]:
+    """The state of a run between experiences, as plain data (see :mod:`clsim.snapshot`)."""
+    ctx, trainer = loop.ctx, loop.trainer
+    instances = [instance for _, instance in loop.plugins]
+    encoder = Encoder(allowed_modules(instances), _externals(loop))
+    plugins = [encoder.encode(instance, f"plugin {name!r}") for name, instance in loop.plugins]
+    state = {
+        "plugins": plugins,
+        "model": encoder.encode(ctx.model, "the model"),
+        "seen_classes": encoder.encode(ctx.seen_classes, "ctx.seen_classes"),
+        "trainer": encoder.encode({k: v for k, v in vars(trainer).items()
+                                   if k not in _TRAINER_WIRING}, "the trainer"),
+        "loop": encoder.encode({"record": loop.record, "seen": loop.seen,
+                                "position": loop.position, "ledger": loop.outcome.ledger},
+                               "the engine"),
+    }
+    return {
+        "format": FORMAT,
+        "clsim_version": clsim.__version__,
+        "fingerprint": fingerprint_,
+        "strategy": loop.strategy.name,
+        "plugin_classes": [type(p).__qualname__ for p in instances],
+        "next_experience": next_experience,
+        "wall_seconds": wall_seconds,
+        "allowed_modules": list(encoder.allowed),
+        "state": state,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if ctx.device.type == "cuda" else [],
+            "numpy": _numpy_state(),
+            "python": random.getstate(),
+        },
+    }
+
+
+def restore(loop: Any, payload: dict[str, Any]) -> int:
+    """Put a freshly set-up run into the checkpointed state; returns the index of the
+    next experience to train on."""
+    ctx, trainer = loop.ctx, loop.trainer
+    instances = [instance for _, instance in loop.plugins]
+    names = [type(p).__qualname__ for p in instances]
+    if names != payload["plugin_classes"]:
+        raise SnapshotError(f"the checkpoint was written by plugins {payload['plugin_classes']}"
+                            f", this run has {names}")
+    decoder = Decoder(allowed_modules(instances), _externals(loop))
+    state = payload["state"]
+    for instance, node in zip(instances, state["plugins"], strict=True):
+        decoder.memo[node["id"]] = instance  # restored in place: pluggy holds these objects
+        decoder.fill(instance, node)
+    ctx.model = decoder.decode(state["model"])
+    ctx.seen_classes = decoder.decode(state["seen_classes"])
+    vars(trainer).update(decoder.decode(state["trainer"]))
+    engine = decoder.decode(state["loop"])
+    loop.record, loop.seen, loop.position = engine["record"], engine["seen"], engine["position"]
+    loop.outcome.ledger = engine["ledger"]
+    rng = payload["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(_numpy_tuple(rng["numpy"]))
+    random.setstate(as_tuples(rng["python"]))
+    return int(payload["next_experience"])
+
+
+def _externals(loop: Any) -> dict[str, object]:
+    """Objects a checkpoint names instead of saving: the run's wiring and its data."""
+    ctx = loop.ctx
+    externals: dict[str, object] = {"ctx": ctx, "dataset": ctx.dataset, "trainer": loop.trainer,
+                                    "hooks": loop.hooks, "stream": loop.stream}
+    if ctx.labels is not None:
+        externals["labels"] = ctx.labels
+    for i, exp in enumerate(loop.stream):
+        externals[f"experience:{i}"] = exp
+        for name in ("train_x", "train_y", "test_x", "test_y"):
+            externals[f"experience:{i}.{name}"] = getattr(exp, name)
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        externals[f"dataset.{name}"] = getattr(ctx.dataset, name)
+    return externals
+
+
+def _numpy_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+            "has_gauss": has_gauss, "gauss": gauss}
+
+
+def _numpy_tuple(state: dict[str, Any]) -> tuple:
+    return (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
+            state["has_gauss"], state["gauss"])
+

@@ -1,0 +1,349 @@
+"""Checkpoints: safe state encoding, exact resume for every built-in plugin, a real kill."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import torch
+from helpers import DIGITS_SCENARIO, REPO_ROOT, run_cli
+
+from clsim.checkpoint import Checkpointing, fingerprint, read_checkpoint
+from clsim.cli import main
+from clsim.config import load_scenario
+from clsim.engine import build_stream, limit_stream, load_scenario_data, run_strategy
+from clsim.snapshot import Decoder, Encoder, SnapshotError
+
+ALLOWED = ("clsim", "torch", "numpy", __name__.split(".")[0])
+
+
+@dataclass(frozen=True)
+class Frozen:
+    a: int
+    b: tuple
+
+
+class Pair(NamedTuple):
+    left: object
+    right: object
+
+
+class Holder:
+    def __init__(self):
+        self.model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(),
+                                         torch.nn.Linear(4, 2))
+        self.old = self.model[0]  # shared with the model
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
+        self.generator = torch.Generator().manual_seed(5)
+        self.rng = np.random.default_rng(7)
+        self.table = collections.defaultdict(list, {3: [1.5], (1, "x"): []})
+        self.recent = collections.deque([1, 2], maxlen=4)
+        self.frozen = Frozen(1, (2.5, "s"))
+        self.pair = Pair(np.arange(6, dtype=np.float32).reshape(2, 3), np.int64(9))
+        self.view = self.model[0].weight[:2]  # a view of a parameter
+        self.me = self  # a cycle
+        self.hook = self.model.register_forward_hook(self.on_forward)
+        self.calls = 0
+
+    def on_forward(self, module, inputs, output):
+        self.calls += 1
+
+
+def _round_trip(obj, tmp_path):
+    node = Encoder(ALLOWED).encode(obj)
+    torch.save(node, tmp_path / "s.pt")
+    return Decoder(ALLOWED).decode(torch.load(tmp_path / "s.pt", weights_only=True))
+
+
+def test_state_survives_a_weights_only_round_trip(tmp_path):
+    holder = Holder()
+    loss = holder.model(torch.randn(5, 3)).sum()
+    loss.backward()
+    holder.optimizer.step()  # momentum buffers to carry over
+    holder.generator.manual_seed(11)
+    holder.rng.random(3)
+    back = _round_trip(holder, tmp_path)
+
+    assert back is not holder and back.me is back
+    assert back.old is back.model[0]  # identity kept across the graph
+    params = list(back.model.parameters())
+    assert all(isinstance(p, torch.nn.Parameter) for p in params)
+    assert [p for g in back.optimizer.param_groups for p in g["params"]] == params
+    for p_old, p_new in zip(holder.model.parameters(), params, strict=True):
+        assert torch.equal(p_old, p_new)
+        assert torch.equal(holder.optimizer.state[p_old]["momentum_buffer"],
+                           back.optimizer.state[p_new]["momentum_buffer"])
+    assert back.view.untyped_storage().data_ptr() == \
+        back.model[0].weight.untyped_storage().data_ptr()  # the view still shares storage
+    assert torch.equal(torch.rand(4, generator=holder.generator),
+                       torch.rand(4, generator=back.generator))
+    assert np.array_equal(holder.rng.random(4), back.rng.random(4))
+    assert back.table == holder.table and back.table.default_factory is list
+    assert back.recent == holder.recent and back.recent.maxlen == 4
+    assert back.frozen == holder.frozen and isinstance(back.frozen, Frozen)
+    assert isinstance(back.pair, Pair) and np.array_equal(back.pair.left, holder.pair.left)
+    assert back.pair.right.dtype == np.int64 and back.pair.right == 9
+    back.model(torch.zeros(1, 3))  # the forward hook is bound to the restored holder
+    assert back.calls == 2 and holder.calls == 1  # one call before the trip, one after
+
+
+def test_next_steps_match_after_a_round_trip(tmp_path):
+    holder = Holder()
+    back = _round_trip(holder, tmp_path)
+    for h in (holder, back):
+        for _ in range(3):
+            h.optimizer.zero_grad()
+            h.model(torch.randn(8, 3, generator=h.generator)).pow(2).sum().backward()
+            h.optimizer.step()
+    for a, b in zip(holder.model.parameters(), back.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("value", "named"), [
+    (lambda x: x, "lambda"),
+    ({"ok": [1, {"deep": open}]}, "state['ok'][1]['deep']"),
+    (np.array([object()]), "numpy array of Python objects"),
+    (collections.Counter(a=1), "collections.Counter"),
+])
+def test_what_cannot_be_saved_is_named(value, named):
+    with pytest.raises(SnapshotError, match="checkpoint") as info:
+        Encoder(ALLOWED).encode(value)
+    assert named in str(info.value)
+
+
+def test_a_checkpoint_naming_a_foreign_class_is_refused(tmp_path):
+    node = Encoder(ALLOWED).encode(Frozen(1, ()))
+    node["class"] = "os:system"
+    with pytest.raises(SnapshotError, match="outside the allowed modules"):
+        Decoder(ALLOWED).decode(node)
+    node["class"] = f"{__name__}:Frozen.__init__.__globals__"
+    with pytest.raises(SnapshotError, match="not a plain name"):
+        Decoder(ALLOWED).decode(node)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["CLSIM_TEST_MARKER"]),))
+
+
+def test_a_pickled_object_in_a_checkpoint_is_never_run(tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("CLSIM_TEST_MARKER", str(marker))
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "clsim-checkpoint/1", "payload": _Payload()}, path)
+    with pytest.raises(SnapshotError, match="cannot be read safely"):
+        read_checkpoint(path, "any")
+    assert not marker.exists()
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(SnapshotError, match="delete it to run this strategy from the start"):
+        read_checkpoint(path, "any")
+
+
+# ---------------------------------------------------------------------------
+# resume gives what an uninterrupted run gives, for every built-in plugin
+# ---------------------------------------------------------------------------
+
+class _KeepEvery(Checkpointing):
+    """Keeps a copy of every checkpoint, so a run can be resumed from each boundary."""
+
+    def save(self, loop, next_experience, wall_seconds):
+        super().save(loop, next_experience, wall_seconds)
+        if not self.unavailable:
+            shutil.copy(self.path, self.path.with_suffix(f".{next_experience}.pt"))
+
+
+def _comparable(outcome) -> str:
+    record = outcome.to_dict()
+    record.pop("wall_seconds")
+    return json.dumps(record, sort_keys=True)
+
+
+# every built-in plugin but avalanche (its own environment) appears in these
+RESUME_SCENARIOS = ["quickstart", "memo_quick", "prd_quick", "analytic_quick",
+                    "pl_fms_quick", "fscil_strategies_quick", "lingo_quick", "hle_quick"]
+
+
+@pytest.mark.parametrize("name", RESUME_SCENARIOS)
+def test_resuming_at_a_boundary_gives_the_uninterrupted_metrics(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    scenario = load_scenario(REPO_ROOT / "scenarios" / f"{name}.yaml")
+    dataset = load_scenario_data(scenario)
+    stream = limit_stream(build_stream(scenario, dataset, scenario.seed), 40)
+    device = torch.device("cpu")
+    for strategy_name, strategy in scenario.strategies.items():
+        key = fingerprint(scenario.to_dict(), scenario.seed, 40, strategy_name)
+        keep = _KeepEvery(tmp_path / f"{strategy_name}.pt", key)
+        full = run_strategy(scenario, strategy, dataset, stream, seed=scenario.seed,
+                            device=device, checkpoint=keep)
+        assert full.error is None and keep.unavailable is None
+        assert keep.written == list(range(1, len(stream) + 1))
+        middle = keep.written[len(keep.written) // 2 - 1]
+        payload = read_checkpoint(tmp_path / f"{strategy_name}.{middle}.pt", key)
+        resumed = run_strategy(
+            scenario, strategy, dataset, stream, seed=scenario.seed, device=device,
+            checkpoint=Checkpointing(tmp_path / "again.pt", key, resume_from=payload))
+        assert _comparable(resumed) == _comparable(full), (strategy_name, middle)
+
+
+def test_tame_resumes_exactly_on_a_stream_with_boundaries(tmp_path):
+    text = DIGITS_SCENARIO.replace("batch_size: 64", "batch_size: 8").replace(
+        "plugins: [naive]", "plugins: [{tame: {window: 10}}]\n    budget: 6 models + 300 exemplars")
+    path = tmp_path / "tame.yaml"
+    path.write_text(text, encoding="utf-8")
+    scenario = load_scenario(path)
+    dataset = load_scenario_data(scenario)
+    stream = build_stream(scenario, dataset, 0)
+    strategy = scenario.strategies["naive"]
+    key = fingerprint(scenario.to_dict(), 0, None, "naive")
+    keep = _KeepEvery(tmp_path / "t.pt", key)
+    full = run_strategy(scenario, strategy, dataset, stream, seed=0,
+                        device=torch.device("cpu"), checkpoint=keep)
+    assert full.error is None and keep.written == [1, 2, 3, 4, 5]
+    for n in (1, 3):
+        payload = read_checkpoint(tmp_path / f"t.{n}.pt", key)
+        resumed = run_strategy(scenario, strategy, dataset, stream, seed=0,
+                               device=torch.device("cpu"),
+                               checkpoint=Checkpointing(tmp_path / "x.pt", key,
+                                                        resume_from=payload))
+        assert _comparable(resumed) == _comparable(full)
+
+
+def test_a_checkpoint_of_another_strategy_or_seed_is_refused(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(DIGITS_SCENARIO, encoding="utf-8")
+    scenario = load_scenario(path)
+    dataset = load_scenario_data(scenario)
+    stream = build_stream(scenario, dataset, 0)
+    key = fingerprint(scenario.to_dict(), 0, None, "naive")
+    keep = Checkpointing(tmp_path / "n.pt", key)
+    run_strategy(scenario, scenario.strategies["naive"], dataset, stream, seed=0,
+                 device=torch.device("cpu"), checkpoint=keep)
+    read_checkpoint(keep.path, key)
+    for other in (fingerprint(scenario.to_dict(), 1, None, "naive"),
+                  fingerprint(scenario.to_dict(), 0, None, "replay"),
+                  fingerprint(scenario.to_dict(), 0, 100, "naive")):
+        with pytest.raises(SnapshotError, match="different scenario, seed, limit or strategy"):
+            read_checkpoint(keep.path, other)
+
+
+# ---------------------------------------------------------------------------
+# through the CLI: a real SIGKILL, then --resume
+# ---------------------------------------------------------------------------
+
+KILL_SCENARIO = DIGITS_SCENARIO.replace("epochs: 1", "epochs: 5").replace(
+    "hidden: [32]", "hidden: [256, 256]") + """\
+  replay:
+    plugins: [{replay: {capacity: 100}}]
+    budget: model + 200 exemplars
+"""
+
+
+def _metrics(out: Path) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    for record in summary["strategies"].values():
+        record.pop("wall_seconds")
+    return summary["strategies"]
+
+
+def _events(out: Path, whole_lines: bool = False) -> list[dict]:
+    """The events written so far (``whole_lines``: skip a line still being written)."""
+    path = out / "events.jsonl"
+    text = path.read_text() if path.exists() else ""
+    lines = text.split("\n")[:-1] if whole_lines else text.splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_a_killed_run_resumes_to_the_same_final_metrics(tmp_path):
+    scenario = tmp_path / "kill.yaml"
+    scenario.write_text(KILL_SCENARIO, encoding="utf-8")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    proc = run_cli("run", str(scenario), "--out", str(whole), "--no-progress",
+                   "--checkpoint-every", "experience")
+    assert proc.returncode == 0, proc.stderr
+    assert not (whole / "checkpoints").exists()  # spent checkpoints are removed
+
+    child = subprocess.Popen(
+        [sys.executable, "-m", "clsim.cli", "run", str(scenario), "--out", str(killed),
+         "--no-progress", "--checkpoint-every", "experience"],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and child.poll() is None:
+        ended = [e for e in _events(killed, whole_lines=True)
+                 if e["event"] == "experience_end" and e["strategy"] == "replay"]
+        if ended and ended[-1]["experience"] >= 1:
+            break  # replay's experience 1 has ended: its checkpoint is being written
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    summary = json.loads((killed / "summary.json").read_text())
+    assert list(summary["strategies"]) == ["naive"]  # replay was in flight
+    checkpoints = list((killed / "checkpoints").glob("*.pt"))
+    assert [p.name for p in checkpoints] == ["1-replay.pt"]  # naive's was spent
+    naive_before = summary["strategies"]["naive"]
+
+    proc = run_cli("run", str(scenario), "--out", str(killed), "--no-progress", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert _metrics(killed) == _metrics(whole)
+    after = json.loads((killed / "summary.json").read_text())
+    assert after["strategies"]["naive"] == naive_before  # kept as written, not rerun
+    resumed = [e for e in _events(killed) if e["event"] == "strategy_resumed"]
+    assert len(resumed) == 1 and resumed[0]["strategy"] == "replay"
+    # from a checkpoint: after experience 0 (the kill beat the next write) or later
+    assert 1 <= resumed[0]["experience"] <= 4
+    assert not (killed / "checkpoints").exists()
+
+
+def test_resume_refuses_another_run_and_keeps_its_results(tmp_path, capsys):
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(DIGITS_SCENARIO, encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["run", str(scenario), "--out", str(out), "--no-progress"]) == 0
+    before = (out / "summary.json").read_bytes()
+    capsys.readouterr()
+    for extra, message in [(["--seed", "4"], "different 'seed' (0 there, 4 now)"),
+                           (["--limit", "9"], "different 'limit' (null there, 9 now)"),
+                           (["--strategy", "naive", "--strategy", "naive"],
+                            "different 'strategies_requested'")]:
+        code = main(["run", str(scenario), "--out", str(out), "--no-progress", "--resume",
+                     *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err
+    assert (out / "summary.json").read_bytes() == before
+    assert main(["run", str(scenario), "--no-progress", "--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+    assert main(["run", str(scenario), "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "there is no run to continue" in capsys.readouterr().err
+
+
+class Forgetful:
+    """A plugin that keeps a lambda: its state cannot be checkpointed."""
+
+    def __init__(self):
+        self.callback = lambda: None
+
+
+def test_a_strategy_that_cannot_be_saved_runs_on_and_says_why(tmp_path):
+    text = DIGITS_SCENARIO.replace("plugins: [naive]",
+                                   "plugins: [naive, test_checkpoint:Forgetful]")
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(text, encoding="utf-8")
+    out = tmp_path / "out"
+    proc = run_cli("run", str(scenario), "--out", str(out), "--no-progress",
+                   "--checkpoint-every", "experience",
+                   env={"PYTHONPATH": str(Path(__file__).parent)})
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "summary.json").read_text())["strategies"]["naive"]
+    assert record["status"] == "ok"
+    assert "plugin 'Forgetful'.callback is a lambda" in record["checkpoint"]
+    assert "ran without checkpoints" in proc.stderr
