@@ -25,12 +25,12 @@ class CellStore:
         records: dict[str, dict[str, Any]] = {}
         if not self.path.exists():
             return records
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_bytes().splitlines():
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the torn tail of a killed run
-            if isinstance(record, dict) and "cell" in record:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue  # the torn tail of a killed run (or bytes that are not a record)
+            if isinstance(record, dict) and isinstance(record.get("cell"), str):
                 records[record["cell"]] = record
         return records
 

@@ -112,8 +112,34 @@ def rebuild_report(out: Path) -> Analysis:
     records = list(store.load().values())
     if not records:
         raise ConfigError(f"{store.path} holds no finished cell")
+    for record in records:
+        _check_record(record, store.path)
     name = records[0].get("scenario", out.name)
-    return write_report(out, records, title=f"{name}: comparison")
+    try:
+        return write_report(out, records, title=f"{name}: comparison")
+    except (KeyError, TypeError, ValueError) as exc:  # a hand-edited ok record
+        raise ConfigError(
+            f"a cell record cannot be reported ({type(exc).__name__}: {exc}); was the file "
+            "edited by hand? Rerun the damaged cells with clsim compare --resume",
+            source=str(store.path),
+        ) from None
+
+
+# the keys every cell record has (grid.CellTask.record), with their types
+_RECORD_KEYS = {"strategy": str, "budget": str, "budget_index": int, "seed": int}
+
+
+def _check_record(record: dict[str, Any], path: Path) -> None:
+    """A record from cells.jsonl has its cell's identity, so the report can place it."""
+    for key, kind in _RECORD_KEYS.items():
+        value = record.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            got = "missing key" if key not in record else f"expected {kind.__name__}, got {value!r}"
+            raise ConfigError(
+                f"{got} in the record of cell {record['cell']!r}; every record holds "
+                f"{', '.join(_RECORD_KEYS)} (was the file edited by hand?)",
+                source=str(path), key_path=key,
+            )
 
 
 def _prepare(

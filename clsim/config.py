@@ -16,11 +16,12 @@ from typing import Any, Literal
 import yaml
 
 from clsim.budget import Budget, BudgetPoint
-from clsim.errors import ClsimError, ConfigError
+from clsim.data.registry import dataset_names
+from clsim.errors import ClsimError, ConfigError, OptionError
 from clsim.models import MODELS
 from clsim.plugin_manager import load_plugin_class, options_class
 from clsim.streams import STREAM_TYPES
-from clsim.validation import KeyPath, Source, build, closest, format_path
+from clsim.validation import KeyPath, Source, build, closest, format_path, short_repr
 
 
 @dataclass
@@ -35,6 +36,14 @@ class DataConfig:
         },
     )
     path: str | None = field(default=None, metadata={"help": "the .npz file, for dataset: npz"})
+
+    def check(self) -> None:
+        known = dataset_names()
+        if self.dataset.strip().lower().replace("-", "_") not in known:
+            hint = closest(self.dataset, known)
+            raise OptionError("dataset", f"unknown dataset {self.dataset!r} (known: "
+                              f"{', '.join(known)})"
+                              + (f"; did you mean {hint!r}?" if hint else ""))
 
 
 @dataclass
@@ -59,6 +68,11 @@ class TrainingConfig:
     batch_size: int = field(default=128, metadata={"min": 1})
     eval_batch_size: int = field(default=1024, metadata={"min": 1})
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    nonfinite_loss: Literal["stop", "skip_batch"] = field(
+        default="stop",
+        metadata={"help": "a NaN or infinite loss: stop the strategy with an error, or "
+                  "skip_batch (no backward, no step; counted as metrics.skipped_batches)"},
+    )
 
 
 @dataclass
@@ -74,12 +88,14 @@ class CompareConfig:
     )
 
     def check(self) -> None:
+        for index, point in enumerate(self.budgets):
+            _check_not_zero(point.budget, f"budgets[{index}]")
         labels = [b.label for b in self.budgets]
         repeated = sorted({b for b in labels if labels.count(b) > 1})
         if repeated:
-            raise ValueError(f"budgets must differ; repeated: {', '.join(repeated)}")
+            raise OptionError("budgets", f"budgets must differ; repeated: {', '.join(repeated)}")
         if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must differ; got {self.seeds}")
+            raise OptionError("seeds", f"seeds must differ; got {self.seeds}")
 
 
 @dataclass
@@ -136,13 +152,23 @@ class _ScenarioFields:
 
     def check(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device)):
-            raise ValueError(f"'device' must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+            raise OptionError("device", "'device' must be auto, cpu, cuda or cuda:N; "
+                              f"got {self.device!r}")
         if self.name is not None and not _NAME.fullmatch(self.name):
-            raise ValueError("'name' is used in folder names: letters, digits, '.', '_' and '-' "
-                             f"only, not starting with '.'; got {self.name!r}")
+            raise OptionError("name", "'name' is used in folder names: letters, digits, '.', "
+                              f"'_' and '-' only, not starting with '.'; got {self.name!r}")
+        _check_not_zero(self.budget, "budget")
 
 
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
+def _check_not_zero(budget: Budget | None, key: str) -> None:
+    """A scenario budget of 0 bytes cannot hold even the model: a slip, never a plan."""
+    if budget is not None and not (budget.bytes or budget.exemplars or budget.models):
+        raise OptionError(key, f"a budget of 0 bytes cannot hold even the model; got "
+                          f"{budget.text!r} (give bytes, a size such as '48KB', or "
+                          "'model + N exemplars')")
 
 
 def _is_cuda_index(device: str) -> bool:
@@ -155,6 +181,9 @@ class _StrategyFields:
     plugins: list = field(metadata={"min_items": 1})
     budget: Budget | None = None
     strict: bool | None = None
+
+    def check(self) -> None:
+        _check_not_zero(self.budget, "budget")
 
 
 @dataclass
@@ -336,9 +365,11 @@ def _collect_lines(
     if id(node) in entered:
         return
     entered.add(id(node))
+    _refuse_tag(node, path, source)
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
+            _refuse_tag(key_node, path, source)
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
             if key in seen:
                 raise ConfigError(
@@ -353,6 +384,28 @@ def _collect_lines(
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             _collect_lines(item, path + (index,), lines, source, entered)
+
+
+def _refuse_tag(node: yaml.Node, path: KeyPath, source: str) -> None:
+    """A tag the safe loader cannot construct (``!!python/object/apply:os.system``,
+    ``!include``) is refused at its key path, before anything is constructed; so is a
+    scalar its tag cannot read (``!!int fuzz``, a timestamp ``2001-13-45``), which PyYAML
+    would report as a bare ValueError."""
+    where = {"source": source, "key_path": format_path(path) or None,
+             "line": node.start_mark.line + 1}
+    tag = node.tag.replace("tag:yaml.org,2002:", "!!", 1)
+    if node.tag not in _LineLoader.yaml_constructors:
+        raise ConfigError(
+            f"invalid YAML: the tag {short_repr(tag)} is not allowed (clsim reads plain data; "
+            "tags that construct objects are refused)", **where,
+        )
+    if isinstance(node, yaml.ScalarNode):
+        try:
+            _LineLoader.yaml_constructors[node.tag](yaml.constructor.SafeConstructor(), node)
+        except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError,
+                yaml.YAMLError):
+            raise ConfigError(f"invalid YAML: {short_repr(node.value)} is not a valid {tag}",
+                              **where) from None
 
 
 def _yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:

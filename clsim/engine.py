@@ -28,6 +28,7 @@ from clsim.memory import Ledger, measure, model_bytes
 from clsim.models import build_model
 from clsim.models.heads import ActiveHead, expose_labels
 from clsim.plugin_manager import HookRunner, build_plugin_manager
+from clsim.resources import check_run_memory
 from clsim.scoring import AnytimePoint, RunRecord, per_label, score
 from clsim.seeding import derive_seed, torch_generator
 from clsim.stream import Experience, Stream
@@ -82,9 +83,16 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def load_scenario_data(scenario: ScenarioConfig) -> Dataset:
+    """The scenario's dataset; missing or damaged files are a ConfigError naming the
+    scenario file and the key that points at them (data.path for npz, else data.root)."""
     data = scenario.data
     options = {} if data.path is None else {"path": resolve_path(scenario, data.path)}
-    return load_dataset(data.dataset, root=resolve_path(scenario, data.root), **options)
+    check_run_memory(scenario, resolve_path(scenario, data.root), **options)  # before loading
+    try:
+        return load_dataset(data.dataset, root=resolve_path(scenario, data.root), **options)
+    except ClsimError as exc:
+        key = "path" if data.dataset.strip().lower() == "npz" else "root"
+        raise scenario.error(("data", key), getattr(exc, "detail", str(exc))) from None
 
 
 def build_scenario_model(scenario: ScenarioConfig, dataset: Dataset, stream: Stream | None = None):
@@ -246,6 +254,7 @@ def run_strategy(
                 events.write("strategy_resumed", strategy=strategy.name, experience=start)
             loop.run(start)
             outcome.metrics = score(stream, loop.record)
+            outcome.metrics.update(trainer.metrics())  # skipped_batches, with skip_batch
             where["experience"] = None
             reports = plugin_reports(hooks, ctx, stream)
             if reports:

@@ -61,6 +61,11 @@ class PluginRuntimeError(ClsimError):
     """A plugin raised inside a hook; names the plugin, the hook and the experience."""
 
 
+class ResourceError(ConfigError):
+    """The run would need more memory than the machine (or a set limit) allows; raised
+    before the data is loaded, naming the estimate, what is available and how to fix it."""
+
+
 class BudgetExceededError(ClsimError):
     """A strict run held more bytes than its budget after an experience."""
 

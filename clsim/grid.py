@@ -65,6 +65,7 @@ def plan(scenario: ScenarioConfig, text: str, threads: int) -> list[CellTask]:
             "the scenario has no 'compare' section; add one with 'budgets' (and 'seeds'), "
             "e.g. compare: {budgets: ['1MB', '2MB'], seeds: [0, 1, 2]}",
             source=scenario.source,
+            key_path="compare",
         )
     names = scenario.compare.strategies or list(scenario.strategies)
     return [

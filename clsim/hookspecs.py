@@ -133,7 +133,9 @@ def clsim_loss(ctx: RunContext, batch: Batch, logits: torch.Tensor) -> torch.Ten
     """Contribute an extra loss term (distillation, auxiliary heads, regularisers).
 
     Collected: every non-None scalar tensor is added to the task loss (cross-entropy of
-    ``logits`` against ``batch.y``).
+    ``logits`` against ``batch.y``). With ``training.nonfinite_loss: skip_batch``, a batch
+    whose total loss is NaN or infinite ends here: no backward, no optimizer step and no
+    ``clsim_after_*`` hook for it.
 
     :param ctx: the run context.
     :param batch: the batch after ``clsim_before_batch``.

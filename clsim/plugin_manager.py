@@ -44,6 +44,11 @@ def load_plugin_class(ref: str) -> type:
             raise PluginError(
                 f"cannot import module {module_name!r} for plugin {ref!r}: {exc}"
             ) from None
+        except Exception as exc:  # the plugin's own module failed while importing
+            raise PluginError(
+                f"importing module {module_name!r} for plugin {ref!r} raised "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         target: Any = module
         for part in attr.split("."):
             if not hasattr(target, part):
@@ -143,7 +148,9 @@ class HookRunner:
     pluggy registers and validates the implementations and sorts them (YAML order,
     tryfirst, trylast); the calls are made here, one implementation at a time, so that an
     exception or a malformed return value is always attributed to the exact plugin
-    instance. Hook wrappers are not part of clsim's contract and are refused.
+    instance. ``sys.exit()`` in a plugin is such a fault too (a plugin cannot end clsim);
+    KeyboardInterrupt passes through. Hook wrappers are not part of clsim's contract and
+    are refused.
     """
 
     def __init__(self, pm: ClsimPluginManager, where: Callable[[], str] = lambda: "") -> None:
@@ -221,3 +228,7 @@ class HookRunner:
             detail = str(exc) if isinstance(exc, ClsimError) else f"{type(exc).__name__}: {exc}"
             raise self.fault(impl.plugin_name, hook, detail,
                              getattr(exc, "exit_code", None)) from exc
+        except SystemExit as exc:  # sys.exit() in a plugin ends its strategy, not clsim;
+            # KeyboardInterrupt (and other BaseExceptions) still stop the program
+            raise self.fault(impl.plugin_name, hook, f"SystemExit({exc.code!r}): a plugin may "
+                             "not exit the program; raise an exception instead") from exc

@@ -67,7 +67,7 @@ def run_scenario(
         raise ConfigError(
             f"unknown strategy {unknown[0]!r}; the scenario defines "
             f"{', '.join(scenario.strategies)}",
-            source=scenario.source,
+            source=scenario.source, key_path="--strategy",
         )
     device = resolve_device(scenario.device)
     if scenario.threads:

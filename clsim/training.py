@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,8 @@ from clsim.stream import Batch
 
 # A non-finite loss is detected from the running loss sum, read every this many batches
 # and at the end of each epoch: one device synchronisation per window, not per batch.
+# With ``training.nonfinite_loss: skip_batch`` every batch's loss is read before its
+# backward pass instead (one synchronisation per batch: the price of skipping exactly).
 CHECK_EVERY = 50
 
 
@@ -49,10 +53,29 @@ class Trainer:
         self.progress = progress  # a tqdm-like object with update(n), or None
         self.online = False  # the engine sets it: optimizers then carry over between parts
         self._last_optimizer: tuple[list[nn.Parameter], torch.optim.Optimizer] | None = None
+        self.skipped_batches = 0  # batches discarded for a non-finite loss (skip_batch)
+        self._experience_batches = [0, 0]  # [trained, skipped] since the experience began
 
     def end_experience(self) -> None:
-        """Drop the optimizer kept for the next part of an online experience."""
+        """Drop the optimizer kept for the next part of an online experience; with
+        ``skip_batch``, an experience whose every batch was skipped is an error (nothing
+        was learned from it, and the weights or a plugin's loss term are broken)."""
         self._last_optimizer = None
+        trained, skipped = self._experience_batches
+        self._experience_batches = [0, 0]
+        if skipped and not trained:
+            raise TrainingError(
+                f"strategy {self.ctx.strategy!r}: every batch{self._where()} had a non-finite "
+                f"loss ({skipped} skipped, none trained), so nothing was learned; lower the "
+                "learning rate or check the plugins' loss terms"
+            )
+
+    def metrics(self) -> dict[str, int]:
+        """What the loop adds to the strategy's metrics: the skipped-batch count, when
+        ``nonfinite_loss`` is ``skip_batch``."""
+        if self.config.nonfinite_loss != "skip_batch":
+            return {}
+        return {"skipped_batches": self.skipped_batches}
 
     def n_batches(self, n_samples: int, epochs: int | None = None) -> int:
         per_epoch = -(-n_samples // self.config.batch_size)
@@ -78,12 +101,16 @@ class Trainer:
         ctx.optimizer = optimizer = self._optimizer(keep_optimizer)
         batch_size, n = self.config.batch_size, int(y.shape[0])
         task_loss = F.cross_entropy if ctx.labels is None else ctx.labels.cross_entropy
+        skip_nonfinite = self.config.nonfinite_loss == "skip_batch"
         mean_loss = float("nan")
         model.train()
         for epoch in range(epochs or self.config.epochs):
             order = torch.randperm(n, generator=self.generator) if shuffle else None
             loss_sum = torch.zeros((), device=ctx.device)
+            window: list[torch.Tensor] = []  # losses since the last check, to name the batch
+            trained = 0
             for start in range(0, n, batch_size):
+                step = start // batch_size + 1
                 index = slice(start, start + batch_size) if order is None else \
                     order[start : start + batch_size]
                 batch = Batch(x[index], y[index], None if task_ids is None else task_ids[index])
@@ -97,6 +124,12 @@ class Trainer:
                 for plugin, extra in hooks.collect("clsim_loss", ctx=ctx, batch=batch,
                                                    logits=logits):
                     loss = loss + self._loss_term(plugin, extra, loss)
+                if skip_nonfinite and not bool(torch.isfinite(loss)):
+                    # discarded as if never drawn: no backward, no step, no after_* hooks
+                    self._skip(loss, epoch, step)
+                    if self.progress is not None:
+                        self.progress.update(1)
+                    continue
                 # backward and update
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -108,12 +141,15 @@ class Trainer:
                     "clsim_after_batch", ctx=ctx, batch=batch, logits=logits.detach(), loss=loss
                 )
                 loss_sum += loss
+                trained += 1
+                self._experience_batches[0] += 1
+                window.append(loss)
                 if self.progress is not None:
                     self.progress.update(1)
-                step = start // batch_size + 1
                 if step % CHECK_EVERY == 0 or start + batch_size >= n:
-                    self._check_finite(loss_sum, epoch, step)
-            mean_loss = float(loss_sum) / max(1, -(-n // batch_size))
+                    self._check_finite(loss_sum, window, epoch, step)
+                    window.clear()
+            mean_loss = float(loss_sum) / max(1, trained)
         ctx.optimizer = None
         model.zero_grad(set_to_none=True)  # gradients are not state to keep between experiences
         return mean_loss
@@ -140,11 +176,33 @@ class Trainer:
                                    f"the loss is on {loss.device}")
         return extra.reshape(())
 
-    def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int) -> None:
+    def _where(self) -> str:
+        experience = self.ctx.experience
+        return "" if experience is None else f" of experience {experience.index}"
+
+    def _check_finite(self, loss_sum: torch.Tensor, window: list[torch.Tensor], epoch: int,
+                      step: int) -> None:
+        """Stop on a non-finite loss sum (``nonfinite_loss: stop``), naming the first
+        batch of the window ``window`` (the losses of batches ``first..step``) at fault."""
         value = float(loss_sum)
-        if value != value or value in (float("inf"), float("-inf")):
-            first = (step - 1) // CHECK_EVERY * CHECK_EVERY + 1
-            raise TrainingError(
-                f"strategy {self.ctx.strategy!r}: the loss became {value} in epoch {epoch + 1}, "
-                f"batches {first}-{step}; lower the learning rate or check the plugins' loss terms"
-            )
+        if math.isfinite(value):
+            return
+        first = step - len(window) + 1
+        losses = torch.stack(window).float().cpu() if window else torch.zeros(0)
+        bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+        if bad:  # else finite losses overflowed the sum: report the sum
+            value = float(losses[bad[0]])
+        at = f" (first at batch {first + bad[0]})" if bad else ""
+        raise TrainingError(
+            f"strategy {self.ctx.strategy!r}: the loss became {value} in epoch {epoch + 1}, "
+            f"batches {first}-{step}{self._where()}{at}; lower the learning rate, check the "
+            "plugins' loss terms, or set training.nonfinite_loss: skip_batch"
+        )
+
+    def _skip(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        """Count and log a batch discarded for its non-finite loss (``skip_batch``)."""
+        self.skipped_batches += 1
+        self._experience_batches[1] += 1
+        experience = self.ctx.experience
+        self.ctx.log("batch_skipped", experience=None if experience is None else experience.index,
+                     epoch=epoch + 1, batch=step, loss=str(float(loss.detach())))

@@ -490,7 +490,7 @@ class TamePlugin:
         try:
             self.buffer.offer(xb, yb, active, priorities)
         except ValueError as exc:
-            raise ConfigError(f"tame: {exc}; raise the budget or 'capacity'") from None
+            raise ConfigError(f"tame: {exc}; {self._buffer_minimum(ctx)}") from None
         self.selector_stale.fill_(True)
         self.position += len(yb)
 
@@ -611,13 +611,7 @@ class TamePlugin:
         n_classes_seen = 1 if self.buffer is None else max(1, int(self.buffer.class_seen.sum()))
         n = len(self.experts)
         if ctx.budget_bytes is not None:
-            kept, self.buffer = self.buffer, PriorityBuffer(
-                0, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes)
-            try:
-                overhead = measure(ctx.model, [("tame", self)]).total_bytes
-            finally:
-                self.buffer = kept
-            overhead += LOG_RESERVE * _LOG_COLUMNS * 8
+            overhead = self._overhead_bytes(ctx)
             fits = (ctx.budget_bytes - overhead) // item
             capacity = self.options.capacity or fits
             if capacity > fits or capacity < n_classes_seen:
@@ -634,6 +628,28 @@ class TamePlugin:
                                          ctx.n_classes)
         elif capacity != self.buffer.capacity:
             self.buffer = self.buffer.resized(min(capacity, self.buffer.capacity))
+
+    def _overhead_bytes(self, ctx: RunContext) -> int:
+        """Bytes held besides the buffer's items: experts, selector, bookkeeping, the log
+        reserve and an empty buffer."""
+        kept, self.buffer = self.buffer, PriorityBuffer(
+            0, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes)
+        try:
+            overhead = measure(ctx.model, [("tame", self)]).total_bytes
+        finally:
+            self.buffer = kept
+        return overhead + LOG_RESERVE * _LOG_COLUMNS * 8
+
+    def _buffer_minimum(self, ctx: RunContext) -> str:
+        """What a buffer too small for the classes seen needs: a budget in bytes, or
+        a larger ``capacity`` when the capacity is given."""
+        seen = int(self.buffer.class_seen.sum())
+        if self.options.capacity is not None or ctx.budget_bytes is None:
+            return f"raise 'capacity' to at least {seen}"
+        item = PriorityBuffer.item_bytes(ctx.sample_bytes, ctx.n_classes)
+        need = self._overhead_bytes(ctx) + seen * item
+        return (f"the minimum budget for {len(self.experts)} expert(s) and {seen} classes is "
+                f"{need} bytes")
 
     # -- pruning ---------------------------------------------------------------
 

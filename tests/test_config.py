@@ -92,6 +92,16 @@ def test_dotted_path_that_does_not_import():
     assert "cannot import module 'nope.mod'" in str(err)
 
 
+def test_a_plugin_module_that_raises_on_import_is_blamed_cleanly(tmp_path, monkeypatch):
+    (tmp_path / "broken_plugin_mod.py").write_text("raise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    err = error_of(DIGITS_SCENARIO.replace("plugins: [naive]",
+                                           "plugins: ['broken_plugin_mod:Cls']"))
+    assert "strategies.naive.plugins[0]" in str(err)
+    assert "importing module 'broken_plugin_mod' for plugin 'broken_plugin_mod:Cls' raised " \
+        "RuntimeError: no GPU here" in str(err)
+
+
 def test_unknown_model_and_model_option():
     err = error_of(DIGITS_SCENARIO.replace("name: mlp", "name: mpl"))
     assert err.key_path == "model.name" and "did you mean 'mlp'?" in str(err)

@@ -51,44 +51,51 @@ def class_groups(
 ) -> list[int]:
     """Sizes of the class groups, e.g. 10 classes, initial 4, increment 2 -> [4, 2, 2, 2].
 
-    Raises ValueError with a sentence a user can act on when the numbers do not fit.
+    Raises ValueError with a sentence a user can act on when the numbers do not fit (an
+    OptionError naming the option at fault where one is).
     """
     first = initial_increment
     if increment is None and n_experiences is None:
         raise ValueError("give either 'n_experiences' or 'increment'")
     if increment is None:
         if n_experiences < 1:
-            raise ValueError(f"'n_experiences' must be >= 1; got {n_experiences}")
+            raise OptionError("n_experiences", f"'n_experiences' must be >= 1; got {n_experiences}")
         rest_classes = n_classes - (first or 0)
         rest_exps = n_experiences - (1 if first else 0)
         if rest_exps == 0:
             if rest_classes != 0:
-                raise ValueError(
+                raise OptionError(
+                    "n_experiences",
                     f"{n_experiences} experience(s) with initial_increment={first} leave "
                     f"{rest_classes} of {n_classes} classes unassigned"
                 )
             return [first]
         if rest_classes <= 0 or rest_classes % rest_exps:
-            raise ValueError(
+            raise OptionError(
+                "n_experiences",
                 f"{rest_classes} classes do not split evenly into {rest_exps} experiences "
                 f"(n_classes={n_classes}, n_experiences={n_experiences}, "
                 f"initial_increment={first}); give 'increment' explicitly"
             )
         increment = rest_classes // rest_exps
     if increment < 1:
-        raise ValueError(f"'increment' must be >= 1; got {increment}")
+        raise OptionError("increment", f"'increment' must be >= 1; got {increment}")
     sizes = [first] if first else []
     remaining = n_classes - sum(sizes)
     if remaining < 0:
-        raise ValueError(f"initial_increment={first} exceeds the {n_classes} classes")
+        raise OptionError(
+            "initial_increment", f"initial_increment={first} exceeds the {n_classes} classes"
+        )
     if remaining % increment:
-        raise ValueError(
+        raise OptionError(
+            "increment",
             f"the {remaining} classes after the first experience do not divide by "
             f"increment={increment}"
         )
     sizes += [increment] * (remaining // increment)
     if n_experiences is not None and len(sizes) != n_experiences:
-        raise ValueError(
+        raise OptionError(
+            "n_experiences",
             f"increment={increment} gives {len(sizes)} experiences, "
             f"but n_experiences={n_experiences}"
         )
@@ -105,7 +112,8 @@ def resolve_class_order(
             missing = sorted(set(range(n_classes)) - set(order))
             extra = sorted(set(order) - set(range(n_classes)))
             dup = sorted({c for c in order if order.count(c) > 1})
-            raise ValueError(
+            raise OptionError(
+                "class_order",
                 f"'class_order' must list each of the {n_classes} class ids exactly once"
                 + (f"; missing {missing}" if missing else "")
                 + (f"; unknown {extra}" if extra else "")

@@ -1,0 +1,193 @@
+"""A plugin failing in any hook fails its own strategy (or its own cell), nothing else.
+
+Every hook of clsim/hookspecs.py is covered by a generated faulty plugin
+(tests/faulty_plugins.py), so a new hook is tested as soon as it is specified. The other
+strategies of the run, and the other cells of a comparison, must finish with exactly the
+results they have without the faulty strategy beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import faulty_plugins
+import pytest
+from helpers import REPO_ROOT
+
+from clsim import hookspecs
+from clsim.cli import main
+from clsim.compare import run_compare
+from clsim.config import parse_scenario
+from clsim.executors import run_inline
+from clsim.grid import plan
+from clsim.runner import run_scenario
+
+SPECIFIED_HOOKS = sorted(
+    name for name in dir(hookspecs)
+    if name.startswith("clsim_") and hasattr(getattr(hookspecs, name), "clsim_spec")
+)
+# where each hook first fires: outside any experience, or in experience 0 (a new hook
+# must be placed in one of the two, which a test below demands; until it is, its message
+# is checked up to the experience)
+OUTSIDE_EXPERIENCES = {"clsim_setup", "clsim_teardown", "clsim_predict", "clsim_report"}
+IN_EXPERIENCE_0 = {
+    "clsim_before_experience", "clsim_train_experience", "clsim_after_experience",
+    "clsim_before_batch", "clsim_loss", "clsim_after_backward", "clsim_after_update",
+    "clsim_after_batch",
+}
+
+SCENARIO = """\
+name: faults
+seed: 0
+data: {dataset: digits}
+stream: {type: class_incremental, n_experiences: 5}
+model: {name: mlp, hidden: [16]}
+training: {epochs: 1, batch_size: 64, optimizer: {name: sgd, lr: 0.1}}
+budget: model + 50 exemplars
+strategies:
+  before:
+    plugins: [replay]
+FAULTY  after:
+    plugins: [{replay: {selection: herding, nme: true}}]
+compare:
+  budgets: ['model + 50 exemplars', 'model + 120 exemplars']
+  seeds: [0]
+"""
+
+
+def scenario_text(plugin: str | None) -> str:
+    """The scenario with a strategy 'faulty' (naive plus ``plugin``) between two others,
+    or without it."""
+    faulty = "" if plugin is None else \
+        f"  faulty:\n    plugins: [naive, 'faulty_plugins:{plugin}']\n"
+    return SCENARIO.replace("FAULTY", faulty)
+
+
+def plain(outcome) -> dict:
+    """An outcome as summary.json holds it, without the wall-clock time."""
+    return {k: v for k, v in outcome.to_dict().items() if k != "wall_seconds"}
+
+
+def without_clocks(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("pid", "wall_seconds")}
+
+
+def cell_records(text: str) -> dict[str, dict]:
+    """Every cell of the comparison, run by the inline executor; without pid and time."""
+    scenario = parse_scenario(text, source="g.yaml")
+    return {r["cell"]: without_clocks(r) for r in run_inline(plan(scenario, text, threads=1))}
+
+
+def expected_message(plugin: str, hook: str, detail: str) -> str:
+    where = ", experience 0" if hook in IN_EXPERIENCE_0 else ""
+    return f"plugin {plugin!r} failed in {hook} (strategy 'faulty'{where}): {detail}"
+
+
+@pytest.fixture(scope="module")
+def clean_run() -> dict[str, dict]:
+    result = run_scenario(parse_scenario(scenario_text(None)), None)
+    return {o.name: plain(o) for o in result.outcomes}
+
+
+@pytest.fixture(scope="module")
+def clean_cells() -> dict[str, dict]:
+    return cell_records(scenario_text(None))
+
+
+def test_every_specified_hook_has_a_faulty_plugin_and_a_known_place():
+    assert SPECIFIED_HOOKS, "no hook specs found in clsim.hookspecs"
+    for hook in SPECIFIED_HOOKS:
+        assert hasattr(faulty_plugins, faulty_plugins.class_name(hook))
+    # a new hook should be placed in one of the two sets, so its message is checked exactly
+    assert set(SPECIFIED_HOOKS) == OUTSIDE_EXPERIENCES | IN_EXPERIENCE_0
+
+
+@pytest.mark.parametrize("hook", SPECIFIED_HOOKS)
+def test_a_plugin_raising_in_any_hook_fails_only_its_strategy(hook, clean_run):
+    plugin = faulty_plugins.class_name(hook)
+    result = run_scenario(parse_scenario(scenario_text(plugin)), None)
+    outcomes = {o.name: o for o in result.outcomes}
+    assert list(outcomes) == ["before", "faulty", "after"]
+    error = outcomes["faulty"].error
+    if hook in OUTSIDE_EXPERIENCES | IN_EXPERIENCE_0:
+        assert error == expected_message(plugin, hook, f"RuntimeError: fault in {hook}")
+    else:
+        assert error.startswith(f"plugin {plugin!r} failed in {hook} (strategy 'faulty'"), error
+    assert result.summary["strategies"]["faulty"]["status"] == "failed"
+    # the strategies before and after it finish exactly as without it
+    assert {n: plain(outcomes[n]) for n in ("before", "after")} == clean_run
+
+
+@pytest.mark.parametrize("hook", SPECIFIED_HOOKS)
+def test_a_plugin_raising_in_any_hook_fails_only_its_compare_cells(hook, clean_cells):
+    plugin = faulty_plugins.class_name(hook)
+    records = cell_records(scenario_text(plugin))
+    failed = {cell: r for cell, r in records.items() if r["strategy"] == "faulty"}
+    assert len(failed) == 2  # one per budget
+    for record in failed.values():
+        assert record["status"] == "failed"
+        assert record["error"].startswith(f"plugin {plugin!r} failed in {hook} "
+                                          "(strategy 'faulty'"), record["error"]
+        assert record["error"].endswith(f"RuntimeError: fault in {hook}")
+    others = {cell: r for cell, r in records.items() if r["strategy"] != "faulty"}
+    assert others == clean_cells
+    assert all(r["status"] == "ok" for r in others.values())
+
+
+def test_sys_exit_in_a_plugin_is_blamed_on_the_plugin(clean_run, tmp_path):
+    """The run does not end with the plugin's exit code 3: the strategy fails with a
+    message naming plugin and hook, and the next strategy runs."""
+    scenario = parse_scenario(scenario_text("ExitsInAfterBatch"))
+    result = run_scenario(scenario, tmp_path / "out")
+    message = expected_message("ExitsInAfterBatch", "clsim_after_batch",
+                               "SystemExit(3): a plugin may not exit the program; raise an "
+                               "exception instead")
+    strategies = json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"]
+    assert [o.error for o in result.outcomes] == [None, message, None]
+    assert strategies["faulty"]["error"] == message
+    assert {n: {k: v for k, v in strategies[n].items() if k != "wall_seconds"}
+            for n in ("before", "after")} == clean_run
+
+
+def test_keyboard_interrupt_in_a_plugin_still_stops_the_run():
+    faulty_plugins.InterruptsInAfterBatch.teardowns = 0
+    scenario = parse_scenario(scenario_text("InterruptsInAfterBatch"))
+    with pytest.raises(KeyboardInterrupt):
+        run_scenario(scenario, None)
+    assert faulty_plugins.InterruptsInAfterBatch.teardowns == 1  # teardown ran on the way out
+
+
+def test_keyboard_interrupt_in_a_plugin_stops_clsim_run_with_exit_130(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text(scenario_text("InterruptsInAfterBatch"), encoding="utf-8")
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 130
+    stderr = capsys.readouterr().err
+    assert "clsim: interrupted" in stderr and "Traceback" not in stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(summary["strategies"]) == ["before"]  # 'after' never started
+    events = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").open()]
+    assert not any(e.get("strategy") == "after" for e in events)
+    assert events[-1]["event"] == "run_end"
+
+
+def test_sys_exit_in_a_process_pool_worker_fails_only_its_cells(clean_cells, tmp_path,
+                                                                 monkeypatch):
+    """A SystemExit escaping into a pool worker would reach the parent through the future
+    and end the whole comparison; it must fail only the faulty strategy's cells."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "tests"))  # spawned workers import the plugin
+    path = tmp_path / "g.yaml"
+    path.write_text(scenario_text("ExitsInAfterBatch"), encoding="utf-8")
+    result = run_compare(path, tmp_path / "out", executor="local", workers=2, threads=1)
+    records = [json.loads(line) for line in (tmp_path / "out" / "cells.jsonl").open()]
+    assert len(records) == 6 and len(result.failed) == 2
+    assert len({r["pid"] for r in records} - {os.getpid()}) == 2  # two worker processes
+    message = expected_message("ExitsInAfterBatch", "clsim_after_batch",
+                               "SystemExit(3): a plugin may not exit the program; raise an "
+                               "exception instead")
+    for r in records:
+        if r["strategy"] == "faulty":
+            assert (r["status"], r["error"]) == ("failed", message)
+        else:
+            assert without_clocks(r) == clean_cells[r["cell"]]
+    assert message in (tmp_path / "out" / "report.md").read_text()
