@@ -48,7 +48,9 @@ test-core: $(BIN)/clsim
 # no skip: a missing or broken avalanche environment fails here
 test-avalanche: $(ABIN)/clsim
 	$(ABIN)/python -c "import avalanche, torchvision"
-	$(ABIN)/python -m pytest -q -p no:cacheprovider tests/test_avalanche_interop.py tests/test_avalanche_plugin.py
+	$(ABIN)/python -m pytest -q -p no:cacheprovider tests/test_avalanche_interop.py tests/test_avalanche_plugin.py \
+		tests/test_avalanche_benchmarks.py tests/test_avalanche_absent.py
+	$(ABIN)/python -m pytest -q -p no:cacheprovider tests/test_budget_minimums.py -k avalanche
 
 clean:
 	rm -rf $(VENV) $(AVENV) runs .pytest_cache .ruff_cache

@@ -33,6 +33,7 @@ from clsim.scoring import AnytimePoint, RunRecord, per_label, score
 from clsim.seeding import derive_seed, torch_generator
 from clsim.stream import Experience, Stream
 from clsim.streams import STREAM_TYPES, TIMING_KEYS
+from clsim.streams.avalanche import benchmark_data
 from clsim.streams.common import DEFAULT_EVAL_EVERY
 from clsim.training import Trainer
 
@@ -88,6 +89,9 @@ def load_scenario_data(scenario: ScenarioConfig) -> Dataset:
     data = scenario.data
     options = {} if data.path is None else {"path": resolve_path(scenario, data.path)}
     check_run_memory(scenario, resolve_path(scenario, data.root), **options)  # before loading
+    benchmark = benchmark_data(scenario)  # a classic Avalanche benchmark reads its own data
+    if benchmark is not None:
+        return benchmark
     try:
         return load_dataset(data.dataset, root=resolve_path(scenario, data.root), **options)
     except ClsimError as exc:

@@ -13,7 +13,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # avalanche-lib needs torchvision, so it lives in .venv-avalanche (DEVELOPERS.md); `make
 # test` runs the interop tests there, and the main environment, which has no avalanche
 # by design, does not collect them.
-AVALANCHE_TESTS = ["test_avalanche_interop.py", "test_avalanche_plugin.py"]
+AVALANCHE_TESTS = ["test_avalanche_interop.py", "test_avalanche_plugin.py",
+                   "test_avalanche_benchmarks.py"]
 collect_ignore = [] if importlib.util.find_spec("avalanche") else AVALANCHE_TESTS
 
 

@@ -1,44 +1,77 @@
-"""The ``avalanche`` stream type: one of Avalanche's generators over the scenario's dataset.
+"""The ``avalanche`` stream type: one of Avalanche's generators over the scenario's
+dataset, or one of its classic benchmarks (SplitMNIST...) over local files.
 
 avalanche-lib is optional: this module only describes the options; the bridge
 (:mod:`clsim.interop.avalanche`) and avalanche-lib itself are imported when a stream is
 built, and a missing avalanche-lib is a ConfigError saying how to get it.
+
+A classic benchmark brings its own data, read through Avalanche's data loading, so it
+is read where the engine loads a scenario's data (:func:`benchmark_data`, called by
+``clsim.engine.load_scenario_data``): the dataset it returns holds every sample as
+Avalanche yields it, and the stream read with it is kept beside it (weakly) for
+:func:`avalanche_stream` to hand out; another seed reads the benchmark again.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from clsim.data.dataset import Dataset
-from clsim.errors import OptionError
+from clsim.errors import ConfigError, DataError, OptionError
+from clsim.interop.avalanche_classic import CLASSIC_BENCHMARKS
 from clsim.stream import Stream
 from clsim.streams.common import TimingOptions
+
+if TYPE_CHECKING:
+    from clsim.config import ScenarioConfig
 
 
 @dataclass
 class AvalancheStreamOptions(TimingOptions):
     """``stream: {type: avalanche, benchmark: ..., args: {...}}``."""
 
-    benchmark: Literal["class_incremental_benchmark", "new_instances_benchmark"] = field(
+    benchmark: Literal[
+        "class_incremental_benchmark", "new_instances_benchmark", "SplitMNIST",
+        "PermutedMNIST", "RotatedMNIST", "SplitFMNIST", "SplitCIFAR10", "SplitCIFAR100",
+    ] = field(
         default="class_incremental_benchmark",
-        metadata={"help": "Avalanche generator run over the scenario's dataset "
-                  "(needs avalanche-lib: make venv-avalanche)"},
+        metadata={"help": "Avalanche generator run over the scenario's dataset, or a "
+                  "classic benchmark reading its own data (needs avalanche-lib: make "
+                  "venv-avalanche)"},
     )
     args: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "keyword arguments of the generator (e.g. num_experiences: 5, "
-                  "class_order: [...]); seed defaults to the run's"},
+        metadata={"help": "keyword arguments of the generator or benchmark (e.g. "
+                  "num_experiences: 5, class_order: [...]; n_experiences: 5 for SplitMNIST); "
+                  "seed defaults to the run's"},
+    )
+    dataset_root: str | None = field(
+        default=None,
+        metadata={"help": "classic benchmarks: the folder torchvision reads (e.g. holding "
+                  "MNIST/raw/), relative to the YAML; default: clsim arranges its own "
+                  "MNIST / Fashion-MNIST files in $CLSIM_CACHE. Nothing is downloaded"},
     )
 
 
 def avalanche_stream(dataset: Dataset, *, seed: int,
                      benchmark: str = "class_incremental_benchmark",
-                     args: dict[str, Any] | None = None) -> Stream:
-    """Avalanche's ``benchmark`` generator over ``dataset``, as a clsim stream."""
+                     args: dict[str, Any] | None = None,
+                     dataset_root: str | None = None) -> Stream:
+    """Avalanche's ``benchmark`` generator over ``dataset``, as a clsim stream; for a
+    classic benchmark, the stream read with ``dataset`` by :func:`benchmark_data`."""
+    if benchmark in CLASSIC_BENCHMARKS:
+        return _classic_stream(dataset, seed, benchmark, dict(args or {}))
+    if dataset_root is not None:
+        raise OptionError("dataset_root", f"{benchmark} splits the scenario's dataset "
+                          "(data:); dataset_root is for Avalanche's classic benchmarks ("
+                          + ", ".join(CLASSIC_BENCHMARKS) + ")")
     from clsim.interop.avalanche import (
         GENERATORS,
         avalanche_datasets,
@@ -62,3 +95,79 @@ def avalanche_stream(dataset: Dataset, *, seed: int,
         except (ValueError, AssertionError) as exc:
             raise OptionError("args", f"{benchmark}: {exc}") from None
     return stream_from_avalanche(built, dataset, name=benchmark)
+
+
+# ---------------------------------------------------------------------------
+# classic benchmarks: SplitMNIST and the like, reading their own data
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Read:
+    """A classic benchmark as read for a dataset: what was asked, and its stream."""
+
+    benchmark: str
+    args: str  # the arguments as canonical JSON
+    root: Path
+    seed: int
+    stream: Stream
+
+
+_READ: weakref.WeakKeyDictionary[Dataset, _Read] = weakref.WeakKeyDictionary()
+
+
+def benchmark_data(scenario: ScenarioConfig) -> Dataset | None:
+    """The data of the classic Avalanche benchmark the scenario's stream names, read
+    through Avalanche with the run seed (its stream kept for :func:`avalanche_stream`);
+    None when the stream does not name one. ``data.dataset`` must name the dataset the
+    benchmark reads (mnist for SplitMNIST); errors are ConfigErrors at their key."""
+    from clsim.config import resolve_path
+    from clsim.interop.avalanche import import_avalanche
+    from clsim.interop.avalanche_classic import arranged_root, read_classic
+
+    options = scenario.stream.options
+    if scenario.stream.type != "avalanche" or options.benchmark not in CLASSIC_BENCHMARKS:
+        return None
+    name, spec = options.benchmark, CLASSIC_BENCHMARKS[options.benchmark]
+    if scenario.data.dataset.strip().lower().replace("-", "_") != spec.dataset:
+        raise scenario.error(("data", "dataset"), f"stream.benchmark {name} reads "
+                             f"{spec.dataset}; data.dataset says {scenario.data.dataset!r} "
+                             f"(set it to {spec.dataset})")
+    try:
+        import_avalanche()
+        root = (Path(resolve_path(scenario, options.dataset_root))
+                if options.dataset_root is not None
+                else arranged_root(name, resolve_path(scenario, scenario.data.root)))
+        dataset, stream = read_classic(name, options.args, root, scenario.seed)
+    except OptionError as exc:
+        raise scenario.error(("stream", *exc.key.split(".")), str(exc)) from None
+    except DataError as exc:  # no data root to arrange clsim's files from
+        raise scenario.error(("data", "root"), str(exc)) from None
+    except ConfigError as exc:  # no avalanche-lib here: the way to get it
+        raise scenario.error(("stream", "benchmark"), str(exc)) from None
+    _READ[dataset] = _Read(name, _canonical(options.args), root, scenario.seed, stream)
+    return dataset
+
+
+def _classic_stream(dataset: Dataset, seed: int, benchmark: str,
+                    args: dict[str, Any]) -> Stream:
+    from clsim.interop.avalanche_classic import read_classic
+
+    read = _READ.get(dataset)
+    if read is None or (read.benchmark, read.args) != (benchmark, _canonical(args)):
+        raise OptionError("benchmark", f"{benchmark} brings its own data: build its stream "
+                          "over the dataset clsim.engine.load_scenario_data returns for the "
+                          f"scenario, not over dataset {dataset.name!r}")
+    if read.seed == seed:
+        return read.stream
+    other, stream = read_classic(benchmark, args, read.root, seed)
+    if (other.sample_shape, other.x_train.dtype, other.n_classes) != (
+            dataset.sample_shape, dataset.x_train.dtype, dataset.n_classes):
+        raise OptionError("args", f"{benchmark} with seed {seed} gives samples of shape "
+                          f"{other.sample_shape} and {other.n_classes} classes, unlike with "
+                          f"seed {read.seed}: the run's model would not fit")
+    return stream
+
+
+def _canonical(args: dict[str, Any]) -> str:
+    return json.dumps(args, sort_keys=True, default=str)
