@@ -7,10 +7,11 @@ in this one process, in interleaved rounds (a warm-up round first, then the side
 goes first alternates):
 
 * **clsim**: the scenario as a user writes it (``parse_scenario``) and ``run_strategy``
-  with clsim's ``naive`` or ``replay`` plugin (class-balanced memory of 500, half of
-  every batch replayed): evaluation of the untrained model and after every experience
-  on all 5 test sets (batches of 1024), the memory ledger, the metrics, the summary
-  entry (``to_dict``).
+  with clsim's ``naive`` or ``replay`` plugin (class-balanced memory of 500 updated at
+  each experience's end, as Avalanche's ``Replay`` does, and half of every batch
+  replayed from the second experience on): evaluation of the untrained model and after
+  every experience on all 5 test sets (batches of 1024), the memory ledger, the metrics,
+  the summary entry (``to_dict``).
 * **Avalanche** (avalanche-lib): what its user writes: ``Naive`` or ``Replay(mem_size=
   500)`` (experience-balanced memory, a batch of 128 memory samples beside every batch
   of 128), an ``EvaluationPlugin`` with experience and stream accuracy and no logger,
@@ -93,7 +94,7 @@ strategies:
   naive:
     plugins: [naive]
   replay:
-    plugins: [{{replay: {{selection: class_balanced, capacity: {MEMORY}}}}}]
+    plugins: [{{replay: {{selection: class_balanced, capacity: {MEMORY}, update: experience_end}}}}]
 """
 
 

@@ -3,8 +3,11 @@ nearest-mean-of-exemplars readout.
 
 Each training batch is concatenated with an equal-size uniform draw from memory (ER,
 Chaudhry et al. 2019). Reservoir and class-balanced memories update after every batch
-with the stream's own samples; herding (Rebuffi et al., iCaRL, CVPR 2017) rebuilds the
-memory after each experience with an even share per seen class. Unless ``capacity`` is
+with the stream's own samples (``update: batch``, ER's rule), or with ``update:
+experience_end`` once per experience with all its samples, so an experience replays only
+what earlier ones left (the schedule of Avalanche's ``Replay``); herding (Rebuffi et al.,
+iCaRL, CVPR 2017) rebuilds the memory after each experience with an even share per seen
+class. Unless ``capacity`` is
 given, the buffer holds what the budget leaves after the model and the plugin's own
 bookkeeping, divided by the bytes of one stored sample plus its label.
 """
@@ -41,6 +44,11 @@ class ReplayOptions:
     )
     nme: bool = field(
         default=False, metadata={"help": "predict with the nearest mean of exemplars (iCaRL)"}
+    )
+    update: Literal["batch", "experience_end"] = field(
+        default="batch",
+        metadata={"help": "when reservoir / class_balanced memories take the stream's samples: "
+                          "after every batch (ER), or at each experience's end"},
     )
 
 
@@ -96,13 +104,24 @@ class ReplayPlugin:
         return batch.extend(x, y)
 
     def clsim_after_batch(self, batch: Batch) -> None:
-        own = batch.stream_part()
+        if self.options.update == "batch":
+            own = batch.stream_part()
+            self._add(own.x.cpu(), own.y.cpu())
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.options.selection == "reservoir":
-            self.buffer.add_reservoir(own.x.cpu(), own.y.cpu())
+            self.buffer.add_reservoir(x, y)
         elif self.options.selection == "class_balanced":
-            self.buffer.add_class_balanced(own.x.cpu(), own.y.cpu())
+            self.buffer.add_class_balanced(x, y)
 
     def clsim_after_experience(self, ctx: RunContext, experience: Experience) -> None:
+        if self.options.update == "experience_end" and self.options.selection != "herding":
+            if not experience.classes:
+                raise ConfigError(
+                    "replay: update: experience_end stores an experience's samples at its "
+                    "end, and with hidden boundaries there is no such end; use update: batch"
+                )
+            self._add(experience.train_x, experience.train_y)  # in the stream's order
         if self.options.selection == "herding":
             self._herd(ctx, experience)
         if self.options.nme:

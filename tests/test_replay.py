@@ -523,3 +523,67 @@ def test_herding_with_fewer_slots_than_classes_fails_clearly(e2e) -> None:
     assert s["status"] == "failed"
     assert "capacity of 5 exemplars cannot give each of the 6 seen classes one" in s["error"]
     assert "experience 2" in s["error"] and len(s["ledger"]) == 2
+
+
+# ---------------------------------------------------------------------------
+# update: experience_end (the schedule of Avalanche's Replay)
+# ---------------------------------------------------------------------------
+
+REPLAYED: list[tuple[int, list[int]]] = []  # (experience, labels replayed in a batch)
+STORED: list[tuple[torch.Tensor, torch.Tensor]] = []  # memory after each experience
+
+
+class WatchedReplay(ReplayPlugin):
+    """ReplayPlugin that records what each batch replays and what the memory holds."""
+
+    def clsim_before_batch(self, ctx, batch):
+        mixed = super().clsim_before_batch(batch)
+        replayed = [] if mixed is None else mixed.y[batch.n_stream:].tolist()
+        REPLAYED.append((ctx.experience.index, replayed))
+        return mixed
+
+    def clsim_after_experience(self, ctx, experience) -> None:
+        super().clsim_after_experience(ctx, experience)
+        x, y = self.buffer.stored()
+        STORED.append((x.clone(), y.clone()))
+
+
+def test_experience_end_updates_replay_only_what_earlier_experiences_left(monkeypatch):
+    from clsim.engine import build_stream, load_scenario_data
+    from clsim.seeding import torch_generator
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    REPLAYED.clear()
+    STORED.clear()
+    scenario = parse_scenario(
+        HEAD + "  late:\n    plugins:\n      - test_replay:WatchedReplay: "
+        "{selection: class_balanced, update: experience_end, capacity: 100}\n")
+    result = run_scenario(scenario, None)
+    assert result.summary["strategies"]["late"]["status"] == "ok"
+    stream = build_stream(scenario, load_scenario_data(scenario), scenario.seed)
+    classes = [set(exp.classes) for exp in stream]
+    assert all(not labels for exp, labels in REPLAYED if exp == 0)  # nothing to replay yet
+    for exp, labels in REPLAYED:
+        if exp > 0:
+            earlier = set().union(*classes[:exp])
+            assert labels and set(labels) <= earlier  # never the current experience
+    # the memory after experience 0 is exactly experience 0's samples offered at once
+    first = stream.experiences[0]
+    reference = ExemplarBuffer(100, first.train_x.shape[1:], first.train_x.dtype, 10,
+                               torch_generator(scenario.seed, "late", "replay"))
+    reference.add_class_balanced(first.train_x, first.train_y)
+    x, y = reference.stored()
+    assert torch.equal(STORED[0][0], x) and torch.equal(STORED[0][1], y)
+    assert [set(y.tolist()) for _, y in STORED] == [
+        set().union(*classes[: k + 1]) for k in range(len(stream))]
+
+
+def test_experience_end_needs_boundaries():
+    text = HEAD.replace("stream: {n_experiences: 5}",
+                        "stream: {n_experiences: 5, online: true, boundaries: hidden}")
+    result = run_scenario(parse_scenario(
+        text + "  late:\n    plugins:\n      - replay: {update: experience_end, capacity: 50}\n"),
+        None)
+    late = result.summary["strategies"]["late"]
+    assert late["status"] == "failed"
+    assert "update: experience_end" in late["error"] and "hidden boundaries" in late["error"]
