@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.hooks import RemovableHandle
 
 import clsim
 from clsim.snapshot import Decoder, Encoder, SnapshotError, allowed_modules, as_tuples
@@ -57,18 +59,30 @@ class Checkpointing:
     written: list[int] = field(default_factory=list)  # experiences checkpointed
 
     def save(self, loop: Any, next_experience: int, wall_seconds: float) -> None:
-        """Write the run's state; a strategy whose state cannot be saved is run on
-        without checkpoints, and says why (the results are never put at risk)."""
+        """Write the run's state; a strategy whose state cannot be saved (or written) is
+        run on without checkpoints, and says why: the results are never put at risk. The
+        first file is read back as a resume would read it."""
         if self.unavailable:
             return
         try:
             payload = capture(loop, next_experience, wall_seconds, self.fingerprint)
-        except SnapshotError as exc:
-            self.unavailable = str(exc)
-            loop.ctx.log("checkpoint_unavailable", reason=self.unavailable)
+            write_atomic(self.path, payload)
+            if not self.written:
+                torch.load(self.path, weights_only=True, map_location="cpu")
+        except RecursionError:
+            self._give_up(loop, "its state is nested too deeply to save")
             return
-        write_atomic(self.path, payload)
+        except (SnapshotError, OSError, ValueError, TypeError, RuntimeError,
+                pickle.UnpicklingError) as exc:
+            self._give_up(loop, str(exc) if isinstance(exc, SnapshotError)
+                          else f"{type(exc).__name__}: {str(exc)[:300]}")
+            return
         self.written.append(next_experience)
+
+    def _give_up(self, loop: Any, reason: str) -> None:
+        self.unavailable = reason
+        self.discard()
+        loop.ctx.log("checkpoint_unavailable", reason=reason)
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -76,6 +90,12 @@ class Checkpointing:
             self.path.parent.rmdir()  # only when empty
         except OSError:
             pass
+
+
+def remove_partial_writes(out_dir: Path) -> None:
+    """Delete temporary files a kill left in ``checkpoints/`` mid-write."""
+    for partial in (out_dir / "checkpoints").glob(".*.pt.*"):
+        partial.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -102,7 +122,13 @@ def read_checkpoint(path: Path, expected_fingerprint: str) -> dict[str, Any]:
                             f"{str(exc)[:300]}); delete it to run this strategy from the "
                             "start") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise SnapshotError(f"checkpoint {path} is not a {FORMAT} file")
+        raise SnapshotError(f"checkpoint {path} is not a {FORMAT} file; delete it to run "
+                            "this strategy from the start")
+    if payload.get("clsim_version") != clsim.__version__:
+        raise SnapshotError(f"checkpoint {path} was written by clsim "
+                            f"{payload.get('clsim_version')}, this is {clsim.__version__}; "
+                            "resume with that version, or delete it to run this strategy "
+                            "from the start")
     if payload.get("fingerprint") != expected_fingerprint:
         raise SnapshotError(f"checkpoint {path} was written for a different scenario, seed, "
                             "limit or strategy; it cannot be resumed by this run")
@@ -115,7 +141,10 @@ def capture(loop: Any, next_experience: int, wall_seconds: float,
     ctx, trainer = loop.ctx, loop.trainer
     instances = [instance for _, instance in loop.plugins]
     encoder = Encoder(allowed_modules(instances), _externals(loop))
-    plugins = [encoder.encode(instance, f"plugin {name!r}") for name, instance in loop.plugins]
+    for instance in instances:  # first, so a plugin reached from another's state is a ref
+        encoder.reserve(instance)
+    plugins = [encoder.encode_reserved(instance, f"plugin {name!r}")
+               for name, instance in loop.plugins]
     state = {
         "plugins": plugins,
         "model": encoder.encode(ctx.model, "the model"),
@@ -136,6 +165,7 @@ def capture(loop: Any, next_experience: int, wall_seconds: float,
         "wall_seconds": wall_seconds,
         "allowed_modules": list(encoder.allowed),
         "state": state,
+        "hook_ids": RemovableHandle.next_id,  # restored hooks keep their ids
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if ctx.device.type == "cuda" else [],
@@ -145,9 +175,20 @@ def capture(loop: Any, next_experience: int, wall_seconds: float,
     }
 
 
-def restore(loop: Any, payload: dict[str, Any]) -> int:
+def restore(loop: Any, payload: dict[str, Any], path: Path | None = None) -> int:
     """Put a freshly set-up run into the checkpointed state; returns the index of the
-    next experience to train on."""
+    next experience to train on. A checkpoint that does not decode is a SnapshotError."""
+    try:
+        return _restore(loop, payload)
+    except SnapshotError as exc:
+        problem = str(exc)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        problem = f"it is damaged ({type(exc).__name__}: {str(exc)[:200]})"
+    raise SnapshotError(f"checkpoint {path or ''} cannot be restored: {problem}; delete it to "
+                        "run this strategy from the start")
+
+
+def _restore(loop: Any, payload: dict[str, Any]) -> int:
     ctx, trainer = loop.ctx, loop.trainer
     instances = [instance for _, instance in loop.plugins]
     names = [type(p).__qualname__ for p in instances]
@@ -158,6 +199,7 @@ def restore(loop: Any, payload: dict[str, Any]) -> int:
     state = payload["state"]
     for instance, node in zip(instances, state["plugins"], strict=True):
         decoder.memo[node["id"]] = instance  # restored in place: pluggy holds these objects
+    for instance, node in zip(instances, state["plugins"], strict=True):
         decoder.fill(instance, node)
     ctx.model = decoder.decode(state["model"])
     ctx.seen_classes = decoder.decode(state["seen_classes"])
@@ -165,6 +207,7 @@ def restore(loop: Any, payload: dict[str, Any]) -> int:
     engine = decoder.decode(state["loop"])
     loop.record, loop.seen, loop.position = engine["record"], engine["seen"], engine["position"]
     loop.outcome.ledger = engine["ledger"]
+    RemovableHandle.next_id = max(RemovableHandle.next_id, int(payload["hook_ids"]))
     rng = payload["rng"]
     torch.set_rng_state(rng["torch"])
     if rng["cuda"]:

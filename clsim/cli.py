@@ -362,7 +362,6 @@ def _int_at_least(low: int, words: str):
 
 _positive_int = _int_at_least(1, "a positive integer")
 _nonnegative_int = _int_at_least(0, "a non-negative integer")
-_positive_int = _int_at_least(1, "a positive integer")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         return 70
     except KeyboardInterrupt:
         print(
-            "clsim: interrupted; results written so far are kept (continue with the same "
-            "command and --resume)",
+            "clsim: interrupted; results written so far are kept (clsim run and clsim "
+            "compare continue with the same command, --out FOLDER and --resume)",
             file=sys.stderr,
         )
         return 130

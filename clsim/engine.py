@@ -31,6 +31,7 @@ from clsim.plugin_manager import HookRunner, build_plugin_manager
 from clsim.resources import check_run_memory
 from clsim.scoring import AnytimePoint, RunRecord, per_label, score
 from clsim.seeding import derive_seed, torch_generator
+from clsim.snapshot import SnapshotError
 from clsim.stream import Experience, Stream
 from clsim.streams import STREAM_TYPES, TIMING_KEYS
 from clsim.streams.avalanche import benchmark_data
@@ -246,15 +247,17 @@ def run_strategy(
         # a plugin's own fits default to the run's epochs (1 on an online stream)
         ctx._fit = lambda x, y, epochs=None, **kw: trainer.fit(x, y, epochs=epochs or ctx.epochs,
                                                                **kw)
+        del model  # ctx holds it; a resume replaces it with the checkpoint's
         loop = _Loop(scenario, strategy, stream, ctx, hooks, trainer, plugins, outcome,
-                     events, tensorboard, progress, where)
-        loop.checkpoint, loop.started = checkpoint, started
+                     events, tensorboard, progress, where, checkpoint, started)
         try:
             hooks.call("clsim_setup", ctx=ctx)
             start = 0
             if checkpoint is not None and checkpoint.resume_from is not None:
-                start = restore(loop, checkpoint.resume_from)
-                loop.started = started = started - checkpoint.resume_from["wall_seconds"]
+                start = restore(loop, checkpoint.resume_from, checkpoint.path)
+                started -= checkpoint.resume_from["wall_seconds"]  # time before the kill
+                loop.started = started
+                checkpoint.resume_from = None  # restored: free it
                 events.write("strategy_resumed", strategy=strategy.name, experience=start)
             loop.run(start)
             outcome.metrics = score(stream, loop.record)
@@ -263,6 +266,8 @@ def run_strategy(
             reports = plugin_reports(hooks, ctx, stream)
             if reports:
                 outcome.metrics["plugins"] = reports
+        except SnapshotError:  # a checkpoint that cannot be restored: not the strategy's fault
+            raise
         except ClsimError as exc:
             outcome.error = str(exc)
         finally:
@@ -280,7 +285,8 @@ class _Loop:
     """The stream loop of one run; its state is what :func:`score` reads."""
 
     def __init__(self, scenario, strategy, stream, ctx, hooks, trainer, plugins, outcome,
-                 events, tensorboard, progress, where) -> None:
+                 events, tensorboard, progress, where, checkpoint: Checkpointing | None,
+                 started: float) -> None:
         self.scenario, self.strategy, self.stream = scenario, strategy, stream
         self.ctx, self.hooks, self.trainer, self.plugins = ctx, hooks, trainer, plugins
         self.outcome, self.events, self.tensorboard = outcome, events, tensorboard
@@ -290,8 +296,8 @@ class _Loop:
         self.label_totals = per_label(self.record.counts, self.record.counts)
         self.seen = np.zeros(stream.labels.n_classes, dtype=bool)  # labels met in training
         self.position = 0  # training samples delivered so far
-        self.checkpoint: Checkpointing | None = None
-        self.started = time.perf_counter()
+        self.checkpoint = checkpoint  # saves the state after each experience, when given
+        self.started = started  # perf_counter at the start, less the time before a resume
 
     def evaluate(self) -> np.ndarray:
         return evaluate(self.ctx, self.hooks, self.stream, self.scenario.training.eval_batch_size)
@@ -303,9 +309,7 @@ class _Loop:
             self.record.initial = self.evaluate()
         shown = stream.seen_by_strategy()
         total = sum(exp.n_train for exp in shown)
-        for number, exp in enumerate(shown):
-            if number < start:
-                continue
+        for number, exp in enumerate(shown[start:], start):
             self.where["experience"] = exp.index
             # with hidden boundaries the hooks get the stream without its data: samples
             # arrive part by part, and nothing about what is to come is shown
@@ -329,7 +333,7 @@ class _Loop:
                 self.record.anytime.append(AnytimePoint(
                     self.position, per_label(hits, self.record.counts), self.seen.copy()))
             self._report_experience(exp, hits, loss, record)
-            if self.checkpoint is not None:
+            if self.checkpoint is not None and number + 1 < len(shown):  # none after the last
                 self.checkpoint.save(self, number + 1, time.perf_counter() - self.started)
 
     def _meet(self, labels) -> None:

@@ -13,7 +13,13 @@ from typing import Any
 import torch
 
 import clsim
-from clsim.checkpoint import Checkpointing, checkpoint_path, fingerprint, read_checkpoint
+from clsim.checkpoint import (
+    Checkpointing,
+    checkpoint_path,
+    fingerprint,
+    read_checkpoint,
+    remove_partial_writes,
+)
 from clsim.config import ScenarioConfig
 from clsim.engine import (
     StrategyOutcome,
@@ -28,6 +34,7 @@ from clsim.logging.console import progress_factory
 from clsim.logging.events import EventLog
 from clsim.logging.tensorboard import TensorBoardLogger
 from clsim.results import prepare_out_dir, write_json_atomic
+from clsim.snapshot import SnapshotError
 
 
 @dataclass
@@ -60,6 +67,8 @@ def run_scenario(
     ``resume`` continues a run in ``out_dir``: finished strategies are kept as written,
     the one in flight continues from its checkpoint, the rest run.
     """
+    if resume and out_dir is None:
+        raise ConfigError("--resume needs --out: the folder of the run to continue")
     seed = scenario.seed if seed is None else seed
     names = list(scenario.strategies) if not only else only
     unknown = [n for n in names if n not in scenario.strategies]
@@ -76,8 +85,6 @@ def run_scenario(
     stream = build_stream(scenario, dataset, seed)
     if limit is not None:
         stream = limit_stream(stream, limit)
-    if resume and out_dir is None:
-        raise ConfigError("--resume needs --out: the folder of the run to continue")
     if out_dir is not None and not resume:
         prepare_out_dir(out_dir)
     summary: dict[str, Any] = {
@@ -126,6 +133,7 @@ def run_scenario(
     if resume:
         summary = resumable_summary(out_dir, summary)
         checkpoint_every = summary["checkpoint_every"]
+        remove_partial_writes(out_dir)
     elif out_dir is not None:  # from the start, so a run killed early can be resumed
         write_json_atomic(out_dir / "summary.json", summary)
     events = EventLog(None if out_dir is None else out_dir / "events.jsonl")
@@ -140,8 +148,10 @@ def run_scenario(
     make_progress = progress_factory() if progress else None
     try:
         for number, name in enumerate(names):
-            if name in summary["strategies"]:  # finished before the interruption
+            if name in summary["strategies"]:  # finished before an interruption
                 result.outcomes.append(kept_outcome(name, summary["strategies"][name]))
+                if out_dir is not None:  # a kill may have come before its checkpoint went
+                    checkpoint_path(out_dir, number, name).unlink(missing_ok=True)
                 continue
             checkpoint = None
             if checkpoint_every is not None and out_dir is not None:
@@ -161,6 +171,8 @@ def run_scenario(
                     progress=make_progress,
                     checkpoint=checkpoint,
                 )
+            except SnapshotError:  # its checkpoint cannot be restored: stop, keep the file
+                raise
             except ClsimError as exc:  # failed before its first experience
                 outcome = StrategyOutcome(name, error=str(exc))
             except Exception as exc:  # a bug in clsim or a plugin: record it, run the rest
@@ -191,7 +203,8 @@ def run_scenario(
 
 
 # what a resumed run must share with the run it continues
-_RESUME_KEYS = ("scenario", "config", "seed", "limit", "strategies_requested", "device")
+_RESUME_KEYS = ("scenario", "config", "seed", "limit", "strategies_requested", "device",
+                "class_order", "dataset")
 
 
 def resumable_summary(out_dir: Path, fresh: dict[str, Any]) -> dict[str, Any]:
@@ -207,11 +220,15 @@ def resumable_summary(out_dir: Path, fresh: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(written, dict) or not isinstance(written.get("strategies"), dict):
         raise ConfigError(f"--resume: {path} is not a clsim run summary")
     for key in _RESUME_KEYS:
+        if key not in written:
+            raise ConfigError(f"--resume: {path} has no {key!r}: it was written by an older "
+                              "clsim, which cannot be resumed; start a new --out")
         if written.get(key) != json.loads(json.dumps(fresh[key], default=str)):
             raise ConfigError(
                 f"--resume: {path} was written by a run with a different {key!r} "
                 f"({_short(written.get(key))} there, {_short(fresh[key])} now); resume with "
-                "the same scenario file, --seed, --limit and --strategy, or start a new --out"
+                "the same scenario file, data, --seed, --limit, --strategy and --device, or "
+                "start a new --out"
             )
     return {**fresh, "strategies": written["strategies"],
             "checkpoint_every": fresh["checkpoint_every"] or written.get("checkpoint_every")}

@@ -5,15 +5,19 @@ buffers, random generators, old models, optimizers) without pickling objects: a 
 runs code when it is loaded. :func:`encode` turns an object graph into nested dicts,
 lists, strings, numbers and tensors; :func:`decode` rebuilds it. Decoding creates only
 instances of allowed classes (from clsim, its plugins, torch, numpy, and the modules of
-the run's own plugins), without calling their constructors or ``__setstate__``, and
-resolves functions only in modules already imported. Shared references and cycles survive
-the round trip, so an optimizer still points at the model's parameters afterwards.
+the run's own plugins) without calling ``__init__`` or ``__setstate__``; the only
+constructors it calls are torch optimizers', numpy bit generators' and named tuples'.
+A class or function is found by its module's own namespace in an already imported module
+(never by walking attributes, so a name cannot lead out of that module), and must report
+that same module and name. Shared references and cycles survive the round trip, so an
+optimizer still points at the model's parameters afterwards.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import inspect
 import random
 import re
 import sys
@@ -29,6 +33,8 @@ from clsim.errors import ClsimError
 
 KIND = "__clsim__"
 ALWAYS_ALLOWED = ("clsim", "clsim_plugins", "torch", "numpy")
+# where plain functions may come from (classes may come from any allowed module)
+FUNCTION_MODULES = ("clsim", "clsim_plugins", "torch.nn.functional")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 
@@ -57,8 +63,17 @@ class Encoder:
         self.memo: dict[int, int] = {}
         self._keep: list[object] = []  # keeps encoded objects alive so ids stay unique
 
+    def reserve(self, obj: object) -> int:
+        """An id for ``obj`` before it is encoded, so references to it met first (a
+        plugin reached from another's state) point at it; see :meth:`encode_reserved`."""
+        return self._new_id(obj)
+
+    def encode_reserved(self, obj: Any, where: str) -> dict:
+        """The object entry of a reserved ``obj`` (restored in place by the decoder)."""
+        return self._object(obj, where, number=self.memo[id(obj)])
+
     def encode(self, obj: Any, where: str = "state") -> Any:
-        if obj is None or isinstance(obj, bool | str) or type(obj) in (int, float):
+        if obj is None or type(obj) in (bool, str, int, float):
             return obj
         if id(obj) in self.externals:
             return {KIND: "external", "name": self.externals[id(obj)]}
@@ -81,7 +96,7 @@ class Encoder:
         if isinstance(obj, np.ndarray):
             return self._ndarray
         if isinstance(obj, np.generic):
-            return lambda o, w: {KIND: "npscalar", "dtype": o.dtype.str, "value": o.item()}
+            return self._npscalar
         if isinstance(obj, torch.dtype):
             return lambda o, w: {KIND: "dtype", "name": str(o).removeprefix("torch.")}
         if isinstance(obj, torch.device):
@@ -117,6 +132,9 @@ class Encoder:
         if isinstance(obj, enum.Enum):
             return lambda o, w: {KIND: "enum", "class": self._class_path(type(o), w),
                                  "name": o.name}
+        if isinstance(obj, dict | list | set | frozenset | tuple | str | int | float) \
+                and not (isinstance(obj, tuple) and hasattr(obj, "_fields")):
+            return None  # a subclass of a builtin keeps state __dict__ does not show
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):
             return lambda o, w: {KIND: "namedtuple", "class": self._class_path(type(o), w),
                                  "items": [self.encode(x, f"{w}.{f}")
@@ -132,14 +150,30 @@ class Encoder:
     def _class_path(self, cls: type, where: str) -> str:
         if cls is types.SimpleNamespace:
             return "types:SimpleNamespace"
-        if not self._allowed(cls.__module__) or "<locals>" in cls.__qualname__:
+        if not self._allowed(cls.__module__) or lookup(_path(cls), self.allowed) is not cls:
             raise SnapshotError(
                 f"{where} is a {cls.__module__}.{cls.__qualname__}; a checkpoint holds only "
-                f"classes defined at module level in {', '.join(self.allowed)}"
+                f"classes defined at module level in {', '.join(self.allowed)} and found "
+                "there under their own name"
             )
         return _path(cls)
 
+    def _npscalar(self, value: np.generic, where: str) -> dict:
+        plain = value.item()
+        if type(plain) not in (bool, int, float, complex):
+            raise SnapshotError(f"{where} is a numpy {value.dtype} scalar, which a checkpoint "
+                                "cannot hold")
+        if type(plain) is complex:
+            plain = self.encode(plain, where)
+        return {KIND: "npscalar", "dtype": value.dtype.str, "value": plain}
+
     def _tensor(self, tensor: torch.Tensor, where: str) -> dict:
+        if vars(tensor) or tensor._backward_hooks \
+                or getattr(tensor, "_post_accumulate_grad_hooks", None):
+            raise SnapshotError(f"{where} is a tensor with hooks or attributes of its own, "
+                                "which a checkpoint cannot hold")
+        if isinstance(tensor, torch.nn.parameter.UninitializedTensorMixin):
+            raise SnapshotError(f"{where} is an uninitialised (lazy) parameter")
         number = self._new_id(tensor)
         data = tensor.detach()
         if type(data) is not torch.Tensor:  # a subclass (Parameter's data is plain)
@@ -213,18 +247,26 @@ class Encoder:
 
     def _named(self, obj: Any, where: str) -> dict:
         module, qualname = getattr(obj, "__module__", None), obj.__qualname__
-        if obj in (dict, list, set, tuple, int, float, str, bool, frozenset):
+        if obj in _BUILTIN_TYPES.values():
             return {KIND: "builtin", "name": obj.__name__}
-        if module is None or not self._allowed(module) or "<" in qualname:
+        allowed = self.allowed if isinstance(obj, type) else self._function_modules()
+        path = f"{module}:{qualname}"
+        if module is None or "<" in qualname or module.split(".")[0] not in allowed \
+                or lookup(path, self.allowed) is not obj:
             kind = "lambda or nested function" if "<" in qualname else f"{module}.{qualname}"
-            raise SnapshotError(f"{where} is a {kind}; a checkpoint holds only functions and "
-                                f"classes defined at module level in {', '.join(self.allowed)}")
-        return {KIND: "named", "path": f"{module}:{qualname}"}
+            raise SnapshotError(f"{where} is a {kind}; a checkpoint holds only classes and "
+                                "functions defined at module level (functions only in "
+                                f"{', '.join(self._function_modules())})")
+        return {KIND: "named", "path": path}
 
-    def _object(self, obj: Any, where: str) -> dict:
+    def _function_modules(self) -> tuple[str, ...]:
+        plugin_packages = tuple(m for m in self.allowed if m not in ALWAYS_ALLOWED)
+        return FUNCTION_MODULES + plugin_packages
+
+    def _object(self, obj: Any, where: str, number: int | None = None) -> dict:
         cls = type(obj)
         path = self._class_path(cls, where)
-        number = self._new_id(obj)
+        number = self._new_id(obj) if number is None else number
         state = dict(getattr(obj, "__dict__", {}))
         for klass in cls.__mro__:
             for slot in getattr(klass, "__slots__", ()):
@@ -254,10 +296,9 @@ class Decoder:
         if not isinstance(node, dict) or KIND not in node:
             raise SnapshotError(f"the checkpoint holds an unexpected {type(node).__name__}")
         kind = node[KIND]
-        handler = getattr(self, f"_{kind}", None)
-        if handler is None:
+        if kind not in _KINDS:
             raise SnapshotError(f"the checkpoint holds an unknown entry kind {kind!r}")
-        return handler(node)
+        return getattr(self, f"_{kind}")(node)
 
     def _remember(self, node: dict, obj: Any) -> Any:
         self.memo[node["id"]] = obj
@@ -325,11 +366,14 @@ class Decoder:
 
     def _optimizer(self, node):
         cls = self._resolve(node["class"])
-        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
+                and cls.__module__.startswith("torch.optim")):
             raise SnapshotError(f"the checkpoint names {node['class']} as an optimizer")
         groups = [{"params": [self.decode(p) for p in g["params"]], **self.decode(g["options"])}
                   for g in node["groups"]]
-        optimizer = self._remember(node, cls(groups, **self.decode(node["defaults"])))
+        accepted = inspect.signature(cls).parameters
+        defaults = {k: v for k, v in self.decode(node["defaults"]).items() if k in accepted}
+        optimizer = self._remember(node, cls(groups, **defaults))
         numbered, start = [], 0  # state_dict() numbers parameters across groups
         for group in optimizer.param_groups:
             numbered.append({**{k: v for k, v in group.items() if k != "params"},
@@ -367,7 +411,11 @@ class Decoder:
             raise SnapshotError(f"the checkpoint holds a mapping of type {node['type']!r}")
         out = self._remember(node, kinds[node["type"]]())
         if node["type"] == "defaultdict":
-            out.default_factory = self.decode(node["factory"])
+            factory = self.decode(node["factory"])
+            if factory is not None and not isinstance(factory, type):
+                raise SnapshotError("the checkpoint gives a defaultdict a factory that is not "
+                                    "a class")
+            out.default_factory = factory
         for key, value in zip(node["keys"], node["values"], strict=True):
             out[self.decode(key)] = self.decode(value)
         return out
@@ -380,8 +428,10 @@ class Decoder:
 
     def _method(self, node):
         owner, name = self.decode(node["self"]), node["name"]
-        if not _IDENTIFIER.fullmatch(name):
-            raise SnapshotError(f"the checkpoint names a method {name!r}")
+        if not (isinstance(name, str) and _IDENTIFIER.fullmatch(name)) or not \
+                inspect.isfunction(inspect.getattr_static(type(owner), name, None)):
+            raise SnapshotError(f"the checkpoint names a method {name!r} that "
+                                f"{type(owner).__qualname__} does not define")
         return getattr(owner, name)
 
     def _weakref(self, node):
@@ -389,24 +439,35 @@ class Decoder:
         return weakref.ref(_Gone() if target is None else target)
 
     def _builtin(self, node):
-        builtins = {t.__name__: t for t in (dict, list, set, tuple, int, float, str, bool,
-                                            frozenset)}
-        return builtins[node["name"]]
+        if node["name"] not in _BUILTIN_TYPES:
+            raise SnapshotError(f"the checkpoint names a builtin {node['name']!r}")
+        return _BUILTIN_TYPES[node["name"]]
 
     def _named(self, node):
-        return self._resolve(node["path"])
+        target = self._resolve(node["path"])
+        module = node["path"].partition(":")[0]
+        if not isinstance(target, type) and not module.startswith(
+                FUNCTION_MODULES + tuple(m for m in self.allowed if m not in ALWAYS_ALLOWED)):
+            raise SnapshotError(f"the checkpoint names the function {node['path']}, outside "
+                                "the modules functions may come from")
+        return target
 
     def _enum(self, node):
-        return self._resolve(node["class"])[node["name"]]
+        cls = self._resolve(node["class"])
+        if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
+            raise SnapshotError(f"the checkpoint names {node['class']} as an enum")
+        return cls[node["name"]]
 
     def _namedtuple(self, node):
         cls = self._resolve(node["class"])
+        if not (isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields")):
+            raise SnapshotError(f"the checkpoint names {node['class']} as a named tuple")
         return cls(*(self.decode(x) for x in node["items"]))
 
     def _object(self, node):
         cls = self._resolve(node["class"])
-        if not isinstance(cls, type):
-            raise SnapshotError(f"the checkpoint names {node['class']}, which is not a class")
+        if not isinstance(cls, type) or issubclass(cls, dict | list | set | tuple | str):
+            raise SnapshotError(f"the checkpoint names {node['class']} as a plain class")
         obj = self._remember(node, cls.__new__(cls))
         self.fill(obj, node)
         return obj
@@ -424,25 +485,53 @@ class Decoder:
                 obj.__dict__[name] = value
 
     def _resolve(self, path: str) -> Any:
-        """A module-level class or function of an allowed, already imported module."""
-        if path == "types:SimpleNamespace":
-            return types.SimpleNamespace
-        module_name, _, qualname = path.partition(":")
-        if module_name.split(".")[0] not in self.allowed:
-            raise SnapshotError(f"the checkpoint names {path}, outside the allowed modules "
+        target = lookup(path, self.allowed)
+        if target is None:
+            raise SnapshotError(f"the checkpoint names {path!r}, which is not a class or "
+                                "function defined at module level in an allowed, loaded module "
                                 f"({', '.join(self.allowed)})")
-        module = sys.modules.get(module_name)
-        if module is None:
-            raise SnapshotError(f"the checkpoint names {path}, but module {module_name} is "
-                                "not loaded in this run")
-        target: Any = module
-        for part in qualname.split("."):
-            if not _IDENTIFIER.fullmatch(part) or part.startswith("__"):
-                raise SnapshotError(f"the checkpoint names {path}, which is not a plain name")
-            target = getattr(target, part, None)
-            if target is None:
-                raise SnapshotError(f"the checkpoint names {path}, which does not exist")
         return target
+
+
+def lookup(path: str, allowed: tuple[str, ...]) -> Any:
+    """The class or function ``module:qualname`` names, or None. Only an allowed module
+    already imported is searched, by its own namespace and then through classes only (a
+    nested class), and the result must report that same module and qualified name: a
+    name can never lead into another module's objects or trigger an import."""
+    if not isinstance(path, str):
+        return None
+    if path == "types:SimpleNamespace":
+        return types.SimpleNamespace
+    module_name, _, qualname = path.partition(":")
+    module = sys.modules.get(module_name)
+    if module is None or module_name.split(".")[0] not in allowed:
+        return None
+    parts = qualname.split(".")
+    if not all(_IDENTIFIER.fullmatch(part) and not part.startswith("__") for part in parts):
+        return None
+    target = vars(module).get(parts[0])
+    for part in parts[1:]:
+        if not isinstance(target, type):
+            return None
+        target = vars(target).get(part)
+    if not (isinstance(target, type) or inspect.isfunction(target)
+            or inspect.isbuiltin(target)):
+        return None
+    if getattr(target, "__module__", None) != module_name \
+            or getattr(target, "__qualname__", None) != qualname:
+        return None
+    return target
+
+
+_BUILTIN_TYPES = {t.__name__: t for t in (dict, list, set, tuple, int, float, str, bool,
+                                          frozenset)}
+# every entry kind the decoder understands (each has a ``_kind`` method)
+_KINDS = frozenset({
+    "external", "ref", "tensor", "ndarray", "npscalar", "npdtype", "dtype", "device",
+    "generator", "np_generator", "random", "optimizer", "list", "set", "frozenset", "deque",
+    "tuple", "dict", "bytes", "complex", "weakref", "method", "builtin", "named", "enum",
+    "namedtuple", "object",
+})
 
 
 class _Gone:

@@ -177,7 +177,8 @@ def test_resolved_config_round_trips_to_plain_data():
     plain = scenario.to_dict()
     json.dumps(plain)  # serialisable
     assert plain["strategies"]["naive"]["plugins"] == [
-        {"replay": {"selection": "reservoir", "capacity": 10, "batch_size_mem": None, "nme": False}}
+        {"replay": {"selection": "reservoir", "capacity": 10, "batch_size_mem": None,
+                    "nme": False, "update": "batch"}}
     ]
 
 
