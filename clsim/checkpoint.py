@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import random
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 import clsim
+from clsim.results import write_atomic
 from clsim.snapshot import Decoder, Encoder, SnapshotError, allowed_modules, as_tuples
 
 FORMAT = "clsim-checkpoint/1"
@@ -66,7 +65,7 @@ class Checkpointing:
             return
         try:
             payload = capture(loop, next_experience, wall_seconds, self.fingerprint)
-            write_atomic(self.path, payload)
+            write_checkpoint(self.path, payload)
             if not self.written:
                 torch.load(self.path, weights_only=True, map_location="cpu")
         except RecursionError:
@@ -98,19 +97,10 @@ def remove_partial_writes(out_dir: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def write_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, rename into place."""
+def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` the payload atomically (a kill leaves the old file or the new)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda handle: torch.save(payload, handle))
 
 
 def read_checkpoint(path: Path, expected_fingerprint: str) -> dict[str, Any]:

