@@ -81,8 +81,9 @@ class Encoder:
             return {KIND: "ref", "id": self.memo[id(obj)]}
         encoder = self._encoder_for(obj)
         if encoder is None:
-            raise SnapshotError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}"
-                                ", which a checkpoint cannot hold")
+            cls = type(obj)
+            raise SnapshotError(f"{where} is of class {cls.__module__}.{cls.__qualname__}, "
+                                "which a checkpoint cannot hold")
         return encoder(obj, where)
 
     def _new_id(self, obj: object) -> int:
@@ -152,9 +153,9 @@ class Encoder:
             return "types:SimpleNamespace"
         if not self._allowed(cls.__module__) or lookup(_path(cls), self.allowed) is not cls:
             raise SnapshotError(
-                f"{where} is a {cls.__module__}.{cls.__qualname__}; a checkpoint holds only "
-                f"classes defined at module level in {', '.join(self.allowed)} and found "
-                "there under their own name"
+                f"{where} is of class {cls.__module__}.{cls.__qualname__}; a checkpoint holds "
+                f"only classes defined at module level in {', '.join(self.allowed)} and "
+                "found there under their own name"
             )
         return _path(cls)
 
