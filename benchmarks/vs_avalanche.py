@@ -76,7 +76,7 @@ STRATEGIES = ("naive", "replay")
 AVALANCHE_NAMES = {"naive": "Naive", "replay": "Replay"}
 
 
-def scenario_yaml(device: str) -> str:
+def scenario_yaml(device: str, replay_update: str = "experience_end") -> str:
     """clsim's side of the work, as a user would write it."""
     return f"""
 name: vs_avalanche
@@ -94,7 +94,8 @@ strategies:
   naive:
     plugins: [naive]
   replay:
-    plugins: [{{replay: {{selection: class_balanced, capacity: {MEMORY}, update: experience_end}}}}]
+    plugins:
+      - replay: {{selection: class_balanced, capacity: {MEMORY}, update: {replay_update}}}
 """
 
 
@@ -135,6 +136,11 @@ def parse_args() -> argparse.Namespace:
                         help="folder holding mnist/ (default: $CLSIM_DATA)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
                         help="comma-separated, of naive, replay (default: both)")
+    parser.add_argument("--replay-update", choices=["experience_end", "batch"],
+                        default="experience_end",
+                        help="when clsim's replay memory takes samples: at experience end, "
+                        "as Avalanche's Replay (default), or after every batch (ER, clsim's "
+                        "default)")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the peak-memory runs (4 fresh interpreters per strategy)")
     parser.add_argument("--check", action="store_true",
@@ -165,7 +171,8 @@ def set_up(args: argparse.Namespace) -> Setup:
         dataset = load_dataset("mnist", root=args.data_root)
     except ClsimError as exc:
         fail(f"{exc}; {hint}")
-    scenario = parse_scenario(scenario_yaml(args.device), source="vs_avalanche.py")
+    scenario = parse_scenario(scenario_yaml(args.device, args.replay_update),
+                              source="vs_avalanche.py")
     stream = build_stream(scenario, dataset, scenario.seed)
     return Setup(scenario, dataset, stream, benchmark_from_stream(stream, dataset), device)
 
@@ -295,6 +302,7 @@ def measure_memory(args: argparse.Namespace, side: str, strategy: str) -> dict[s
     for probe in ("rss", "tracemalloc"):
         command = [sys.executable, __file__, "--memory-child", side, strategy, probe,
                    "--threads", str(args.threads), "--device", args.device,
+                   "--replay-update", args.replay_update,
                    "--data-root", str(args.data_root)]
         out = subprocess.run(command, capture_output=True, text=True)
         if out.returncode != 0:
@@ -320,7 +328,8 @@ def main() -> int:
 
     print(f"clsim vs Avalanche {avalanche.__version__}: split MNIST ({len(setup.stream)} x 2 "
           f"classes), MLP {'-'.join(map(str, HIDDEN))}, SGD lr {LR}, batch {BATCH_SIZE}, "
-          f"{EPOCHS} epoch, replay memory {MEMORY}, evaluation before training and after "
+          f"{EPOCHS} epoch, replay memory {MEMORY} (clsim updated: {args.replay_update}), "
+          "evaluation before training and after "
           f"every experience on all test sets (batches of {EVAL_BATCH_SIZE})")
     print(f"torch {torch.__version__}, device {setup.device}, {torch.get_num_threads()} "
           f"threads, {args.repeats} repeats + 1 warm-up, interleaved\n")

@@ -21,6 +21,19 @@ strategies:
     plugins: [naive]
 """
 
+# the issue's agreement protocol with Avalanche: split MNIST, 5 x 2 classes, MLP 400-400,
+# SGD lr 0.01, batch 128, one epoch (append the strategies)
+SPLIT_MNIST_PROTOCOL = """\
+name: agree
+seed: 0
+threads: 1
+data: {dataset: mnist}
+stream: {type: class_incremental, n_experiences: 5}
+model: {name: mlp, hidden: [400, 400]}
+training: {epochs: 1, batch_size: 128, optimizer: {name: sgd, lr: 0.01}}
+strategies:
+"""
+
 
 def run_cli(
     *args: str, cwd: Path | None = None, env: dict | None = None

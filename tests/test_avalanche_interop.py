@@ -9,7 +9,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers import DIGITS_SCENARIO, run_cli
+from helpers import DIGITS_SCENARIO, SPLIT_MNIST_PROTOCOL, run_cli
 
 from clsim.config import parse_scenario
 from clsim.data import load_dataset
@@ -144,15 +144,7 @@ def test_bad_generator_arguments_name_the_key(tmp_path, args: str, message: str)
 # agreement with Avalanche's strategies on split MNIST
 # ---------------------------------------------------------------------------
 
-SPLIT_MNIST = """\
-name: agree
-seed: 0
-threads: 1
-data: {dataset: mnist}
-stream: {type: class_incremental, n_experiences: 5}
-model: {name: mlp, hidden: [400, 400]}
-training: {epochs: 1, batch_size: 128, optimizer: {name: sgd, lr: 0.01}}
-strategies:
+SPLIT_MNIST = SPLIT_MNIST_PROTOCOL + """\
   naive: {plugins: [naive]}
   replay: {plugins: [{replay: {selection: class_balanced, capacity: 500}}]}
   replay_late:

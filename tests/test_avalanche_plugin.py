@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from clsim_plugins.avalanche import AvalanchePlugin
-from helpers import REPO_ROOT, run_cli
+from helpers import REPO_ROOT, SPLIT_MNIST_PROTOCOL, run_cli
 
 from clsim.config import load_scenario, parse_scenario
 from clsim.data import load_dataset
@@ -107,15 +107,7 @@ def test_loading_the_plugin_imports_no_avalanche() -> None:
 # agreement with Avalanche run directly, on split MNIST
 # ---------------------------------------------------------------------------
 
-SPLIT_MNIST = """\
-name: agree
-seed: 0
-threads: 1
-data: {dataset: mnist}
-stream: {type: class_incremental, n_experiences: 5}
-model: {name: mlp, hidden: [400, 400]}
-training: {epochs: 1, batch_size: 128, optimizer: {name: sgd, lr: 0.01}}
-strategies:
+SPLIT_MNIST = SPLIT_MNIST_PROTOCOL + """\
   naive: {plugins: [{avalanche: {strategy: Naive, lr: 0.01}}]}
   replay: {plugins: [{avalanche: {strategy: Replay, options: {mem_size: 500}, lr: 0.01}}]}
 """
