@@ -210,7 +210,7 @@ def _restore(loop: Any, payload: dict[str, Any]) -> int:
 def _externals(loop: Any) -> dict[str, object]:
     """Objects a checkpoint names instead of saving: the run's wiring and its data."""
     ctx = loop.ctx
-    externals: dict[str, object] = {"ctx": ctx, "dataset": ctx.dataset, "trainer": loop.trainer,
+    externals: dict[str, object] = {"ctx": ctx, "data": ctx.data, "trainer": loop.trainer,
                                     "hooks": loop.hooks, "stream": loop.stream}
     if ctx.labels is not None:
         externals["labels"] = ctx.labels
@@ -218,8 +218,6 @@ def _externals(loop: Any) -> dict[str, object]:
         externals[f"experience:{i}"] = exp
         for name in ("train_x", "train_y", "test_x", "test_y"):
             externals[f"experience:{i}.{name}"] = getattr(exp, name)
-    for name in ("x_train", "y_train", "x_test", "y_test"):
-        externals[f"dataset.{name}"] = getattr(ctx.dataset, name)
     return externals
 
 

@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from clsim.data.dataset import Dataset
+from clsim.data.dataset import DataInfo
 from clsim.labels import LabelSpace
 from clsim.memory import model_bytes
 from clsim.seeding import numpy_generator, torch_generator
@@ -22,7 +23,9 @@ class RunContext:
     """What a plugin sees of a run. The engine updates it; plugins read it.
 
     Attributes a plugin may rely on: ``strategy`` (its name), ``model``, ``optimizer``
-    (set while training, None otherwise), ``device``, ``labels`` (the stream's
+    (the standard loop's, set while it trains, None otherwise), ``device``, ``data`` (the
+    dataset described without its samples: names, shape, normalisation; no test data
+    reaches a plugin while it trains), ``labels`` (the stream's
     :class:`~clsim.labels.LabelSpace`: levels of class ids), ``n_classes`` (size of the label
     space: the model's outputs), ``sample_shape`` / ``sample_dtype`` / ``sample_bytes``
     (one raw sample),
@@ -30,12 +33,16 @@ class RunContext:
     met so far, in order of first appearance), ``experience`` (the current one, or None),
     ``epochs`` / ``batch_size`` (the standard loop's settings), ``seed`` and ``log``
     (a function taking an event name and fields, written to events.jsonl).
+
+    Services: ``to_input``, ``features``, ``task_loss`` (the loop's default loss), the
+    plugin's own generators, and for a plugin that owns an experience
+    ``new_optimizer`` / ``backward_step`` (the scenario's optimizer and non-finite policy).
     """
 
     strategy: str
     model: nn.Module
     device: torch.device
-    dataset: Dataset
+    data: DataInfo
     seed: int
     epochs: int
     batch_size: int
@@ -45,7 +52,7 @@ class RunContext:
     experience: Experience | None = None
     seen_classes: list[int] = field(default_factory=list)
     log: Callable[..., None] = lambda event, **fields: None
-    _fit: Callable[..., None] | None = None
+    _trainer: Any = None  # the standard loop (clsim.training.Trainer), set by the engine
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Nothing may be parked on the context: the ledger charges plugin objects, not ctx.
@@ -58,19 +65,19 @@ class RunContext:
 
     @property
     def n_classes(self) -> int:
-        return self.dataset.n_classes if self.labels is None else self.labels.n_classes
+        return self.data.n_classes if self.labels is None else self.labels.n_classes
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        return self.dataset.sample_shape
+        return self.data.sample_shape
 
     @property
     def sample_dtype(self) -> torch.dtype:
-        return self.dataset.x_train.dtype
+        return self.data.sample_dtype
 
     @property
     def sample_bytes(self) -> int:
-        return self.dataset.sample_bytes
+        return self.data.sample_bytes
 
     def model_bytes(self) -> int:
         """Bytes of the model's parameters and buffers right now."""
@@ -78,7 +85,7 @@ class RunContext:
 
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
         """Raw samples (storage dtype, any device) -> the model's float input on ``device``."""
-        return self.dataset.to_input(x.to(self.device, non_blocking=True))
+        return self.data.to_input(x.to(self.device, non_blocking=True))
 
     def torch_generator(
         self, *names: str | int, device: str | torch.device = "cpu"
@@ -89,13 +96,29 @@ class RunContext:
     def numpy_generator(self, *names: str | int) -> np.random.Generator:
         return numpy_generator(self.seed, self.strategy, *names)
 
-    def fit(
-        self, x: torch.Tensor, y: torch.Tensor, *, epochs: int | None = None, **kw: Any
-    ) -> None:
-        """Run the standard training loop (with every batch hook) on data of your choosing."""
-        if self._fit is None:
-            raise RuntimeError("ctx.fit is only available while a run is in progress")
-        self._fit(x, y, epochs=epochs, **kw)
+    def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The standard loop's task loss: cross-entropy over the label space (per level,
+        for hierarchical labels)."""
+        y = y.to(logits.device, non_blocking=True)
+        if self.labels is None:
+            return F.cross_entropy(logits, y)
+        return self.labels.cross_entropy(logits, y)
+
+    def new_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The scenario's optimizer (``training.optimizer``) over ``params`` (a module,
+        parameters or :class:`clsim.loop_types.Trainable` items), for a plugin that owns
+        an experience and still takes gradient steps."""
+        return self._loop("new_optimizer").new_optimizer(params)
+
+    def backward_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
+        """Backward and step under the scenario's non-finite policy; False when the
+        batch was skipped (``training.nonfinite_loss: skip_batch``)."""
+        return self._loop("backward_step").backward_step(optimizer, loss)
+
+    def _loop(self, service: str) -> Any:
+        if self._trainer is None:
+            raise RuntimeError(f"ctx.{service} is only available while a run is in progress")
+        return self._trainer
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:

@@ -24,6 +24,7 @@ from clsim.errors import BudgetExceededError, ClsimError, ConfigError, OptionErr
 from clsim.evaluation import evaluate, label_counts
 from clsim.logging.events import EventLog
 from clsim.logging.tensorboard import TensorBoardLogger
+from clsim.loop_types import ExperiencePlan
 from clsim.memory import Ledger, measure, model_bytes
 from clsim.models import build_model
 from clsim.models.heads import ActiveHead, expose_labels
@@ -234,7 +235,7 @@ def run_strategy(
             strategy=strategy.name,
             model=model,
             device=device,
-            dataset=dataset,
+            data=dataset.info(),
             seed=seed,
             epochs=1 if stream.online else scenario.training.epochs,
             batch_size=scenario.training.batch_size,
@@ -244,9 +245,7 @@ def run_strategy(
         )
         trainer = Trainer(ctx, hooks, scenario.training, torch_generator(seed, "batches"))
         trainer.online = stream.online
-        # a plugin's own fits default to the run's epochs (1 on an online stream)
-        ctx._fit = lambda x, y, epochs=None, **kw: trainer.fit(x, y, epochs=epochs or ctx.epochs,
-                                                               **kw)
+        ctx._trainer = trainer
         del model  # ctx holds it; a resume replaces it with the checkpoint's
         loop = _Loop(scenario, strategy, stream, ctx, hooks, trainer, plugins, outcome,
                      events, tensorboard, progress, where, checkpoint, started)
@@ -273,7 +272,7 @@ def run_strategy(
         finally:
             where["experience"] = None
             outcome.wall_seconds = time.perf_counter() - started
-            ctx._fit = None
+            ctx._trainer = None
             try:  # a failing teardown must not hide the error that ended the run
                 hooks.call("clsim_teardown", ctx=ctx)
             except ClsimError as exc:
@@ -311,10 +310,9 @@ class _Loop:
         total = sum(exp.n_train for exp in shown)
         for number, exp in enumerate(shown[start:], start):
             self.where["experience"] = exp.index
-            # with hidden boundaries the hooks get the stream without its data: samples
-            # arrive part by part, and nothing about what is to come is shown
-            told = replace(exp, train_x=exp.train_x[:0], train_y=exp.train_y[:0]) \
-                if stream.boundaries_hidden else exp
+            # the hooks never see test data; with hidden boundaries not even the training
+            # data: samples arrive part by part, and nothing about what is to come is shown
+            told = training_view(exp, hidden=stream.boundaries_hidden)
             self.ctx.experience = told
             if not stream.boundaries_hidden:
                 self._meet(exp.classes)
@@ -357,23 +355,22 @@ class _Loop:
             trainer.progress = self.progress(label, batches)
         loss = float("nan")
         for number, part in enumerate(parts):
+            part = training_view(part)
             if stream.boundaries_hidden:
                 self.ctx.experience = part
             if self.hooks.implemented("clsim_train_experience"):
-                expose_labels(self.ctx.model, part.train_y)  # an owner trains on them all
+                expose_labels(self.ctx.model, part.train_y)  # an owner learns them all
             ticks = getattr(trainer.progress, "n", None)
             owner, _ = self.hooks.first("clsim_train_experience", ctx=self.ctx, experience=part)
-            if owner is not None and ticks is not None and trainer.progress.n == ticks:
-                # the plugin trained with a loop of its own: count the part as done
+            if owner is None:
+                plan = self._plan(part)
+                if plan.train:
+                    loss = trainer.fit(plan, shuffle=not stream.online,
+                                       keep_optimizer=number > 0)
+            if ticks is not None and trainer.progress.n == ticks:
+                # learned without a gradient step of the loop: count the part as done
                 trainer.progress.update(trainer.n_batches(part.n_train,
                                                           1 if stream.online else None))
-            if owner is None:
-                task_ids = (None if part.task_id is None
-                            else torch.full_like(part.train_y, part.task_id))
-                loss = trainer.fit(part.train_x, part.train_y, task_ids=task_ids,
-                                   epochs=1 if stream.online else None,
-                                   shuffle=not stream.online,
-                                   keep_optimizer=number > 0)
             if stream.online:  # labels count as seen once their samples were trained on
                 self._meet(dict.fromkeys(part.train_y.tolist()))
             self.position += part.n_train
@@ -385,6 +382,16 @@ class _Loop:
             trainer.progress.close()
             trainer.progress = None
         return loss
+
+    def _plan(self, part: Experience) -> ExperiencePlan:
+        """What the standard loop trains on for ``part``: its samples and the run's epochs,
+        as the plugins' ``clsim_plan_experience`` leave it."""
+        task_ids = None if part.task_id is None else torch.full_like(part.train_y, part.task_id)
+        plan = ExperiencePlan(part.train_x, part.train_y, task_ids, self.ctx.epochs)
+        if self.hooks.implemented("clsim_plan_experience"):
+            plan = self.hooks.chain("clsim_plan_experience", "plan", plan, ExperiencePlan,
+                                    ctx=self.ctx, experience=part)
+        return plan
 
     def _anytime(self, experience: int) -> None:
         """An evaluation in the middle of an online stream, with a ledger check."""
@@ -430,6 +437,15 @@ class _Loop:
                 f"({self.outcome.budget}); largest parts: "
                 + _largest_parts(record.measurement.parts)
             )
+
+
+def training_view(exp: Experience, hidden: bool = False) -> Experience:
+    """``exp`` as training hooks see it: without its test samples (and, ``hidden``, without
+    its training samples too: a hidden-boundary stream delivers them part by part)."""
+    empty = {"test_x": exp.test_x[:0], "test_y": exp.test_y[:0]}
+    if hidden:
+        empty.update(train_x=exp.train_x[:0], train_y=exp.train_y[:0])
+    return replace(exp, **empty)
 
 
 def plugin_reports(hooks: HookRunner, ctx: RunContext, stream: Stream) -> dict[str, Any]:

@@ -14,8 +14,12 @@ order for a strategy.
 Per experience the engine fires, in this order::
 
     clsim_before_experience
-    clsim_train_experience            (first result; None -> the engine trains)
-        for each batch: clsim_before_batch (chained) -> forward -> clsim_loss
+    clsim_train_experience            (first result; None -> the standard loop trains)
+    clsim_plan_experience             (chained: data, epochs, whether to step at all)
+    clsim_trainable                   (collected: parameters the optimizer adds)
+        for each batch: clsim_before_batch (chained) -> clsim_inputs (chained)
+                        -> forward -> clsim_forward (collected: named aux outputs)
+                        -> clsim_task_loss (one replacement at most) + clsim_loss
                         -> backward -> clsim_after_backward -> step
                         -> clsim_after_update -> clsim_after_batch
     clsim_after_experience
@@ -25,6 +29,17 @@ After the last experience ``clsim_report`` collects each plugin's own scores.
 
 ``clsim_setup`` fires once before the first experience and ``clsim_teardown`` once
 after the last (also when the run fails).
+
+**One loop.** A strategy is hooks over the standard loop, which trains every strategy
+under the scenario's optimizer, non-finite policy and accounting. Only a method whose
+learning is not gradient descent on mini-batches (a closed-form solve, class means, an
+external library's strategy) implements ``clsim_train_experience``, and a strategy may
+hold one such plugin, with no other plugin implementing the loop's hooks
+(:data:`LOOP_HOOKS`): those would never fire, so the pair is refused at start-up.
+
+**No test data while training.** Training hooks receive experiences without their test
+samples, and ``ctx.data`` describes the dataset without holding it; only
+``clsim_report`` reads the stream's test sets.
 """
 
 from __future__ import annotations
@@ -37,12 +52,27 @@ if TYPE_CHECKING:
     import torch
 
     from clsim.context import RunContext
+    from clsim.loop_types import ExperiencePlan, ForwardOutput
     from clsim.stream import Batch, Experience, Stream
 
 PROJECT_NAME = "clsim"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+LOOP_HOOKS = (
+    "clsim_plan_experience",
+    "clsim_trainable",
+    "clsim_before_batch",
+    "clsim_inputs",
+    "clsim_forward",
+    "clsim_task_loss",
+    "clsim_loss",
+    "clsim_after_backward",
+    "clsim_after_update",
+    "clsim_after_batch",
+)
+"""The hooks only the standard loop fires: a plugin owning an experience silences them."""
 
 
 # ---------------------------------------------------------------------------
@@ -86,15 +116,54 @@ def clsim_before_experience(ctx: RunContext, experience: Experience) -> None:
 
 @hookspec(firstresult=True)
 def clsim_train_experience(ctx: RunContext, experience: Experience) -> Any | None:
-    """Own the training of one experience.
+    """Own the training of one experience instead of the standard loop.
 
-    Stops at the first non-None result. Return None to let the engine run its standard
-    loop (epochs x mini-batches with the batch hooks below); return anything else to
-    say the plugin trained the experience itself (it may call ``ctx.fit(x, y)`` to
-    reuse the standard loop on data of its choosing).
+    Stops at the first non-None result. Return None to let the standard loop train
+    (every hook below then fires); return anything else to say the plugin learned the
+    experience itself. Only for methods that are not gradient descent on mini-batches:
+    a closed-form solve, class means, an external library's strategy. Such a plugin
+    says why in its docstring; a gradient step it still takes goes through
+    ``ctx.new_optimizer`` and ``ctx.backward_step`` (the scenario's optimizer and
+    non-finite policy). A strategy holds at most one implementation, and no other plugin
+    of it may implement a hook of :data:`LOOP_HOOKS` (checked at start-up).
 
     :param ctx: the run context.
-    :param experience: the experience to train on.
+    :param experience: the experience to learn (training data only).
+    """
+
+
+@hookspec
+def clsim_plan_experience(
+    ctx: RunContext, experience: Experience, plan: ExperiencePlan
+) -> ExperiencePlan | None:
+    """Decide what the standard loop trains on for this experience.
+
+    Chained, not collected: implementations run in plugin order, each receiving the plan
+    as left by the previous one; return a changed copy to replace it (MEMO and iCaRL
+    append exemplars with ``plan.extended(x, y)``, MEMO sets its first and later tasks'
+    ``epochs``, a few-shot prototype session returns ``replace(plan, train=False)``), or
+    None to keep it. The first plan holds the experience's training samples (on an
+    online stream, the part delivered now) and the scenario's epochs.
+
+    :param ctx: the run context.
+    :param experience: the experience (or online part) about to be trained.
+    :param plan: :class:`clsim.loop_types.ExperiencePlan`.
+    """
+
+
+@hookspec
+def clsim_trainable(ctx: RunContext) -> Any | None:
+    """Parameters the scenario's optimizer trains besides the model's own.
+
+    Collected each time the loop builds its optimizer (each experience; an online
+    experience keeps one across its parts while the parameters stay the same). Return a
+    module, a parameter, a :class:`clsim.loop_types.Trainable` (with an ``lr_scale``
+    factor on the scenario's learning rate) or a list of them; None adds nothing. Keep
+    them on the plugin, where the ledger charges them by attribute name. The model's
+    parameters with ``requires_grad`` are always trained; naming one here sets its
+    factor.
+
+    :param ctx: the run context.
     """
 
 
@@ -110,7 +179,7 @@ def clsim_after_experience(ctx: RunContext, experience: Experience) -> None:
 
 
 # ---------------------------------------------------------------------------
-# mini-batch training (standard loop and ctx.fit)
+# mini-batch training (the standard loop)
 # ---------------------------------------------------------------------------
 
 
@@ -129,17 +198,67 @@ def clsim_before_batch(ctx: RunContext, batch: Batch) -> Batch | None:
 
 
 @hookspec
-def clsim_loss(ctx: RunContext, batch: Batch, logits: torch.Tensor) -> torch.Tensor | None:
-    """Contribute an extra loss term (distillation, auxiliary heads, regularisers).
+def clsim_inputs(ctx: RunContext, batch: Batch, inputs: torch.Tensor) -> torch.Tensor | None:
+    """Transform the model inputs of a batch (augmentation, several views).
 
-    Collected: every non-None scalar tensor is added to the task loss (cross-entropy of
-    ``logits`` against ``batch.y``). With ``training.nonfinite_loss: skip_batch``, a batch
-    whose total loss is NaN or infinite ends here: no backward, no optimizer step and no
-    ``clsim_after_*`` hook for it.
+    Chained like ``clsim_before_batch``: each implementation receives the inputs as
+    left by the previous one. ``inputs`` starts as ``ctx.to_input(batch.x)``, N rows;
+    return V x N rows to train on V views (view after view, each in the batch's order);
+    the loop repeats the labels per view (``output.targets``).
 
     :param ctx: the run context.
     :param batch: the batch after ``clsim_before_batch``.
-    :param logits: the model's output on ``batch``.
+    :param inputs: float model inputs on ``ctx.device``.
+    """
+
+
+@hookspec
+def clsim_forward(
+    ctx: RunContext, batch: Batch, output: ForwardOutput
+) -> dict[str, torch.Tensor] | None:
+    """Add named auxiliary outputs to the forward pass (a projector's embedding, an
+    auxiliary head's logits), computed once for every later loss hook to read.
+
+    Collected: each returned dict is merged into ``output.aux``; a name another plugin
+    already gave is an error.
+
+    :param ctx: the run context.
+    :param batch: the batch after ``clsim_before_batch``.
+    :param output: :class:`clsim.loop_types.ForwardOutput`: inputs, features, logits,
+        targets and views of the batch.
+    """
+
+
+@hookspec
+def clsim_task_loss(ctx: RunContext, batch: Batch, output: ForwardOutput
+                    ) -> torch.Tensor | None:
+    """Replace the task loss (default: ``ctx.task_loss(output.logits, output.targets)``,
+    cross-entropy over the label space).
+
+    At most one plugin may return a loss for a batch (two are an error naming both);
+    None keeps the default. To weight the task loss, return ``w * ctx.task_loss(...)``.
+    PRD returns its supervised contrastive loss here.
+
+    :param ctx: the run context.
+    :param batch: the batch after ``clsim_before_batch``.
+    :param output: the forward pass, as in ``clsim_forward`` (with ``aux`` filled).
+    """
+
+
+@hookspec
+def clsim_loss(
+    ctx: RunContext, batch: Batch, logits: torch.Tensor, output: ForwardOutput
+) -> torch.Tensor | None:
+    """Contribute an extra loss term (distillation, auxiliary heads, regularisers).
+
+    Collected: every non-None scalar tensor is added to the task loss. With
+    ``training.nonfinite_loss: skip_batch``, a batch whose total loss is NaN or infinite
+    ends here: no backward, no optimizer step and no ``clsim_after_*`` hook for it.
+
+    :param ctx: the run context.
+    :param batch: the batch after ``clsim_before_batch``.
+    :param logits: ``output.logits``, the model's output on the batch (every view).
+    :param output: the forward pass: features, targets, views and ``aux`` outputs.
     """
 
 
@@ -164,7 +283,8 @@ def clsim_after_update(ctx: RunContext, batch: Batch) -> None:
 
 @hookspec
 def clsim_after_batch(
-    ctx: RunContext, batch: Batch, logits: torch.Tensor, loss: torch.Tensor
+    ctx: RunContext, batch: Batch, logits: torch.Tensor, loss: torch.Tensor,
+    output: ForwardOutput,
 ) -> None:
     """The batch is done (update a replay buffer, detect a distribution shift).
 
@@ -172,6 +292,7 @@ def clsim_after_batch(
     :param batch: the batch trained on; ``batch.stream_part()`` holds its stream samples.
     :param logits: the model's output on ``batch`` (computed before the update).
     :param loss: the total loss of the batch (detached).
+    :param output: the forward pass (its tensors still carry the graph of the step).
     """
 
 

@@ -166,6 +166,33 @@ class HookRunner:
                         f"plugin {impl.plugin_name!r} declares {hook} as a wrapper; clsim hooks "
                         "take plain implementations (order them with tryfirst / trylast)"
                     )
+        self.check_composition()
+
+    def check_composition(self) -> None:
+        """Refuse, at start-up, a strategy whose plugins cannot all run: two plugins that
+        each own the training of an experience, or an owner beside a plugin whose
+        standard-loop hooks (:data:`clsim.hookspecs.LOOP_HOOKS`) would then never fire."""
+        owners = self.order("clsim_train_experience")
+        if len(owners) > 1:
+            raise PluginError(
+                f"plugins {owners[0]!r} and {owners[1]!r} both own the training of an "
+                "experience (clsim_train_experience); a strategy can hold one such plugin"
+            )
+        if not owners:
+            return
+        owner = owners[0]
+        silenced: dict[str, list[str]] = {}
+        for hook in hookspecs.LOOP_HOOKS:
+            for name in self.order(hook):
+                if name != owner:
+                    silenced.setdefault(name, []).append(hook)
+        if silenced:
+            name, hooks = next(iter(silenced.items()))
+            raise PluginError(
+                f"plugin {owner!r} owns the training of an experience "
+                f"(clsim_train_experience), so the standard loop's hooks of plugin {name!r} "
+                f"({', '.join(hooks)}) would never fire; put them in separate strategies"
+            )
 
     def implemented(self, hook: str) -> bool:
         return bool(self._impls[hook])

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from clsim.config import OptimizerConfig, TrainingConfig
 from clsim.context import RunContext
 from clsim.errors import TrainingError
+from clsim.loop_types import ExperiencePlan, ForwardOutput, Trainable, trainable_parameters
+from clsim.models.base import has_feature_head
 from clsim.models.heads import expose_labels
 from clsim.plugin_manager import HookRunner
 from clsim.stream import Batch
@@ -22,21 +23,25 @@ from clsim.stream import Batch
 CHECK_EVERY = 50
 
 
-def make_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
-    """A fresh optimizer over the model's trainable parameters (rebuilt for every fit,
-    so parameters a plugin adds or freezes between experiences are always right)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(
+    groups: list[tuple[list[nn.Parameter], float]], config: OptimizerConfig
+) -> torch.optim.Optimizer:
+    """The scenario's optimizer over ``groups`` of ``(parameters, lr_scale)``: every group
+    at ``lr_scale`` times the configured learning rate, the other settings shared."""
+    param_groups = [{"params": params, "lr": config.lr * scale} for params, scale in groups]
     if config.name == "sgd":
         return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            param_groups, lr=config.lr, momentum=config.momentum,
+            weight_decay=config.weight_decay,
         )
     if config.name == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(param_groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 class Trainer:
-    """Trains ``ctx.model`` on tensors; plugins reach it through ``ctx.fit``."""
+    """The one training loop: every strategy's gradient steps run here, under the
+    scenario's optimizer, non-finite policy and accounting."""
 
     def __init__(
         self,
@@ -79,32 +84,26 @@ class Trainer:
 
     def n_batches(self, n_samples: int, epochs: int | None = None) -> int:
         per_epoch = -(-n_samples // self.config.batch_size)
-        return per_epoch * (epochs or self.config.epochs)
+        return per_epoch * (self.config.epochs if epochs is None else epochs)
 
-    def fit(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        *,
-        epochs: int | None = None,
-        task_ids: torch.Tensor | None = None,
-        shuffle: bool = True,
-        keep_optimizer: bool = False,
-    ) -> float:
-        """Train on ``(x, y)``; returns the mean loss of the last epoch.
+    # -- the loop ------------------------------------------------------------
 
-        ``shuffle=False`` keeps the given order (online streams); ``keep_optimizer``
+    def fit(self, plan: ExperiencePlan, *, shuffle: bool = True,
+            keep_optimizer: bool = False) -> float:
+        """Train on ``plan``; returns the mean loss of the last epoch.
+
+        ``shuffle=False`` keeps the plan's order (online streams); ``keep_optimizer``
         continues with the previous fit's optimizer state (the next part of the same
-        online experience) when the trainable parameters have not changed.
+        online experience) when the trained parameters have not changed.
         """
         ctx, hooks, model = self.ctx, self.hooks, self.ctx.model
+        x, y, task_ids = plan.x, plan.y, plan.task_ids
         ctx.optimizer = optimizer = self._optimizer(keep_optimizer)
-        batch_size, n = self.config.batch_size, int(y.shape[0])
-        task_loss = F.cross_entropy if ctx.labels is None else ctx.labels.cross_entropy
+        batch_size, n = self.config.batch_size, plan.n_samples
         skip_nonfinite = self.config.nonfinite_loss == "skip_batch"
         mean_loss = float("nan")
         model.train()
-        for epoch in range(epochs or self.config.epochs):
+        for epoch in range(plan.epochs):
             order = torch.randperm(n, generator=self.generator) if shuffle else None
             loss_sum = torch.zeros((), device=ctx.device)
             window: list[torch.Tensor] = []  # losses since the last check, to name the batch
@@ -118,12 +117,9 @@ class Trainer:
                 if hooks.implemented("clsim_before_batch"):
                     batch = hooks.chain("clsim_before_batch", "batch", batch, Batch, ctx=ctx)
                 expose_labels(model, batch.y)  # a growing head switches on new classes
-                # forward: task loss plus every plugin's extra terms
-                logits = model(ctx.to_input(batch.x))
-                loss = task_loss(logits, batch.y.to(ctx.device, non_blocking=True))
-                for plugin, extra in hooks.collect("clsim_loss", ctx=ctx, batch=batch,
-                                                   logits=logits):
-                    loss = loss + self._loss_term(plugin, extra, loss)
+                # forward: the task loss (or a plugin's replacement) plus every extra term
+                output = self.forward(batch)
+                loss = self._total_loss(batch, output)
                 if skip_nonfinite and not bool(torch.isfinite(loss)):
                     # discarded as if never drawn: no backward, no step, no after_* hooks
                     self._skip(loss, epoch, step)
@@ -137,9 +133,9 @@ class Trainer:
                 optimizer.step()
                 hooks.call("clsim_after_update", ctx=ctx, batch=batch)
                 loss = loss.detach()
-                hooks.call(
-                    "clsim_after_batch", ctx=ctx, batch=batch, logits=logits.detach(), loss=loss
-                )
+                if hooks.implemented("clsim_after_batch"):
+                    hooks.call("clsim_after_batch", ctx=ctx, batch=batch,
+                               logits=output.logits.detach(), loss=loss, output=output)
                 loss_sum += loss
                 trained += 1
                 self._experience_batches[0] += 1
@@ -152,28 +148,149 @@ class Trainer:
             mean_loss = float(loss_sum) / max(1, trained)
         ctx.optimizer = None
         model.zero_grad(set_to_none=True)  # gradients are not state to keep between experiences
+        for trainable in self._plugin_trainables():
+            for p in trainable.parameters():
+                p.grad = None
         return mean_loss
 
+    def forward(self, batch: Batch) -> ForwardOutput:
+        """Model inputs (with every view plugins stacked), features and logits of ``batch``,
+        plus the auxiliary outputs plugins add."""
+        ctx, hooks, model = self.ctx, self.hooks, self.ctx.model
+        inputs = ctx.to_input(batch.x)
+        if hooks.implemented("clsim_inputs"):
+            inputs = hooks.chain("clsim_inputs", "inputs", inputs, torch.Tensor, ctx=ctx,
+                                 batch=batch)
+        views = self._views(inputs, batch)
+        if has_feature_head(model):
+            features = model.features(inputs)
+            logits = model.head(features)
+        else:
+            features, logits = None, model(inputs)
+        targets = batch.y.to(ctx.device, non_blocking=True)
+        if views > 1:
+            targets = targets.repeat(views)
+        output = ForwardOutput(inputs, features, logits, targets, views)
+        for plugin, extra in hooks.collect("clsim_forward", ctx=ctx, batch=batch,
+                                           output=output):
+            self._add_aux(plugin, extra, output)
+        return output
+
+    def _total_loss(self, batch: Batch, output: ForwardOutput) -> torch.Tensor:
+        """The task loss (cross-entropy, or the one plugin's replacement) plus every
+        plugin's extra term."""
+        ctx, hooks = self.ctx, self.hooks
+        replaced = hooks.collect("clsim_task_loss", ctx=ctx, batch=batch, output=output) \
+            if hooks.implemented("clsim_task_loss") else []
+        if len(replaced) > 1:
+            names = " and ".join(repr(name) for name, _ in replaced)
+            raise self.hooks.fault(replaced[1][0], "clsim_task_loss",
+                                   f"plugins {names} both replaced the task loss of one batch; "
+                                   "a batch has one task loss (add the others with clsim_loss)")
+        if replaced:
+            loss = self._scalar(replaced[0][0], "clsim_task_loss", replaced[0][1],
+                                output.logits.device)
+        else:
+            loss = ctx.task_loss(output.logits, output.targets)
+        if hooks.implemented("clsim_loss"):
+            for plugin, extra in hooks.collect("clsim_loss", ctx=ctx, batch=batch,
+                                               logits=output.logits, output=output):
+                loss = loss + self._scalar(plugin, "clsim_loss", extra, loss.device)
+        return loss
+
+    # -- services for a plugin that owns an experience -------------------------
+
+    def new_optimizer(self, params: nn.Module | list[nn.Parameter] | list[Trainable]
+                      ) -> torch.optim.Optimizer:
+        """The scenario's optimizer over parameters a plugin trains in a loop of its own."""
+        if isinstance(params, nn.Module):
+            params = [Trainable(params)]
+        trainables = [p if isinstance(p, Trainable) else Trainable(p) for p in params]
+        return make_optimizer(trainable_parameters(nn.Module(), trainables),
+                              self.config.optimizer)
+
+    def backward_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
+        """One gradient step of a plugin's own loop under the scenario's non-finite policy:
+        ``stop`` raises naming the experience, ``skip_batch`` counts the batch and returns
+        False without a step; else zero the gradients, backward, step and return True."""
+        if not bool(torch.isfinite(loss.detach())):
+            if self.config.nonfinite_loss != "skip_batch":
+                raise TrainingError(
+                    f"strategy {self.ctx.strategy!r}: the loss became "
+                    f"{float(loss.detach())}{self._where()}; lower the learning rate, check "
+                    "the plugins' loss terms, or set training.nonfinite_loss: skip_batch")
+            self._skip(loss, -1, self._experience_batches[0] + self._experience_batches[1] + 1)
+            return False
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self._experience_batches[0] += 1
+        return True
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _plugin_trainables(self) -> list[Trainable]:
+        if not self.hooks.implemented("clsim_trainable"):
+            return []
+        found: list[Trainable] = []
+        for plugin, result in self.hooks.collect("clsim_trainable", ctx=self.ctx):
+            items = [result] if isinstance(result, Trainable | nn.Module) else result
+            try:
+                items = list(items)
+            except TypeError:
+                items = [items]
+            for item in items:
+                if isinstance(item, nn.Module | nn.Parameter):
+                    item = Trainable(item)
+                if not isinstance(item, Trainable):
+                    raise self.hooks.fault(plugin, "clsim_trainable", f"returned a "
+                                           f"{type(item).__name__}; expected modules, "
+                                           "parameters or Trainable")
+                found.append(item)
+        return found
+
     def _optimizer(self, keep: bool) -> torch.optim.Optimizer:
-        params = [p for p in self.ctx.model.parameters() if p.requires_grad]
+        groups = trainable_parameters(self.ctx.model, self._plugin_trainables())
+        params = [p for group, _ in groups for p in group]
         kept = self._last_optimizer
         if keep and kept is not None and len(kept[0]) == len(params) and all(
             a is b for a, b in zip(kept[0], params, strict=True)
         ):
             return kept[1]
-        optimizer = make_optimizer(self.ctx.model, self.config.optimizer)
+        optimizer = make_optimizer(groups, self.config.optimizer)
         self._last_optimizer = (params, optimizer) if self.online else None
         return optimizer
 
-    def _loss_term(self, plugin: str, extra: object, loss: torch.Tensor) -> torch.Tensor:
+    def _views(self, inputs: torch.Tensor, batch: Batch) -> int:
+        rows, n = int(inputs.shape[0]), len(batch)
+        if n == 0 or rows % n:
+            plugins = ", ".join(self.hooks.order("clsim_inputs")) or "none"
+            raise TrainingError(
+                f"strategy {self.ctx.strategy!r}: the model inputs have {rows} rows for a "
+                f"batch of {n} samples (plugins with clsim_inputs: {plugins}); views are "
+                "stacked whole, view after view")
+        return rows // n
+
+    def _add_aux(self, plugin: str, extra: object, output: ForwardOutput) -> None:
+        if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+            raise self.hooks.fault(plugin, "clsim_forward", f"returned a "
+                                   f"{type(extra).__name__}; expected a dict of named tensors")
+        taken = sorted(set(extra) & set(output.aux))
+        if taken:
+            raise self.hooks.fault(plugin, "clsim_forward", f"output names {taken} are "
+                                   "already taken by an earlier plugin")
+        output.aux.update(extra)
+
+    def _scalar(self, plugin: str, hook: str, extra: object,
+                device: torch.device) -> torch.Tensor:
         """A plugin's loss term, if it is a scalar tensor on the loss's device."""
         if not isinstance(extra, torch.Tensor) or extra.numel() != 1:
             got = tuple(extra.shape) if isinstance(extra, torch.Tensor) else type(extra).__name__
-            raise self.hooks.fault(plugin, "clsim_loss", f"returned {got}; expected a scalar "
+            raise self.hooks.fault(plugin, hook, f"returned {got}; expected a scalar "
                                    "tensor or None")
-        if extra.device != loss.device:
-            raise self.hooks.fault(plugin, "clsim_loss", f"returned a tensor on {extra.device}; "
-                                   f"the loss is on {loss.device}")
+        if extra.device != device:
+            raise self.hooks.fault(plugin, hook, f"returned a tensor on {extra.device}; "
+                                   f"the loss is on {device}")
         return extra.reshape(())
 
     def _where(self) -> str:

@@ -60,7 +60,7 @@ def bare_context(model, dataset, **fields):
 
     values = {"strategy": "s", "device": torch.device("cpu"), "seed": 0, "epochs": 1,
               "batch_size": 32, "labels": LabelSpace.flat(dataset.class_names), **fields}
-    return RunContext(model=model, dataset=dataset, **values)
+    return RunContext(model=model, data=dataset.info(), **values)
 
 
 def stream_hash(stream) -> str:

@@ -278,7 +278,7 @@ def test_run_context_in_skip_types_is_not_walked() -> None:
         strategy="s",
         model=model,
         device=torch.device("cpu"),
-        dataset=None,
+        data=None,
         seed=0,
         epochs=1,
         batch_size=8,

@@ -43,6 +43,12 @@ class ClassifierModel(nn.Module):
         return self.head(self.features(x))
 
 
+def has_feature_head(model: nn.Module) -> bool:
+    """Whether ``model(x)`` is exactly ``model.head(model.features(x))``, so the training
+    loop can hand the features to plugins without a second forward pass."""
+    return isinstance(model, ClassifierModel) and type(model).forward is ClassifierModel.forward
+
+
 class ModelOptionError(ConfigError, ValueError):
     """A model option or input shape a model cannot be built with.
 
