@@ -68,6 +68,23 @@ def active_outputs(model: nn.Module) -> torch.Tensor | None:
     return active if isinstance(active, torch.Tensor) else None
 
 
+def target_head(model: nn.Module) -> nn.Module | None:
+    """The model's head when it scores features against fixed class targets, else None.
+
+    The protocol (LingoCL's :class:`SemanticHead` follows it, and any head may): a buffer
+    ``targets`` with one frozen row per label id, ``embed(features)`` mapping features
+    into the targets' space, and ``widened(in_features, generator=...)`` returning a copy
+    that reads wider features. A host strategy reads these instead of asking which
+    plugin installed the head, so a head plugin composes with any host.
+    """
+    head = getattr(model, "head", None)
+    if isinstance(getattr(head, "targets", None), torch.Tensor) and callable(
+        getattr(head, "embed", None)
+    ):
+        return head
+    return None
+
+
 class SemanticHead(nn.Module):
     """``logits = eta * cos(h(features), T)`` against frozen targets ``T`` (a buffer).
 

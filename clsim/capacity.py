@@ -1,0 +1,52 @@
+"""Budget to capacity: how many items (exemplars, buffered samples) a strategy can store.
+
+Every store sized from the budget follows one rule: measure what the strategy holds with
+its store emptied (the model, the plugin's other state, the empty store itself), and
+fill what the budget leaves with whole items. Written once here, so every plugin sizes
+its memory, and words its error, the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from clsim.errors import ConfigError
+from clsim.memory import measure
+
+
+def bytes_without_items(
+    model: nn.Module | None, name: str, plugin: Any, store: str, empty: Any
+) -> int:
+    """Ledger bytes of ``model`` and ``plugin`` with ``plugin.<store>`` replaced by
+    ``empty`` (the store with room for no item) for the measurement."""
+    kept = getattr(plugin, store)
+    setattr(plugin, store, empty)
+    try:
+        return measure(model, [(name, plugin)]).total_bytes
+    finally:
+        setattr(plugin, store, kept)
+
+
+def items_that_fit(
+    budget_bytes: int,
+    overhead_bytes: int,
+    item_bytes: int,
+    *,
+    plugin: str,
+    items: str = "stored samples",
+    at_least: int = 1,
+    overhead: str = "the model and the plugin's bookkeeping",
+) -> int:
+    """Whole items of ``item_bytes`` that fit in the budget next to ``overhead_bytes``;
+    fewer than ``at_least`` is a ConfigError that names the minimum budget."""
+    capacity = (budget_bytes - overhead_bytes) // item_bytes
+    if capacity < at_least:
+        minimum = overhead_bytes + at_least * item_bytes
+        raise ConfigError(
+            f"{plugin}: a budget of {budget_bytes} bytes leaves no room for {at_least} "
+            f"{items}: {overhead} take {overhead_bytes} bytes and one item {item_bytes} "
+            f"bytes; the minimum budget is {minimum} bytes"
+        )
+    return int(capacity)
