@@ -147,10 +147,9 @@ class Trainer:
                     window.clear()
             mean_loss = float(loss_sum) / max(1, trained)
         ctx.optimizer = None
-        model.zero_grad(set_to_none=True)  # gradients are not state to keep between experiences
-        for trainable in self._plugin_trainables():
-            for p in trainable.parameters():
-                p.grad = None
+        # gradients are not state to keep between experiences (plugins' parameters too)
+        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         return mean_loss
 
     def forward(self, batch: Batch) -> ForwardOutput:
