@@ -10,16 +10,21 @@ References:
 * Zhuang, He, Tong, Zeng, Chen, Lin. "DS-AL: A Dual-Stream Analytic Learning for
   Exemplar-Free Class-Incremental Learning." AAAI 2024.
 
-The backbone is trained by backprop on a base phase, then frozen. A fixed random "buffer"
-layer (d_f -> d_b, no bias, float64, then ReLU) expands its features, and a ridge
-classifier on them is learned by block recursive least squares, one batch at a time and
-each sample once, with no gradient step. Because the recursion is exact, the classifier
-after any order and batching of the data equals the joint ridge solution on all of it
-(the *weight-invariance* property), which is why nothing is forgotten and no exemplar is
-kept. What is kept instead is the inverse autocorrelation matrix R (d_b x d_b float64,
-512 MiB at d_b = 8192), W and the projection: the plugin holds them as plain tensors so
-the memory ledger charges them (parts ``<plugin>.main.R``, ``.main.W``, ``.projection``,
+The backbone is trained by backprop on a base phase, in the standard loop (the scenario's
+optimizer and non-finite policy), then frozen. A fixed random "buffer" layer (d_f -> d_b,
+no bias, float64, then ReLU) expands its features, and a ridge classifier on them is
+learned by block recursive least squares, one batch at a time and each sample once, with
+no gradient step. Because the recursion is exact, the classifier after any order and
+batching of the data equals the joint ridge solution on all of it (the
+*weight-invariance* property), which is why nothing is forgotten and no exemplar is kept.
+What is kept instead is the inverse autocorrelation matrix R (d_b x d_b float64, 512 MiB
+at d_b = 8192), W and the projection: the plugin holds them as plain tensors so the
+memory ledger charges them (parts ``<plugin>.main.R``, ``.main.W``, ``.projection``,
 ``.seen``; with DS-AL also ``.compensation.R`` and ``.compensation.W``).
+
+After the base phase the plugin owns each experience (``clsim_train_experience``): the
+recursion is a closed-form solve, not gradient descent over epochs of mini-batches, and
+a sample fitted twice would move it off the exact joint solution.
 
 G-ACIL is the same recursion where a batch may mix seen and unseen classes and classes may
 come back: W gains a zero column for every new label (it grows to the largest label seen
@@ -29,7 +34,7 @@ Defaults are the authors' published ones (official repository, CIFAR-100 B50 25 
 ResNet-32): buffer_size 8192, gamma 0.1 (the ACIL paper's own setting is not restated;
 the official README gives 0.1 for CIFAR-100 and ImageNet-1k), DS-AL compensation ratio 0.6
 with compensation gamma 0.1. Their base training runs 300 epochs; here the base phase
-follows ``training.epochs`` unless ``base_epochs`` is set. Computation is float64, fixed.
+runs ``base_epochs`` when set, else ``training.epochs``. Computation is float64, fixed.
 
 Reconstructed or adapted (the public record leaves these open for this setting):
 
@@ -57,13 +62,14 @@ Reconstructed or adapted (the public record leaves these open for this setting):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from clsim.context import RunContext
 from clsim.errors import ConfigError
+from clsim.loop_types import ExperiencePlan
 from clsim.stream import Experience
 
 DTYPE = torch.float64  # fixed: the recursion's exactness needs double precision
@@ -262,11 +268,10 @@ class AnalyticPlugin:
         )
         streams = "R and W of both streams" if self.options.compensation else "R and W"
         raise ConfigError(
-            f"analytic: a budget of {ctx.budget_bytes} bytes cannot hold the model "
-            f"({model} bytes) plus the analytic state for buffer_size "
-            f"{self.options.buffer_size} (projection {feature_dim}x{self.options.buffer_size}, "
-            f"{streams}, float64: {need - model} bytes); the minimum budget is {need} bytes; "
-            f"{advice}"
+            f"analytic: a budget of {ctx.budget_bytes} bytes leaves no room for the analytic "
+            f"state of buffer_size {self.options.buffer_size}: the model takes {model} bytes "
+            f"and the state (projection {feature_dim}x{self.options.buffer_size}, {streams}, "
+            f"float64) {need - model} bytes; the minimum budget is {need} bytes; {advice}"
         )
 
     def _largest_buffer(self, room: int, feature_dim: int, n_classes: int) -> int:
@@ -294,23 +299,19 @@ class AnalyticPlugin:
             )
 
     def clsim_train_experience(self, ctx: RunContext, experience: Experience) -> Any | None:
-        if self.projection is None:  # base phase: ordinary backprop
-            if self.options.base_epochs is None:
-                return None  # the engine's standard loop
-            task_ids = (
-                None
-                if experience.task_id is None
-                else torch.full_like(experience.train_y, experience.task_id)
-            )
-            ctx.fit(
-                experience.train_x,
-                experience.train_y,
-                epochs=self.options.base_epochs,
-                task_ids=task_ids,
-            )
-            return True
+        """Base phase: None, and the standard loop trains the backbone. After it, one
+        recursive least-squares pass over the experience (closed form, each sample once:
+        why the plugin owns it, see the module docstring)."""
+        if self.projection is None:
+            return None
         self._learn(ctx, experience.train_x, experience.train_y, experience.classes)
         return True
+
+    def clsim_plan_experience(self, plan: ExperiencePlan) -> ExperiencePlan | None:
+        """The base phase trains for ``base_epochs`` when set (the scenario's otherwise)."""
+        if self.options.base_epochs is None:
+            return None
+        return replace(plan, epochs=self.options.base_epochs)
 
     def clsim_after_experience(self, ctx: RunContext, experience: Experience) -> None:
         if self.projection is not None:

@@ -18,17 +18,20 @@ without it fails with a ConfigError that says how to get it.
 Both are checked when the scenario is read: an unknown strategy or option is named with
 the closest match, and a value the constructor refuses is reported with Avalanche's
 message. What the plugin sets itself (model, optimizer, criterion, batch size, epochs,
-device, evaluator) cannot be passed. The strategy trains with its own SGD, whose
-settings are options here because a plugin that owns training cannot read the
-scenario's optimizer section: lr 0.01, no momentum, no weight decay by default (the
-settings of clsim's Avalanche cross-checks). Batch size and epochs are the scenario's
-``training.batch_size`` and ``training.epochs`` (1 on an online stream).
+device, evaluator) cannot be passed. The strategy trains with its own SGD, built once
+at setup and stepped by Avalanche's loop, whose settings are options here: lr 0.01, no
+momentum, no weight decay by default (the settings of clsim's Avalanche cross-checks).
+Batch size and epochs are the scenario's ``training.batch_size`` and ``training.epochs``
+(1 on an online stream).
 
-**Training.** ``clsim_train_experience`` turns each delivered experience (each part of
-an online stream) into an Avalanche experience and calls ``strategy.train`` on it.
-Samples stay raw in the Avalanche dataset (uint8 pixels): the conversion to the model's
-input (the dataset's ``to_input``) is the first module of the model Avalanche trains, so
-every buffer Avalanche fills holds raw samples, as clsim's own replay does. The
+**Training.** The plugin owns each experience (``clsim_train_experience``): the point
+of the bridge is to run Avalanche's own training loop (its strategy, plugins and
+callbacks) unchanged, which clsim's loop cannot host. It turns each delivered experience
+(each part of an online stream) into an Avalanche experience and calls
+``strategy.train`` on it. Samples stay raw in the Avalanche dataset (uint8 pixels): the
+conversion to the model's input (``ctx.data.to_input``) is the first module of the model
+Avalanche trains, so every buffer Avalanche fills holds raw samples, as clsim's own
+replay does. The
 experience carries what Avalanche's benchmarks give (``current_experience``,
 ``classes_in_this_experience``, ``previous_classes``, ``classes_seen_so_far``, task
 label) and, for iCaRL, a ``benchmark`` with ``n_classes_per_exp`` and ``classes_order``.
@@ -91,7 +94,7 @@ from clsim_plugins.buffers import label_dtype
 from torch import nn
 
 from clsim.context import RunContext
-from clsim.data.dataset import Dataset
+from clsim.data.dataset import DataInfo, normalise
 from clsim.errors import ConfigError, OptionError
 from clsim.stream import Experience
 
@@ -286,17 +289,17 @@ class _Probe(nn.Module):
 
 
 class RawInput(nn.Module):
-    """Raw samples -> the model's float input, exactly as ``Dataset.to_input``; while
+    """Raw samples -> the model's float input, exactly as ``DataInfo.to_input``; while
     ``converted`` is set (clsim's evaluation, whose inputs are converted already) it
     passes inputs through. Holds the dataset's constants only (no data)."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, data: DataInfo) -> None:
         super().__init__()
-        self.scale, self.mean, self.std = dataset.scale, dataset.mean, dataset.std
+        self.scale, self.mean, self.std = data.scale, data.mean, data.std
         self.converted = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.converted else Dataset.to_input(self, x)  # type: ignore[arg-type]
+        return x if self.converted else normalise(x, self.scale, self.mean, self.std)
 
 
 class RawInputModel(nn.Module):
@@ -304,9 +307,9 @@ class RawInputModel(nn.Module):
     ``features`` (raw samples -> features) and ``head`` for strategies that take them
     apart (iCaRL)."""
 
-    def __init__(self, model: nn.Module, dataset: Dataset) -> None:
+    def __init__(self, model: nn.Module, data: DataInfo) -> None:
         super().__init__()
-        self.to_input = RawInput(dataset)
+        self.to_input = RawInput(data)
         self.net = model
 
     @property
@@ -496,7 +499,7 @@ class AvalanchePlugin:
         if not hasattr(ctx.model, "features") or not hasattr(ctx.model, "head"):
             raise ConfigError("avalanche: the model needs 'features' and 'head' (every model "
                               "of the clsim zoo has them)")
-        wrapped = RawInputModel(ctx.model, ctx.dataset)
+        wrapped = RawInputModel(ctx.model, ctx.data)
         optimizer = torch.optim.SGD(wrapped.parameters(), lr=self.options.lr,
                                     momentum=self.options.momentum,
                                     weight_decay=self.options.weight_decay)

@@ -79,10 +79,11 @@ import torch
 import torch.nn.functional as F
 from clsim_plugins.buffers import label_dtype
 
+from clsim.capacity import bytes_without_items, items_that_fit
 from clsim.context import RunContext
 from clsim.errors import ConfigError
 from clsim.labels import LabelSpace
-from clsim.memory import measure
+from clsim.loop_types import ForwardOutput
 from clsim.models.heads import active_outputs, expose_labels
 from clsim.stream import Batch, Experience
 
@@ -329,18 +330,13 @@ class PlFmsPlugin:
         if ctx.budget_bytes is None:
             raise ConfigError("pl_fms needs 'capacity' or a budget for the strategy "
                               "(e.g. budget: 'model + 1000 exemplars')")
-        self.memory = self._memory(ctx, 0)
-        overhead = ctx.model_bytes() + measure(None, [("pl_fms", self)]).total_bytes
+        overhead = bytes_without_items(ctx.model, "pl_fms", self, "memory",
+                                       self._memory(ctx, 0))
         one = self._memory(ctx, 1)
         per_sample = sum(t.element_size() * t[0].numel()
                          for t in (one.x, one.labels, one.level, one.importance))
-        capacity = (ctx.budget_bytes - overhead) // per_sample
-        if capacity < 1:
-            raise ConfigError(
-                f"pl_fms: a budget of {ctx.budget_bytes} bytes leaves no room for a memory: "
-                f"the model and the plugin's bookkeeping take {overhead} bytes and one stored "
-                f"sample {per_sample} bytes; the minimum budget is {overhead + per_sample} bytes")
-        return int(capacity)
+        return items_that_fit(ctx.budget_bytes, overhead, per_sample, plugin="pl_fms",
+                              items="stored sample")
 
     @staticmethod
     def _labels(ctx: RunContext) -> LabelSpace:
@@ -416,20 +412,23 @@ class PlFmsPlugin:
                                  None if batch.task_id is None else batch.task_id[extra])
         return mixed
 
-    def clsim_loss(self, ctx: RunContext, batch: Batch, logits: torch.Tensor
-                   ) -> torch.Tensor | None:
+    def clsim_loss(self, ctx: RunContext, batch: Batch, logits: torch.Tensor,
+                   output: ForwardOutput | None = None) -> torch.Tensor | None:
         labels = self._labels(ctx)
         if not self.options.pseudo_labels or labels.n_levels == 1:
             return None
+        # one label per row of logits: with several views (another plugin's clsim_inputs)
+        # the labels repeat per view, and the first view's rows are the batch's own
+        y = batch.y if output is None else output.targets
         active = active_outputs(ctx.model)
-        targets = hierarchy_targets(labels, batch.y, logits, active)
+        targets = hierarchy_targets(labels, y, logits, active)
         if self._replayed is not None:
             start = batch.n_stream
             self._fresh_rows = targets[start : start + len(self._replayed)].cpu()
-        own = torch.tensor(labels.level_of(), device=logits.device)[batch.y.to(logits.device)]
+        own = torch.tensor(labels.level_of(), device=logits.device)[y.to(logits.device)]
         losses, valid = level_losses(labels, logits, targets, active)
         others = valid & (torch.arange(labels.n_levels, device=logits.device) != own.unsqueeze(1))
-        return self.options.pseudo_weight * losses.masked_fill(~others, 0.0).sum() / len(batch)
+        return self.options.pseudo_weight * losses.masked_fill(~others, 0.0).sum() / len(y)
 
     def clsim_after_update(self, ctx: RunContext) -> None:
         replayed = self._replayed

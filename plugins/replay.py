@@ -20,9 +20,9 @@ from typing import Literal
 import torch
 from clsim_plugins.buffers import ExemplarBuffer, herding_order, label_dtype
 
+from clsim.capacity import bytes_without_items, items_that_fit
 from clsim.context import RunContext
 from clsim.errors import ConfigError
-from clsim.memory import measure
 from clsim.stream import Batch, Experience
 
 
@@ -79,21 +79,11 @@ class ReplayPlugin:
                 "replay needs 'capacity' or a budget for the strategy "
                 "(e.g. budget: 'model + 500 exemplars')"
             )
-        self.buffer = ExemplarBuffer(
-            0, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes, generator
-        )
-        overhead = ctx.model_bytes() + measure(None, [("replay", self)]).total_bytes
-        per_sample = (
-            ctx.sample_bytes + torch.empty((), dtype=label_dtype(ctx.n_classes)).element_size()
-        )
-        capacity = (ctx.budget_bytes - overhead) // per_sample
-        if capacity < 1:
-            raise ConfigError(
-                f"replay: a budget of {ctx.budget_bytes} bytes leaves no room for exemplars: "
-                f"the model and the plugin's bookkeeping take {overhead} bytes and one stored "
-                f"sample {per_sample} bytes; the minimum budget is {overhead + per_sample} bytes"
-            )
-        return int(capacity)
+        empty = ExemplarBuffer(0, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes, generator)
+        overhead = bytes_without_items(ctx.model, "replay", self, "buffer", empty)
+        label_bytes = torch.empty((), dtype=label_dtype(ctx.n_classes)).element_size()
+        return items_that_fit(ctx.budget_bytes, overhead, ctx.sample_bytes + label_bytes,
+                              plugin="replay", items="exemplar")
 
     # -- training: mix memory into every batch, update the memory -----------
 

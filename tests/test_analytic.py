@@ -15,11 +15,13 @@ from clsim_plugins.analytic import (
 )
 from helpers import bare_context
 
+from clsim import training
 from clsim.config import parse_scenario
 from clsim.data import load_dataset
 from clsim.models import MLPOptions, build_model
 from clsim.runner import run_scenario
 from clsim.stream import Experience
+from clsim.training import Trainer
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 PLUGIN = "clsim_plugins.analytic:AnalyticPlugin"
@@ -213,6 +215,43 @@ def test_ledger_charges_r_w_and_the_projection_exactly() -> None:
                 "AnalyticPlugin.main.W",
                 "AnalyticPlugin.seen",
             }
+
+
+def test_base_phase_trains_in_the_standard_loop_for_base_epochs(monkeypatch) -> None:
+    """The base experience goes through the standard loop (``Trainer.fit``) on its own
+    samples, for ``base_epochs`` when set and ``training.epochs`` otherwise, under the
+    scenario's optimizer (Adam at lr 0.003 over the whole model: 2,410 parameters of mlp
+    [32]); the four analytic experiences after it take no step of the loop."""
+    fits, optimizers = [], []
+    fit, make_optimizer = Trainer.fit, training.make_optimizer
+
+    def recording_fit(self, plan, **kwargs):
+        experience = self.ctx.experience
+        fits.append((self.ctx.strategy, experience.index, plan.epochs,
+                     plan.n_samples == experience.n_train))
+        return fit(self, plan, **kwargs)
+
+    def recording_optimizer(groups, config):
+        optimizers.append(make_optimizer(groups, config))
+        return optimizers[-1]
+
+    monkeypatch.setattr(Trainer, "fit", recording_fit)
+    monkeypatch.setattr(training, "make_optimizer", recording_optimizer)
+    yaml_text = digits_yaml(f"""\
+  three:
+    plugins: [{{{PLUGIN}: {{buffer_size: 32, base_epochs: 3}}}}]
+  scenario:
+    plugins: [{{{PLUGIN}: {{buffer_size: 32}}}}]
+""", epochs=2).replace("{name: sgd, lr: 0.05, momentum: 0.9}", "{name: adam, lr: 0.003}")
+    summary = run_scenario(parse_scenario(yaml_text), None).summary["strategies"]
+    assert all(s["status"] == "ok" for s in summary.values()), summary
+    assert fits == [("three", 0, 3, True), ("scenario", 0, 2, True)]
+    assert len(optimizers) == 2
+    for optimizer in optimizers:
+        assert type(optimizer) is torch.optim.Adam
+        assert [group["lr"] for group in optimizer.param_groups] == [0.003]
+        assert sum(p.numel() for p in optimizer.param_groups[0]["params"]) == 9640 // 4
+    assert summary["three"]["final_accuracy"] > 0.5
 
 
 def test_longer_base_phase_holds_its_data_until_freezing_and_is_charged_for_it() -> None:

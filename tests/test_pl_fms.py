@@ -20,11 +20,12 @@ from clsim_plugins.pl_fms import (
 )
 from helpers import bare_context
 
+from clsim.assembly import build_scenario_model, build_stream
 from clsim.config import parse_scenario
 from clsim.data import load_dataset
-from clsim.engine import build_scenario_model, build_stream
 from clsim.errors import ConfigError
 from clsim.labels import LabelSpace
+from clsim.loop_types import ForwardOutput
 from clsim.models.heads import expose_labels
 from clsim.runner import run_scenario
 from clsim.stream import Batch
@@ -228,6 +229,12 @@ def test_pseudo_label_loss_is_the_weighted_cross_entropy_at_the_other_levels() -
         F.cross_entropy(parity[4:5], torch.tensor([1])),  # digit 9 is odd
     ]
     assert float(loss) == pytest.approx(0.5 * float(sum(terms)) / 5, rel=1e-6)
+    # two views of the batch (another plugin's clsim_inputs): the labels of the loop's
+    # output, repeated per view, give each row its targets; the mean is the same
+    batch = Batch(torch.zeros(5, 1, 8, 8), y)
+    output = ForwardOutput(torch.zeros(10, 64), None, logits.repeat(2, 1), y.repeat(2), 2)
+    views = plugin.clsim_loss(ctx=ctx, batch=batch, logits=output.logits, output=output)
+    assert float(views) == pytest.approx(float(loss), rel=1e-6)
     plugin.options.pseudo_labels = False
     assert plugin.clsim_loss(ctx=ctx, batch=Batch(torch.zeros(5, 1, 8, 8), y),
                              logits=logits) is None
@@ -356,7 +363,7 @@ def test_bad_options_name_the_key() -> None:
         quick(**{"plugins: [pl_fms]": "plugins: [{pl_fms: {flexible_sampling: 3}}]"})
     # a budget the model alone fills leaves no room: the error gives the minimum
     result = run_scenario(quick(**{"budget: 48KB": "budget: 30KB"}), None, only=["pl_fms"])
-    assert "leaves no room for a memory" in result.summary["strategies"]["pl_fms"]["error"]
+    assert "leaves no room for 1 stored sample" in result.summary["strategies"]["pl_fms"]["error"]
     assert "minimum budget" in result.summary["strategies"]["pl_fms"]["error"]
     plugin = PlFmsPlugin(PlFmsOptions())
     dataset = load_dataset("digits")
