@@ -8,12 +8,13 @@ the backbone, h a learnable projection into the text space and eta a learnable s
 Because the targets never move, a new task's classes cannot overwrite an old class's
 classifier, and related names start close together. The host strategy's losses
 (cross-entropy, replay, distillation) are computed on these logits unchanged: this plugin
-only swaps ``model.head`` (for a :class:`clsim.models.heads.SemanticHead`), so it
-composes with any strategy that trains a classifier head through the standard logits
-(naive, replay, distillation). Two hosts use the head in their own way: MEMO grows it
-(each new block widens the projection's input, the trained columns copied) and PRD takes
-its targets as prototypes in the projected space (see ``plugins/memo.py`` and
-``plugins/prd.py``).
+only swaps ``model.head`` (for a :class:`clsim.models.heads.SemanticHead`) at setup,
+before other plugins set up, so it composes with any strategy that trains through the
+standard loop's logits (naive, replay, a user's distillation term). A host that needs
+more than the logits reads the head through the fixed-target protocol
+(:func:`clsim.models.heads.target_head`: frozen ``targets``, ``embed``, ``widened``),
+never this plugin's class: MEMO widens it with every new block, PRD takes the targets as
+prototypes in the embedded space. Nothing here knows about any host.
 
 What this implementation does (METHODS.md section 7):
 
@@ -95,7 +96,7 @@ def class_names(ctx: RunContext) -> list[str]:
     """The name of every output, in id order; each level's raw names for a multi-level
     label space (its ``names`` carry a ``level/`` prefix, which is not language)."""
     if ctx.labels is None:
-        return [str(n) for n in ctx.dataset.class_names]
+        return [str(n) for n in ctx.data.class_names]
     return [str(n) for level in ctx.labels.class_names for n in level]
 
 
@@ -180,8 +181,9 @@ class LanguageHeadPlugin:
             ) from None
 
     def clsim_after_experience(self, ctx: RunContext, experience: Experience) -> None:
-        # the head is read from the model, where a host may have replaced it (MEMO widens
-        # it at each task); the plugin keeps no reference, so nothing is charged twice
+        # the head is read from the model, where a host may have replaced it (one that
+        # grows with the backbone, say); the plugin keeps no reference, so nothing is
+        # charged twice
         head = getattr(ctx.model, "head", None)
         if isinstance(head, SemanticHead):
             ctx.log(

@@ -6,30 +6,39 @@ little between tasks and deep ones specialise, so MEMO shares a *generalized* pa
 gives each task t only a new *specialized* deep block S_t; the memory an expanding method
 saves by not copying G goes to exemplars. Models and exemplars are counted in one unit.
 
-The network (the plugin rewires ``ctx.model`` at setup, so the engine's loop, evaluation
-and ``ctx.features`` keep working on it):
+The algorithm, as hooks over clsim's standard loop (in the order they run):
 
-* ``model.features`` becomes :class:`MemoFeatures`: G, then ``[S_1(G(x)); ...; S_t(G(x))]``.
-  At task t >= 1, S_t starts as a copy of S_{t-1}; every older S_i is frozen
-  (``requires_grad`` off and kept in eval mode, so its BatchNorm statistics stay put even
-  while the model trains). G keeps training, as in the published runs; the gradient of
-  the old blocks' features reaches G through the frozen blocks, as in the published code.
-* ``model.head`` becomes :class:`MemoHead`: one linear layer over the seen classes and
-  all blocks' features. It grows each task: old weights are copied into the old-class x
-  old-feature block, the rest is a fresh ``nn.Linear`` initialisation. It still returns
-  one logit per label id; unseen classes get :data:`clsim.models.heads.MASK_VALUE`.
-* ``model.features.aux``: the auxiliary head on S_t alone, (new classes + 1) outputs,
-  old classes collapsed to label 0. Loss: CE(head) + ``aux_weight`` x CE(aux).
-* After each task t >= 1, weight alignment scales the new-class rows of the head by
-  mean norm of old rows / mean norm of new rows.
-* With ``language_head`` (LingoCL, listed in the same strategy; it runs first) the head
-  is its :class:`clsim.models.heads.SemanticHead` instead: cosine logits against frozen
-  class-name targets. MEMO grows it the same way: each task widens the projection to the
-  new feature width, the trained projection copied into the old input columns, and
-  switches on the task's classes (unseen ones stay masked). The targets never change,
-  so weight alignment has nothing to align and is skipped (logged as such).
-* Exemplars: herding (iCaRL) on the concatenated features, an even share per seen class,
-  trained on together with the task's data (the union, as in iCaRL / PyCIL).
+* Setup: ``model.features`` becomes :class:`MemoFeatures`: G, then
+  ``[S_1(G(x)); ...; S_t(G(x))]`` (the newest block is the last ``block_dim`` columns);
+  ``model.head`` becomes :class:`MemoHead`, one linear layer over the seen classes and
+  all blocks' features, returning one logit per label id (unseen classes get
+  :data:`clsim.models.heads.MASK_VALUE`). The engine's evaluation and ``ctx.features``
+  keep working on the rewired model.
+* Before task t >= 1 (``clsim_before_experience``): S_t starts as a copy of S_{t-1};
+  every older S_i is frozen (``requires_grad`` off and kept in eval mode, so its
+  BatchNorm statistics stay put even while the model trains). G keeps training, as in
+  the published runs; the gradient of the old blocks' features reaches G through the
+  frozen blocks, as in the published code. The head grows: old weights are copied into
+  the old-class x old-feature block, the rest is a fresh ``nn.Linear`` initialisation.
+  A new auxiliary head on S_t alone, (new classes + 1) outputs with the old classes
+  collapsed to label 0, is held by the plugin (``aux_head``).
+* Training (the standard loop, under the scenario's optimizer and non-finite policy):
+  ``clsim_plan_experience`` appends the stored exemplars to the task's samples (the
+  union, as in iCaRL / PyCIL) and sets ``first_epochs`` / ``later_epochs``;
+  ``clsim_trainable`` hands the aux head to the optimizer; ``clsim_inputs`` augments;
+  ``clsim_loss`` adds ``aux_weight`` x CE(aux head on the newest block's slice of the
+  forward's features) to the loop's CE(head).
+* After task t (``clsim_after_experience``): for t >= 1 weight alignment scales the
+  new-class rows of the head by mean norm of old rows / mean norm of new rows; then
+  exemplars are chosen by herding (iCaRL) on the concatenated features, an even share
+  per seen class.
+
+A head that scores fixed class targets (:func:`clsim.models.heads.target_head`; for
+example ``language_head``'s, LingoCL, listed in the same strategy, whose setup runs
+first) is grown through that protocol instead of being replaced by a ``MemoHead``: each
+task widens it to the new feature width (``widened``: the trained map copied into the old
+input columns) and switches on the task's classes (unseen ones stay masked). Its rows are
+fixed targets, so weight alignment has nothing to rescale and is skipped (logged as such).
 
 How backbones are split (:func:`split_backbone`): S is the last child of the
 ``features`` Sequential that holds parameters, and everything after it; G is everything
@@ -40,11 +49,12 @@ conv block, for ``mlp`` the last hidden layer (the only one with ``hidden: [h]``
 the flattening, and MEMO degenerates to one small network per task).
 
 Memory. Unless ``capacity`` is given, the exemplar capacity is what the budget leaves
-after the model as it is for the current task (G, every S_i, the grown head and the aux
-head) and the plugin's bookkeeping, divided by the bytes of one stored sample and its
-label; it is computed at setup and again after every expansion, and the stored exemplars
-shrink to it (old classes keep a prefix of their herding order). A budget that cannot
-hold one exemplar per seen class next to the blocks is a ConfigError naming the minimum.
+after the model as it is for the current task (G, every S_i, the grown head), the aux
+head and the plugin's bookkeeping, divided by the bytes of one stored sample and its
+label (:mod:`clsim.capacity`, the rule every store sized from the budget follows); it is
+computed at setup and again after every expansion, and the stored exemplars shrink to it
+(old classes keep a prefix of their herding order). A budget that cannot hold one
+exemplar per seen class next to the blocks is a ConfigError naming the minimum.
 
 The paper counts differently: float32 parameters of the backbone only (no BatchNorm
 statistics, no classifier, no labels). ``parameters_only: true`` sizes the memory that
@@ -60,16 +70,17 @@ exemplar, the plugin's bookkeeping), MEMO keeps 3207 and a single-backbone repla
 
 Reconstructions (choices the paper leaves open, or that clsim's engine imposes):
 
-* Training uses the scenario's ``training`` section (optimizer, lr, batch size, epochs).
-  The published schedule (:data:`PUBLISHED_SCHEDULE`: SGD, first task 200 epochs,
-  lr 0.1, milestones 60/120/170, wd 5e-4; later 170 epochs, 80/120/150, wd 2e-4) is
-  documented, not applied; ``first_epochs`` / ``later_epochs`` can set the epochs.
-* Augmentation (``augment``) is a batched random crop + horizontal flip inside
-  ``MemoFeatures.forward`` in training mode, on the normalised input, zero padded by
-  ``max(1, round(4 * H / 32))`` pixels (the CIFAR 4 at 32 px, 1 on 8x8 digits).
-* The aux head stays in the model (on ``model.features``, trained by the same optimizer,
-  charged) until the next task replaces it.
-  Weight alignment scales weights only, not biases (as the published code).
+* Training uses the scenario's ``training`` section (optimizer, lr, batch size, epochs,
+  non-finite policy); the aux head trains at the scenario's learning rate. The published
+  schedule (:data:`PUBLISHED_SCHEDULE`: SGD, first task 200 epochs, lr 0.1, milestones
+  60/120/170, wd 5e-4; later 170 epochs, 80/120/150, wd 2e-4) is documented, not
+  applied; ``first_epochs`` / ``later_epochs`` can set the epochs.
+* Augmentation (``augment``) is a batched random crop + horizontal flip of each training
+  batch of images, on the normalised input, zero padded by ``max(1, round(4 * H / 32))``
+  pixels (the CIFAR 4 at 32 px, 1 on 8x8 digits), drawn from the plugin's own generator.
+* The aux head stays on the plugin (charged there, as ``memo.aux_head``) until the next
+  task replaces it.
+* Weight alignment scales weights only, not biases (as the published code).
 * The head keeps rows for seen classes only; other label ids are masked logits.
 * The budget check counts this plugin's own state, not other plugins of the strategy.
 """
@@ -80,7 +91,7 @@ import copy
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -89,11 +100,13 @@ from clsim_plugins.buffers import ExemplarBuffer, herding_order, label_dtype
 from torch import nn
 
 from clsim.augment import crop_flip
+from clsim.capacity import bytes_without_items, items_that_fit
 from clsim.context import RunContext
 from clsim.errors import ConfigError
+from clsim.loop_types import ExperiencePlan, ForwardOutput
 from clsim.memory import measure
-from clsim.models.heads import MASK_VALUE, SemanticHead
-from clsim.stream import Batch, Experience
+from clsim.models.heads import MASK_VALUE, active_outputs, target_head
+from clsim.stream import Experience
 
 PUBLISHED_SCHEDULE: dict[str, dict[str, Any]] = {
     "first_task": {"epochs": 200, "lr": 0.1, "milestones": [60, 120, 170], "weight_decay": 5e-4},
@@ -182,29 +195,18 @@ def split_backbone(features: nn.Module) -> tuple[nn.Sequential, nn.Sequential]:
 
 
 class MemoFeatures(nn.Module):
-    """G shared, one specialized block per task; output ``[S_1(G(x)); ...; S_t(G(x))]``.
+    """G shared, one specialized block per task; output ``[S_1(G(x)); ...; S_t(G(x))]``,
+    so the newest block's features are the last ``block_dim`` columns.
 
     All blocks but the newest are frozen and stay in eval mode whatever mode the model is
-    put in. In training mode with gradients on, the newest block's output of the last
-    forward is kept in ``newest`` for the aux loss (the plugin clears it right away).
+    put in.
     """
 
-    def __init__(
-        self,
-        shared: nn.Module,
-        block: nn.Module,
-        block_dim: int,
-        augment_padding: int = 0,
-        generator: torch.Generator | None = None,
-    ) -> None:
+    def __init__(self, shared: nn.Module, block: nn.Module, block_dim: int) -> None:
         super().__init__()
         self.shared = shared
         self.blocks = nn.ModuleList([block])
         self.block_dim = int(block_dim)
-        self.augment_padding = int(augment_padding)
-        self.generator = generator
-        self.newest: torch.Tensor | None = None
-        self.aux: nn.Linear | None = None  # the auxiliary head on the newest block
 
     @property
     def out_dim(self) -> int:
@@ -228,13 +230,21 @@ class MemoFeatures(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        training = self.training and torch.is_grad_enabled()
-        if training and self.augment_padding > 0 and self.generator is not None and x.dim() == 4:
-            x = crop_flip(x, self.generator, padding=self.augment_padding)
         g = self.shared(x)
-        outs = [block(g) for block in self.blocks]
-        self.newest = outs[-1] if training else None
-        return torch.cat(outs, dim=1)
+        return torch.cat([block(g) for block in self.blocks], dim=1)
+
+
+def newest_block(features: torch.Tensor, block_dim: int) -> torch.Tensor:
+    """The newest block's slice ``S_t(G(x))`` of MEMO's concatenated features."""
+    return features[:, -block_dim:]
+
+
+def augment_padding(sample_shape: tuple[int, ...]) -> int:
+    """Zero padding of the random crop: the CIFAR 4 pixels at 32 px, scaled to the image
+    height (1 on 8x8 digits); 0 for samples that are not images."""
+    if len(sample_shape) != 3:
+        return 0
+    return max(1, round(4 * sample_shape[1] / 32))
 
 
 class MemoHead(nn.Module):
@@ -282,12 +292,15 @@ class MemoHead(nn.Module):
         return out.index_copy(1, self.classes, logits)
 
 
-def _head_classes(head: MemoHead | SemanticHead) -> list[int]:
-    """The classes a head already has, in order: a linear head's rows, or the outputs a
-    semantic head has switched on (its targets exist for every class from the start)."""
-    if isinstance(head, SemanticHead):
-        return head.active.nonzero().squeeze(1).tolist()
-    return head.classes.tolist()
+def _head_classes(model: nn.Module) -> list[int]:
+    """The classes the head already scores, in order: a linear head's rows, or the
+    outputs a fixed-target head has switched on (it holds every class's target from the
+    start)."""
+    head = model.head
+    if isinstance(head, MemoHead):
+        return head.classes.tolist()
+    active = active_outputs(model)
+    return [] if active is None else active.nonzero().squeeze(1).tolist()
 
 
 # --------------------------------------------------------------------------- plugin
@@ -338,6 +351,8 @@ class MemoPlugin:
         self.options = options or MemoOptions()
         self.buffer: ExemplarBuffer | None = None
         self.generator: torch.Generator | None = None
+        self.augment_generator: torch.Generator | None = None
+        self.aux_head: nn.Linear | None = None  # on the newest block; trained, charged here
         self.aux_labels: torch.Tensor | None = None  # class id -> aux label (0 = old)
         self.n_tasks = 0  # tasks finished
         self.n_old = 0  # head rows that predate the current task
@@ -347,30 +362,25 @@ class MemoPlugin:
     def clsim_setup(self, ctx: RunContext) -> None:
         model = ctx.model
         head = getattr(model, "head", None)
-        if not isinstance(getattr(model, "features", None), nn.Module) or not isinstance(
-            head, nn.Linear | SemanticHead
+        target = target_head(model)
+        if not isinstance(getattr(model, "features", None), nn.Module) or (
+            target is None and not isinstance(head, nn.Linear)
         ):
             raise ConfigError(
-                "memo needs a clsim model with .features and a linear .head (or the "
-                f"language_head's semantic head); got a {type(head).__name__} head"
+                "memo needs a clsim model with .features and a linear .head (or a head "
+                f"scoring fixed class targets, such as language_head's); got a "
+                f"{type(head).__name__} head"
             )
         shared, block = split_backbone(model.features)
         self.generator = ctx.torch_generator("memo")
-        padding = 0
-        if self.options.augment and len(ctx.sample_shape) == 3:
-            padding = max(1, round(4 * ctx.sample_shape[1] / 32))
-        model.features = MemoFeatures(
-            shared,
-            block,
-            model.feature_dim,
-            padding,
-            ctx.torch_generator("memo", "augment", device=ctx.device),
-        )
-        if isinstance(head, SemanticHead):  # language-guided: no class is active yet
-            model.head = head.widened(
+        if self.options.augment and augment_padding(ctx.sample_shape):
+            self.augment_generator = ctx.torch_generator("memo", "augment", device=ctx.device)
+        model.features = MemoFeatures(shared, block, model.feature_dim)
+        if target is not None:  # fixed targets: no class is switched on yet
+            model.head = target.widened(
                 model.feature_dim,
                 generator=self.generator,
-                active=torch.zeros(head.out_features, dtype=torch.bool),
+                active=torch.zeros(target.out_features, dtype=torch.bool),
             ).to(ctx.device)
         else:
             model.head = MemoHead(
@@ -385,6 +395,117 @@ class MemoPlugin:
         self._check_expected_tasks(ctx)
         self._resize_memory(ctx, "at setup")
 
+    # -- experience boundaries: expand, grow the heads ---------------------------
+
+    def clsim_before_experience(self, ctx: RunContext, experience: Experience) -> None:
+        if not experience.classes:
+            raise ConfigError(
+                "memo adds a block per task and herds exemplars at its end; it needs visible "
+                "experience boundaries (class_incremental streams)"
+            )
+        features, head = ctx.model.features, ctx.model.head
+        target = target_head(ctx.model)
+        if not isinstance(features, MemoFeatures) or (
+            target is None and not isinstance(head, MemoHead)
+        ):
+            raise ConfigError("memo: another plugin replaced model.features or model.head")
+        if self.n_tasks > 0:
+            features.add_block()
+        old = _head_classes(ctx.model)
+        known = set(old)
+        new = [c for c in ctx.seen_classes if c not in known]
+        if target is not None:  # widen the projection, switch the new classes on
+            grown = target.widened(features.out_dim, generator=self.generator)
+            grown.expose(torch.tensor(new, dtype=torch.long))
+        else:
+            grown = head.grown(old + new, features.out_dim)
+        self.n_old = len(old)
+        self.aux_labels.zero_()
+        self.aux_head = None
+        if self.n_tasks > 0:
+            self.aux_head = nn.Linear(features.block_dim, len(new) + 1).to(ctx.device)
+            index = torch.tensor(new, dtype=torch.long, device=self.aux_labels.device)
+            self.aux_labels[index] = torch.arange(1, len(new) + 1, device=index.device)
+        ctx.model.head = grown
+        ctx.model.feature_dim = features.out_dim
+        self._resize_memory(ctx, f"for experience {experience.index}")
+        ctx.log(
+            "memo_expand",
+            experience=experience.index,
+            blocks=len(features.blocks),
+            classes=len(old) + len(new),
+            exemplar_capacity=self.buffer.capacity,
+        )
+
+    # -- training: the task's data with the exemplars, plus the aux loss --------
+
+    def clsim_plan_experience(
+        self, ctx: RunContext, experience: Experience, plan: ExperiencePlan
+    ) -> ExperiencePlan:
+        """Train on the task's samples followed by the stored exemplars (the union, as in
+        iCaRL / PyCIL), for the first or later tasks' epochs when set."""
+        if self.buffer is not None and len(self.buffer):
+            plan = plan.extended(*self.buffer.stored())
+        epochs = self.options.first_epochs if self.n_tasks == 0 else self.options.later_epochs
+        return plan if epochs is None else replace(plan, epochs=epochs)
+
+    def clsim_trainable(self, ctx: RunContext) -> nn.Module | None:
+        """The aux head, trained by the scenario's optimizer beside the model."""
+        return self.aux_head
+
+    def clsim_inputs(self, ctx: RunContext, inputs: torch.Tensor) -> torch.Tensor | None:
+        """Random crop + horizontal flip of a training batch of images (``augment``)."""
+        if self.augment_generator is None or inputs.dim() != 4:
+            return None
+        padding = augment_padding(ctx.sample_shape)
+        return crop_flip(inputs, self.augment_generator, padding=padding)
+
+    def clsim_loss(self, ctx: RunContext, output: ForwardOutput) -> torch.Tensor | None:
+        """``aux_weight`` x CE of the aux head on the newest block's features, with the
+        old classes collapsed to label 0."""
+        if self.aux_head is None or self.options.aux_weight == 0 or output.features is None:
+            return None
+        newest = newest_block(output.features, ctx.model.features.block_dim)
+        targets = self.aux_labels[output.targets.to(self.aux_labels.device)]
+        return self.options.aux_weight * F.cross_entropy(self.aux_head(newest), targets)
+
+    # -- after the task: align, select exemplars --------------------------------
+
+    def clsim_after_experience(self, ctx: RunContext, experience: Experience) -> None:
+        if self.n_tasks > 0 and self.options.weight_align:
+            if target_head(ctx.model) is not None:
+                # a fixed-target head's rows are its class targets: nothing to rescale
+                ctx.log("memo_weight_align", experience=experience.index, gamma=None,
+                        skipped="the head scores fixed class targets")
+            else:
+                gamma = align_weights(ctx.model.head.weight.data, self.n_old)
+                ctx.log("memo_weight_align", experience=experience.index, gamma=gamma)
+        self._select_exemplars(ctx, experience)
+        self.n_tasks += 1
+        ctx.log("memo_memory", experience=experience.index, **self.memory_parts(ctx))
+
+    def _select_exemplars(self, ctx: RunContext, experience: Experience) -> None:
+        """An even share per seen class: new classes herded (or drawn), old ones keep a
+        prefix of what they had."""
+        per_class = self.buffer.capacity // len(ctx.seen_classes)
+        old_x, old_y = self.buffer.stored()
+        keep_x, keep_y = [], []
+        for c in ctx.seen_classes:
+            samples = experience.train_x[experience.train_y == c]
+            if c in experience.classes and len(samples):
+                if self.options.selection == "herding":
+                    order = herding_order(ctx.features(samples), per_class).cpu()
+                else:
+                    order = torch.randperm(len(samples), generator=self.generator)[:per_class]
+                picked = samples[order]
+            else:  # stored in selection order already: shrinking keeps the prefix
+                picked = old_x[old_y == c][:per_class]
+            keep_x.append(picked)
+            keep_y.append(torch.full((len(picked),), c, dtype=torch.long))
+        self.buffer.replace_all(torch.cat(keep_x), torch.cat(keep_y))
+
+    # -- memory: what the budget leaves for exemplars ----------------------------
+
     def _per_sample_bytes(self, ctx: RunContext) -> int:
         if self.options.parameters_only:
             return ctx.sample_bytes
@@ -393,58 +514,46 @@ class MemoPlugin:
 
     def model_overhead_bytes(self, ctx: RunContext) -> int:
         """What the budget must hold before exemplars: the paper's G + S parameter bytes
-        (``parameters_only``), else the ledger's model and plugin state with no exemplar."""
+        (``parameters_only``), else the ledger's model and plugin state (the aux head
+        included) with an empty exemplar store."""
         if self.options.parameters_only:
-            features = ctx.model.features  # G and the blocks: not the aux head
+            features = ctx.model.features
             return parameter_bytes(features.shared) + parameter_bytes(features.blocks)
-        kept = self.buffer
-        self.buffer = ExemplarBuffer(
-            0, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes, self.generator
-        )
-        try:
-            return measure(ctx.model, [("memo", self)]).total_bytes
-        finally:
-            self.buffer = kept
-
-    def capacity_for(self, ctx: RunContext) -> int:
-        """Exemplars the budget leaves next to the model as it is now (may be < 1)."""
-        if ctx.budget_bytes is None:
-            raise ConfigError(
-                "memo needs 'capacity' or a budget for the strategy "
-                "(e.g. budget: '10 models + 2000 exemplars')"
-            )
-        return (ctx.budget_bytes - self.model_overhead_bytes(ctx)) // self._per_sample_bytes(ctx)
+        empty = ExemplarBuffer(0, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes,
+                               self.generator)
+        return bytes_without_items(ctx.model, "memo", self, "buffer", empty)
 
     def _resize_memory(self, ctx: RunContext, when: str) -> None:
         """Size the exemplar memory for the model as it is now, or fail naming the minimum."""
         n_needed = max(1, len(ctx.seen_classes))  # herding gives every seen class one
-        capacity = self.options.capacity
-        if capacity is not None and capacity < n_needed:
+        asked = self.options.capacity
+        if asked is not None and asked < n_needed:
             raise ConfigError(
-                f"memo: a capacity of {capacity} exemplars cannot give each of the "
+                f"memo: a capacity of {asked} exemplars cannot give each of the "
                 f"{n_needed} seen classes one {when}; raise 'capacity'"
             )
         if ctx.budget_bytes is None:
-            if capacity is None:
-                self.capacity_for(ctx)  # raises: neither a capacity nor a budget
-            self._set_capacity(ctx, int(capacity))
+            if asked is None:
+                raise ConfigError(
+                    "memo needs 'capacity' or a budget for the strategy "
+                    "(e.g. budget: '10 models + 2000 exemplars')"
+                )
+            self._set_capacity(ctx, asked)
             return
-        per_sample = self._per_sample_bytes(ctx)
-        overhead = self.model_overhead_bytes(ctx)
-        if capacity is None:
-            capacity = (ctx.budget_bytes - overhead) // per_sample
-        minimum = overhead + max(n_needed, self.options.capacity or 0) * per_sample
-        if minimum > ctx.budget_bytes:
-            stored = "the exemplars asked for" if self.options.capacity else "one exemplar per"
-            if not self.options.capacity:
-                stored += f" seen class ({n_needed})"
-            raise ConfigError(
-                f"memo: a budget of {ctx.budget_bytes} bytes cannot hold G and "
-                f"{len(ctx.model.features.blocks)} specialized block(s) {when}: the model and "
-                f"the plugin's bookkeeping take {overhead} bytes and {stored} "
-                f"{minimum - overhead} bytes; the minimum budget is {minimum} bytes"
-            )
-        self._set_capacity(ctx, int(capacity))
+        blocks = f"G and {len(ctx.model.features.blocks)} specialized block(s) {when}"
+        fit = items_that_fit(
+            ctx.budget_bytes,
+            self.model_overhead_bytes(ctx),
+            self._per_sample_bytes(ctx),
+            plugin="memo",
+            items=f"exemplars (the {asked} asked for)" if asked is not None
+            else "exemplars (one per seen class)",
+            at_least=max(n_needed, asked or 0),
+            overhead=f"the float parameters of {blocks} (parameters_only)"
+            if self.options.parameters_only
+            else f"{blocks}, the heads and the plugin's bookkeeping",
+        )
+        self._set_capacity(ctx, fit if asked is None else asked)
 
     def _set_capacity(self, ctx: RunContext, capacity: int) -> None:
         """A buffer of ``capacity``, keeping a prefix of each class's stored exemplars."""
@@ -480,113 +589,13 @@ class MemoPlugin:
                 f"exemplar; the minimum budget is at least {minimum} bytes"
             )
 
-    # -- experience boundaries: expand, grow the heads ---------------------------
-
-    def clsim_before_experience(self, ctx: RunContext, experience: Experience) -> None:
-        if not experience.classes:
-            raise ConfigError(
-                "memo adds a block per task and herds exemplars at its end; it needs visible "
-                "experience boundaries (class_incremental streams)"
-            )
-        features, head = ctx.model.features, ctx.model.head
-        if not isinstance(features, MemoFeatures) or not isinstance(head, MemoHead | SemanticHead):
-            raise ConfigError("memo: another plugin replaced model.features or model.head")
-        if self.n_tasks > 0:
-            features.add_block()
-        old = _head_classes(head)
-        known = set(old)
-        new = [c for c in ctx.seen_classes if c not in known]
-        if isinstance(head, SemanticHead):  # widen the projection, switch the new classes on
-            grown = head.widened(features.out_dim, generator=self.generator)
-            grown.expose(torch.tensor(new, dtype=torch.long))
-        else:
-            grown = head.grown(old + new, features.out_dim)
-        self.n_old = len(old)
-        self.aux_labels.zero_()
-        features.aux = None
-        if self.n_tasks > 0:
-            features.aux = nn.Linear(features.block_dim, len(new) + 1).to(ctx.device)
-            index = torch.tensor(new, dtype=torch.long, device=self.aux_labels.device)
-            self.aux_labels[index] = torch.arange(1, len(new) + 1, device=index.device)
-        ctx.model.head = grown
-        ctx.model.feature_dim = features.out_dim
-        self._resize_memory(ctx, f"for experience {experience.index}")
-        ctx.log(
-            "memo_expand",
-            experience=experience.index,
-            blocks=len(features.blocks),
-            classes=len(old) + len(new),
-            exemplar_capacity=self.buffer.capacity,
-        )
-
-    # -- training: the task's data with the exemplars, plus the aux loss --------
-
-    def clsim_train_experience(self, ctx: RunContext, experience: Experience) -> Any:
-        x, y = experience.train_x, experience.train_y
-        if self.buffer is not None and len(self.buffer):
-            mem_x, mem_y = self.buffer.stored()
-            x = torch.cat([x, mem_x.to(x.device)])
-            y = torch.cat([y, mem_y.to(y.device)])
-        epochs = self.options.first_epochs if self.n_tasks == 0 else self.options.later_epochs
-        ctx.fit(x, y, epochs=epochs or ctx.epochs)  # ctx.epochs: the scenario's (1 online)
-        return True
-
-    def clsim_loss(self, ctx: RunContext, batch: Batch, logits: torch.Tensor) -> Any:
-        features = ctx.model.features
-        newest, features.newest = features.newest, None
-        if (
-            newest is None
-            or features.aux is None
-            or self.options.aux_weight == 0
-            or newest.shape[0] != len(batch)
-        ):
-            return None
-        targets = self.aux_labels[batch.y.to(self.aux_labels.device)]
-        return self.options.aux_weight * F.cross_entropy(features.aux(newest), targets)
-
-    # -- after the task: align, select exemplars --------------------------------
-
-    def clsim_after_experience(self, ctx: RunContext, experience: Experience) -> None:
-        ctx.model.features.newest = None
-        head = ctx.model.head
-        if self.n_tasks > 0 and self.options.weight_align:
-            if isinstance(head, SemanticHead):  # nothing to align: rows are unit targets
-                ctx.log("memo_weight_align", experience=experience.index, gamma=None,
-                        skipped="cosine logits against frozen unit-norm targets")
-            else:
-                gamma = align_weights(head.weight.data, self.n_old)
-                ctx.log("memo_weight_align", experience=experience.index, gamma=gamma)
-        self._select_exemplars(ctx, experience)
-        self.n_tasks += 1
-        ctx.log("memo_memory", experience=experience.index, **self.memory_parts(ctx))
-
-    def _select_exemplars(self, ctx: RunContext, experience: Experience) -> None:
-        """An even share per seen class: new classes herded (or drawn), old ones keep a
-        prefix of what they had."""
-        per_class = self.buffer.capacity // len(ctx.seen_classes)
-        old_x, old_y = self.buffer.stored()
-        keep_x, keep_y = [], []
-        for c in ctx.seen_classes:
-            samples = experience.train_x[experience.train_y == c]
-            if c in experience.classes and len(samples):
-                if self.options.selection == "herding":
-                    order = herding_order(ctx.features(samples), per_class).cpu()
-                else:
-                    order = torch.randperm(len(samples), generator=self.generator)[:per_class]
-                picked = samples[order]
-            else:  # stored in selection order already: shrinking keeps the prefix
-                picked = old_x[old_y == c][:per_class]
-            keep_x.append(picked)
-            keep_y.append(torch.full((len(picked),), c, dtype=torch.long))
-        self.buffer.replace_all(torch.cat(keep_x), torch.cat(keep_y))
-
     def memory_parts(self, ctx: RunContext) -> dict[str, int]:
         """Ledger bytes of G, each S_i, the head, the aux head and the exemplars."""
         features, head = ctx.model.features, ctx.model.head
         parts = {"shared": measure(features.shared).total_bytes}
         for i, block in enumerate(features.blocks):
             parts[f"block_{i}"] = measure(block).total_bytes
-        parts["aux_head"] = 0 if features.aux is None else measure(features.aux).total_bytes
+        parts["aux_head"] = 0 if self.aux_head is None else measure(self.aux_head).total_bytes
         parts["head"] = measure(head).total_bytes
         parts["exemplars"] = (
             self.buffer.x.untyped_storage().nbytes() + self.buffer.y.untyped_storage().nbytes()

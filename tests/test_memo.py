@@ -38,6 +38,7 @@ from clsim.data import load_dataset
 from clsim.data.dataset import Dataset
 from clsim.errors import ConfigError
 from clsim.labels import LabelSpace
+from clsim.loop_types import ForwardOutput
 from clsim.memory import measure
 from clsim.models import (
     ConvNet2Options,
@@ -49,7 +50,7 @@ from clsim.models import (
 )
 from clsim.models.heads import MASK_VALUE
 from clsim.runner import run_scenario
-from clsim.stream import Batch, Experience
+from clsim.stream import Experience
 
 SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "memo_quick.yaml"
 # The paper's memory-aligned budget: ten ResNet-32s (float32 parameters) + 2000 CIFAR
@@ -118,14 +119,24 @@ def test_resnet32_split_matches_the_paper() -> None:
 # ---------------------------------------------------------------------------
 
 
-def cifar_context(budget: int) -> RunContext:
-    """A CIFAR-100-shaped context (one random image per class) with clsim's ResNet-32."""
+def cifar_dataset() -> Dataset:
+    """CIFAR-100-shaped data: one random image per class."""
     names = tuple(f"c{i}" for i in range(100))
     x = torch.randint(
         0, 256, (100, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
     )
     y = torch.arange(100)
-    dataset = Dataset("cifar-shaped", x, y, x, y, names)
+    return Dataset("cifar-shaped", x, y, x, y, names)
+
+
+def dataset_of(ctx: RunContext) -> Dataset:
+    """The samples behind a hand-built context (a plugin's ``ctx.data`` holds none)."""
+    return cifar_dataset() if ctx.data.name == "cifar-shaped" else load_dataset("digits")
+
+
+def cifar_context(budget: int) -> RunContext:
+    """A CIFAR-100-shaped context (one random image per class) with clsim's ResNet-32."""
+    dataset = cifar_dataset()
     torch.manual_seed(0)
     model = build_model("resnet", (3, 32, 32), 100, ResNetOptions(depth=32))
     return bare_context(
@@ -134,16 +145,16 @@ def cifar_context(budget: int) -> RunContext:
         strategy="memo",
         batch_size=8,
         budget_bytes=budget,
-        labels=LabelSpace.flat(names),
+        labels=LabelSpace.flat(dataset.class_names),
     )
 
 
 def experience_of(ctx: RunContext, index: int, classes: tuple[int, ...]) -> Experience:
-    ds = ctx.dataset
+    """The experience of ``classes`` as training hooks see it (no test samples)."""
+    ds = dataset_of(ctx)
     train = torch.isin(ds.y_train, torch.tensor(classes))
-    test = torch.isin(ds.y_test, torch.tensor(classes))
     return Experience(
-        index, classes, ds.x_train[train], ds.y_train[train], ds.x_test[test], ds.y_test[test]
+        index, classes, ds.x_train[train], ds.y_train[train], ds.x_test[:0], ds.y_test[:0]
     )
 
 
@@ -207,7 +218,7 @@ def test_ledger_mode_counts_slightly_more() -> None:
     # the head: 100 classes over 10 x 64 features, and an aux head of 10 new + 1 outputs
     head = ctx.model.head
     assert tuple(head.weight.shape) == (100, 640)
-    assert tuple(ctx.model.features.aux.weight.shape) == (11, 64)
+    assert tuple(plugin.aux_head.weight.shape) == (11, 64)
     # the plugin's account of its parts adds up to the ledger's model and exemplars
     parts = plugin.memory_parts(ctx)
     bn_buffers = 9336  # running mean / var and counters of all 31 BatchNorms of ResNet-32
@@ -215,8 +226,11 @@ def test_ledger_mode_counts_slightly_more() -> None:
     assert all(parts[f"block_{i}"] == parts["block_0"] for i in range(10))
     assert parts["head"] == 4 * (100 * 640 + 100) + 8 * 100  # + the class-id buffer
     assert parts["aux_head"] == 4 * (11 * 64 + 11)
-    model_parts = sum(v for k, v in parts.items() if k != "exemplars")
+    # the aux head is the plugin's, charged under memo, not in the model
+    model_parts = sum(v for k, v in parts.items() if k not in ("exemplars", "aux_head"))
     assert model_parts == measure(ctx.model).total_bytes
+    ledger = measure(ctx.model, [("memo", plugin)]).parts
+    assert ledger["memo.aux_head.parameters"] == parts["aux_head"]
     assert parts["exemplars"] == 3207 * (3072 + 1)
 
 
@@ -277,11 +291,12 @@ def test_old_blocks_are_frozen_and_stay_in_eval_mode() -> None:
     for (name, a), (_, b) in zip(old.state_dict().items(), new.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
         assert a.data_ptr() != b.data_ptr()
-    ctx.features(ctx.dataset.x_train[:4])  # eval and back
+    x_train = dataset_of(ctx).x_train
+    ctx.features(x_train[:4])  # eval and back
     assert ctx.model.training and not old.training
     # the features are the concatenation [S_1(G(x)); S_2(G(x))]
     ctx.model.eval()
-    x = ctx.to_input(ctx.dataset.x_train[:4])
+    x = ctx.to_input(x_train[:4])
     g = features.shared(x)
     assert torch.equal(features(x), torch.cat([old(g), new(g)], dim=1))
 
@@ -296,7 +311,8 @@ def test_head_grows_copying_old_weights_and_the_aux_head_has_new_plus_one() -> N
     exp0 = experience_of(ctx, 0, (3, 7))
     begin(plugin, ctx, exp0)
     head0 = ctx.model.head
-    assert tuple(head0.weight.shape) == (2, 8) and ctx.model.features.aux is None
+    assert tuple(head0.weight.shape) == (2, 8) and plugin.aux_head is None
+    assert plugin.clsim_trainable(ctx=ctx) is None
     with torch.no_grad():
         head0.weight.normal_()
         head0.bias.normal_()
@@ -310,10 +326,11 @@ def test_head_grows_copying_old_weights_and_the_aux_head_has_new_plus_one() -> N
     assert tuple(head.weight.shape) == (4, 16) and ctx.model.feature_dim == 16
     assert torch.equal(head.weight[:2, :8], old_w)
     assert torch.equal(head.bias[:2], old_b)
-    aux = ctx.model.features.aux
+    aux = plugin.aux_head
     assert aux.out_features == 3 and aux.in_features == 8
+    assert plugin.clsim_trainable(ctx=ctx) is aux
     assert plugin.aux_labels.tolist() == [0, 1, 0, 0, 0, 2, 0, 0, 0, 0]
-    logits = ctx.model(ctx.to_input(ctx.dataset.x_test[:5]))
+    logits = ctx.model(ctx.to_input(dataset_of(ctx).x_test[:5]))
     assert logits.shape == (5, 10)
     unseen = [c for c in range(10) if c not in (1, 3, 5, 7)]
     assert bool((logits[:, unseen] == MASK_VALUE).all())
@@ -321,30 +338,55 @@ def test_head_grows_copying_old_weights_and_the_aux_head_has_new_plus_one() -> N
 
 
 def test_aux_loss_is_cross_entropy_on_the_newest_block() -> None:
-    """clsim_loss = aux_weight x CE(aux(S_t(G(x))), y_aux) with old classes as label 0;
-    the cached block output is cleared, and nothing is cached in eval mode."""
+    """clsim_loss = aux_weight x CE(aux(S_t(G(x))), y_aux) with old classes as label 0,
+    read from the last block_dim columns of the forward's features; nothing is kept on
+    the model between forwards; no aux loss at the first task."""
     ctx = digits_context()
     plugin = MemoPlugin(MemoOptions(capacity=40, aux_weight=0.5, augment=False))
     plugin.clsim_setup(ctx=ctx)
     exp0 = experience_of(ctx, 0, (0, 1))
     begin(plugin, ctx, exp0)
+    x = dataset_of(ctx).x_train[:16]
+    y = torch.tensor([0, 1, 2, 3] * 4)
+
+    def forward() -> ForwardOutput:
+        inputs = ctx.to_input(x)
+        features = ctx.model.features(inputs)
+        return ForwardOutput(inputs, features, ctx.model.head(features), y)
+
+    ctx.model.train()
+    assert plugin.clsim_loss(ctx=ctx, output=forward()) is None  # task 0: no aux head
     plugin.clsim_after_experience(ctx=ctx, experience=exp0)
     begin(plugin, ctx, experience_of(ctx, 1, (2, 3)))
-    x = ctx.dataset.x_train[:16]
-    y = torch.tensor([0, 1, 2, 3] * 4)
-    ctx.model.train()
-    logits = ctx.model(ctx.to_input(x))
     features = ctx.model.features
-    newest = features.newest
-    assert newest is not None and newest.shape == (16, 8)
+    output = forward()
+    newest = output.features[:, -8:]
     assert torch.equal(newest, features.blocks[1](features.shared(ctx.to_input(x))))
-    loss = plugin.clsim_loss(ctx=ctx, batch=Batch(x, y), logits=logits)
-    expected = 0.5 * F.cross_entropy(features.aux(newest), torch.tensor([0, 0, 1, 2] * 4))
-    assert torch.allclose(loss, expected)
-    assert features.newest is None
-    ctx.model.eval()
-    ctx.model(ctx.to_input(x))
-    assert features.newest is None
+    loss = plugin.clsim_loss(ctx=ctx, output=output)
+    expected = 0.5 * F.cross_entropy(plugin.aux_head(newest), torch.tensor([0, 0, 1, 2] * 4))
+    assert torch.equal(loss, expected)
+    loss.backward()  # reaches the aux head and the newest block, not the frozen one
+    assert plugin.aux_head.weight.grad is not None
+    assert all(p.grad is None for p in features.blocks[0].parameters())
+    assert not any(isinstance(v, torch.Tensor) for v in vars(features).values())
+
+
+def test_augmentation_is_an_input_hook_with_its_own_generator() -> None:
+    """clsim_inputs crops and flips image batches (padding 1 on 8x8 digits) from the
+    plugin's generator, the same rows in the same order; augment: false leaves them."""
+    from clsim.augment import crop_flip
+
+    ctx = digits_context()
+    plugin = MemoPlugin(MemoOptions(capacity=40))
+    plugin.clsim_setup(ctx=ctx)
+    inputs = ctx.to_input(dataset_of(ctx).x_train[:32])
+    out = plugin.clsim_inputs(ctx=ctx, inputs=inputs)
+    expected = crop_flip(inputs, ctx.torch_generator("memo", "augment"), padding=1)
+    assert out.shape == inputs.shape and torch.equal(out, expected)
+    assert not torch.equal(out, inputs)
+    off = MemoPlugin(MemoOptions(capacity=40, augment=False))
+    off.clsim_setup(ctx=digits_context())
+    assert off.clsim_inputs(ctx=ctx, inputs=inputs) is None
 
 
 def test_weight_alignment_equalises_mean_row_norms() -> None:
@@ -520,8 +562,9 @@ def test_e2e_runs_within_budget_and_the_ledger_names_its_parts(e2e) -> None:
         assert record["total_bytes"] <= budget < record["total_bytes"] + 65
     parts = memo["ledger"][-1]["parts"]
     # 8 channels: G = conv 1*9*8 + 8 and BN 16 = 96; S = 8*8*9 + 8 + 16 = 600;
-    # head 10 x (5 x 8) + 10 = 410; aux (2 new + 1) x 8 + 3 = 27
-    assert parts["model.parameters"] == 4 * (96 + 5 * 600 + 410 + 27)
+    # head 10 x (5 x 8) + 10 = 410; aux (2 new + 1) x 8 + 3 = 27, charged under memo
+    assert parts["model.parameters"] == 4 * (96 + 5 * 600 + 410)
+    assert parts["RecordingMemo.aux_head.parameters"] == 4 * 27
     # BN running mean / var (8 + 8 floats) and num_batches_tracked (int64) per BN,
     # one BN in G and one per block; the head's class-id buffer (10 int64)
     assert parts["model.buffers"] == 6 * (16 * 4 + 8) + 10 * 8

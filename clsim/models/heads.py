@@ -73,9 +73,11 @@ def target_head(model: nn.Module) -> nn.Module | None:
 
     The protocol (LingoCL's :class:`SemanticHead` follows it, and any head may): a buffer
     ``targets`` with one frozen row per label id, ``embed(features)`` mapping features
-    into the targets' space, and ``widened(in_features, generator=...)`` returning a copy
-    that reads wider features. A host strategy reads these instead of asking which
-    plugin installed the head, so a head plugin composes with any host.
+    into the targets' space, and ``widened(in_features, generator=..., active=...)``
+    returning a copy that reads wider features (``active``, optional: a bool mask of the
+    outputs in use; a masked head switches outputs on with ``expose(labels)``, and
+    :func:`active_outputs` reads its mask). A host strategy reads these instead of asking
+    which plugin installed the head, so a head plugin composes with any host.
     """
     head = getattr(model, "head", None)
     if isinstance(getattr(head, "targets", None), torch.Tensor) and callable(
