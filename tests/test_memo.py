@@ -625,6 +625,130 @@ def test_e2e_head_growth_alignment_and_exemplars(e2e) -> None:
 
 
 # ---------------------------------------------------------------------------
+# training runs in the standard loop
+# ---------------------------------------------------------------------------
+
+LOOP: list[dict] = []  # test instrumentation, outside every plugin
+POISON: dict[str, int] = {"left": 0}  # batches of experience 1 whose aux loss turns NaN
+
+LOOP_SCENARIO = """\
+name: loop
+seed: 0
+threads: 1
+data: {{dataset: digits}}
+stream: {{type: class_incremental, n_experiences: 5}}
+model: {{name: convnet2, channels: 8}}
+training: {{epochs: 1, batch_size: 32, nonfinite_loss: {policy},
+           optimizer: {{name: adam, lr: 0.003}}}}
+strategies:
+  memo:
+    plugins:
+      - memo_loop_test:{memo}: {{capacity: 40, augment: false, first_epochs: 2,
+                                  later_epochs: 1}}
+      - memo_loop_test:LoopRecorder
+"""
+
+
+class HandleMemo(MemoPlugin):
+    """MEMO that shows the test its aux head and its stored exemplars at each task."""
+
+    def clsim_before_experience(self, ctx, experience) -> None:
+        super().clsim_before_experience(ctx, experience)
+        LOOP.append({"event": "memo", "aux": self.aux_head,
+                     "stored": self.buffer.stored()[1].bincount(minlength=10).tolist()})
+
+
+class PoisonedMemo(MemoPlugin):
+    """MEMO whose aux loss is NaN for the first ``POISON['left']`` batches of task 1."""
+
+    def clsim_loss(self, ctx, output):
+        loss = super().clsim_loss(ctx, output)
+        if loss is not None and POISON["left"] > 0:
+            POISON["left"] -= 1
+            return loss * float("nan")
+        return loss
+
+
+class LoopRecorder:
+    """Listed after memo: the plan memo left, and the optimizer each batch stepped with."""
+
+    def clsim_plan_experience(self, ctx, experience, plan) -> None:
+        LOOP.append({"event": "plan", "experience": experience.index,
+                     "classes": list(experience.classes), "n_task": experience.n_train,
+                     "n": plan.n_samples, "epochs": plan.epochs,
+                     "appended": plan.y[experience.n_train:].bincount(minlength=10).tolist()})
+
+    def clsim_after_batch(self, ctx) -> None:
+        optimizer = ctx.optimizer
+        features = ctx.model.features
+        LOOP.append({
+            "event": "batch",
+            "experience": ctx.experience.index,
+            "optimizer": type(optimizer),
+            "lr": {id(p): group["lr"] for group in optimizer.param_groups
+                   for p in group["params"]},
+            "newest": [id(p) for p in features.blocks[-1].parameters()],
+            "frozen": [id(p) for b in list(features.blocks)[:-1] for p in b.parameters()],
+            "model": [id(p) for p in ctx.model.parameters() if p.requires_grad],
+        })
+
+
+def run_loop(monkeypatch, memo: str = "HandleMemo", policy: str = "stop") -> dict:
+    monkeypatch.setitem(__import__("sys").modules, "memo_loop_test",
+                        __import__("sys").modules[__name__])
+    LOOP.clear()
+    text = LOOP_SCENARIO.format(memo=memo, policy=policy)
+    return run_scenario(parse_scenario(text), None).summary["strategies"]["memo"]
+
+
+def test_memo_trains_in_the_standard_loop(monkeypatch) -> None:
+    """The scenario's optimizer (Adam, lr 0.003) steps the blocks, G, the head and the
+    plugin's aux head, not the frozen blocks; each later task trains on its samples
+    followed by the stored exemplars (capacity 40: 40 // seen classes each); 2 epochs at
+    the first task, 1 later, one loop batch per 32 planned samples."""
+    outcome = run_loop(monkeypatch)
+    assert outcome["status"] == "ok", outcome["error"]
+    plans = [r for r in LOOP if r["event"] == "plan"]
+    memos = [r for r in LOOP if r["event"] == "memo"]
+    assert [p["experience"] for p in plans] == [0, 1, 2, 3, 4]
+    for t, (plan, memo) in enumerate(zip(plans, memos, strict=True)):
+        assert plan["n"] == plan["n_task"] + sum(memo["stored"])
+        assert plan["appended"] == memo["stored"]
+        seen = {c for p in plans[:t] for c in p["classes"]}
+        assert memo["stored"] == [40 // len(seen) if c in seen else 0 for c in range(10)]
+        assert plan["epochs"] == (2 if t == 0 else 1)
+        batches = [r for r in LOOP if r["event"] == "batch" and r["experience"] == t]
+        assert len(batches) == plan["epochs"] * -(-plan["n"] // 32)
+        for batch in batches[:1]:
+            assert batch["optimizer"] is torch.optim.Adam
+            assert set(batch["lr"].values()) == {0.003}
+            aux = [] if memo["aux"] is None else [id(p) for p in memo["aux"].parameters()]
+            assert (memo["aux"] is None) == (t == 0)
+            assert set(batch["lr"]) == set(batch["model"]) | set(aux)
+            assert set(batch["newest"]) <= set(batch["lr"])
+            assert not set(batch["frozen"]) & set(batch["lr"])
+            assert len(batch["frozen"]) == t * len(batch["newest"])
+
+
+def test_a_nan_aux_loss_meets_the_scenarios_nonfinite_policy(monkeypatch) -> None:
+    """MEMO's aux loss turning NaN on task 1's first two batches: ``skip_batch`` drops
+    exactly those two batches and the run finishes; ``stop`` ends the strategy naming
+    the experience and the first bad batch."""
+    POISON["left"] = 2
+    outcome = run_loop(monkeypatch, memo="PoisonedMemo", policy="skip_batch")
+    assert outcome["status"] == "ok", outcome["error"]
+    assert outcome["skipped_batches"] == 2 and POISON["left"] == 0
+    trained = [r for r in LOOP if r["event"] == "batch" and r["experience"] == 1]
+    plan = next(r for r in LOOP if r["event"] == "plan" and r["experience"] == 1)
+    assert len(trained) == -(-plan["n"] // 32) - 2
+    POISON["left"] = 2
+    outcome = run_loop(monkeypatch, memo="PoisonedMemo", policy="stop")
+    assert outcome["status"] == "failed"
+    assert "the loss became nan" in outcome["error"]
+    assert "of experience 1 (first at batch 1)" in outcome["error"]
+
+
+# ---------------------------------------------------------------------------
 # MEMO hosting the language-guided head
 # ---------------------------------------------------------------------------
 
