@@ -21,30 +21,43 @@ The teacher (``s_old``) is a frozen copy of the encoder and the prototypes taken
 start of the task; the student (``s_new``) is the current encoder and prototypes, so old
 prototypes move through the distillation only, never through the prototype loss.
 
-**Training is owned by the plugin** (``clsim_train_experience``): ``ctx.epochs`` epochs
-of shuffled mini-batches of ``ctx.batch_size`` over the experience, with the plugin's own
-SGD over the encoder, the projector and all prototypes. The model's head gets no
-gradient. A plugin that owns training cannot read the scenario's optimizer section (the
-run context exposes epochs and batch size only), so the optimizer's settings are options
-here, defaulting to the published SGD lr 0.01, momentum 0.9, weight decay 1e-4; the
-published batch size, 128, is the scenario's ``training.batch_size``. The projector and
-prototypes are held by the plugin (not attached to the model), so the ledger names them.
+**The algorithm as hooks over the standard loop**, in the order they run:
+
+- ``clsim_before_experience``: take the teacher, add the new classes' prototypes;
+- ``clsim_trainable``: the projector and the prototype bank, held on the plugin (so the
+  ledger names them) and trained with the encoder by the scenario's optimizer
+  (``training.optimizer``); the model's linear head enters no loss and gets no gradient.
+  The published optimizer is SGD, lr 0.01, momentum 0.9, weight decay 1e-4, batch 128:
+  what a scenario that runs PRD as published sets in its ``training`` section;
+- ``clsim_inputs``: two augmented views of every sample (``2N`` rows; the loop repeats
+  the labels), and the state of the global random generator the student's forward
+  starts from;
+- ``clsim_forward``: the teacher's scores on the very inputs the student saw, replaying
+  the student's random draws (dropout masks), as the auxiliary output
+  ``prd_teacher_scores``;
+- ``clsim_task_loss``: SupCon, replacing cross-entropy;
+- ``clsim_loss``: ``proto_weight * proto + distill_weight * distill``;
+- ``clsim_after_batch``: the loss parts, for the events below.
+
+A non-finite loss is the loop's business (``training.nonfinite_loss``: stop, or skip the
+batch and count it). Listed with ``replay``, the memory samples replay mixes into a batch
+(``clsim_before_batch``) enter SupCon and the distillation like the stream's; the
+prototype loss takes the classes this experience introduced only.
 
 **Memory** (what the ledger charges after each experience): the model, the prototypes
 (one ``feature_dim`` float row and two int64 ids per seen class) and the projector. The
 teacher (old encoder and prototype copies) exists only while a task trains, and is
-charged if the ledger measures then (an online stream's anytime check); it is dropped at
-the task's end: between experiences it would be a copy of the model itself, retaken at
-the next task's start, so keeping it would charge for nothing the method needs. Like the
-engine's, the optimizer is not kept between calls: it is built for each training call
-(an online stream's parts each restart momentum).
+charged if the ledger measures then (an online stream's anytime check, with the class
+ids of the old and new rows and five floats of loss sums for the events); it is dropped
+at the task's end: between experiences it would be a copy of the model itself, retaken
+at the next task's start, so keeping it would charge for nothing the method needs.
 
 **Reconstructed** (not fixed by METHODS.md; the paper's own choices may differ):
 
 - new prototypes start at the mean encoder feature of their class's training samples
   (eval mode) at the start of the task;
 - the prototype loss uses both views of every sample whose label is a class first met in
-  this experience; samples of older classes (blurry streams) do not enter it;
+  this experience; samples of older classes (blurry streams, replay) do not enter it;
 - the distillation is averaged over earlier tasks (not summed), per sample over both
   views, with no temperature on the scores;
 - the teacher runs in the student's mode (batch statistics for BatchNorm) and replays
@@ -56,31 +69,31 @@ engine's, the optimizer is not kept between calls: it is built for each training
   normalised input value with probability ``drop_prob`` and adds Gaussian noise of std
   ``noise_std``; images get a random crop (``crop_padding``) and a horizontal flip.
 
-**With the language-guided head** (``language_head`` in the same strategy, LingoCL) the
-frozen class-name targets of its :class:`clsim.models.heads.SemanticHead` are the
-prototypes, and the prototype space is the text space the head's projection ``h`` maps
-features into: no prototype is learned (the bank records class ids only), the prototype
-loss is ``1 - cos(t_y, h(f(x).detach()))`` (so it trains ``h``), the distillation scores
-are ``<h(f(x)), t_c>`` against the teacher's frozen copies of the encoder *and* of ``h``
-(still exactly 0.0 at a task's first batch), and prediction is the nearest target by
-cosine, the argmax of the head's logits over the seen classes. Measured here (README) this
-composition learns new classes poorly: ``h`` is shared by all classes, the distillation
-holds it where the earlier tasks left it, and new targets cannot move to their class's
-features as PRD's mean-initialised prototypes do.
+**With a fixed-target head** (``language_head`` in the same strategy, LingoCL; any head
+with frozen ``targets`` and ``embed``, read through
+:func:`clsim.models.heads.target_head`) the frozen class targets are the prototypes, and
+the prototype space is the one ``embed`` maps features into: no prototype is learned
+(the bank records class ids only), the prototype loss is ``1 - cos(t_y,
+embed(f(x).detach()))`` (so it trains the head's projection ``h``), the distillation
+scores are the head's own logits over task t's classes (``eta * cos(h(f(x)), t_c)``),
+the teacher's from frozen copies of the encoder *and* of the head (its targets shared,
+not copied; still exactly 0.0 at a task's first batch), and prediction is the nearest
+target by cosine, the argmax of the head's logits over the seen classes. Measured here
+(README) this composition learns new classes poorly: ``h`` is shared by all classes, the
+distillation holds it where the earlier tasks left it, and new targets cannot move to
+their class's features as PRD's mean-initialised prototypes do.
 
 With task ids visible at test, prediction is restricted to the prototypes created in the
 task's experience. PRD needs task boundaries: a stream with hidden boundaries is refused.
-Per-batch loss parts are reported as events: ``prd_first_batch`` (exact values of the
-first batch of each experience) and ``prd_epoch`` (means per epoch).
+Loss parts are reported as events: ``prd_first_batch`` (the exact values of the first
+trained batch of each experience) and ``prd_experience`` (means over the experience's
+trained batches); ``total`` is the batch's whole loss, every plugin's terms included.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
-import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,16 +102,20 @@ from torch import nn
 from clsim.augment import crop_flip, random_crop
 from clsim.context import RunContext
 from clsim.errors import ConfigError, OptionError, TrainingError
-from clsim.models.heads import SemanticHead
+from clsim.loop_types import ForwardOutput, Trainable
+from clsim.models.base import has_feature_head
+from clsim.models.heads import target_head
 from clsim.seeding import derive_seed
 from clsim.stream import Experience
 
 LOSS_PARTS = ("supcon", "proto", "distill", "total")
+TEACHER = "prd_teacher_scores"  # the auxiliary output clsim_forward adds
 
 
 @dataclass
 class PrdOptions:
-    """Options of the prd plugin; every default is the published one."""
+    """Options of the prd plugin; every default is the published one (the optimizer is
+    the scenario's ``training.optimizer``)."""
 
     temperature: float = field(
         default=0.1,
@@ -132,16 +149,6 @@ class PrdOptions:
         default=0.1,
         metadata={"min": 0, "help": "flat inputs: probability of zeroing an input value"},
     )
-    lr: float = field(
-        default=0.01,
-        metadata={"min": 0, "min_exclusive": True, "help": "SGD learning rate (published 0.01)"},
-    )
-    momentum: float = field(
-        default=0.9, metadata={"min": 0, "max": 1, "help": "SGD momentum (published 0.9)"}
-    )
-    weight_decay: float = field(
-        default=1e-4, metadata={"min": 0, "help": "SGD weight decay (published 1e-4)"}
-    )
 
     def check(self) -> None:
         if not self.drop_prob < 1:
@@ -173,7 +180,7 @@ class PrototypeBank(nn.Module):
     def add_group(self, task: int, classes: torch.Tensor, rows: torch.Tensor | None) -> None:
         """Prototypes ``rows`` (k, dim) for ``classes`` (k,), introduced by ``task``;
         ``rows=None`` records the classes only (their prototypes live elsewhere: the
-        frozen targets of a semantic head)."""
+        frozen targets of a fixed-target head)."""
         device = self.classes.device
         if rows is not None:
             self.groups.append(nn.Parameter(rows.detach().clone().to(device)))
@@ -194,7 +201,7 @@ class PrototypeBank(nn.Module):
 
 
 class PrdPlugin:
-    """Prototype-sample relation distillation (Asadi et al., ICML 2023); owns training."""
+    """Prototype-sample relation distillation (Asadi et al., ICML 2023)."""
 
     Options = PrdOptions
 
@@ -202,24 +209,29 @@ class PrdPlugin:
         self.options = options or PrdOptions()
         self.projector: nn.Module | None = None
         self.prototypes: PrototypeBank | None = None
+        self._augment: torch.Generator | None = None
         # the teacher lives while one experience trains
         self.old_encoder: nn.Module | None = None
-        self.old_projection: nn.Module | None = None  # with a semantic head
-        self.old_prototypes: list[torch.Tensor] | None = None
-        self._first_batch_due: bool | None = None  # None once logged: nothing to charge
-        self._order: torch.Generator | None = None
-        self._augment: torch.Generator | None = None
+        self.old_head: nn.Module | None = None  # a frozen copy of a fixed-target head
+        self.old_prototypes: list[torch.Tensor] | None = None  # learned groups, per task
+        self.old_classes: torch.Tensor | None = None  # the classes of the teacher's rows
+        self.new_classes: torch.Tensor | None = None  # the classes this experience added
+        # between the hooks of one batch: the random state the student's forward starts
+        # from (clsim_inputs -> clsim_forward) and the loss parts (-> clsim_after_batch)
+        self._rng: tuple | None = None
+        self._parts: dict[str, torch.Tensor] = {}
+        # over one experience: the sums of the loss parts of its trained batches, and
+        # their count (kept as a tensor: no Python number the ledger could only estimate)
+        self._sums: torch.Tensor | None = None
 
     # -- setup -------------------------------------------------------------
 
     def clsim_setup(self, ctx: RunContext) -> None:
         model = ctx.model
-        if not isinstance(getattr(model, "features", None), nn.Module) or not hasattr(
-            model, "feature_dim"
-        ):
+        if not has_feature_head(model) or not hasattr(model, "feature_dim"):
             raise ConfigError(
-                "prd needs a model with 'features' (the encoder) and 'feature_dim', as every "
-                "clsim backbone has"
+                "prd needs a model whose output is head(features(x)), with 'feature_dim', "
+                "as every clsim backbone has"
             )
         dim = int(model.feature_dim)
         hidden = self.options.projector_hidden or dim
@@ -232,136 +244,161 @@ class PrdPlugin:
             )
         self.projector = projector.to(ctx.device)
         self.prototypes = PrototypeBank(dim).to(ctx.device)
-        self._order = ctx.torch_generator("prd", "order")
         self._augment = ctx.torch_generator("prd", "augment", device=ctx.device)
 
     # -- experience boundaries ---------------------------------------------
 
     def clsim_before_experience(self, ctx: RunContext, experience: Experience) -> None:
+        """The teacher (frozen copies of the encoder and prototypes as they are), then one
+        prototype per new class at the mean of its features."""
         if experience.n_train == 0:
             raise ConfigError(
                 "prd needs task boundaries (it snapshots a teacher and adds prototypes at the "
                 "start of each task); this stream hides them (boundaries: hidden)"
             )
-        bank, semantic = self.prototypes, semantic_head(ctx)
-        if len(bank):  # the teacher: frozen copies of the encoder and prototypes as they are
+        bank, head = self.prototypes, target_head(ctx.model)
+        if len(bank):
+            self.old_classes = bank.classes.clone()
             self.old_encoder = copy.deepcopy(ctx.model.features).requires_grad_(False)
-            if semantic is None:
+            if head is None:
                 self.old_prototypes = [group.detach().clone() for group in bank.groups]
-            else:  # the targets are frozen: the teacher differs by its projection only
-                self.old_projection = copy.deepcopy(semantic.projection).requires_grad_(False)
-                self.old_prototypes = self.prototype_groups(ctx)
+            else:  # the targets are frozen: shared, not copied; h (and eta) are copied
+                self.old_head = copy.deepcopy(head, {id(head.targets): head.targets})
+                self.old_head.requires_grad_(False)
         labels = experience.train_y.unique()
         new = labels[~torch.isin(labels, bank.classes.cpu())]
-        if len(new) and semantic is not None:
+        self.new_classes = new.to(bank.classes.device) if len(new) else None
+        if len(new) and head is not None:
             bank.add_group(experience.index, new, None)
         elif len(new):
             features = ctx.features(experience.train_x)
             y = experience.train_y.to(features.device)
             means = torch.stack([features[y == c].mean(0) for c in new.tolist()])
             bank.add_group(experience.index, new, means)
-        self._first_batch_due = True
+        self._sums = None
 
-    def clsim_train_experience(self, ctx: RunContext, experience: Experience) -> Any:
-        """Epochs of mini-batches with the PRD loss, under a fresh SGD per call (an online
-        stream delivers an experience in parts: momentum restarts with each part)."""
-        semantic = semantic_head(ctx)
-        params = itertools.chain(
-            ctx.model.features.parameters(),
-            self.projector.parameters(),
-            self.prototypes.parameters(),
-            () if semantic is None else semantic.projection.parameters(),
-        )
-        optimizer = torch.optim.SGD(
-            [p for p in params if p.requires_grad],
-            lr=self.options.lr,
-            momentum=self.options.momentum,
-            weight_decay=self.options.weight_decay,
-        )
-        ctx.model.train()
-        self.projector.train()
-        n, batch_size = experience.n_train, ctx.batch_size
-        for epoch in range(ctx.epochs):
-            order = torch.randperm(n, generator=self._order)
-            sums = torch.zeros(len(LOSS_PARTS), device=ctx.device)
-            for start in range(0, n, batch_size):
-                index = order[start : start + batch_size]
-                losses = self.batch_losses(
-                    ctx, experience.train_x[index], experience.train_y[index]
-                )
-                optimizer.zero_grad(set_to_none=True)
-                losses["total"].backward()
-                optimizer.step()
-                values = torch.stack([losses[k].detach() for k in LOSS_PARTS])
-                if self._first_batch_due:
-                    ctx.log(
-                        "prd_first_batch",
-                        experience=experience.index,
-                        **dict(zip(LOSS_PARTS, values.tolist(), strict=True)),
-                    )
-                    self._first_batch_due = None
-                sums += values
-            means = dict(
-                zip(LOSS_PARTS, (sums / max(1, -(-n // batch_size))).tolist(), strict=True)
-            )
-            if not all(math.isfinite(v) for v in means.values()):
-                raise TrainingError(
-                    f"strategy {ctx.strategy!r}: the PRD loss became non-finite in epoch "
-                    f"{epoch + 1} of experience {experience.index} ({means}); lower the "
-                    "prd plugin's lr"
-                )
-            ctx.log("prd_epoch", experience=experience.index, epoch=epoch, **means)
-        return True
+    def clsim_trainable(self, ctx: RunContext) -> list[Trainable]:
+        """The projector and every prototype group, beside the encoder."""
+        return [Trainable(self.projector), Trainable(self.prototypes)]
 
-    def clsim_after_experience(self, ctx: RunContext) -> None:
-        self._release(ctx)
+    # -- one batch -------------------------------------------------------------
+
+    def clsim_inputs(self, ctx: RunContext, inputs: torch.Tensor) -> torch.Tensor:
+        """Two augmented views of every sample; with a teacher, the random state the
+        student's forward starts from, for the teacher to replay."""
+        views = torch.cat([self._view(inputs), self._view(inputs)])
+        if self.old_encoder is not None:
+            self._rng = _rng_state(ctx.device)
+        return views
+
+    def clsim_forward(
+        self, ctx: RunContext, output: ForwardOutput
+    ) -> dict[str, torch.Tensor] | None:
+        """The teacher's scores against the earlier tasks' prototypes, on the student's
+        inputs, in its mode and with its random draws: the two differ by weights only."""
+        if output.features is None:
+            raise TrainingError("prd needs the model's features in the forward output")
+        if self.old_encoder is None:
+            return None
+        rng, self._rng = self._rng, None
+        after = _rng_state(ctx.device)
+        _set_rng_state(ctx.device, rng)
+        try:
+            self.old_encoder.train(ctx.model.features.training)
+            with torch.no_grad():
+                features = self.old_encoder(output.inputs)
+                if self.old_head is None:
+                    scores = features @ F.normalize(torch.cat(self.old_prototypes), dim=1).T
+                else:
+                    self.old_head.train(ctx.model.head.training)
+                    scores = self.old_head(features)[:, self.old_classes]
+        finally:
+            _set_rng_state(ctx.device, after)
+        return {TEACHER: scores}
+
+    def clsim_task_loss(self, ctx: RunContext, output: ForwardOutput) -> torch.Tensor:
+        """SupCon on the normalised projection of the features (every view)."""
+        z = F.normalize(self.projector(output.features), dim=1)
+        loss = supcon_loss(z, output.targets, self.options.temperature)
+        self._parts["supcon"] = loss.detach()
+        return loss
+
+    def clsim_loss(self, ctx: RunContext, output: ForwardOutput) -> torch.Tensor | None:
+        """``proto_weight * proto + distill_weight * distill``; a term of weight 0 stays
+        out of the graph, so its parameters get no gradient (nor weight decay)."""
+        o = self.options
+        proto, distill = self.prototype_loss(ctx, output), self.distillation_loss(output)
+        self._parts.update(proto=proto.detach(), distill=distill.detach())
+        terms = [w * term for w, term in ((o.proto_weight, proto), (o.distill_weight, distill))
+                 if w]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def clsim_after_batch(self, ctx: RunContext, loss: torch.Tensor) -> None:
+        """Sum the loss parts of the trained batch; log the first one's exactly."""
+        parts = torch.stack([*(self._parts[k] for k in LOSS_PARTS[:-1]), loss.reshape(()),
+                             torch.ones_like(loss).reshape(())])  # the last: a batch count
+        self._parts = {}
+        if self._sums is None:  # the first trained batch: one device read per experience
+            ctx.log("prd_first_batch", experience=ctx.experience.index,
+                    **dict(zip(LOSS_PARTS, parts.tolist(), strict=False)))
+            self._sums = parts
+        else:
+            self._sums = self._sums + parts
+
+    def clsim_after_experience(self, ctx: RunContext, experience: Experience) -> None:
+        if self._sums is not None:
+            *sums, count = self._sums.tolist()
+            ctx.log("prd_experience", experience=experience.index, batches=int(count),
+                    **{k: total / count for k, total in zip(LOSS_PARTS, sums, strict=True)})
+        self._release()
 
     def clsim_teardown(self, ctx: RunContext) -> None:
-        self._release(ctx)
+        self._release()
 
-    def _release(self, ctx: RunContext) -> None:
-        """Drop what only one experience's training needs (teacher, gradients)."""
-        self.old_encoder = None
-        self.old_projection = None
-        self.old_prototypes = None
-        self._first_batch_due = None
-        for module in (ctx.model, self.projector, self.prototypes):
-            if module is not None:
-                module.zero_grad(set_to_none=True)
+    def _release(self) -> None:
+        """Drop what only one experience's training needs (the teacher, the sums)."""
+        self.old_encoder = self.old_head = self.old_prototypes = None
+        self.old_classes = self.new_classes = None
+        self._rng, self._parts, self._sums = None, {}, None
 
-    # -- the loss ------------------------------------------------------------
+    # -- the loss terms --------------------------------------------------------
 
-    def batch_losses(
-        self, ctx: RunContext, x: torch.Tensor, y: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """The PRD loss parts of a batch of raw samples: ``supcon``, ``proto``,
-        ``distill`` and their weighted ``total`` (the only one with a graph to backward)."""
-        o = self.options
-        inputs = ctx.to_input(x)
-        views = torch.cat([self._view(inputs), self._view(inputs)])
-        labels = y.to(ctx.device).repeat(2)
-        rng = _rng_state(ctx.device)
-        features = ctx.model.features(views)
-        old_features = self._teacher_features(views, rng, ctx)
-        z = F.normalize(self.projector(features), dim=1)
-        # prototype space: f's own, or the text space of a semantic head, h(f)
-        semantic = semantic_head(ctx)
-        to_space = nn.Identity() if semantic is None else semantic.projection
-        if old_features is not None and self.old_projection is not None:
-            old_features = self.old_projection(old_features)
-        parts = {
-            "supcon": supcon_loss(z, labels, o.temperature),
-            "proto": self._proto_loss(ctx, to_space(features.detach()), labels),
-            "distill": self._distill_loss(ctx, to_space(features), old_features),
-        }
-        total = parts["supcon"]
-        # a term of weight 0 stays out of the graph: its parameters then get no gradient
-        if o.proto_weight:
-            total = total + o.proto_weight * parts["proto"]
-        if o.distill_weight:
-            total = total + o.distill_weight * parts["distill"]
-        parts["total"] = total
-        return parts
+    def prototype_loss(self, ctx: RunContext, output: ForwardOutput) -> torch.Tensor:
+        """mean(1 - cos(p_y, f(x).detach())) over the samples of the classes this
+        experience introduced (in the head's space with a fixed-target head)."""
+        features, classes = output.features.detach(), self.new_classes
+        if classes is None:
+            return features.new_zeros(())
+        bank, head = self.prototypes, target_head(ctx.model)
+        if head is None:
+            rows = bank.groups[-1]
+        else:
+            rows, features = head.targets[classes], head.embed(features)
+        match = output.targets.unsqueeze(1) == classes.unsqueeze(0)
+        inside = match.any(dim=1)
+        own = rows[match.to(torch.uint8).argmax(dim=1)]  # row 0 outside: masked below
+        cost = (1 - F.cosine_similarity(own, features, dim=1)) * inside
+        return cost.sum() / inside.sum().clamp_min(1)  # no device read to test for none
+
+    def distillation_loss(self, output: ForwardOutput) -> torch.Tensor:
+        """KL(teacher || student) of the prototype-sample score distributions, averaged
+        over the earlier tasks."""
+        teacher = output.aux.get(TEACHER)
+        if teacher is None:
+            return output.features.new_zeros(())
+        if self.old_head is None:
+            old = list(self.prototypes.groups)[: len(self.old_prototypes)]
+            student = output.features @ F.normalize(torch.cat(old), dim=1).T
+        else:
+            student = output.logits[:, self.old_classes]
+        terms = []
+        for span in self.prototypes.spans():
+            if span.stop > len(self.old_classes):
+                break
+            log_q = F.log_softmax(student[:, span], dim=1)
+            log_p = F.log_softmax(teacher[:, span], dim=1)
+            terms.append((log_p.exp() * (log_p - log_q)).sum(dim=1).mean())
+        return torch.stack(terms).mean()
 
     def _view(self, inputs: torch.Tensor) -> torch.Tensor:
         """One augmented view of normalised model inputs."""
@@ -377,53 +414,6 @@ class PrdPlugin:
         keep = (keep >= o.drop_prob).to(inputs.device, inputs.dtype)
         return inputs * keep + o.noise_std * noise.to(inputs.device, inputs.dtype)
 
-    def _teacher_features(
-        self, views: torch.Tensor, rng: tuple, ctx: RunContext
-    ) -> torch.Tensor | None:
-        """The frozen encoder on the same views, in the student's mode and with the
-        student's random draws (dropout), so the two differ by their weights only."""
-        if self.old_encoder is None:
-            return None
-        after = _rng_state(ctx.device)
-        _set_rng_state(ctx.device, rng)
-        try:
-            self.old_encoder.train(ctx.model.features.training)
-            with torch.no_grad():
-                return self.old_encoder(views)
-        finally:
-            _set_rng_state(ctx.device, after)
-
-    def _proto_loss(
-        self, ctx: RunContext, features: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """mean(1 - cos(p_y, f(x))) over samples of the classes this experience introduced."""
-        bank = self.prototypes
-        zero = features.new_zeros(())
-        if not len(bank) or int(bank.tasks[-1]) != ctx.experience.index:
-            return zero
-        current = self.prototype_groups(ctx)[-1]
-        classes = bank.classes[-len(current) :]
-        match = labels.unsqueeze(1) == classes.unsqueeze(0)
-        inside = match.any(dim=1)
-        if not bool(inside.any()):
-            return zero
-        rows = current[match[inside].to(torch.uint8).argmax(dim=1)]
-        return (1 - F.cosine_similarity(rows, features[inside], dim=1)).mean()
-
-    def _distill_loss(
-        self, ctx: RunContext, features: torch.Tensor, old_features: torch.Tensor | None
-    ) -> torch.Tensor:
-        """KL(teacher || student) of the prototype-sample score distributions, averaged
-        over the earlier tasks."""
-        if old_features is None or not self.old_prototypes:
-            return features.new_zeros(())
-        terms = []
-        for new, old in zip(self.prototype_groups(ctx), self.old_prototypes, strict=False):
-            log_q = F.log_softmax(features @ F.normalize(new, dim=1).T, dim=1)
-            log_p = F.log_softmax(old_features @ F.normalize(old, dim=1).T, dim=1)
-            terms.append((log_p.exp() * (log_p - log_q)).sum(dim=1).mean())
-        return torch.stack(terms).mean()
-
     # -- evaluation ------------------------------------------------------------
 
     def clsim_predict(
@@ -434,38 +424,24 @@ class PrdPlugin:
         bank = self.prototypes
         if bank is None or not len(bank):
             return None  # before the first experience: the engine's argmax
-        prototypes, classes = torch.cat(self.prototype_groups(ctx)), bank.classes
+        head = target_head(ctx.model)
+        prototypes = bank.weights() if head is None else head.targets[bank.classes]
+        classes = bank.classes
         if task_id is not None:
             own = bank.tasks == task_id
             if bool(own.any()):
                 prototypes, classes = prototypes[own], classes[own]
-        semantic = semantic_head(ctx)
         features = ctx.model.features(x)
-        embedded = F.normalize(features, dim=1) if semantic is None else semantic.embed(features)
+        embedded = F.normalize(features, dim=1) if head is None else head.embed(features)
         similarity = embedded @ F.normalize(prototypes, dim=1).T
         return classes[similarity.argmax(dim=1)]
-
-    def prototype_groups(self, ctx: RunContext) -> list[torch.Tensor]:
-        """The current prototypes, one tensor per task: the learned rows, or with a
-        semantic head the frozen targets of each task's classes."""
-        semantic = semantic_head(ctx)
-        if semantic is None:
-            return list(self.prototypes.groups)
-        classes = self.prototypes.classes.to(semantic.targets.device)
-        return [semantic.targets[classes[span]] for span in self.prototypes.spans()]
-
-
-def semantic_head(ctx: RunContext) -> SemanticHead | None:
-    """The language_head's head when the strategy has one: its frozen class-name targets
-    are then the prototypes, in the text space its projection maps features into."""
-    head = getattr(ctx.model, "head", None)
-    return head if isinstance(head, SemanticHead) else None
 
 
 def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al., 2020) of unit-norm embeddings ``z``:
     for each anchor, the mean log-probability of its positives (same label, itself
-    excluded) against every other embedding; averaged over anchors with a positive."""
+    excluded) against every other embedding; averaged over anchors with a positive
+    (0 when none has one)."""
     n = len(z)
     self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
     logits = (z @ z.T / temperature).masked_fill(self_mask, float("-inf"))
@@ -474,9 +450,7 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> to
     count = positives.sum(dim=1)
     mean_positive = log_prob.masked_fill(~positives, 0.0).sum(dim=1) / count.clamp_min(1)
     has = count > 0
-    if not bool(has.any()):
-        return z.new_zeros(())
-    return -mean_positive[has].mean()
+    return -(mean_positive * has).sum() / has.sum().clamp_min(1)
 
 
 def _rng_state(device: torch.device) -> tuple:

@@ -1,35 +1,43 @@
-"""PRD, prototype-sample relation distillation (METHODS.md section 6): the distillation is
-exactly zero at a task's first batch, nothing of a sample is stored, old prototypes are
-moved by the distillation only, and runs on digits are finite and repeatable."""
+"""PRD, prototype-sample relation distillation (METHODS.md section 6): it trains through
+the standard loop (the scenario's optimizer and non-finite policy), composes with replay,
+the distillation is exactly zero at a task's first batch, nothing of a sample is stored,
+old prototypes are moved by the distillation only, and runs on digits are finite and
+repeatable."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
-from clsim_plugins.prd import PrdOptions, PrdPlugin, supcon_loss
+from clsim_plugins.prd import TEACHER, PrdOptions, PrdPlugin, supcon_loss
 from helpers import bare_context
 
-from clsim.config import parse_scenario
+from clsim.config import OptimizerConfig, TrainingConfig, parse_scenario
 from clsim.context import RunContext
 from clsim.data import load_dataset
 from clsim.data.dataset import Dataset
-from clsim.errors import ConfigError
+from clsim.errors import ConfigError, TrainingError
+from clsim.loop_types import ExperiencePlan
 from clsim.memory import measure
 from clsim.models import build_model
 from clsim.models.mlp import MLPOptions
+from clsim.plugin_manager import HookRunner, build_plugin_manager
 from clsim.runner import run_scenario
-from clsim.stream import Experience
+from clsim.stream import Batch, Experience
 from clsim.streams import class_incremental
+from clsim.training import Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REF = "clsim_plugins.prd:PrdPlugin"
 # widths chosen so that no state dimension equals a flattened digit (64 values)
-SMALL = PrdOptions(projector_hidden=16, projector_dim=8, crop_padding=1, flip=False, lr=0.05)
+SMALL = PrdOptions(projector_hidden=16, projector_dim=8, crop_padding=1, flip=False)
+PRD_OPTIONS = "{projector_hidden: 16, projector_dim: 8, crop_padding: 1, flip: false}"
+SGD = OptimizerConfig(name="sgd", lr=0.05, momentum=0.9)
 
 SCENARIO = """\
 name: prd_test
@@ -40,17 +48,21 @@ model: {model}
 training: {{epochs: 2, batch_size: 64, optimizer: {{name: sgd, lr: 0.05, momentum: 0.9}}}}
 strategies:
   prd:
-    plugins:
-      - {ref}: {{projector_hidden: 16, projector_dim: 8, crop_padding: 1, flip: false, lr: 0.05}}
+    plugins: {plugins}
 """
 
 
-def scenario(model: str = "{name: mlp, hidden: [32]}", seed: int = 0) -> str:
-    return SCENARIO.format(model=model, seed=seed, ref=REF)
+def scenario(model: str = "{name: mlp, hidden: [32]}", seed: int = 0,
+             plugins: str = f"[{{{REF}: {PRD_OPTIONS}}}]") -> str:
+    return SCENARIO.format(model=model, seed=seed, plugins=plugins)
+
+
+def events_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------
-# a minimal driver: the engine's experience loop, with the plugin in reach
+# a minimal driver: the engine's experience loop over the standard Trainer
 # ---------------------------------------------------------------------------
 
 
@@ -64,40 +76,52 @@ def flat(dataset: Dataset) -> Dataset:
     return replace(dataset, x_train=dataset.x_train.flatten(1), x_test=dataset.x_test.flatten(1))
 
 
-def make_plugin(dataset: Dataset, options: PrdOptions = SMALL, model=None, events=None):
+@dataclass
+class Harness:
+    """prd (and any plugins listed after it) over the standard loop, driven by hand."""
+
+    plugin: PrdPlugin
+    ctx: RunContext
+    stream: list[Experience]
+    trainer: Trainer
+    hooks: HookRunner
+
+    def begin(self, exp: Experience) -> None:
+        self.ctx.experience = exp
+        self.ctx.seen_classes.extend(c for c in exp.classes if c not in self.ctx.seen_classes)
+        self.hooks.call("clsim_before_experience", ctx=self.ctx, experience=exp)
+
+    def fit(self, exp: Experience) -> None:
+        self.trainer.fit(ExperiencePlan(exp.train_x, exp.train_y, None, self.ctx.epochs))
+        self.trainer.end_experience()
+
+    def end(self, exp: Experience) -> None:
+        self.hooks.call("clsim_after_experience", ctx=self.ctx, experience=exp)
+
+    def train(self, exp: Experience) -> None:
+        self.begin(exp)
+        self.fit(exp)
+        self.end(exp)
+
+
+def make_harness(dataset: Dataset, options: PrdOptions = SMALL, *, events=None,
+                 extra: tuple = (), before: tuple = (), optimizer: OptimizerConfig = SGD,
+                 nonfinite: str = "stop", epochs: int = 1) -> Harness:
     stream = class_incremental(dataset, seed=0, n_experiences=5)
     torch.manual_seed(0)
-    model = model or build_model(
-        "mlp", dataset.sample_shape, dataset.n_classes, MLPOptions(hidden=[32])
-    )
-    log = (
-        (lambda event, **f: events.append((event, f)))
-        if events is not None
-        else (lambda event, **f: None)
-    )
-    ctx = bare_context(
-        model,
-        dataset,
-        strategy="prd",
-        batch_size=64,
-        labels=stream.labels,
-        log=log,
-    )
+    model = build_model("mlp", dataset.sample_shape, dataset.n_classes, MLPOptions(hidden=[32]))
+    log = (lambda event, **f: events.append((event, f))) if events is not None else \
+        (lambda event, **f: None)
+    ctx = bare_context(model, dataset, strategy="prd", batch_size=64, epochs=epochs,
+                       labels=stream.labels, log=log)
     plugin = PrdPlugin(options)
-    plugin.clsim_setup(ctx=ctx)
-    return plugin, ctx, stream
-
-
-def begin(plugin: PrdPlugin, ctx: RunContext, exp: Experience) -> None:
-    ctx.experience = exp
-    ctx.seen_classes.extend(c for c in exp.classes if c not in ctx.seen_classes)
-    plugin.clsim_before_experience(ctx=ctx, experience=exp)
-
-
-def train(plugin: PrdPlugin, ctx: RunContext, exp: Experience) -> None:
-    begin(plugin, ctx, exp)
-    assert plugin.clsim_train_experience(ctx=ctx, experience=exp) is True
-    plugin.clsim_after_experience(ctx=ctx)
+    hooks = HookRunner(build_plugin_manager([*before, ("prd", plugin), *extra]))
+    config = TrainingConfig(epochs=epochs, batch_size=64, optimizer=optimizer,
+                            nonfinite_loss=nonfinite)
+    trainer = Trainer(ctx, hooks, config, torch.Generator().manual_seed(0))
+    ctx._trainer = trainer
+    hooks.call("clsim_setup", ctx=ctx)
+    return Harness(plugin, ctx, list(stream), trainer, hooks)
 
 
 def tensors(obj, seen=None):
@@ -129,7 +153,7 @@ def tensors(obj, seen=None):
 def assert_holds_no_sample(plugin: PrdPlugin, ctx: RunContext) -> None:
     """No raw (uint8) tensor, and no tensor shaped like samples: none with a dimension of
     a flattened sample's size or ending in the sample shape, except copies of the
-    encoder's own weights (the teacher, momentum), which must match them shape for shape."""
+    encoder's own weights (the teacher), which must match them shape for shape."""
     shape = tuple(ctx.sample_shape)
     flat_size = math.prod(shape)
     encoder = {name: tuple(t.shape) for name, t in ctx.model.features.state_dict().items()}
@@ -143,6 +167,153 @@ def assert_holds_no_sample(plugin: PrdPlugin, ctx: RunContext) -> None:
             continue
         assert flat_size not in t.shape, t.shape
         assert tuple(t.shape[-len(shape) :]) != shape, t.shape
+
+
+# ---------------------------------------------------------------------------
+# the standard loop trains it: the scenario's optimizer and non-finite policy
+# ---------------------------------------------------------------------------
+
+
+class OptimizerRecorder:
+    """Listed after prd: the loop's optimizer, as each backward pass leaves it."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[type, dict[int, float]]] = []
+
+    def clsim_after_backward(self, ctx: RunContext) -> None:
+        groups = ctx.optimizer.param_groups
+        lr_of = {id(p): group["lr"] for group in groups for p in group["params"]}
+        self.seen.append((type(ctx.optimizer), lr_of))
+
+
+def test_the_scenarios_optimizer_trains_the_projector_and_the_prototypes(digits) -> None:
+    """AdamW at lr 0.003 from the training config (no optimizer of prd's own) holds the
+    encoder, the projector and every prototype group, and moves the latter two."""
+    recorder = OptimizerRecorder()
+    adamw = OptimizerConfig(name="adamw", lr=0.003, weight_decay=0.01)
+    h = make_harness(digits, extra=(("recorder", recorder),), optimizer=adamw)
+    projector = [p.detach().clone() for p in h.plugin.projector.parameters()]
+    h.train(h.stream[0])
+    h.begin(h.stream[1])
+    first_group = h.plugin.prototypes.groups[0].detach().clone()
+    h.fit(h.stream[1])
+    batches = sum(math.ceil(exp.n_train / 64) for exp in h.stream[:2])
+    assert len(recorder.seen) == batches
+    assert {kind for kind, _ in recorder.seen} == {torch.optim.AdamW}
+    lr_of = recorder.seen[-1][1]
+    for module in (h.ctx.model.features, h.plugin.projector, h.plugin.prototypes):
+        assert all(lr_of[id(p)] == 0.003 for p in module.parameters())
+    assert len(h.plugin.prototypes.groups) == 2
+    assert not all(torch.equal(a, b) for a, b in
+                   zip(projector, h.plugin.projector.parameters(), strict=True))
+    assert not torch.equal(first_group, h.plugin.prototypes.groups[0])  # distillation
+    assert h.ctx.optimizer is None  # the loop's, for its fit only
+
+
+@pytest.mark.parametrize("policy", ["skip_batch", "stop"])
+def test_a_nan_in_prds_loss_meets_the_loops_nonfinite_policy(digits, policy,
+                                                              monkeypatch) -> None:
+    """The prototype loss of the second batch is NaN: skip_batch drops that batch alone
+    (counted, absent from prd's own sums); stop raises the loop's TrainingError."""
+    events: list = []
+    h = make_harness(digits, events=events, nonfinite=policy)
+    calls = []
+    original = h.plugin.prototype_loss
+
+    def poisoned(ctx, output):
+        calls.append(None)
+        loss = original(ctx, output)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(h.plugin, "prototype_loss", poisoned)
+    exp = h.stream[0]
+    n_batches = math.ceil(exp.n_train / 64)
+    if policy == "stop":
+        with pytest.raises(TrainingError, match=r"loss became nan .*first at batch 2"):
+            h.train(exp)
+        return
+    h.train(exp)
+    assert h.trainer.skipped_batches == 1
+    assert len(calls) == n_batches
+    (means,) = [f for event, f in events if event == "prd_experience"]
+    assert means["batches"] == n_batches - 1
+    assert all(math.isfinite(means[k]) for k in ("supcon", "proto", "distill", "total"))
+    for module in (h.ctx.model, h.plugin.projector, h.plugin.prototypes):
+        assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------
+# replay + prd in one strategy: memory samples in prd's batches, both charged
+# ---------------------------------------------------------------------------
+
+BATCHES: list[tuple] = []
+
+
+class BatchRecorder:
+    """What the loop trained on, batch by batch (written to the module's BATCHES)."""
+
+    def clsim_after_batch(self, ctx: RunContext, batch: Batch, output) -> None:
+        replayed = sorted(set(batch.y[batch.n_stream :].tolist()))
+        BATCHES.append((ctx.experience.index, len(batch), batch.n_stream,
+                        int(output.inputs.shape[0]), replayed))
+
+
+@pytest.fixture
+def this_module(monkeypatch):
+    monkeypatch.setitem(sys.modules, "prd_test_plugins", sys.modules[__name__])
+    BATCHES.clear()
+    yield "prd_test_plugins"
+    BATCHES.clear()
+
+
+def test_replay_and_prd_replay_in_prds_batches_and_are_charged_for_both(tmp_path,
+                                                                       this_module) -> None:
+    plugins = (f"[{{replay: {{capacity: 100}}}}, {{{REF}: {PRD_OPTIONS}}}, "
+               f"{this_module}:BatchRecorder]")
+    result = run_scenario(parse_scenario(scenario(plugins=plugins)), tmp_path)
+    strategy = result.summary["strategies"]["prd"]
+    assert strategy["status"] == "ok", strategy["error"]
+    stream = class_incremental(load_dataset("digits"), seed=0, n_experiences=5)
+    earlier: set[int] = set()
+    for exp in stream:
+        mine = [b for b in BATCHES if b[0] == exp.index]
+        assert len(mine) == 2 * math.ceil(exp.n_train / 64)  # 2 epochs
+        assert sum(b[2] for b in mine) == 2 * exp.n_train  # the stream's samples, each once
+        for _, size, n_stream, rows, replayed in mine:
+            assert rows == 2 * size  # prd's two views hold the replayed samples too
+            if exp.index > 0:
+                assert size == 2 * n_stream  # replay's draw: as many as the stream's
+                assert set(replayed) <= earlier | set(exp.classes)
+        if exp.index > 0:  # earlier tasks' samples come back
+            assert set().union(*(b[4] for b in mine)) & earlier
+        earlier |= set(exp.classes)
+    for record in strategy["ledger"]:  # the plugin named by REF is charged as PrdPlugin
+        parts = record["parts"]
+        assert {"model.parameters", "PrdPlugin.projector.parameters",
+                "PrdPlugin.prototypes.parameters"} <= set(parts), parts
+        assert parts["replay.buffer.x"] == 100 * 64  # the full memory: 100 uint8 digits
+        assert not any(part.startswith("PrdPlugin.old") for part in parts)
+    assert strategy["ledger"][-1]["parts"]["PrdPlugin.prototypes.parameters"] == 10 * 32 * 4
+    # the first batch of every later task: distillation exactly 0, memory samples or not
+    first = [e for e in events_of(tmp_path) if e["event"] == "prd_first_batch"]
+    assert [e["distill"] for e in first] == [0.0] * 5
+
+
+def test_replay_language_head_and_prd_compose(tmp_path, this_module) -> None:
+    """replay + language_head + prd: the head's targets are the prototypes, memory samples
+    are in prd's batches, and the distillation is still exactly 0 at each first batch."""
+    plugins = (f"[{{replay: {{capacity: 100}}}}, language_head, {{{REF}: {PRD_OPTIONS}}}, "
+               f"{this_module}:BatchRecorder]")
+    result = run_scenario(parse_scenario(scenario(plugins=plugins)), tmp_path)
+    strategy = result.summary["strategies"]["prd"]
+    assert strategy["status"] == "ok", strategy["error"]
+    assert all(size > n_stream for index, size, n_stream, _, _ in BATCHES if index > 0)
+    first = [e for e in events_of(tmp_path) if e["event"] == "prd_first_batch"]
+    assert [e["distill"] for e in first] == [0.0] * 5
+    assert all(e["proto"] > 0 for e in first)
+    parts = strategy["ledger"][-1]["parts"]
+    assert "PrdPlugin.prototypes.parameters" not in parts  # no learned prototype rows
+    assert parts["replay.buffer.x"] == 100 * 64
 
 
 # ---------------------------------------------------------------------------
@@ -164,10 +335,10 @@ def test_distillation_is_exactly_zero_on_the_first_batch_of_a_task(tmp_path, mod
     result = run_scenario(parse_scenario(scenario(model)), tmp_path)
     strategy = result.summary["strategies"]["prd"]
     assert strategy["status"] == "ok", strategy["error"]
-    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    events = events_of(tmp_path)
     first = {e["experience"]: e for e in events if e["event"] == "prd_first_batch"}
-    epochs = [e for e in events if e["event"] == "prd_epoch"]
-    assert sorted(first) == [0, 1, 2, 3, 4]
+    means = {e["experience"]: e for e in events if e["event"] == "prd_experience"}
+    assert sorted(first) == sorted(means) == [0, 1, 2, 3, 4]
     for index in range(1, 5):
         assert first[index]["distill"] == 0.0
         assert first[index]["supcon"] > 0 and first[index]["proto"] > 0
@@ -176,22 +347,37 @@ def test_distillation_is_exactly_zero_on_the_first_batch_of_a_task(tmp_path, mod
         assert parts["total"] == pytest.approx(
             parts["supcon"] + 2.0 * parts["proto"] + 4.0 * parts["distill"], rel=1e-6
         )
-    later = [e["distill"] for e in epochs if e["experience"] >= 1]
+    later = [means[index]["distill"] for index in range(1, 5)]
     assert all(math.isfinite(v) for v in later)
-    assert max(later) > 1e-4  # the teacher and the student do part ways
-    assert all(e["distill"] == 0.0 for e in epochs if e["experience"] == 0)  # no earlier task
+    assert min(later) > 0 and max(later) > 1e-4  # the teacher and the student part ways
+    assert means[0]["distill"] == 0.0  # no earlier task
 
 
 def test_distillation_is_zero_on_the_first_batch_with_flat_inputs(digits) -> None:
     """The same property on flat vectors (noise and input-dropout views)."""
     events: list = []
-    plugin, ctx, stream = make_plugin(flat(digits), events=events)
-    for exp in stream[:3]:
-        train(plugin, ctx, exp)
+    h = make_harness(flat(digits), events=events)
+    for exp in h.stream[:3]:
+        h.train(exp)
     first = [f for event, f in events if event == "prd_first_batch"]
     assert [f["experience"] for f in first] == [0, 1, 2]
     assert [f["distill"] for f in first] == [0.0, 0.0, 0.0]
     assert all(f["supcon"] > 0 for f in first)
+
+
+def test_the_teacher_sees_the_students_inputs_and_scores_the_earlier_prototypes(digits):
+    """One forward of the loop: 2N rows (two views), the teacher's scores against the
+    earlier tasks' prototypes as an aux output, equal to the student's before any step."""
+    h = make_harness(digits)
+    h.train(h.stream[0])
+    exp = h.stream[1]
+    h.begin(exp)
+    output = h.trainer.forward(Batch(exp.train_x[:20], exp.train_y[:20]))
+    assert output.views == 2 and output.inputs.shape[0] == 40
+    assert torch.equal(output.targets, exp.train_y[:20].repeat(2))
+    teacher = output.aux[TEACHER]
+    assert teacher.shape == (40, len(h.stream[0].classes))
+    assert h.plugin.distillation_loss(output).item() == 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -200,12 +386,13 @@ def test_distillation_is_zero_on_the_first_batch_with_flat_inputs(digits) -> Non
 
 
 def test_no_sample_is_stored_and_the_ledger_holds_only_the_expected_parts(digits) -> None:
-    plugin, ctx, stream = make_plugin(digits)
+    h = make_harness(digits)
+    plugin, ctx = h.plugin, h.ctx
     feature_dim = ctx.model.feature_dim
     projector = sum(p.numel() for p in plugin.projector.parameters()) * 4
-    for exp in stream:
-        begin(plugin, ctx, exp)
-        plugin.clsim_train_experience(ctx=ctx, experience=exp)
+    for exp in h.stream:
+        h.begin(exp)
+        h.fit(exp)
         # mid-task (an online stream's anytime check measures here): the teacher is held
         assert_holds_no_sample(plugin, ctx)
         during = measure(ctx.model, [("prd", plugin)])
@@ -215,13 +402,18 @@ def test_no_sample_is_stored_and_the_ledger_holds_only_the_expected_parts(digits
             "prd.prototypes.",
             "prd.old_encoder.",
             "prd.old_prototypes",
+            "prd.old_classes",
+            "prd.new_classes",
+            "prd._sums",
         )
         assert all(part.startswith(allowed) for part in during.parts), during.parts
+        assert during.bytes_of("prd._sums") == 5 * 4  # four loss parts and a count
+        assert not during.estimated
         if exp.index > 0:
             assert during.bytes_of("prd.old_encoder") == ctx.model_bytes() - 4 * (
                 ctx.model.head.weight.numel() + ctx.model.head.bias.numel()
             )
-        plugin.clsim_after_experience(ctx=ctx)
+        h.end(exp)
         # between experiences: prototypes and projector, exactly
         after = measure(ctx.model, [("prd", plugin)])
         assert_holds_no_sample(plugin, ctx)
@@ -255,17 +447,21 @@ def test_ledger_of_an_engine_run_names_only_model_prototypes_and_projector() -> 
 
 
 def test_prototype_loss_gives_old_prototypes_no_gradient(digits) -> None:
-    plugin, ctx, stream = make_plugin(digits)
-    train(plugin, ctx, stream[0])
-    begin(plugin, ctx, stream[1])
-    exp = stream[1]
-    losses = plugin.batch_losses(ctx, exp.train_x[:32], exp.train_y[:32])
-    old, current = plugin.prototypes.groups
-    grad_old, grad_current = torch.autograd.grad(losses["proto"], [old, current], allow_unused=True)
+    h = make_harness(digits)
+    h.train(h.stream[0])
+    exp = h.stream[1]
+    h.begin(exp)
+    output = h.trainer.forward(Batch(exp.train_x[:32], exp.train_y[:32]))
+    proto = h.plugin.prototype_loss(h.ctx, output)
+    old, current = h.plugin.prototypes.groups
+    grad_old, grad_current = torch.autograd.grad(proto, [old, current], allow_unused=True)
     assert grad_old is None
     assert grad_current is not None and bool(grad_current.abs().sum() > 0)
     # the current group holds exactly the classes this experience introduced
-    assert sorted(plugin.prototypes.classes[-len(current) :].tolist()) == sorted(exp.classes)
+    assert sorted(h.plugin.prototypes.classes[-len(current) :].tolist()) == sorted(exp.classes)
+    # a batch without a sample of those classes has a prototype loss of exactly 0
+    output = h.trainer.forward(Batch(h.stream[0].train_x[:8], h.stream[0].train_y[:8]))
+    assert h.plugin.prototype_loss(h.ctx, output).item() == 0.0
 
 
 @pytest.mark.parametrize("distill_weight", [0.0, 4.0])
@@ -273,11 +469,12 @@ def test_old_prototypes_move_only_through_the_distillation(digits, distill_weigh
     """Training a later task without the distillation leaves earlier prototypes
     bit-identical (the prototype loss never reaches them, nor does weight decay); with it,
     they follow the encoder."""
-    plugin, ctx, stream = make_plugin(digits, replace(SMALL, distill_weight=distill_weight))
-    train(plugin, ctx, stream[0])
-    before = plugin.prototypes.groups[0].detach().clone()
-    train(plugin, ctx, stream[1])
-    after = plugin.prototypes.groups[0].detach()
+    sgd = OptimizerConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4)
+    h = make_harness(digits, replace(SMALL, distill_weight=distill_weight), optimizer=sgd)
+    h.train(h.stream[0])
+    before = h.plugin.prototypes.groups[0].detach().clone()
+    h.train(h.stream[1])
+    after = h.plugin.prototypes.groups[0].detach()
     if distill_weight == 0.0:
         assert torch.equal(before, after)
     else:
@@ -306,14 +503,16 @@ def test_supcon_matches_a_direct_computation() -> None:
         ) / len(positives)
         anchors += 1
     assert float(supcon_loss(z, labels, tau)) == pytest.approx(total / anchors, rel=1e-5)
+    assert float(supcon_loss(z[:3], torch.tensor([0, 1, 2]), tau)) == 0.0  # no anchor
 
 
 def test_prediction_is_the_nearest_prototype_by_cosine(digits) -> None:
-    plugin, ctx, stream = make_plugin(digits)
+    h = make_harness(digits)
+    plugin, ctx, stream = h.plugin, h.ctx, h.stream
     assert plugin.clsim_predict(ctx=ctx, x=torch.zeros(2, 1, 8, 8), task_id=None) is None
-    begin(plugin, ctx, stream[0])
-    begin(plugin, ctx, stream[1])
-    plugin.clsim_after_experience(ctx=ctx)
+    h.begin(stream[0])
+    h.begin(stream[1])
+    h.end(stream[1])
     x = ctx.to_input(stream[1].test_x[:50])
     with torch.no_grad():
         features = torch.nn.functional.normalize(ctx.model.features(x), dim=1)
@@ -329,15 +528,15 @@ def test_prediction_is_the_nearest_prototype_by_cosine(digits) -> None:
 
 
 def test_flat_views_are_seeded_noise_and_dropout(digits) -> None:
-    plugin, ctx, _ = make_plugin(flat(digits), replace(SMALL, noise_std=0.0, drop_prob=0.5))
-    x = ctx.to_input(flat(digits).x_train[:20])
-    view = plugin._view(x)
+    h = make_harness(flat(digits), replace(SMALL, noise_std=0.0, drop_prob=0.5))
+    x = h.ctx.to_input(flat(digits).x_train[:20])
+    view = h.plugin._view(x)
     assert view.shape == x.shape
     kept = view == x
     assert 0.3 < float(kept.float().mean()) < 0.7
     assert bool((view[~kept] == 0).all())
-    plugin, ctx, _ = make_plugin(flat(digits), replace(SMALL, augment=False))
-    assert torch.equal(plugin._view(x), x)
+    h = make_harness(flat(digits), replace(SMALL, augment=False))
+    assert torch.equal(h.plugin._view(x), x)
 
 
 def test_bad_options_and_hidden_boundaries_are_refused(digits) -> None:
@@ -346,10 +545,15 @@ def test_bad_options_and_hidden_boundaries_are_refused(digits) -> None:
         parse_scenario(bad)
     with pytest.raises(ConfigError, match="temprature"):
         parse_scenario(scenario().replace("flip: false", "flip: false, temprature: 0.1"))
-    plugin, ctx, stream = make_plugin(digits)
-    hidden = replace(stream[0], train_x=stream[0].train_x[:0], train_y=stream[0].train_y[:0])
+    # the optimizer is the scenario's: prd has no optimizer options of its own
+    for private in ("lr: 0.01", "momentum: 0.9", "weight_decay: 0.0001"):
+        with pytest.raises(ConfigError, match=private.split(":")[0]):
+            parse_scenario(scenario().replace("flip: false", f"flip: false, {private}"))
+    h = make_harness(digits)
+    exp = h.stream[0]
+    hidden = replace(exp, train_x=exp.train_x[:0], train_y=exp.train_y[:0])
     with pytest.raises(ConfigError, match="boundaries"):
-        plugin.clsim_before_experience(ctx=ctx, experience=hidden)
+        h.plugin.clsim_before_experience(ctx=h.ctx, experience=hidden)
 
 
 # ---------------------------------------------------------------------------
@@ -387,28 +591,19 @@ def test_same_seed_same_metrics() -> None:
 
 
 def test_with_a_language_head_the_targets_are_the_prototypes(tmp_path) -> None:
-    """prd + language_head (real MiniLM targets): no prototype is learned (the bank keeps
-    class ids only), the distillation is exactly 0.0 at each task's first batch, the
-    targets stay bit-identical, and a prediction is the nearest target by cosine in the
-    projected space: the argmax of the semantic head's logits over the seen classes."""
-    from clsim.models.heads import SemanticHead
+    """prd + language_head (real MiniLM targets), read through the fixed-target head
+    protocol: no prototype is learned (the bank keeps class ids only), the distillation
+    is exactly 0.0 at each task's first batch, the targets stay bit-identical, the
+    teacher copies the head but shares its targets, and a prediction is the nearest
+    target by cosine: the argmax of the head's logits over the seen classes."""
+    from clsim.models.heads import target_head
     from clsim.text_encoder import encode_class_names
 
-    plugins = (
-        f"[language_head, {{{REF}: {{projector_hidden: 16, projector_dim: 8, crop_padding: 1,"
-        " flip: false, lr: 0.05}}]"
-    )
-    text = scenario().replace(
-        f"    plugins:\n      - {REF}: {{projector_hidden: 16, projector_dim: 8, crop_padding: 1,"
-        " flip: false, lr: 0.05}\n",
-        f"    plugins: {plugins}\n",
-    )
-    assert "language_head" in text
+    text = scenario(plugins=f"[language_head, {{{REF}: {PRD_OPTIONS}}}]")
     result = run_scenario(parse_scenario(text), tmp_path)
     strategy = result.summary["strategies"]["prd"]
     assert strategy["status"] == "ok", strategy["error"]
-    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
-    first = [e for e in events if e["event"] == "prd_first_batch"]
+    first = [e for e in events_of(tmp_path) if e["event"] == "prd_first_batch"]
     assert [e["distill"] for e in first] == [0.0] * 5
     assert all(e["proto"] > 0 for e in first)
     parts = strategy["ledger"][-1]["parts"]
@@ -419,24 +614,28 @@ def test_with_a_language_head_the_targets_are_the_prototypes(tmp_path) -> None:
     from clsim_plugins.language_head import LanguageHeadOptions, LanguageHeadPlugin
 
     dataset = load_dataset("digits")
-    stream = class_incremental(dataset, seed=0, n_experiences=5)
-    torch.manual_seed(0)
-    model = build_model("mlp", dataset.sample_shape, 10, MLPOptions(hidden=[32]))
-    ctx = bare_context(model, dataset, strategy="prd", batch_size=64, labels=stream.labels)
-    LanguageHeadPlugin(LanguageHeadOptions()).clsim_setup(ctx=ctx)
-    plugin = PrdPlugin(SMALL)
-    plugin.clsim_setup(ctx=ctx)
-    head = ctx.model.head
-    assert isinstance(head, SemanticHead)
+    language = LanguageHeadPlugin(LanguageHeadOptions())
+    h = make_harness(dataset, before=(("language_head", language),))
+    plugin, ctx = h.plugin, h.ctx
+    head = target_head(ctx.model)
+    assert head is not None
     targets = encode_class_names(dataset.class_names, "a photo of a {name}.")
-    projection = head.projection.weight.detach().clone()
-    for exp in stream[:2]:
-        train(plugin, ctx, exp)
+    projection = [p.detach().clone() for p in head.parameters()]
+    h.train(h.stream[0])
+    h.begin(h.stream[1])
+    h.fit(h.stream[1])
+    # mid-task: the teacher's head is a copy of the head's parameters, not of its targets
+    during = measure(ctx.model, [("prd", plugin)])
+    assert during.bytes_of("prd.old_head") == 4 * sum(p.numel() for p in head.parameters())
+    assert plugin.old_head.targets is head.targets
+    h.end(h.stream[1])
+    assert plugin.old_head is None
     assert len(plugin.prototypes.groups) == 0 and len(plugin.prototypes) == 4
     assert torch.equal(head.targets, targets)
-    assert not torch.equal(head.projection.weight, projection)  # the projection learns
+    assert not all(torch.equal(a, b) for a, b in zip(projection, head.parameters(),
+                                                     strict=True))  # the projection learns
     seen = plugin.prototypes.classes
-    x = ctx.to_input(torch.cat([exp.test_x for exp in stream[:2]]))
+    x = ctx.to_input(torch.cat([exp.test_x for exp in h.stream[:2]]))
     ctx.model.eval()
     with torch.no_grad():
         logits = ctx.model(x)[:, seen]
