@@ -151,6 +151,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     dataset = load_scenario_data(scenario)
     stream = build_stream(scenario, dataset, scenario.seed)
     build_scenario_model(scenario, dataset, stream)
+    for strategy in scenario.strategies.values():
+        _strategy_hooks(strategy)  # plugins created and their composition checked
     timing = (f"online, evaluated every {stream.eval_every} samples"
               if stream.online else "offline")
     hidden = ", boundaries hidden" if stream.boundaries_hidden else ""
@@ -213,19 +215,83 @@ def _first_comment(path: Path) -> str:
     return ""
 
 
-def _print_order(args: argparse.Namespace) -> int:
-    from clsim.engine import _instantiate
-    from clsim.plugin_manager import HOOK_NAMES, HookRunner, build_plugin_manager
+# Every hook, in the order one run fires it (clsim/hookspecs.py): ``--order all`` prints
+# them so; the loop's hooks (clsim_plan_experience .. clsim_after_batch) fire only for an
+# experience no plugin owns.
+RUN_ORDER = (
+    "clsim_setup",
+    "clsim_before_experience",
+    "clsim_train_experience",
+    "clsim_plan_experience",
+    "clsim_trainable",
+    "clsim_before_batch",
+    "clsim_inputs",
+    "clsim_forward",
+    "clsim_task_loss",
+    "clsim_loss",
+    "clsim_after_backward",
+    "clsim_after_update",
+    "clsim_after_batch",
+    "clsim_after_experience",
+    "clsim_predict",
+    "clsim_report",
+    "clsim_teardown",
+)
 
-    if args.order not in HOOK_NAMES:
-        raise ConfigError(f"--order: unknown hook {args.order!r} (hooks: {', '.join(HOOK_NAMES)})")
+
+def _strategy_hooks(strategy):
+    """The strategy's plugins created and registered as a run does it, so a strategy
+    whose plugins cannot run together is refused here too, naming the strategy."""
+    from clsim.engine import _instantiate
+    from clsim.errors import PluginError
+    from clsim.plugin_manager import HookRunner, build_plugin_manager
+
+    plugins = [(p.name, _instantiate(p)) for p in strategy.plugins]
+    try:
+        return HookRunner(build_plugin_manager(plugins))
+    except PluginError as exc:
+        raise PluginError(f"strategy {strategy.name!r}: {exc}") from None
+
+
+def _training_line(hooks) -> str:
+    """Who trains the strategy's experiences: the standard loop, or the one owner."""
+    owners = hooks.order("clsim_train_experience")
+    if not owners:
+        return "experiences: the standard loop trains them"
+    return (f"experiences: {owners[0]!r} owns those it learns itself "
+            "(clsim_train_experience); the standard loop trains the others")
+
+
+def _print_order(args: argparse.Namespace) -> int:
+    from clsim.plugin_manager import HOOK_NAMES
+
+    if args.order != "all" and args.order not in HOOK_NAMES:
+        raise ConfigError(f"--order: unknown hook {args.order!r} (hooks: "
+                          f"{', '.join(RUN_ORDER)}; or 'all')")
     if not args.scenario:
         raise ConfigError("--order needs a scenario: clsim list --order HOOK SCENARIO")
     scenario = _load(args.scenario)
+    refused: list[ClsimError] = []
     for strategy in scenario.strategies.values():
-        plugins = [(p.name, _instantiate(p)) for p in strategy.plugins]
-        order = HookRunner(build_plugin_manager(plugins)).order(args.order)
-        print(f"{strategy.name}: {' -> '.join(order) or '(no plugin implements it)'}")
+        try:
+            hooks = _strategy_hooks(strategy)
+        except ClsimError as exc:
+            print(f"{strategy.name}: refused at start-up")
+            refused.append(exc)
+            continue
+        if args.order == "all":
+            print(f"{strategy.name}:  ({_training_line(hooks)})")
+            for hook in RUN_ORDER:
+                if hooks.order(hook):
+                    print(f"  {hook:<24} {' -> '.join(hooks.order(hook))}")
+            continue
+        order = hooks.order(args.order)
+        print(f"{strategy.name}: {' -> '.join(order) or '(no plugin implements it)'}  "
+              f"({_training_line(hooks)})")
+    if refused:
+        for exc in refused[1:]:
+            print(f"clsim: error: {exc}", file=sys.stderr)
+        raise refused[0]
     return 0
 
 
@@ -333,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
         "list", help="registered plugins with their options, models, datasets and bundled scenarios"
     )
     listing.add_argument(
-        "--order", metavar="HOOK", help="print the call order of HOOK for each strategy of SCENARIO"
+        "--order", metavar="HOOK",
+        help="print the call order of HOOK (or of every hook: 'all') for each strategy of "
+        "SCENARIO, and who trains its experiences",
     )
     listing.add_argument("scenario", nargs="?", help="scenario for --order")
     listing.set_defaults(func=cmd_list)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import DIGITS_SCENARIO, run_cli
+from helpers import DIGITS_SCENARIO, REPO_ROOT, run_cli
 
 
 def write(tmp_path, text: str, name: str = "s.yaml"):
@@ -155,15 +155,54 @@ def test_list_shows_plugins_options_and_scenarios():
         assert fragment in proc.stdout
 
 
-def test_list_order_follows_the_yaml(tmp_path):
+LOOP = "(experiences: the standard loop trains them)"
+
+
+def test_list_order_follows_the_yaml_and_names_who_trains(tmp_path):
     text = DIGITS_SCENARIO.replace(
         "plugins: [naive]", "plugins: [naive, {replay: {capacity: 5}}, joint]"
-    )
-    proc = run_cli("list", "--order", "clsim_after_batch", str(write(tmp_path, text)))
+    ) + "  means:\n    plugins: [nmc]\n"
+    path = write(tmp_path, text)
+    proc = run_cli("list", "--order", "clsim_after_batch", str(path))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "naive: replay"
-    proc = run_cli("list", "--order", "clsim_after_bach", str(write(tmp_path, text)))
+    assert proc.stdout.splitlines() == [
+        f"naive: replay  {LOOP}",
+        "means: (no plugin implements it)  (experiences: 'nmc' owns those it learns itself "
+        "(clsim_train_experience); the standard loop trains the others)",
+    ]
+    proc = run_cli("list", "--order", "clsim_after_bach", str(path))
     assert_clean_failure(proc, 2, "unknown hook 'clsim_after_bach'")
+
+
+def test_list_order_all_prints_every_hook_in_the_order_a_run_fires_them(tmp_path):
+    from clsim.cli import RUN_ORDER
+    from clsim.plugin_manager import HOOK_NAMES
+
+    assert sorted(RUN_ORDER) == sorted(HOOK_NAMES)  # every hook of hookspecs, once
+    text = DIGITS_SCENARIO.replace(
+        "plugins: [naive]", "plugins: [{replay: {capacity: 5}}, joint, "
+        "{language_head: {encoder: random_fallback}}]"
+    )
+    proc = run_cli("list", "--order", "all", str(write(tmp_path, text)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        f"naive:  {LOOP}",
+        "  clsim_setup              language_head -> replay",  # tryfirst: the head first
+        "  clsim_plan_experience    joint",
+        "  clsim_before_batch       replay",
+        "  clsim_after_batch        replay",
+        "  clsim_after_experience   replay -> language_head",
+        "  clsim_predict            replay",
+    ]
+
+
+def test_list_order_names_a_refused_strategy(tmp_path):
+    text = DIGITS_SCENARIO + "  bad:\n    plugins: [nmc, {replay: {capacity: 5}}]\n"
+    proc = run_cli("list", "--order", "clsim_before_batch", str(write(tmp_path, text)))
+    assert proc.stdout.splitlines() == [f"naive: (no plugin implements it)  {LOOP}",
+                                        "bad: refused at start-up"]
+    assert_clean_failure(proc, 2, "strategy 'bad': plugin 'nmc' owns the training",
+                         "plugin 'replay' (clsim_before_batch, clsim_after_batch)")
 
 
 def test_a_failing_strategy_keeps_the_others_results(tmp_path):
@@ -206,16 +245,27 @@ def test_new_plugin_scaffold_installs_and_runs_by_entry_point_and_dotted_path(tm
     env = {"PYTHONPATH": str(site)}
     listing = run_cli("list", env=env)
     assert "anchor_pull" in listing.stdout and "from clsim-anchor_pull" in listing.stdout
+    quickstart = (REPO_ROOT / "scenarios" / "quickstart.yaml").read_text(encoding="utf-8")
     for ref in ("anchor_pull", "clsim_anchor_pull.plugin:AnchorPullPlugin"):
-        text = DIGITS_SCENARIO.replace("plugins: [naive]", f"plugins: ['{ref}']")
+        # the quickstart with the plugin's strategy beside its own (two models: the
+        # weights and the anchor)
+        text = quickstart + f"  anchored:\n    budget: 2 models\n    plugins: ['{ref}']\n"
+        path = write(tmp_path, text)
+        plugin_name = ref.rpartition(":")[2] or ref  # a dotted path is named by its class
+        order = run_cli("list", "--order", "all", str(path), env=env)
+        assert order.returncode == 0, order.stderr
+        assert f"  clsim_loss               {plugin_name}" in order.stdout.splitlines()
         out = tmp_path / f"out-{ref.split(':')[0]}"
         proc = run_cli(
-            "run", str(write(tmp_path, text)), "--out", str(out), "--no-progress", env=env
+            "run", str(path), "--out", str(out), "--no-progress", "--strategy", "anchored",
+            env=env,
         )
         assert proc.returncode == 0, proc.stderr
-        parts = json.loads((out / "summary.json").read_text())["strategies"]["naive"]["ledger"][-1]
-        plugin_name = ref.rpartition(":")[2] or ref  # a dotted path is named by its class
-        assert parts["parts"][f"{plugin_name}.anchor"] == parts["parts"]["model.parameters"]
+        outcome = json.loads((out / "summary.json").read_text())["strategies"]["anchored"]
+        parts = outcome["ledger"][-1]["parts"]
+        assert parts[f"{plugin_name}.anchor"] == parts["model.parameters"]
+        assert not outcome["over_budget"]
+        assert outcome["ledger"][-1]["total_bytes"] == 2 * parts["model.parameters"]
     test = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(package / "tests")],
         cwd=package,
