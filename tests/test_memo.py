@@ -48,7 +48,7 @@ from clsim.models import (
     build_model,
     parameter_count,
 )
-from clsim.models.heads import MASK_VALUE
+from clsim.models.heads import MASK_VALUE, target_head
 from clsim.runner import run_scenario
 from clsim.stream import Experience
 
@@ -756,13 +756,23 @@ LINGO: list[dict] = []  # test instrumentation, outside every plugin
 
 
 class WideningRecorder:
-    """Listed after memo: sees the head memo widened at each task, and the one trained."""
+    """Listed after memo: sees the head memo widened at each task, and the one trained,
+    and adds a loss term of its own."""
 
     def clsim_before_experience(self, ctx) -> None:
         head = ctx.model.head
         LINGO.append({"event": "before", "projection": _projection(head),
                       "active": head.active.clone(), "targets": head.targets.clone(),
                       "blocks": len(ctx.model.features.blocks)})
+
+    def clsim_loss(self, ctx, output):
+        """A user's term through the general contract: pull each sample's embedding
+        towards its class target, read via target_head (whoever installed the head)."""
+        head = target_head(ctx.model)
+        LINGO.append({"event": "loss", "width": output.features.shape[1],
+                      "masked": bool((output.logits == MASK_VALUE).any())})
+        cosine = (head.embed(output.features) * head.targets[output.targets]).sum(1)
+        return 0.01 * (1 - cosine).mean()
 
     def clsim_after_experience(self, ctx) -> None:
         LINGO.append({"event": "after", "projection": _projection(ctx.model.head)})
@@ -800,11 +810,12 @@ def test_widened_semantic_head_keeps_the_old_projection_exactly() -> None:
 
 
 def test_memo_hosts_the_language_head(monkeypatch) -> None:
-    """memo + language_head (the real MiniLM targets): memo widens the semantic head's
-    projection at each task, copying the trained one exactly into the old columns; the
-    targets stay bit-identical; only seen classes are switched on; the run (weight
-    alignment skipped: unit targets have no row norms) stays within budget, with the
-    projection and targets charged in the model."""
+    """memo + language_head (the real MiniLM targets) + a user's loss plugin: memo widens
+    the semantic head's projection at each task, copying the trained one exactly into the
+    old columns; the targets stay bit-identical; only seen classes are switched on; the
+    user's term sees the concatenated features of every block and masked logits until
+    all classes are seen; the run (weight alignment skipped: the rows are fixed targets)
+    stays within budget, with the projection and targets charged in the model."""
     from clsim.text_encoder import encode_class_names
 
     monkeypatch.setitem(__import__("sys").modules, "memo_lingo_test", __import__("sys").modules[
@@ -842,6 +853,9 @@ strategies:
             old_weight, old_bias = after[t - 1]["projection"]
             assert torch.equal(weight[:, : 8 * t], old_weight)
             assert torch.equal(record["projection"][1], old_bias)
+    losses = [r for r in LINGO if r["event"] == "loss"]
+    assert {r["width"] for r in losses} == {8, 16, 24, 32, 40}
+    assert losses[0]["masked"] and not losses[-1]["masked"]
     parts = outcome["ledger"][-1]["parts"]
     assert parts["model.buffers"] >= 10 * 384 * 4  # the targets, charged with the model
     assert outcome["final_accuracy"] > 0.3
