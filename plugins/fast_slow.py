@@ -10,69 +10,77 @@ Schulman, "On First-Order Meta-Learning Algorithms", 2018) with their own consol
 setting (a sequence of few-shot tasks) is not the FSCIL protocol. What is built, exactly:
 
 *Base session* (experience 0): as the prototype baseline (``prototype_fscil``): the
-model trains by the engine's standard loop with a cosine classifier (scale ``scale``,
-16) that replaced ``model.head`` at setup; then every base class weight becomes the
-normalised mean embedding of its samples, and every model parameter freezes. The
-importance of each plastic weight is measured then (below).
+model trains in the standard loop (the scenario's ``training`` section) with a cosine
+classifier (scale ``scale``, 16) that replaced ``model.head`` at setup; then every base
+class weight becomes the normalised mean embedding of its samples, the importance of
+each plastic weight is measured (below), and the model freezes (held in eval mode, see
+:func:`~clsim_plugins.prototypes.freeze`).
 
 *Which weights are fast and slow.* The *plastic* weights P are the cosine classifier's
 class rows and, with ``adapt: last_block`` (the default), the encoder's last block that
 holds parameters plus what follows it (pooling), as split by
 :func:`~clsim_plugins.prototypes.split_last_block` (for ``small_cnn`` the last conv block,
 for ``mlp`` the last hidden layer, for the ResNets ``stage3``); ``adapt: head`` makes only
-the class rows plastic. Everything before the block (``shared``) stays frozen at its base
-values. The **slow** weights are the model's own copy of P: evaluation and every feature
-the engine reads use them. The **fast** weights are a second copy of P held by the plugin
-(``<plugin>.fast``), kept between sessions because the next session's penalty refers to
-them. The ledger charges both, and the importance (one float per plastic weight).
+the class rows plastic. Everything before the block stays frozen at its base values.
+Between sessions the model's P are the **slow** weights S (evaluation uses them) and the
+plugin holds the last **fast** weights F (``<plugin>.fast``), which the next session's
+penalty refers to. During a session the model's P *are* the fast weights, trained by the
+standard loop, and the plugin holds a copy of S (``<plugin>.slow``) until the slow step.
+The ledger charges what the plugin holds: F, the importance (one float per plastic
+weight), and S while a session is under way.
 
-*Session t >= 1*, with shots (x, y) and new classes N_t:
+*Session t >= 1*, with shots (x, y) and new classes N_t (one hook per step):
 
-1. each new class's row of the slow classifier is set to the normalised mean slow
-   embedding of its shots (as the prototype baseline does);
-2. the anchor A is the previous fast weights (the rows of N_t: their new prototypes);
-   then the fast weights start from the slow ones, F <- S;
-3. the fast weights learn the shots: ``fast_epochs`` epochs of mini-batches of
-   ``training.batch_size`` (seeded order), SGD (lr ``fast_lr``, momentum
-   ``fast_momentum``, a fresh optimizer per session) on
+1. ``clsim_before_experience``: each new class's row of the slow classifier is set to
+   the normalised mean slow embedding of its shots (as the prototype baseline does); the
+   anchor A is the previous fast weights with those rows set the same way; the plugin
+   copies S, and the model's P, which hold S, become the fast weights (F <- S) by
+   letting them train;
+2. ``clsim_plan_experience`` / ``clsim_trainable`` / ``clsim_loss``: the standard loop
+   trains F on the shots for ``fast_epochs`` epochs of ``training.batch_size``
+   mini-batches under the scenario's optimizer (a fresh one per session) and non-finite
+   policy, at ``fast_lr_scale`` times its learning rate, on
    ``CE(scale * cos(block_F(shared(x)), W_F)) + fast_consolidation / 2 * ||F - A||^2``,
-   the cross-entropy over all classes seen so far;
-4. the slow weights take one Reptile step toward the fast ones, per weight i::
+   the cross-entropy over all classes seen so far (the loop's task loss; the penalty is
+   this plugin's ``clsim_loss``);
+3. ``clsim_after_experience``: the slow weights take one Reptile step toward the fast
+   ones, per weight i::
 
        S_i <- S_i + slow_step / (1 + slow_consolidation * Omega_i) * (F_i - S_i)
 
-   where Omega is the slow weights' own consolidation: the diagonal empirical Fisher
-   information of the base session (mean over mini-batches of the squared gradient of
-   the base cross-entropy, taken with the prototype classifier in eval mode), divided by
-   its mean over all plastic weights so that ``slow_consolidation`` has no unit. Weights
-   important to the base classes move less; rows of classes absent from the base have
-   Omega = 0 and take the full step. It is computed as ``torch.lerp(S, F, step)``, the
-   same value up to rounding and exact at both ends (step 0 keeps S, step 1 gives F).
+   the plugin keeps F (the next anchor) and the model gets the new S back. Omega is the
+   slow weights' own consolidation: the diagonal empirical Fisher information of the base
+   session (mean over mini-batches of the squared gradient of the base cross-entropy,
+   taken with the prototype classifier in eval mode), divided by its mean over all
+   plastic weights so that ``slow_consolidation`` has no unit. Weights important to the
+   base classes move less; rows of classes absent from the base have Omega = 0 and take
+   the full step. It is computed as ``torch.lerp(S, F, step)``, the same value up to
+   rounding and exact at both ends (step 0 keeps S, step 1 gives F).
 
 Degenerate settings: ``slow_step: 0`` leaves the slow weights as the prototype baseline
 leaves them (the model is then exactly ``prototype_fscil``'s); ``slow_step: 1`` with
 ``slow_consolidation: 0`` copies the fast weights into the slow ones.
 
 Defaults (all reconstructed choices, not published values): ``adapt: last_block``,
-``scale`` 16 (CEC / FACT's cosine classifier), ``fast_epochs`` 10, ``fast_lr`` 0.01,
-``fast_momentum`` 0.9, ``fast_consolidation`` 1.0, ``slow_step`` 0.1 (the outer step size
-of the Reptile authors' reference example, annealed there and fixed here), and
-``slow_consolidation`` 1.0 (a weight of average importance takes half the step).
-Measured on Omniglot (142 base + 10 x 10-way 5-shot, one shared 10-epoch base): with
-``slow_step`` 0.5 the drift of the last block compounds over the sessions (last-session
-accuracy 0.27 against 0.63 for the prototype baseline), with 0.1 it ends level with the
-baseline (0.628), and without the Fisher weighting (``slow_consolidation: 0``) even 0.1
-falls to 0.33: moving the encoder under frozen base prototypes is what costs accuracy in
-this protocol.
+``scale`` 16 (CEC / FACT's cosine classifier), ``fast_epochs`` 10, ``fast_lr_scale`` 0.2
+(with the shipped scenarios' SGD at lr 0.05 and momentum 0.9: lr 0.01, the fixed SGD of
+this plugin's earlier private loop), ``fast_consolidation`` 1.0, ``slow_step`` 0.1 (the
+outer step size of the Reptile authors' reference example, annealed there and fixed
+here), and ``slow_consolidation`` 1.0 (a weight of average importance takes half the
+step). Measured on Omniglot (142 base + 10 x 10-way 5-shot, one shared 10-epoch base):
+with ``slow_step`` 0.5 the drift of the last block compounds over the sessions
+(last-session accuracy 0.27 against 0.63 for the prototype baseline), with 0.1 it ends
+level with the baseline (0.628), and without the Fisher weighting
+(``slow_consolidation: 0``) even 0.1 falls to 0.33: moving the encoder under frozen base
+prototypes is what costs accuracy in this protocol.
 
-Further reconstructed details: fast learning runs the plastic block in eval mode
-(BatchNorm keeps the base statistics, which 5-shot batches cannot estimate; buffers are
-never interpolated); the shared part's output is recomputed for each mini-batch (it
-is frozen, so it is the same every epoch); the Fisher information is measured once,
-after the base session, and not updated; a class met again in a later session keeps
-its row. The paper's fast-weight consolidation may weight the penalty by importance;
-METHODS.md names a plain penalty, built here as the unweighted L2. Task boundaries are
-needed; hidden boundaries and multi-level label spaces are refused.
+Further reconstructed details: fast learning runs the whole model in eval mode (BatchNorm
+keeps the base statistics, which 5-shot batches cannot estimate; buffers are never
+interpolated), held there by the freeze of the base's end; the Fisher information is
+measured once, after the base session, and not updated; a class met again in a later
+session keeps its row. The paper's fast-weight consolidation may weight the penalty by
+importance; METHODS.md names a plain penalty, built here as the unweighted L2. Task
+boundaries are needed; hidden boundaries and multi-level label spaces are refused.
 """
 
 from __future__ import annotations
@@ -80,8 +88,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +98,6 @@ from clsim_plugins.prototypes import (
     class_prototypes,
     fixed_chunk_features,
     freeze,
-    frozen,
     install_cosine_head,
     require_boundaries,
     require_flat_labels,
@@ -99,7 +106,8 @@ from clsim_plugins.prototypes import (
 from torch import nn
 
 from clsim.context import RunContext
-from clsim.stream import Experience
+from clsim.loop_types import ExperiencePlan, Trainable
+from clsim.stream import Batch, Experience
 
 NAME = "fast_slow"
 
@@ -130,12 +138,10 @@ class FastSlowOptions:
     fast_epochs: int = field(
         default=10, metadata={"min": 0, "help": "epochs of fast learning on each session's shots"}
     )
-    fast_lr: float = field(
-        default=0.01,
-        metadata={"min": 0, "min_exclusive": True, "help": "SGD learning rate of the fast weights"},
-    )
-    fast_momentum: float = field(
-        default=0.9, metadata={"min": 0, "max": 1, "help": "SGD momentum of the fast weights"}
+    fast_lr_scale: float = field(
+        default=0.2,
+        metadata={"min": 0, "min_exclusive": True, "help": "the sessions' learning rate as a "
+                  "factor of training.optimizer.lr (the base session trains at 1)"},
     )
     fast_consolidation: float = field(
         default=1.0,
@@ -159,21 +165,22 @@ class FastSlowOptions:
 
 
 class FastSlowPlugin:
-    """Prototype base, then per session: fast weights learn, slow weights take a step."""
+    """Prototype base, then per session: fast weights learn in the standard loop, slow
+    weights take a step."""
 
     Options = FastSlowOptions
 
     def __init__(self, options: FastSlowOptions | None = None) -> None:
         self.options = options or FastSlowOptions()
         # references into the model (no bytes of their own): the frozen shared part, and
-        # the slow plastic weights {block, head}
+        # the plastic weights {block, head}: slow between sessions, fast during one
         self.shared: nn.Sequential | None = None
-        self.slow: nn.ModuleDict | None = None
-        # held by the plugin and charged: the fast copy and the importance per weight
+        self.plastic: nn.ModuleDict | None = None
+        # held by the plugin and charged: the last fast weights (the next anchor), the
+        # importance per plastic weight, and the slow weights while a session trains
         self.fast: nn.ModuleDict | None = None
         self.importance: dict[str, torch.Tensor] | None = None
-        self.anchor: dict[str, torch.Tensor] | None = None  # only while a session trains
-        self._order: torch.Generator | None = None
+        self.slow: dict[str, torch.Tensor] | None = None
 
     # -- setup ---------------------------------------------------------------
 
@@ -185,133 +192,110 @@ class FastSlowPlugin:
             self.shared, block = split_last_block(features, NAME)
         else:
             self.shared, block = nn.Sequential(features), nn.Sequential()
-        self.slow = nn.ModuleDict({"block": block, "head": head})
-        self._order = ctx.torch_generator(NAME, "order")
+        self.plastic = nn.ModuleDict({"block": block, "head": head})
 
-    # -- the stream ----------------------------------------------------------
+    # -- a session: 1. prototypes, anchor, F <- S ------------------------------
 
     def clsim_before_experience(self, ctx: RunContext, experience: Experience) -> None:
         require_boundaries(experience, NAME, "the base session ends and each session "
                            "consolidates at a boundary")
-        if not frozen(ctx.model):
+        if self.importance is None:
             return  # the base session trains first
-        head: CosineHead = self.slow["head"]
+        head: CosineHead = self.plastic["head"]
         labels = experience.train_y.to(ctx.device)
         present = labels.unique()
         new = present[~head.active[present]]
-        rows = None
-        if len(new):  # 1. prototypes of the new classes in the slow classifier
+        if len(new):  # prototypes of the new classes in the slow classifier
             keep = torch.isin(labels, new)
             features = fixed_chunk_features(ctx, experience.train_x[keep.cpu()],
                                             self.options.feature_batch)
             rows = class_prototypes(features, labels[keep], new)
             head.set_rows(new, rows)
-        # 2. anchor = previous fast weights (new rows: their prototypes); then F <- S
-        self.anchor = {name: p.detach().clone() for name, p in self.fast.named_parameters()}
-        if rows is not None:
-            self.anchor["head.weight"][new] = head.weight[new]
-        with torch.no_grad():
-            for fast, slow in zip(self._fast_state(), self._slow_state(), strict=True):
-                fast.copy_(slow)
+            with torch.no_grad():  # the anchor's new rows: the same prototypes
+                self.fast["head"].weight[new] = head.weight[new]
+        self.slow = {name: p.detach().clone() for name, p in self.plastic.named_parameters()}
+        for p in self.plastic.parameters():  # the model's plastic weights are now F = S
+            p.requires_grad_(True)
 
-    def clsim_train_experience(self, ctx: RunContext, experience: Experience) -> Any | None:
-        if not frozen(ctx.model):
-            return None  # the base session: the engine trains encoder and cosine head
-        self._learn_fast(ctx, experience.train_x, experience.train_y)
-        return True
+    # -- 2. the fast weights learn in the standard loop ------------------------
+
+    def clsim_plan_experience(self, ctx: RunContext, plan: ExperiencePlan
+                              ) -> ExperiencePlan | None:
+        if self.slow is None:
+            return None  # the base session: the scenario's epochs
+        epochs = self.options.fast_epochs
+        return replace(plan, epochs=epochs, train=epochs > 0 and plan.n_samples > 0)
+
+    def clsim_trainable(self, ctx: RunContext) -> Trainable | None:
+        if self.slow is None:
+            return None  # the base session: the scenario's learning rate
+        return Trainable(self.plastic, lr_scale=self.options.fast_lr_scale)
+
+    def clsim_loss(self, ctx: RunContext, batch: Batch) -> torch.Tensor | None:
+        """The consolidation penalty of the fast weights toward the anchor A."""
+        if self.slow is None or self.options.fast_consolidation == 0:
+            return None
+        anchor = dict(self.fast.named_parameters())
+        penalty = sum(((p - anchor[name]) ** 2).sum()
+                      for name, p in self.plastic.named_parameters())
+        return self.options.fast_consolidation / 2 * penalty
+
+    # -- 3. the slow step (or, after the base, prototypes and importance) ------
 
     def clsim_after_experience(self, ctx: RunContext, experience: Experience) -> None:
-        if not frozen(ctx.model):
+        if self.importance is None:
             self._end_base(ctx, experience)
             return
         self._slow_step()
-        self.anchor = None
 
-    # -- the base session's end ------------------------------------------------
+    @torch.no_grad()
+    def _slow_step(self) -> None:
+        """S <- S + epsilon / (1 + mu * Omega) * (F - S), weight by weight; the plugin
+        keeps F (the next anchor), the model gets S back and freezes again."""
+        epsilon, mu = self.options.slow_step, self.options.slow_consolidation
+        fast = dict(self.fast.named_parameters())
+        for name, p in self.plastic.named_parameters():
+            step = epsilon / (1 + mu * self.importance[name])
+            fast[name].copy_(p)
+            # lerp = slow + step * (fast - slow), exact at both ends (step 0 and 1)
+            p.copy_(torch.lerp(self.slow[name], fast[name], step))
+            p.requires_grad_(False)
+        for kept, buffer in zip(self.fast.buffers(), self.plastic.buffers(), strict=True):
+            kept.copy_(buffer)  # the active mask (BatchNorm statistics never change here)
+        self.slow = None
 
     def _end_base(self, ctx: RunContext, experience: Experience) -> None:
         """Class means as weights, the base Fisher information, then freeze and copy."""
-        head: CosineHead = self.slow["head"]
+        head: CosineHead = self.plastic["head"]
         labels = experience.train_y.to(ctx.device)
         classes = labels.unique()
         features = fixed_chunk_features(ctx, experience.train_x, self.options.feature_batch)
         head.active.zero_()
         head.set_rows(classes, class_prototypes(features, labels, classes))
         self.importance = self._fisher(ctx, experience.train_x, labels)
-        freeze(ctx.model)
-        self.fast = copy.deepcopy(self.slow)
+        self.fast = copy.deepcopy(self.plastic)
         for p in self.fast.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(False)  # storage: the anchor, never trained itself
+        freeze(ctx.model)
         ctx.log("fast_slow_base_done", experience=experience.index, classes=classes.tolist())
 
     def _fisher(self, ctx: RunContext, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Diagonal empirical Fisher of the slow weights on the base data (mean over
+        """Diagonal empirical Fisher of the plastic weights on the base data (mean over
         mini-batches of the squared gradient), divided by its mean over all weights."""
-        params = dict(self.slow.named_parameters())
+        params = dict(self.plastic.named_parameters())
         fisher = {name: torch.zeros_like(p) for name, p in params.items()}
         n_batches = 0
-        for start in range(0, len(y), ctx.batch_size):
-            inner = self._inner(ctx, x[start : start + ctx.batch_size])
-            with _eval_mode(ctx.model):
-                logits = self._forward(self.slow, inner)
-            loss = F.cross_entropy(logits, y[start : start + ctx.batch_size])
-            grads = torch.autograd.grad(loss, list(params.values()))
-            for name, grad in zip(params, grads, strict=True):
-                fisher[name] += grad.detach() ** 2
-            n_batches += 1
+        with _eval_mode(ctx.model):
+            for start in range(0, len(y), ctx.batch_size):
+                with torch.no_grad():
+                    inner = self.shared(ctx.to_input(x[start : start + ctx.batch_size]))
+                logits = self.plastic["head"](self.plastic["block"](inner))
+                loss = F.cross_entropy(logits, y[start : start + ctx.batch_size])
+                grads = torch.autograd.grad(loss, list(params.values()))
+                for name, grad in zip(params, grads, strict=True):
+                    fisher[name] += grad.detach() ** 2
+                n_batches += 1
         fisher = {name: f / max(1, n_batches) for name, f in fisher.items()}
         mean = sum(float(f.sum()) for f in fisher.values()) / sum(
             f.numel() for f in fisher.values())
         return {name: f / mean if mean > 0 else f for name, f in fisher.items()}
-
-    # -- a session -------------------------------------------------------------
-
-    @staticmethod
-    def _forward(weights: nn.ModuleDict, inner: torch.Tensor) -> torch.Tensor:
-        return weights["head"](weights["block"](inner))
-
-    @torch.no_grad()
-    def _inner(self, ctx: RunContext, x: torch.Tensor) -> torch.Tensor:
-        """The frozen shared part's output of raw samples ``x``, in eval mode."""
-        with _eval_mode(ctx.model):
-            return self.shared(ctx.to_input(x))
-
-    def _learn_fast(self, ctx: RunContext, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Step 3: SGD on the shots' cross-entropy plus the penalty toward the anchor."""
-        options = self.options
-        if len(y) == 0 or options.fast_epochs == 0:
-            return
-        fast = self.fast
-        params = list(fast.parameters())
-        anchor = [self.anchor[name] for name, _ in fast.named_parameters()]
-        optimizer = torch.optim.SGD(params, lr=options.fast_lr, momentum=options.fast_momentum)
-        with _eval_mode(fast):  # BatchNorm keeps the base statistics; gradients still flow
-            for _ in range(options.fast_epochs):
-                order = torch.randperm(len(y), generator=self._order)
-                for start in range(0, len(y), ctx.batch_size):
-                    index = order[start : start + ctx.batch_size]
-                    logits = self._forward(fast, self._inner(ctx, x[index]))
-                    loss = F.cross_entropy(logits, y[index].to(ctx.device))
-                    penalty = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor,
-                                                                         strict=True))
-                    loss = loss + options.fast_consolidation / 2 * penalty
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-        fast.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def _slow_step(self) -> None:
-        """Step 4: S <- S + epsilon / (1 + mu * Omega) * (F - S), weight by weight."""
-        epsilon, mu = self.options.slow_step, self.options.slow_consolidation
-        fast = dict(self.fast.named_parameters())
-        for name, slow in self.slow.named_parameters():
-            step = epsilon / (1 + mu * self.importance[name])
-            # lerp = slow + step * (fast - slow), exact at both ends (step 0 and 1)
-            slow.copy_(torch.lerp(slow, fast[name], step))
-
-    def _fast_state(self) -> list[torch.Tensor]:
-        return [*self.fast.parameters(), *self.fast.buffers()]
-
-    def _slow_state(self) -> list[torch.Tensor]:
-        return [*self.slow.parameters(), *self.slow.buffers()]

@@ -11,17 +11,19 @@
 METHODS.md section 8: running class means of frozen features; order-invariant,
 task-free, no exemplars.
 
-The plugin owns training (``clsim_train_experience``) and takes no gradient step: every
-part of the stream it receives, whatever the boundaries (an online stream's parts of
-``eval_every`` samples, a hidden-boundary stream's single experience), adds its samples'
-frozen features to per-class running sums (float64) and counts (int64). Nothing else is
-kept: no exemplar, no boundary, no task id. A class mean is ``sum / count``, so after the
-same samples in any order and any batching the means agree to float64 rounding (about
-1e-16 relative) and the predictions are the same. For that the features themselves must
-not depend on the batching: they are computed in eval mode in calls of exactly
-``feature_batch`` rows, the last one zero-padded (a CPU matrix product may round a row
-differently when the call has another height); predictions use the same fixed-height
-calls.
+The plugin owns training (``clsim_train_experience``) because learning here is not
+gradient descent on mini-batches: a class mean is a sum and a count, accumulated once per
+sample, with no loss, no optimizer and no epochs (only the optional base session trains,
+in the standard loop). Every part of the stream it receives, whatever the boundaries (an
+online stream's parts of ``eval_every`` samples, a hidden-boundary stream's single
+experience), adds its samples' frozen features to per-class running sums (float64) and
+counts (int64). Nothing else is kept: no exemplar, no boundary, no task id. A class mean
+is ``sum / count``, so after the same samples in any order and any batching the means
+agree to float64 rounding (about 1e-16 relative) and the predictions are the same. For
+that the features themselves must not depend on the batching: they are computed in eval
+mode in calls of exactly ``feature_batch`` rows, the last one zero-padded (a CPU matrix
+product may round a row differently when the call has another height); predictions use
+the same fixed-height calls.
 
 Prediction: among the classes with at least one sample, the nearest mean, by cosine
 (``metric: cosine``, the default) or by Euclidean distance (``metric: euclidean``).

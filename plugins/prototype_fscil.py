@@ -18,11 +18,12 @@ The method:
    ``model.head`` by :class:`~clsim_plugins.prototypes.CosineHead` at setup, keeping the
    initial rows of the model's linear head; outputs of classes not yet trained on are
    masked, as a head over the base classes only.
-2. After the base session every parameter of the model is frozen and each base class's
-   weight becomes the normalised mean embedding of its training samples.
+2. After the base session every parameter of the model is frozen (and held in eval
+   mode, see :func:`~clsim_plugins.prototypes.freeze`) and each base class's weight
+   becomes the normalised mean embedding of its training samples.
 3. Each later session adds each new class as the normalised mean embedding of its shots.
-   No gradient step is taken after the base session (the plugin owns training then and
-   does none).
+   No gradient step is taken after the base session: its plan says ``train=False``
+   (``clsim_plan_experience``), so the standard loop runs no batch for it.
 4. Prediction is the model's own argmax: the largest cosine between the embedding and the
    class means of the classes seen so far.
 
@@ -52,8 +53,7 @@ Reconstructed or adapted (not fixed by the papers for this simulator):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 import torch
 from clsim_plugins.prototypes import (
@@ -68,6 +68,7 @@ from clsim_plugins.prototypes import (
 )
 
 from clsim.context import RunContext
+from clsim.loop_types import ExperiencePlan
 from clsim.stream import Experience
 
 NAME = "prototype_fscil"
@@ -111,10 +112,11 @@ class PrototypeFscilPlugin:
         require_boundaries(experience, NAME, "the base session must end before the "
                            "encoder freezes")
 
-    def clsim_train_experience(self, ctx: RunContext, experience: Experience) -> Any | None:
+    def clsim_plan_experience(self, ctx: RunContext, plan: ExperiencePlan
+                              ) -> ExperiencePlan | None:
         if not frozen(ctx.model):
-            return None  # the base session: the engine trains encoder and cosine head
-        return True  # a few-shot session: no gradient step; the means come after it
+            return None  # the base session: the standard loop trains encoder and cosine head
+        return replace(plan, train=False)  # a few-shot session: no gradient step
 
     def clsim_after_experience(self, ctx: RunContext, experience: Experience) -> None:
         model = ctx.model

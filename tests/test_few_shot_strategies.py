@@ -4,7 +4,10 @@ Exact properties: nmc's means and predictions do not depend on class order or ba
 prototype_fscil freezes everything after the base session and adds each class as the
 normalised mean of exactly its shots; fast_slow's slow weights follow the interpolation
 formula bit for bit and reduce to the prototype baseline at step 0; the ledger names
-what each one holds; bad options name their key.
+what each one holds; bad options name their key. One loop: prototype_fscil's base and
+fast_slow's sessions train in the standard loop (the scenario's optimizer class and
+learning rate reach their parameters, a NaN loss meets training.nonfinite_loss), and
+prototype_fscil's sessions run no batch at all.
 """
 
 from __future__ import annotations
@@ -17,29 +20,31 @@ import torch.nn.functional as F
 from clsim_plugins.fast_slow import FastSlowOptions, FastSlowPlugin
 from clsim_plugins.nmc import NmcOptions, NmcPlugin, nearest_mean
 from clsim_plugins.prototype_fscil import PrototypeFscilOptions
-from clsim_plugins.prototypes import class_prototypes, fixed_chunk_features, frozen
+from clsim_plugins.prototypes import class_prototypes, fixed_chunk_features, freeze, frozen
 from helpers import bare_context
+from torch import nn
 
-from clsim.config import parse_scenario
+from clsim.config import OptimizerConfig, TrainingConfig, parse_scenario
 from clsim.data import load_dataset
 from clsim.errors import ConfigError
+from clsim.loop_types import ExperiencePlan
 from clsim.models import MLPOptions, build_model
+from clsim.plugin_manager import HookRunner, build_plugin_manager
 from clsim.runner import run_scenario
 from clsim.stream import Experience
 from clsim.streams.few_shot import few_shot
+from clsim.training import Trainer
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 SPY = f"{__name__}:Spy"
+SNAPSHOTS = f"{__name__}:Snapshots"
 SPY_RECORD: dict = {}  # filled by Spy during an engine run (kept off the ledger)
 
 
-class Spy:
-    """A test plugin listed after the plugin under test: counts optimizer steps per
-    experience and snapshots the model (and the expected prototypes) after each one."""
-
-    def clsim_after_update(self, ctx, batch) -> None:
-        steps = SPY_RECORD.setdefault("steps", {})
-        steps[ctx.experience.index] = steps.get(ctx.experience.index, 0) + 1
+class Snapshots:
+    """A test plugin listed after the plugin under test: snapshots the model before and
+    after each experience, and the prototypes expected of its classes. No loop hook, so
+    it may sit beside a plugin that owns experiences (nmc)."""
 
     def clsim_before_experience(self, ctx, experience) -> None:
         SPY_RECORD.setdefault("before", []).append(
@@ -58,6 +63,14 @@ class Spy:
             expected[c] = (len(shots), F.normalize(row.float(), dim=1)[0],
                            F.normalize(drop_one.float(), dim=1)[0])
         SPY_RECORD.setdefault("expected", []).append(expected)
+
+
+class Spy(Snapshots):
+    """:class:`Snapshots`, and counts the optimizer steps of each experience."""
+
+    def clsim_after_update(self, ctx, batch) -> None:
+        steps = SPY_RECORD.setdefault("steps", {})
+        steps[ctx.experience.index] = steps.get(ctx.experience.index, 0) + 1
 
 
 @pytest.fixture
@@ -103,8 +116,7 @@ def test_published_defaults() -> None:
     assert NmcOptions().metric == "cosine" and not NmcOptions().base_training
     assert NmcOptions().backbone_checkpoint is None
     fs = FastSlowOptions()
-    assert (fs.adapt, fs.scale, fs.fast_epochs, fs.fast_lr, fs.fast_momentum) == (
-        "last_block", 16.0, 10, 0.01, 0.9)
+    assert (fs.adapt, fs.scale, fs.fast_epochs, fs.fast_lr_scale) == ("last_block", 16.0, 10, 0.2)
     assert (fs.fast_consolidation, fs.slow_step, fs.slow_consolidation) == (1.0, 0.1, 1.0)
 
 
@@ -210,10 +222,10 @@ def test_nmc_base_training_on_few_shot_stream(spy) -> None:
   nmc:
     plugins:
       - nmc: {{base_training: true}}
-      - {SPY}
+      - {SNAPSHOTS}
 """, extra="budget: model + 8KB\n"))["nmc"])
-    assert spy["steps"][0] > 0 and set(spy["steps"]) == {0}
-    after = spy["after"]
+    before, after = spy["before"], spy["after"]
+    assert not torch.equal(before[0]["features.1.weight"], after[0]["features.1.weight"])
     for state in after[1:]:
         assert all(torch.equal(state[k], after[0][k]) for k in state)
     assert not result["over_budget"] and not result["memory_estimated"]
@@ -304,34 +316,49 @@ def test_prototype_fscil_freezes_after_base_and_adds_exact_shot_means(spy) -> No
 
 
 def by_hand(dataset, options: FastSlowOptions):
-    """fast_slow driven without the engine on a 4-base, 2 x 2-way 5-shot digits stream
-    (the base is not trained: its end only sets the prototypes, the Fisher and the copy)."""
+    """fast_slow driven without the engine on a 4-base, 2 x 2-way 5-shot digits stream,
+    its sessions trained by the standard loop (:class:`Trainer`, SGD lr 0.05 momentum 0.9,
+    batches of 8); the base is not trained: its end only sets the prototypes, the Fisher
+    and the copy."""
     stream = few_shot(dataset, seed=0, base_classes=4, ways=2, shots=5, sessions=2)
     torch.manual_seed(0)
     model = build_model("mlp", dataset.sample_shape, 10, MLPOptions(hidden=[24, 16]))
     ctx = bare_context(model, dataset, strategy="f", batch_size=8)
     plugin = FastSlowPlugin(options)
     plugin.clsim_setup(ctx)
+    config = TrainingConfig(epochs=1, batch_size=8,
+                            optimizer=OptimizerConfig(lr=0.05, momentum=0.9))
+    hooks = HookRunner(build_plugin_manager([("fast_slow", plugin)]))
+    trainer = Trainer(ctx, hooks, config, torch.Generator().manual_seed(0))
     plugin.clsim_before_experience(ctx=ctx, experience=stream[0])
     plugin.clsim_after_experience(ctx=ctx, experience=stream[0])
-    return plugin, ctx, stream
+    return plugin, ctx, stream, trainer
 
 
 def plastic(plugin) -> dict[str, torch.Tensor]:
-    """The slow weights, by name: the model's last hidden layer and class rows."""
-    return dict(plugin.slow.named_parameters())
+    """The model's plastic weights, by name: its last hidden layer and class rows."""
+    return dict(plugin.plastic.named_parameters())
 
 
-def session(plugin, ctx, experience, check_anchor=None) -> tuple[dict, dict, dict]:
-    """Run one session; the slow weights before the step, the fast ones, the slow after."""
+def session(plugin, ctx, trainer, experience, check_anchor=None) -> tuple[dict, dict, dict]:
+    """Run one session as the engine does; the slow weights before the step (the model's
+    plastic weights once the new rows are in), the fast ones (the model's after the
+    loop), the slow ones after the step."""
+    ctx.experience = experience
     plugin.clsim_before_experience(ctx=ctx, experience=experience)
     if check_anchor is not None:
-        check_anchor(plugin.anchor)
+        check_anchor(dict(plugin.fast.named_parameters()))
     slow_before = {k: v.detach().clone() for k, v in plastic(plugin).items()}
-    assert plugin.clsim_train_experience(ctx=ctx, experience=experience) is True
-    fast = {k: v.detach().clone() for k, v in plugin.fast.named_parameters()}
+    plan = ExperiencePlan(experience.train_x, experience.train_y, None, ctx.epochs)
+    plan = trainer.hooks.chain("clsim_plan_experience", "plan", plan, ExperiencePlan,
+                               ctx=ctx, experience=experience)
+    assert plan.epochs == plugin.options.fast_epochs and plan.train
+    trainer.fit(plan)
+    fast = {k: v.detach().clone() for k, v in plastic(plugin).items()}
     plugin.clsim_after_experience(ctx=ctx, experience=experience)
+    assert all(torch.equal(p, fast[k]) for k, p in plugin.fast.named_parameters())  # kept
     slow_after = {k: v.detach().clone() for k, v in plastic(plugin).items()}
+    assert frozen(ctx.model) and plugin.slow is None
     return slow_before, fast, slow_after
 
 
@@ -340,7 +367,7 @@ def test_fast_slow_slow_weights_follow_the_interpolation_formula(digits) -> None
     layer never moves; Omega has mean 1; the second session's anchor is the first
     session's fast weights (new rows: their prototypes)."""
     options = FastSlowOptions(slow_step=0.3, slow_consolidation=2.0, fast_epochs=4)
-    plugin, ctx, stream = by_hand(digits, options)
+    plugin, ctx, stream, trainer = by_hand(digits, options)
     assert set(plastic(plugin)) == {"block.3.weight", "block.3.bias", "head.weight"}
     assert plastic(plugin)["block.3.weight"] is ctx.model.features[3].weight  # the model's
     omega = plugin.importance
@@ -363,7 +390,7 @@ def test_fast_slow_slow_weights_follow_the_interpolation_formula(digits) -> None
                 assert torch.equal(anchor[name], value)
 
     for experience in stream[1:]:
-        slow_before, fast, slow_after = session(plugin, ctx, experience, check_anchor)
+        slow_before, fast, slow_after = session(plugin, ctx, trainer, experience, check_anchor)
         for name in slow_before:
             assert not torch.equal(fast[name], slow_before[name])  # the fast weights learned
             step = 0.3 / (1 + 2.0 * omega[name])
@@ -377,11 +404,12 @@ def test_fast_slow_slow_weights_follow_the_interpolation_formula(digits) -> None
 def test_fast_slow_degenerate_steps(digits) -> None:
     """slow_step 1 with no slow consolidation copies the fast weights into the slow ones;
     slow_step 0 keeps them bit-identical (the new class rows apart)."""
-    plugin, ctx, stream = by_hand(digits, FastSlowOptions(slow_step=1.0, slow_consolidation=0))
-    _, fast, slow_after = session(plugin, ctx, stream[1])
+    plugin, ctx, stream, trainer = by_hand(
+        digits, FastSlowOptions(slow_step=1.0, slow_consolidation=0))
+    _, fast, slow_after = session(plugin, ctx, trainer, stream[1])
     assert all(torch.equal(slow_after[k], fast[k]) for k in fast)
-    plugin, ctx, stream = by_hand(digits, FastSlowOptions(slow_step=0.0))
-    slow_before, fast, slow_after = session(plugin, ctx, stream[1])
+    plugin, ctx, stream, trainer = by_hand(digits, FastSlowOptions(slow_step=0.0))
+    slow_before, fast, slow_after = session(plugin, ctx, trainer, stream[1])
     assert all(torch.equal(slow_after[k], slow_before[k]) for k in fast)
     assert not torch.equal(fast["head.weight"], slow_before["head.weight"])
 
@@ -410,6 +438,146 @@ def test_fast_slow_at_step_zero_is_the_prototype_baseline_and_ledger_names_both_
     assert parts["fast_slow.fast.parameters"] == parts["fast_slow.importance"] == plastic_bytes
     assert parts["fast_slow.fast.buffers"] == 10
     assert not default["over_budget"] and not default["memory_estimated"]
+
+
+# ---------------------------------------------------------------------------
+# one loop: the scenario's optimizer and non-finite policy reach every gradient step
+# ---------------------------------------------------------------------------
+
+RECORDER = f"{__name__}:Recorder"
+
+
+class Recorder:
+    """A test plugin: per experience, the batches the loop ran (``clsim_before_batch``)
+    and each step's optimizer as ``clsim_after_backward`` sees it: its class and its
+    parameter groups (the model's parameter names, the learning rate)."""
+
+    def clsim_before_batch(self, ctx, batch) -> None:
+        key = (ctx.strategy, ctx.experience.index)
+        batches = SPY_RECORD.setdefault("batches", {})
+        batches[key] = batches.get(key, 0) + 1
+
+    def clsim_after_backward(self, ctx, batch, loss) -> None:
+        names = {id(p): name for name, p in ctx.model.named_parameters()}
+        groups = [(sorted(names[id(p)] for p in group["params"]), group["lr"])
+                  for group in ctx.optimizer.param_groups]
+        steps = SPY_RECORD.setdefault("optimizers", {})
+        steps.setdefault((ctx.strategy, ctx.experience.index), []).append(
+            (type(ctx.optimizer), groups))
+
+
+class NanFirstBatch:
+    """A test plugin: a NaN loss term on the first batch of every experience from
+    ``FIRST`` on (once per strategy and experience)."""
+
+    FIRST = 0
+
+    def clsim_loss(self, ctx, batch, logits) -> torch.Tensor | None:
+        key = (ctx.strategy, ctx.experience.index)
+        poisoned = SPY_RECORD.setdefault("poisoned", set())
+        if key[1] < self.FIRST or key in poisoned:
+            return None
+        poisoned.add(key)
+        return torch.tensor(float("nan"), device=logits.device)
+
+
+class NanInSessions(NanFirstBatch):
+    FIRST = 1
+
+
+def loop_yaml(strategies: str, extra: str = "") -> str:
+    """fscil_yaml with Adam at lr 0.01 and an mlp [32, 16] (its last hidden layer is
+    fast_slow's plastic block, the first is not)."""
+    return fscil_yaml(strategies, extra=extra).replace(
+        "optimizer: {name: sgd, lr: 0.05, momentum: 0.9}", "optimizer: {name: adam, lr: 0.01}"
+    ).replace("hidden: [32]", "hidden: [32, 16]")
+
+
+def test_training_runs_in_the_standard_loop_under_the_scenarios_optimizer(spy) -> None:
+    """Adam at lr 0.01: both base sessions train every model parameter with Adam at 0.01;
+    each fast_slow session trains exactly the plastic weights (last hidden layer and class
+    rows) with Adam at 0.01 * fast_lr_scale, fast_epochs batches (10 shots: one batch per
+    epoch); prototype_fscil's sessions run no batch at all."""
+    summary = run(loop_yaml(f"""\
+  fs:
+    plugins:
+      - fast_slow: {{fast_epochs: 4, fast_lr_scale: 0.5}}
+      - {RECORDER}
+  proto:
+    plugins: [prototype_fscil, {RECORDER}]
+"""))
+    ok(summary["fs"]), ok(summary["proto"])
+    optimizers, batches = spy["optimizers"], spy["batches"]
+    every = ["features.1.bias", "features.1.weight", "features.3.bias", "features.3.weight",
+             "head.weight"]
+    plastic_names = ["features.3.bias", "features.3.weight", "head.weight"]
+    for strategy in ("fs", "proto"):
+        base = optimizers[(strategy, 0)]
+        assert len(base) == batches[(strategy, 0)] > 0
+        assert all(step == (torch.optim.Adam, [(every, 0.01)]) for step in base)
+    for index in (1, 2, 3):
+        steps = optimizers[("fs", index)]
+        assert len(steps) == batches[("fs", index)] == 4
+        assert all(step == (torch.optim.Adam, [(plastic_names, 0.005)]) for step in steps)
+    assert {key for key in batches if key[0] == "proto"} == {("proto", 0)}
+    assert {key for key in optimizers if key[0] == "proto"} == {("proto", 0)}
+
+
+@pytest.mark.parametrize("policy", ["skip_batch", "stop"])
+def test_a_nan_loss_meets_training_nonfinite_loss(spy, policy) -> None:
+    """A NaN loss term in each fast_slow session's first batch, in prototype_fscil's
+    base session's first batch: skip_batch skips exactly those batches (3 and 1) and the
+    runs end ok; stop fails each strategy naming the experience."""
+    summary = run(loop_yaml(f"""\
+  fs:
+    plugins: [fast_slow, {__name__}:NanInSessions]
+  proto:
+    plugins: [prototype_fscil, {__name__}:NanFirstBatch]
+""").replace("batch_size: 32,", f"batch_size: 32, nonfinite_loss: {policy},"))
+    if policy == "skip_batch":
+        assert ok(summary["fs"])["skipped_batches"] == 3
+        assert ok(summary["proto"])["skipped_batches"] == 1
+    else:
+        for name, index in (("fs", 1), ("proto", 0)):
+            error = summary[name]["error"]
+            assert "loss became nan" in error and f"of experience {index}" in error, error
+
+
+def test_fast_slow_sessions_keep_the_base_batchnorm_statistics(spy) -> None:
+    """small_cnn, BatchNorm in both blocks, the second plastic: the loop sets the model
+    to train mode in each session, yet every buffer is bit-identical across the sessions
+    (the frozen model runs in eval mode) while the plastic conv weights move."""
+    yaml = fscil_yaml(f"  fs:\n    plugins: [fast_slow, {SNAPSHOTS}]\n").replace(
+        "model: {name: mlp, hidden: [32]}", "model: {name: small_cnn, channels: [8, 8]}")
+    ok(run(yaml)["fs"])
+    for before, after in zip(spy["before"][1:], spy["after"][1:], strict=True):
+        buffers = [k for k in before if "running" in k or "num_batches" in k]
+        assert len(buffers) == 6  # two BatchNorms: mean, var, count
+        assert all(torch.equal(before[k], after[k]) for k in buffers)
+        assert torch.equal(before["features.0.0.weight"], after["features.0.0.weight"])
+        assert not torch.equal(before["features.1.0.weight"], after["features.1.0.weight"])
+
+
+def test_freeze_holds_eval_mode_through_train() -> None:
+    """A frozen model with BatchNorm and dropout set to train mode computes exactly its
+    eval output and keeps its running statistics; freezing twice adds no second hook;
+    a parameter let train again gets its gradient (still in eval mode)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5))
+    model(torch.randn(16, 4))  # statistics of one batch
+    freeze(model)
+    freeze(model)
+    assert all(len(m._forward_pre_hooks) == 1 for m in model.modules())
+    x = torch.randn(8, 4)
+    expected = model.eval()(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    got = model.train()(x)
+    assert torch.equal(got, expected)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    model[0].weight.requires_grad_(True)
+    model.train()(x).sum().backward()
+    assert model[0].weight.grad is not None and model[0].bias.grad is None
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 # ---------------------------------------------------------------------------
@@ -448,7 +616,8 @@ def test_quick_scenario_runs_every_strategy_within_budget() -> None:
         ("prototype_fscil: {scale: 0}", "prototype_fscil.scale"),
         ("fast_slow: {slow_step: 1.5}", "fast_slow.slow_step"),
         ("fast_slow: {adapt: encoder}", "fast_slow.adapt"),
-        ("fast_slow: {fast_lr: -1}", "fast_slow.fast_lr"),
+        ("fast_slow: {fast_lr_scale: -1}", "fast_slow.fast_lr_scale"),
+        ("fast_slow: {fast_lr: 0.01}", "fast_slow.fast_lr"),  # the private SGD's, gone
         ("fast_slow: {fast_consolidaton: 1}", "fast_slow.fast_consolidaton"),
     ],
 )
