@@ -21,9 +21,30 @@ a part may be smaller; batches do not straddle parts). Per batch:
    experts are scanned in creation order and the first whose smoothed loss is below its
    frozen threshold becomes active (a recurring task goes back to its old expert); if
    none qualifies a new expert is created;
-3. the active expert takes one plain SGD step (``lr``) on the batch, and the loss it had
-   before the step enters its window;
+3. the active expert takes one step of the scenario's optimizer (``training.optimizer``:
+   class, lr, momentum, weight decay; ``ctx.new_optimizer``) on the batch, under the
+   scenario's non-finite policy (``ctx.backward_step``), and the loss it had before the
+   step enters its window;
 4. the batch is offered to the selector buffer, tagged with the expert that trained on it.
+
+**Why TAME owns the experience instead of hooking the standard loop**: the loop trains
+``ctx.model`` with one optimizer built before an experience's batches (kept across the
+parts of an online one), and every hook sees that model's forward pass. TAME trains, per
+batch, a network chosen only after every expert's loss on that batch is known, which is
+usually not ``ctx.model``, and creates networks in the middle of an experience, after the
+loop's optimizer was built: a new expert would be outside it, and the forward output,
+logits and task loss each hook sees would be expert 0's, not the trained network's. Its
+shifts also run trainings on the buffer (pruned experts' fine-tuning, the selector) in the
+middle of the stream. Every gradient step still goes through ``ctx.new_optimizer`` and
+``ctx.backward_step``, so the scenario's optimizer and non-finite policy rule all of them.
+
+**Optimizer state** (momentum buffers, Adam's moments): each expert keeps its own, carried
+from one of its steps to its next (a fresh state every batch would turn Adam's step into
+``lr * sign(gradient)`` and drop momentum altogether). The state is kept as tensors on the
+plugin (``optimizer_state``), where the ledger charges it; the optimizer object is rebuilt
+around it per step. SGD without momentum has none. An expert's state appears at its first
+step, and the buffer is re-sized then. Fine-tuning and selector training use an optimizer
+fresh for each call, as the standard loop does per experience.
 
 The shift detector never reads experience boundaries: with ``boundaries: hidden`` the
 plugin sees one merged experience; on an online stream with visible boundaries
@@ -40,12 +61,13 @@ not copied weights). An expert predicts by its argmax over the classes it has tr
 
 **Selector**: an MLP on the flattened model input, ``Linear(d, selector_hidden) - ReLU -
 Linear(selector_hidden, n_experts)``, trained by cross-entropy to predict the expert tag
-of the buffered samples. It is retrained from scratch (seeded) whenever it is about to be
-used and its buffer changed: at the end of every delivered part (so before each anytime
-evaluation) and in ``clsim_after_experience``; with one expert it is not built (every
-sample goes to expert 0). ``clsim_predict`` routes each test sample to the selector's
-expert and returns that expert's prediction, so a misrouted sample counts as wrong in the
-engine's class-incremental accuracy.
+of the buffered samples, stepped by the scenario's optimizer at ``selector_lr_scale``
+times its learning rate (a ``Trainable`` factor). It is retrained from scratch (seeded)
+whenever it is about to be used and its buffer changed: at the end of every delivered
+part (so before each anytime evaluation) and in ``clsim_after_experience``; with one
+expert it is not built (every sample goes to expert 0). ``clsim_predict`` routes each
+test sample to the selector's expert and returns that expert's prediction, so a misrouted
+sample counts as wrong in the engine's class-incremental accuracy.
 
 **Selector buffer**: a class-balanced uniform sample of the stream by random priorities
 (:class:`PriorityBuffer`): each offered sample draws a priority ~ U(0, 1); per class the
@@ -56,28 +78,30 @@ as the pruning buffer: an expert is fine-tuned on the items tagged with it.
 
 **Pruning** (``prune``, on by default): global L1 magnitude pruning within one network
 (one threshold over all its weight matrices and kernels; biases and normalisation
-parameters are kept), then fine-tuning with the pruned weights held at zero. An expert is
-pruned to ``expert_sparsity`` when the detector deactivates it, and fine-tuned for
-``finetune_epochs`` on its buffered items; the last active expert is pruned at the end of
-a hidden-boundary stream (its one ``clsim_after_experience``); with visible boundaries
-the plugin cannot know the end of the stream, so the last active expert stays dense. A
-pruned expert that becomes active again keeps its zeros (the mask is re-applied after
-every step). The selector is pruned to ``selector_sparsity`` and fine-tuned after each of
-its trainings. Masks are not stored: a pruned weight is exactly 0, and the mask is
-recomputed as ``weight != 0`` when needed. Weights are stored dense, so the ledger
-charges pruned networks at their dense size; the report gives their sparsity and the
-bytes they would take packed (float32 value + int32 index per non-zero).
+parameters are kept), then fine-tuning (the scenario's optimizer at its learning rate)
+with the pruned weights held at zero. An expert is pruned to ``expert_sparsity`` when the
+detector deactivates it, and fine-tuned for ``finetune_epochs`` on its buffered items;
+the last active expert is pruned at the end of a hidden-boundary stream (its one
+``clsim_after_experience``); with visible boundaries the plugin cannot know the end of
+the stream, so the last active expert stays dense. A pruned expert that becomes active
+again keeps its zeros (the mask is re-applied after every step). The selector is pruned
+to ``selector_sparsity`` and fine-tuned after each of its trainings. Masks are not
+stored: a pruned weight is exactly 0, and the mask is recomputed as ``weight != 0`` when
+needed. Weights are stored dense, so the ledger charges pruned networks at their dense
+size; the report gives their sparsity and the bytes they would take packed (a float32
+value and an int32 index per non-zero).
 
 **Memory** (charged by the ledger, all tensors): the experts (``model`` for expert 0,
-``tame.experts`` for the others), the selector, the buffer (raw samples, labels, expert
-tags, priorities, occupancy), the loss windows, their fill counts, the smoothed losses,
-the frozen thresholds, the classes of each expert, the classes seen, the active expert,
-the stream position, the hidden-boundary flag and the switch log. The buffer's capacity is
-``capacity`` if given, else what the budget leaves after everything else (with room kept
-for 64 more logged switches), computed at setup and again after each new expert; the
+``tame.experts`` for the others), their optimizer state, the selector, the buffer (raw
+samples, labels, expert tags, priorities, occupancy), the loss windows, their fill
+counts, the smoothed losses, the frozen thresholds, the classes of each expert, the
+classes seen, the active expert, the stream position, the hidden-boundary flag and the
+switch log. The buffer's capacity is ``capacity`` if given, else what the budget leaves
+after everything else (with room kept for 64 more logged switches), computed at setup and
+again after each new expert and each expert's first step (:mod:`clsim.capacity`); the
 buffer then shrinks, keeping the highest priorities of each class (still a uniform
-sample). If the budget cannot hold the new expert and one buffered sample per seen class,
-the run fails with a ConfigError naming the minimum budget for that many experts.
+sample). If the budget cannot hold the experts and one buffered sample per seen class,
+the run fails with a ConfigError naming the number of experts and the minimum budget.
 
 **Reconstructed** (the paper and METHODS.md leave these open):
 
@@ -92,10 +116,13 @@ the run fails with a ConfigError naming the minimum budget for that many experts
   growing mask an old expert's loss on its own task rises as soon as other tasks bring
   new classes (their untrained outputs join the softmax), so a recurring task would find
   it above its frozen threshold;
-- the training step is plain SGD (``lr``, default 0.01, batch ``ctx.batch_size``): the
-  run context does not expose the scenario's optimizer, and METHODS.md says SGD;
-- selector width 100, 10 epochs of SGD (lr 0.05, momentum 0.9, batches of 64), retrained
-  from scratch; expert sparsity 0.9 ("high sparsity"), selector sparsity 0.5, 5
+- the experts step with the scenario's optimizer at batch ``ctx.batch_size`` (METHODS.md
+  says SGD; the shipped scenarios use SGD, lr 0.01, no momentum; ``tame_quick`` 0.05);
+- selector width 100, 10 epochs in batches of 64, retrained from scratch, at
+  ``selector_lr_scale`` = 50 times the scenario's lr: 0.5 beside the shipped lr 0.01
+  without momentum, the steady-state step ``lr / (1 - momentum)`` of the selector's former
+  private SGD (0.05, momentum 0.9); with momentum in ``training.optimizer`` lower it (5
+  with momentum 0.9); expert sparsity 0.9 ("high sparsity"), selector sparsity 0.5, 5
   fine-tuning epochs; pruning one-shot at deactivation rather than gradual;
 - a stream that is not online (``training.epochs`` above 1) is refused: TAME sees each
   sample once. Hierarchical label spaces are refused. Task ids, if visible, are ignored.
@@ -103,7 +130,7 @@ the run fails with a ConfigError naming the minimum budget for that many experts
 **Known limitation** (of the published rule, kept as is): every training loss of the active
 expert enters its window, including those of a new task's first batches when they do not
 yet lift ``L_s`` over the threshold; an expert whose window still holds its own learning
-curve (too few batches, too small an ``lr``) has a threshold high enough that such
+curve (too few batches, too small a learning rate) has a threshold high enough that such
 batches raise it further and the shift is absorbed, not detected. The shipped scenarios
 give every task many more than W batches (split MNIST: about 750 of 16 images).
 
@@ -131,9 +158,10 @@ import torch.nn.functional as F
 from clsim_plugins.buffers import label_dtype
 from torch import nn
 
+from clsim.capacity import bytes_without_items, items_that_fit
 from clsim.context import RunContext
 from clsim.errors import ConfigError, OptionError
-from clsim.memory import measure
+from clsim.loop_types import Trainable
 from clsim.models.heads import expose_labels
 from clsim.stream import Experience, Stream
 
@@ -164,10 +192,6 @@ class TameOptions:
     min_std: float = field(
         default=0.005, metadata={"min": 0, "help": "floor of the window's standard deviation"}
     )
-    lr: float = field(
-        default=0.01,
-        metadata={"min": 0, "min_exclusive": True, "help": "SGD step size of the active expert"},
-    )
     capacity: int | None = field(
         default=None,
         metadata={"min": 1, "help": "selector buffer size; default: what the budget leaves"},
@@ -178,9 +202,11 @@ class TameOptions:
     selector_epochs: int = field(
         default=10, metadata={"min": 1, "help": "epochs of each selector training"}
     )
-    selector_lr: float = field(
-        default=0.05,
-        metadata={"min": 0, "min_exclusive": True, "help": "selector SGD lr (momentum 0.9)"},
+    selector_lr_scale: float = field(
+        default=50.0,
+        metadata={"min": 0, "min_exclusive": True,
+                  "help": "selector lr = this x training.optimizer.lr (50: 0.5 beside 0.01; "
+                  "lower it when training.optimizer has momentum)"},
     )
     selector_batch_size: int = field(
         default=64, metadata={"min": 1, "help": "mini-batch size of selector training"}
@@ -369,6 +395,11 @@ def packed_bytes(module: nn.Module) -> int:
     return dense - stored + nonzero * 8
 
 
+def _holds_tensors(states: list[dict[str, torch.Tensor]]) -> bool:
+    """Whether an expert's optimizer state holds any tensor (momentum, moments)."""
+    return any(isinstance(v, torch.Tensor) for state in states for v in state.values())
+
+
 def threshold(window: torch.Tensor, n_std: float, min_std: float) -> torch.Tensor:
     """``mean + n_std * max(std, min_std)`` of a window of losses (population std)."""
     std = window.std(unbiased=False).clamp_min(min_std)
@@ -423,6 +454,9 @@ class TamePlugin:
         self.thresholds = torch.zeros(0)  # frozen at deactivation; NaN until then
         self.expert_classes = torch.zeros(0, 0, dtype=torch.bool)  # trained-on, per expert
         self.pruned = torch.zeros(0, dtype=torch.bool)
+        # per expert, per trainable parameter: the scenario optimizer's state (momentum,
+        # Adam moments) carried from one of the expert's steps to its next
+        self.optimizer_state: list[list[dict[str, torch.Tensor]]] = []
         self.active = torch.zeros((), dtype=torch.long)
         self.position = torch.zeros((), dtype=torch.long)  # training samples processed
         self.hidden_boundaries = torch.zeros((), dtype=torch.bool)
@@ -456,6 +490,8 @@ class TamePlugin:
     # -- training --------------------------------------------------------------
 
     def clsim_train_experience(self, ctx: RunContext, experience: Experience) -> Any:
+        # owned, not hooks: each batch trains the expert the detector picks after reading
+        # the batch, and may create one (the module docstring says why the loop cannot)
         x, y = experience.train_x, experience.train_y
         for start in range(0, len(y), ctx.batch_size):
             self._batch(ctx, x[start : start + ctx.batch_size], y[start : start + ctx.batch_size])
@@ -469,28 +505,37 @@ class TamePlugin:
         self._refresh_selector(ctx)
 
     def _batch(self, ctx: RunContext, xb: torch.Tensor, yb: torch.Tensor) -> None:
-        """Detect, switch or create, train the active expert, buffer the batch."""
+        """Detect, switch or create, train the active expert, buffer the batch.
+
+        A batch on which the active expert's loss is not finite never reaches the
+        detector: its step applies ``training.nonfinite_loss`` (``stop`` raises,
+        ``skip_batch`` counts it and the batch is dropped as if never drawn, the stream
+        position still advancing past it)."""
         o = self.options
         inputs = ctx.to_input(xb)
         y = yb.to(ctx.device, torch.long)
-        self.buffer.class_seen[yb.long()] = True  # the minimum buffer counts them now
         losses = self._losses(inputs, y)
-        fresh = torch.isnan(self.smoothed_losses)
-        self.smoothed_losses = torch.where(
-            fresh, losses, o.smoothing * losses + (1 - o.smoothing) * self.smoothed_losses)
         active = int(self.active)
-        if int(self.window_fill[active]) >= o.window:  # warm-up over: a threshold exists
-            limit = threshold(self.loss_windows[active], o.n_std, o.min_std)
-            if bool(self.smoothed_losses[active] > limit):
-                active, losses = self._switch(ctx, active, limit, losses, inputs, y, len(yb))
-        self._train_step(active, inputs, y)
+        if bool(torch.isfinite(losses[active])):
+            self.buffer.class_seen[yb.long()] = True  # the minimum buffer counts them now
+            fresh = torch.isnan(self.smoothed_losses)
+            self.smoothed_losses = torch.where(
+                fresh, losses, o.smoothing * losses + (1 - o.smoothing) * self.smoothed_losses)
+            if int(self.window_fill[active]) >= o.window:  # warm-up over: a threshold exists
+                limit = threshold(self.loss_windows[active], o.n_std, o.min_std)
+                if bool(self.smoothed_losses[active] > limit):
+                    active, losses = self._switch(ctx, active, limit, losses, inputs, y,
+                                                  len(yb))
+        if not self._train_step(ctx, active, inputs, y):
+            self.position += len(yb)
+            return
         self._push_loss(active, losses[active])
         self.expert_classes[active, yb.long()] = True
         priorities = torch.rand(len(yb), generator=self.generator)
         try:
             self.buffer.offer(xb, yb, active, priorities)
         except ValueError as exc:
-            raise ConfigError(f"tame: {exc}; {self._buffer_minimum(ctx)}") from None
+            self._refuse_buffer(ctx, str(exc))
         self.selector_stale.fill_(True)
         self.position += len(yb)
 
@@ -543,18 +588,30 @@ class TamePlugin:
             expert.train(was)
         return torch.stack(values).float().cpu()
 
-    def _train_step(self, index: int, inputs: torch.Tensor, y: torch.Tensor) -> None:
+    def _train_step(self, ctx: RunContext, index: int, inputs: torch.Tensor,
+                    y: torch.Tensor) -> bool:
+        """One step of expert ``index`` with the scenario's optimizer, continuing its own
+        optimizer state; False when ``skip_batch`` dropped the batch."""
         expert = self.experts[index]
         expert.train()
         params = [p for p in expert.parameters() if p.requires_grad]
+        optimizer = ctx.new_optimizer(expert)
+        for p, state in zip(params, self.optimizer_state[index], strict=False):
+            optimizer.state[p] = state
         masks = self._masks(expert) if bool(self.pruned[index]) else None
-        grads = torch.autograd.grad(self._loss(expert, inputs, y), params)
-        with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                p.add_(g, alpha=-self.options.lr)
-            if masks is not None:
+        stepped = ctx.backward_step(optimizer, self._loss(expert, inputs, y))
+        expert.zero_grad(set_to_none=True)  # gradients are not state to keep
+        if not stepped:
+            return False
+        had_state = _holds_tensors(self.optimizer_state[index])
+        self.optimizer_state[index] = [optimizer.state[p] for p in params]
+        if masks is not None:
+            with torch.no_grad():
                 for p, mask in masks:
                     p.mul_(mask)
+        if not had_state and _holds_tensors(self.optimizer_state[index]):
+            self._size_buffer(ctx)  # the expert's first step made its state: charge it
+        return True
 
     @staticmethod
     def _masks(module: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
@@ -595,6 +652,7 @@ class TamePlugin:
         self.expert_classes = torch.cat(
             [self.expert_classes, torch.zeros(1, ctx.n_classes, dtype=torch.bool)])
         self.pruned = torch.cat([self.pruned, torch.zeros(1, dtype=torch.bool)])
+        self.optimizer_state.append([])  # made by the expert's first step
         n = len(self.experts)
         self.selector = self._build_selector(ctx, n) if n > 1 else None
         self.selector_stale.fill_(n > 1)
@@ -606,23 +664,20 @@ class TamePlugin:
     # -- memory -----------------------------------------------------------------
 
     def _size_buffer(self, ctx: RunContext) -> None:
-        """Capacity from the budget (or ``capacity``); fail naming the minimum budget."""
-        item = PriorityBuffer.item_bytes(ctx.sample_bytes, ctx.n_classes)
-        n_classes_seen = 1 if self.buffer is None else max(1, int(self.buffer.class_seen.sum()))
-        n = len(self.experts)
-        if ctx.budget_bytes is not None:
-            overhead = self._overhead_bytes(ctx)
-            fits = (ctx.budget_bytes - overhead) // item
-            capacity = self.options.capacity or fits
-            if capacity > fits or capacity < n_classes_seen:
-                need = overhead + max(n_classes_seen, self.options.capacity or 0) * item
-                raise ConfigError(
-                    f"tame: a budget of {ctx.budget_bytes} bytes cannot hold {n} expert(s) "
-                    f"with the selector and bookkeeping ({overhead} bytes) and a buffer of "
-                    f"{max(n_classes_seen, self.options.capacity or 0)} sample(s) of {item} "
-                    f"bytes; the minimum budget for {n} expert(s) is {need} bytes")
-        else:
+        """Capacity from the budget (or ``capacity``); fail naming the minimum budget for
+        the experts held now."""
+        if ctx.budget_bytes is None:
             capacity = self.options.capacity
+        else:
+            seen = 1 if self.buffer is None else max(1, int(self.buffer.class_seen.sum()))
+            fits = items_that_fit(
+                ctx.budget_bytes, self._overhead_bytes(ctx),
+                PriorityBuffer.item_bytes(ctx.sample_bytes, ctx.n_classes),
+                plugin="tame", items="buffered sample(s)",
+                at_least=max(seen, self.options.capacity or 0),
+                overhead=f"{len(self.experts)} expert(s) with their optimizer state, the "
+                         "selector and bookkeeping")
+            capacity = self.options.capacity or fits
         if self.buffer is None:
             self.buffer = PriorityBuffer(capacity, ctx.sample_shape, ctx.sample_dtype,
                                          ctx.n_classes)
@@ -630,26 +685,19 @@ class TamePlugin:
             self.buffer = self.buffer.resized(min(capacity, self.buffer.capacity))
 
     def _overhead_bytes(self, ctx: RunContext) -> int:
-        """Bytes held besides the buffer's items: experts, selector, bookkeeping, the log
-        reserve and an empty buffer."""
-        kept, self.buffer = self.buffer, PriorityBuffer(
-            0, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes)
-        try:
-            overhead = measure(ctx.model, [("tame", self)]).total_bytes
-        finally:
-            self.buffer = kept
-        return overhead + LOG_RESERVE * _LOG_COLUMNS * 8
+        """Bytes held besides the buffer's items: experts, their optimizer state, selector,
+        bookkeeping, an empty buffer and the log reserve."""
+        empty = PriorityBuffer(0, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes)
+        held = bytes_without_items(ctx.model, "tame", self, "buffer", empty)
+        return held + LOG_RESERVE * _LOG_COLUMNS * 8
 
-    def _buffer_minimum(self, ctx: RunContext) -> str:
-        """What a buffer too small for the classes seen needs: a budget in bytes, or
-        a larger ``capacity`` when the capacity is given."""
+    def _refuse_buffer(self, ctx: RunContext, why: str) -> None:
+        """The buffer cannot hold one sample of each class seen: say what would."""
         seen = int(self.buffer.class_seen.sum())
         if self.options.capacity is not None or ctx.budget_bytes is None:
-            return f"raise 'capacity' to at least {seen}"
-        item = PriorityBuffer.item_bytes(ctx.sample_bytes, ctx.n_classes)
-        need = self._overhead_bytes(ctx) + seen * item
-        return (f"the minimum budget for {len(self.experts)} expert(s) and {seen} classes is "
-                f"{need} bytes")
+            raise ConfigError(f"tame: {why}; raise 'capacity' to at least {seen}")
+        self._size_buffer(ctx)  # raises naming the minimum budget for the classes seen
+        raise ConfigError(f"tame: {why}")
 
     # -- pruning ---------------------------------------------------------------
 
@@ -661,14 +709,16 @@ class TamePlugin:
         x, labels, tags = self.buffer.stored()
         mine = tags == index
         if self.options.finetune_epochs and bool(mine.any()):
-            self._fit(ctx, expert, x[mine], labels[mine], self.options.finetune_epochs,
-                      self.options.lr, 0.0, ctx.batch_size, masked=True)
+            self._fit(ctx, Trainable(expert), x[mine], labels[mine],
+                      self.options.finetune_epochs, ctx.batch_size, masked=True)
 
-    def _fit(self, ctx, module, x, targets, epochs, lr, momentum, batch_size, *,
-             masked) -> None:
-        """Shuffled mini-batch SGD on raw samples (the optimizer is local to the call)."""
-        params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    def _fit(self, ctx: RunContext, trainable: Trainable, x: torch.Tensor,
+             targets: torch.Tensor, epochs: int, batch_size: int, *, masked: bool) -> None:
+        """Shuffled mini-batches of cross-entropy on raw samples, stepped by the
+        scenario's optimizer (fresh for the call, at ``trainable.lr_scale``) under its
+        non-finite policy; ``masked`` holds pruned weights at zero."""
+        module = trainable.params
+        optimizer = ctx.new_optimizer([trainable])
         masks = self._masks(module) if masked else []
         targets = targets.to(ctx.device)
         module.train()
@@ -678,12 +728,10 @@ class TamePlugin:
                 index = order[start : start + batch_size]
                 logits = module(ctx.to_input(x[index]))
                 loss = F.cross_entropy(logits, targets[index.to(targets.device)])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    for p, mask in masks:
-                        p.mul_(mask)
+                if ctx.backward_step(optimizer, loss) and masks:
+                    with torch.no_grad():
+                        for p, mask in masks:
+                            p.mul_(mask)
         module.zero_grad(set_to_none=True)
 
     # -- selector --------------------------------------------------------------
@@ -708,13 +756,14 @@ class TamePlugin:
         o = self.options
         self.selector = self._build_selector(ctx, len(self.experts))
         x, _, tags = self.buffer.stored()
-        self._fit(ctx, self.selector, x, tags, o.selector_epochs, o.selector_lr, 0.9,
-                  o.selector_batch_size, masked=False)
+        selector = Trainable(self.selector, o.selector_lr_scale)
+        self._fit(ctx, selector, x, tags, o.selector_epochs, o.selector_batch_size,
+                  masked=False)
         if o.prune:
             magnitude_prune(self.selector, o.selector_sparsity)
             if o.finetune_epochs:
-                self._fit(ctx, self.selector, x, tags, o.finetune_epochs, o.selector_lr, 0.9,
-                          o.selector_batch_size, masked=True)
+                self._fit(ctx, selector, x, tags, o.finetune_epochs, o.selector_batch_size,
+                          masked=True)
         self.selector.eval()
         self.selector_stale.fill_(False)
 

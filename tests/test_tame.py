@@ -3,17 +3,21 @@
 The synthetic stream is A, B, A of two separable two-class tasks (Gaussian blobs on their
 own axes), delivered by the ``recurring`` stream type with hidden boundaries; the real one
 is task-agnostic split MNIST (scenarios/tame_split_mnist.yaml) on a subset that keeps its
-five-task structure.
+five-task structure. A two-batch stream checks that every expert step runs under the
+scenario's ``training.optimizer`` and ``training.nonfinite_loss``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from clsim_plugins.tame import (
     PriorityBuffer,
     TameOptions,
@@ -30,9 +34,10 @@ from clsim.runner import run_scenario
 SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 BATCH = 8
 PER_OCCURRENCE = 1000  # training samples of each of A, B, A: 125 batches, > W = 100
-# experts step with lr 0.05 here (default 0.01): on 125 batches the 16-32-4 MLP must
+# the scenario's SGD lr is 0.05 here (default 0.01): on 125 batches the 16-32-4 MLP must
 # converge before its window can describe it (a window still holding the learning curve
-# gives a threshold too high to flag the next task on its first batches)
+# gives a threshold too high to flag the next task on its first batches); the selector
+# at 10 x 0.05 = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,7 @@ def blobs(tmp_path_factory) -> Path:
     return path
 
 
-def recurring_yaml(path: Path, options: str = "{lr: 0.05}", *,
+def recurring_yaml(path: Path, options: str = "{selector_lr_scale: 10}", *,
                    budget: str = "4 models + 300 exemplars", boundaries: str = "hidden",
                    seed: int = 0) -> str:
     return f"""\
@@ -67,7 +72,7 @@ stream:
   eval_every: 400
   boundaries: {boundaries}
 model: {{name: mlp, hidden: [32]}}
-training: {{batch_size: {BATCH}}}
+training: {{batch_size: {BATCH}, optimizer: {{name: sgd, lr: 0.05}}}}
 threads: 1
 strategies:
   tame:
@@ -157,7 +162,8 @@ def test_visible_boundaries_are_ignored(blobs, recurring) -> None:
 
 def test_pruning_can_be_disabled(blobs) -> None:
     """prune: false keeps every weight (experts and selector dense) and the same A, B, A."""
-    dense = run(recurring_yaml(blobs, "{lr: 0.05, prune: false}"))["strategies"]["tame"]
+    dense = run(recurring_yaml(blobs, "{selector_lr_scale: 10, prune: false}"))
+    dense = dense["strategies"]["tame"]
     assert dense["status"] == "ok", dense["error"]
     report = dense["plugins"]["tame"]
     assert report["pruning"] is False
@@ -180,8 +186,8 @@ def test_budget_too_small_for_a_second_expert_names_the_minimum(blobs) -> None:
     goes through, keeping one sample per class."""
     small = run(recurring_yaml(blobs, budget="1 model + 100 exemplars"))["strategies"]["tame"]
     assert small["status"] == "failed"
-    assert "cannot hold 2 expert(s)" in small["error"]
-    minimum = int(small["error"].split("minimum budget for 2 expert(s) is ")[1].split()[0])
+    assert "2 expert(s) with their optimizer state, the selector" in small["error"]
+    minimum = int(small["error"].split("the minimum budget is ")[1].split()[0])
     exact = run(recurring_yaml(blobs, budget=str(minimum)))["strategies"]["tame"]
     assert exact["status"] == "ok", exact["error"]
     assert exact["plugins"]["tame"]["n_experts"] == 2
@@ -284,7 +290,9 @@ def test_published_defaults_and_bad_options(blobs) -> None:
     o = TameOptions()
     assert (o.window, o.smoothing, o.n_std, o.min_std) == (100, 0.2, 3.0, 0.005)
     assert o.prune and o.expert_sparsity == 0.9
+    # the experts' lr is the scenario's (training.optimizer), no longer an option
     for options, key in (("{smoothing: 1.5}", "smoothing"), ("{windw: 50}", "windw"),
+                         ("{lr: 0.05}", "lr"), ("{selector_lr_scale: 0}", "selector_lr_scale"),
                          ("{expert_sparsity: 1.0}", "expert_sparsity"), ("{window: 1}", "window")):
         with pytest.raises(ConfigError, match=key):
             parse_scenario(recurring_yaml(blobs, options))
@@ -306,3 +314,123 @@ strategies:
 """
     failed = run(offline)["strategies"]["tame"]
     assert failed["status"] == "failed" and "training.epochs" in failed["error"]
+
+
+# ---------------------------------------------------------------------------
+# every step under the scenario's training settings
+# ---------------------------------------------------------------------------
+
+TWO_BATCHES = 16  # training samples of the one-experience stream: two batches of 8
+SEEN: dict[str, object] = {}  # what Probe saw, outside any plugin the ledger walks
+
+
+class Probe:
+    """Listed after tame: keeps the model as tame's setup left it (expert 0, its whole
+    label space switched on), the stream's training inputs in order, and the model after."""
+
+    def clsim_setup(self, ctx) -> None:
+        SEEN["before"] = copy.deepcopy(ctx.model)
+
+    def clsim_after_experience(self, ctx, experience) -> None:
+        SEEN["inputs"] = ctx.to_input(experience.train_x)
+        SEEN["labels"] = experience.train_y.long()
+        SEEN["after"] = copy.deepcopy(ctx.model)
+
+
+@pytest.fixture
+def probe(monkeypatch) -> str:
+    monkeypatch.setitem(sys.modules, "tame_test_plugins", sys.modules[__name__])
+    SEEN.clear()
+    return "tame_test_plugins:Probe"
+
+
+def two_batch_yaml(tmp_path: Path, probe: str, *, poison: bool = False,
+                   nonfinite: str = "stop") -> str:
+    """One experience of two classes, 16 training samples (one of them NaN with
+    ``poison``), boundaries visible so that after_experience carries the samples."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(TWO_BATCHES + 8, 16)).astype(np.float32)
+    y = np.arange(TWO_BATCHES + 8) % 2
+    if poison:
+        x[3, 5] = np.nan
+    path = tmp_path / "two.npz"
+    np.savez(path, x=x[:TWO_BATCHES], y=y[:TWO_BATCHES], x_test=x[TWO_BATCHES:],
+             y_test=y[TWO_BATCHES:])
+    return f"""\
+name: tame_two_batches
+seed: 0
+data: {{dataset: npz, path: {path}}}
+stream: {{type: class_incremental, n_experiences: 1, online: true, eval_every: 100}}
+model: {{name: mlp, hidden: [8]}}
+training:
+  batch_size: {BATCH}
+  optimizer: {{name: adam, lr: 0.01}}
+  nonfinite_loss: {nonfinite}
+threads: 1
+strategies:
+  tame:
+    plugins: [{{tame: {{capacity: 20}}}}, '{probe}']
+"""
+
+
+def adam_reference(steps: list[tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
+    """Expert 0 as it was after setup, stepped by one Adam (lr 0.01) over ``steps``."""
+    model = copy.deepcopy(SEEN["before"])
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for inputs, labels in steps:
+        optimizer.zero_grad()
+        F.cross_entropy(model(inputs), labels).backward()
+        optimizer.step()
+    return model
+
+
+def assert_same_weights(model: nn.Module, expected: nn.Module) -> None:
+    for (name, got), want in zip(model.state_dict().items(), expected.state_dict().values(),
+                                 strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)
+
+
+def test_expert_steps_are_the_scenarios_optimizer_with_state_kept(tmp_path, probe) -> None:
+    """training.optimizer is Adam, lr 0.01: expert 0 ends exactly where one Adam carried
+    over both batches puts it (not two fresh Adams, whose every step moves each weight by
+    lr, nor SGD), and the ledger charges the state kept between batches: two moments per
+    parameter and a float32 step count per tensor."""
+    result = run(two_batch_yaml(tmp_path, probe))["strategies"]["tame"]
+    assert result["status"] == "ok", result["error"]
+    inputs, labels = SEEN["inputs"], SEEN["labels"]
+    batches = [(inputs[i : i + BATCH], labels[i : i + BATCH]) for i in (0, BATCH)]
+    assert_same_weights(SEEN["after"], adam_reference(batches))
+    fresh = adam_reference(batches[1:])  # the second batch with a fresh Adam state
+    assert not torch.allclose(SEEN["after"].state_dict()["head.weight"] -
+                              SEEN["before"].state_dict()["head.weight"],
+                              fresh.state_dict()["head.weight"] -
+                              SEEN["before"].state_dict()["head.weight"])
+    params = list(SEEN["before"].parameters())
+    parts = result["ledger"][-1]["parts"]
+    assert parts["tame.optimizer_state"] == 2 * sum(p.numel() * 4 for p in params) + \
+        4 * len(params)
+    assert not result["memory_estimated"]
+
+
+def test_a_nan_batch_is_skipped_as_if_never_drawn(tmp_path, probe) -> None:
+    """nonfinite_loss: skip_batch: the batch holding the NaN sample is counted, takes no
+    step and is not buffered; expert 0 is exactly one Adam step on the other batch."""
+    result = run(two_batch_yaml(tmp_path, probe, poison=True, nonfinite="skip_batch"))
+    result = result["strategies"]["tame"]
+    assert result["status"] == "ok", result["error"]
+    assert result["skipped_batches"] == 1
+    inputs, labels = SEEN["inputs"], SEEN["labels"]
+    batches = [(inputs[i : i + BATCH], labels[i : i + BATCH]) for i in (0, BATCH)]
+    clean = [b for b in batches if bool(torch.isfinite(b[0]).all())]
+    assert len(clean) == 1
+    assert_same_weights(SEEN["after"], adam_reference(clean))
+    assert result["plugins"]["tame"]["buffer"]["stored"] == BATCH
+
+
+def test_a_nan_batch_stops_the_run_by_default(tmp_path, probe) -> None:
+    """nonfinite_loss: stop: the loop's error, naming the loss and the remedy."""
+    result = run(two_batch_yaml(tmp_path, probe, poison=True))["strategies"]["tame"]
+    assert result["status"] == "failed"
+    assert "the loss became nan" in result["error"]
+    assert "training.nonfinite_loss: skip_batch" in result["error"]
