@@ -327,7 +327,7 @@ def clsim_report(ctx: RunContext, stream: Stream) -> dict[str, Any] | None:
     routing strategy's within-expert accuracy, say) and ``stream.boundaries()``, the true
     experience starts in training samples (to score a shift detector against). Return a
     dict of JSON-ready plain data (str keys; numbers, strings, bools, None, lists, dicts)
-    or None; it is stored under ``metrics.plugins.<plugin name>`` of the strategy.
+    or None; ``summary.json`` stores it under ``strategies.<strategy>.plugins.<plugin>``.
 
     :param ctx: the run context; the model is as training left it.
     :param stream: the stream the strategy was trained on (with hidden boundaries too).
