@@ -307,8 +307,9 @@ class PrdPlugin:
             self.old_encoder.train(ctx.model.features.training)
             with torch.no_grad():
                 features = self.old_encoder(output.inputs)
-                if self.old_head is None:
-                    scores = features @ F.normalize(torch.cat(self.old_prototypes), dim=1).T
+                if self.old_head is None:  # task by task, as the student's are computed
+                    scores = torch.cat([features @ F.normalize(old, dim=1).T
+                                        for old in self.old_prototypes], dim=1)
                 else:
                     self.old_head.train(ctx.model.head.training)
                     scores = self.old_head(features)[:, self.old_classes]
@@ -386,16 +387,15 @@ class PrdPlugin:
         teacher = output.aux.get(TEACHER)
         if teacher is None:
             return output.features.new_zeros(())
+        spans = [s for s in self.prototypes.spans() if s.stop <= len(self.old_classes)]
         if self.old_head is None:
-            old = list(self.prototypes.groups)[: len(self.old_prototypes)]
-            student = output.features @ F.normalize(torch.cat(old), dim=1).T
+            groups = list(self.prototypes.groups)[: len(spans)]
+            students = [output.features @ F.normalize(group, dim=1).T for group in groups]
         else:
-            student = output.logits[:, self.old_classes]
+            students = [output.logits[:, self.old_classes[span]] for span in spans]
         terms = []
-        for span in self.prototypes.spans():
-            if span.stop > len(self.old_classes):
-                break
-            log_q = F.log_softmax(student[:, span], dim=1)
+        for span, student in zip(spans, students, strict=True):
+            log_q = F.log_softmax(student, dim=1)
             log_p = F.log_softmax(teacher[:, span], dim=1)
             terms.append((log_p.exp() * (log_p - log_q)).sum(dim=1).mean())
         return torch.stack(terms).mean()
