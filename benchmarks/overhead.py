@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clsim.assembly import build_stream
 from clsim.config import ScenarioConfig, parse_scenario
 from clsim.data import Dataset, load_dataset
-from clsim.engine import build_stream, run_strategy
+from clsim.engine import run_strategy
 from clsim.errors import ClsimError
 from clsim.models import build_model
 from clsim.seeding import derive_seed

@@ -53,9 +53,10 @@ from typing import Any, NoReturn
 
 import torch
 
+from clsim.assembly import build_stream
 from clsim.config import ScenarioConfig, parse_scenario
 from clsim.data import Dataset, load_dataset
-from clsim.engine import build_stream, run_strategy
+from clsim.engine import run_strategy
 from clsim.errors import ClsimError
 from clsim.interop.avalanche import AvalancheMissing, benchmark_from_stream, import_avalanche
 from clsim.models import build_model

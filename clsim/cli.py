@@ -63,7 +63,7 @@ def _load(arg: str):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from clsim.engine import default_out_dir
+    from clsim.assembly import default_out_dir
     from clsim.logging.console import family_table, results_table
     from clsim.runner import run_scenario
 
@@ -145,7 +145,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from clsim.engine import build_scenario_model, build_stream, load_scenario_data
+    from clsim.assembly import build_scenario_model, build_stream, load_scenario_data
 
     scenario = _load(args.scenario)
     dataset = load_scenario_data(scenario)

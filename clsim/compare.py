@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clsim.assembly import build_stream, load_scenario_data
 from clsim.cellstore import CellStore
 from clsim.config import parse_scenario, read_scenario_text
-from clsim.engine import build_stream, load_scenario_data
 from clsim.errors import ConfigError
 from clsim.executors import run_inline, run_process_pool, run_ray, threads_per_cell
 from clsim.grid import CellTask, plan

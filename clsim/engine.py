@@ -10,37 +10,29 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from clsim.assembly import build_scenario_model
 from clsim.checkpoint import Checkpointing, restore
-from clsim.config import ScenarioConfig, StrategyConfig, resolve_path
+from clsim.config import ScenarioConfig, StrategyConfig
 from clsim.context import RunContext
-from clsim.data import Dataset, load_dataset
-from clsim.errors import BudgetExceededError, ClsimError, ConfigError, OptionError, PluginError
+from clsim.data import Dataset
+from clsim.errors import BudgetExceededError, ClsimError, PluginError
 from clsim.evaluation import evaluate, label_counts
 from clsim.logging.events import EventLog
 from clsim.logging.tensorboard import TensorBoardLogger
 from clsim.loop_types import ExperiencePlan
 from clsim.memory import Ledger, measure, model_bytes
-from clsim.models import build_model
-from clsim.models.heads import ActiveHead, expose_labels
+from clsim.models.heads import expose_labels
 from clsim.plugin_manager import HookRunner, build_plugin_manager
-from clsim.resources import check_run_memory
 from clsim.scoring import AnytimePoint, RunRecord, per_label, score
 from clsim.seeding import derive_seed, torch_generator
 from clsim.snapshot import SnapshotError
 from clsim.stream import Experience, Stream
-from clsim.streams import STREAM_TYPES, TIMING_KEYS
-from clsim.streams.avalanche import benchmark_data
-from clsim.streams.common import DEFAULT_EVAL_EVERY
 from clsim.training import Trainer
-
-# stream options naming a file or folder: resolved relative to the scenario file
-_PATH_OPTIONS = ("hierarchy", "index_dir")
 
 
 @dataclass
@@ -69,113 +61,6 @@ class StrategyOutcome:
             "memory_estimated": ledger.estimated,
             "wall_seconds": round(self.wall_seconds, 3),
         }
-
-
-def resolve_device(spec: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; asking for an absent GPU is an error."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device {spec!r} was asked for, but torch sees no CUDA device "
-            "(use device: auto or cpu)",
-            key_path="device",
-        )
-    return device
-
-
-def load_scenario_data(scenario: ScenarioConfig) -> Dataset:
-    """The scenario's dataset; missing or damaged files are a ConfigError naming the
-    scenario file and the key that points at them (data.path for npz, else data.root)."""
-    data = scenario.data
-    options = {} if data.path is None else {"path": resolve_path(scenario, data.path)}
-    check_run_memory(scenario, resolve_path(scenario, data.root), **options)  # before loading
-    benchmark = benchmark_data(scenario)  # a classic Avalanche benchmark reads its own data
-    if benchmark is not None:
-        return benchmark
-    try:
-        return load_dataset(data.dataset, root=resolve_path(scenario, data.root), **options)
-    except ClsimError as exc:
-        key = "path" if data.dataset.strip().lower() == "npz" else "root"
-        raise scenario.error(("data", key), getattr(exc, "detail", str(exc))) from None
-
-
-def build_scenario_model(scenario: ScenarioConfig, dataset: Dataset, stream: Stream | None = None):
-    """The scenario's model for ``dataset``, with one output per label id of ``stream``
-    (a growing head when its label space is masked); a model that cannot be built is a
-    ConfigError."""
-    n_outputs = dataset.n_classes if stream is None else stream.labels.n_classes
-    try:
-        model = build_model(scenario.model.name, dataset.sample_shape, n_outputs,
-                            scenario.model.options)
-    except ClsimError:
-        raise
-    except (RuntimeError, MemoryError, ValueError) as exc:  # e.g. an absurd layer width
-        raise ConfigError(f"model {scenario.model.name!r} could not be built for samples of "
-                          f"shape {dataset.sample_shape}: {exc}", source=scenario.source,
-                          key_path="model") from None
-    if stream is not None and stream.labels.masked:
-        model.head = ActiveHead.replacing(model.head)
-    return model
-
-
-def build_stream(scenario: ScenarioConfig, dataset: Dataset, seed: int) -> Stream:
-    """The scenario's stream; option errors become ConfigErrors naming the key."""
-    options = dict(vars(scenario.stream.options))
-    timing = {key: options.pop(key) for key in TIMING_KEYS}
-    for key in _PATH_OPTIONS:
-        if isinstance(options.get(key), str):
-            options[key] = resolve_path(scenario, options[key])
-    try:
-        stream = STREAM_TYPES[scenario.stream.type].build(dataset, seed=seed, **options)
-    except OptionError as exc:
-        raise scenario.error(("stream", *exc.key.split(".")), str(exc)) from None
-    except ValueError as exc:
-        raise scenario.error(("stream",), str(exc)) from None
-    except ConfigError as exc:  # e.g. an optional dependency the stream type needs
-        raise scenario.error(("stream", "type"), str(exc)) from None
-    for exp in stream:  # every experience must be trainable and testable
-        if exp.n_train == 0 or exp.n_test == 0:
-            split = "training" if exp.n_train == 0 else "test"
-            raise scenario.error(("stream",), f"experience {exp.index} (classes "
-                                 f"{list(exp.classes)}) has no {split} samples in dataset "
-                                 f"{dataset.name!r}")
-    online = timing["online"]
-    if online and not stream.ordered:  # fix one arrival order, drawn from the seed
-        stream = _shuffle_within_experiences(stream, seed)
-    return replace(
-        stream,
-        online=online,
-        eval_every=(timing["eval_every"] or DEFAULT_EVAL_EVERY) if online else None,
-        boundaries_hidden=timing["boundaries"] == "hidden",
-        # heads grow as classes appear in online and hierarchical protocols
-        labels=replace(stream.labels, masked=stream.labels.masked or online
-                       or stream.family == "hierarchical"),
-    )
-
-
-def _shuffle_within_experiences(stream: Stream, seed: int) -> Stream:
-    """Each experience's training samples in a seeded random order (an online stream
-    sees them once, in that order)."""
-    generator = torch_generator(seed, "online-order")
-    experiences = []
-    for exp in stream:
-        order = torch.randperm(exp.n_train, generator=generator)
-        experiences.append(replace(exp, train_x=exp.train_x[order], train_y=exp.train_y[order]))
-    return replace(stream, experiences=tuple(experiences), ordered=True)
-
-
-def limit_stream(stream: Stream, n: int) -> Stream:
-    """A smoke-test copy of ``stream``: the first ``n`` training and test samples of each
-    experience (order kept), so a long scenario can be checked end to end in seconds."""
-    experiences = tuple(
-        replace(exp, train_x=exp.train_x[:n], train_y=exp.train_y[:n],
-                test_x=exp.test_x[:n], test_y=exp.test_y[:n])
-        for exp in stream
-    )
-    return replace(stream, experiences=experiences,
-                   eval_every=None if stream.eval_every is None else min(stream.eval_every, n))
 
 
 def stream_parts(exp: Experience, position: int, every: int | None) -> Iterator[Experience]:
@@ -503,6 +388,3 @@ def _largest_parts(parts: dict[str, int], n: int = 3) -> str:
     top = sorted(parts.items(), key=lambda kv: -kv[1])[:n]
     return ", ".join(f"{name} {nbytes} B" for name, nbytes in top)
 
-
-def default_out_dir(scenario: ScenarioConfig) -> Path:
-    return Path("runs") / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"

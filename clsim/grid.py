@@ -83,7 +83,7 @@ def _scenario(text: str, source: str, base_dir: str) -> ScenarioConfig:
 
 @functools.lru_cache(maxsize=2)
 def _dataset(text: str, source: str, base_dir: str):
-    from clsim.engine import load_scenario_data
+    from clsim.assembly import load_scenario_data
 
     return load_scenario_data(_scenario(text, source, base_dir))
 
@@ -106,7 +106,8 @@ def run_cell(task: CellTask) -> dict[str, Any]:
 
 
 def _run(task: CellTask) -> dict[str, Any]:
-    from clsim.engine import build_scenario_model, build_stream, resolve_device, run_strategy
+    from clsim.assembly import build_scenario_model, build_stream, resolve_device
+    from clsim.engine import run_strategy
     from clsim.memory import model_bytes
 
     torch.set_num_threads(task.threads)

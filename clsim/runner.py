@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 import clsim
+from clsim.assembly import build_stream, limit_stream, load_scenario_data, resolve_device
 from clsim.checkpoint import (
     Checkpointing,
     checkpoint_path,
@@ -21,14 +22,7 @@ from clsim.checkpoint import (
     remove_partial_writes,
 )
 from clsim.config import ScenarioConfig
-from clsim.engine import (
-    StrategyOutcome,
-    build_stream,
-    limit_stream,
-    load_scenario_data,
-    resolve_device,
-    run_strategy,
-)
+from clsim.engine import StrategyOutcome, run_strategy
 from clsim.errors import ClsimError, ConfigError
 from clsim.logging.console import progress_factory
 from clsim.logging.events import EventLog

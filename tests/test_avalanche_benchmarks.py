@@ -14,9 +14,9 @@ import pytest
 import torch
 from helpers import REPO_ROOT, run_cli
 
+from clsim.assembly import build_stream, load_scenario_data
 from clsim.config import parse_scenario
 from clsim.data import load_dataset
-from clsim.engine import build_stream, load_scenario_data
 from clsim.errors import ConfigError
 from clsim.interop.avalanche_classic import arranged_root, checked_root, missing_files
 

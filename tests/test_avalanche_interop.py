@@ -134,7 +134,7 @@ def test_bad_generator_arguments_name_the_key(tmp_path, args: str, message: str)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{path}:4: {message}" in result.stderr, result.stderr
     with pytest.raises(ConfigError):
-        from clsim.engine import build_stream
+        from clsim.assembly import build_stream
 
         scenario = parse_scenario(path.read_text(), source=str(path))
         build_stream(scenario, load_dataset("digits"), 0)

@@ -19,9 +19,10 @@ import torch
 from clsim_plugins.avalanche import AvalanchePlugin
 from helpers import REPO_ROOT, SPLIT_MNIST_PROTOCOL, run_cli
 
+from clsim.assembly import build_stream
 from clsim.config import load_scenario, parse_scenario
 from clsim.data import load_dataset
-from clsim.engine import build_stream, stream_parts
+from clsim.engine import stream_parts
 from clsim.errors import ConfigError
 from clsim.interop.avalanche import avalanche_strategy, run_avalanche
 from clsim.memory import _attributes, _Walker

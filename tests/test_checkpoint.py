@@ -20,10 +20,11 @@ import pytest
 import torch
 from helpers import DIGITS_SCENARIO, REPO_ROOT, run_cli
 
+from clsim.assembly import build_stream, limit_stream, load_scenario_data
 from clsim.checkpoint import Checkpointing, fingerprint, read_checkpoint
 from clsim.cli import main
 from clsim.config import load_scenario
-from clsim.engine import build_stream, limit_stream, load_scenario_data, run_strategy
+from clsim.engine import run_strategy
 from clsim.snapshot import Decoder, Encoder, SnapshotError
 
 ALLOWED = ("clsim", "torch", "numpy", __name__.split(".")[0])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import DIGITS_SCENARIO
 
+from clsim.assembly import resolve_device
 from clsim.config import load_scenario, parse_scenario
-from clsim.engine import resolve_device
 from clsim.errors import ConfigError
 from clsim.runner import run_scenario
 

@@ -210,8 +210,8 @@ def test_hidden_boundaries_fire_no_boundary_hook(stream, monkeypatch):
     assert rec.calls == [("before", 0, (), 0), ("after", 0, (), 0)]
     assert summary["dataset"]["n_train"] == total
     assert all(t is None for t in rec.task_ids)
+    from clsim.assembly import build_stream
     from clsim.data import load_dataset
-    from clsim.engine import build_stream
     built = build_stream(scenario, load_dataset("digits"), scenario.seed)
     assert torch.equal(torch.cat(rec.labels), torch.cat([e.train_y for e in built]))
     strategy = summary["strategies"]["rec"]
@@ -393,8 +393,8 @@ def test_online_stream_with_several_epochs_is_rejected():
 def test_a_hierarchy_file_is_found_relative_to_the_scenario(tmp_path, monkeypatch):
     """stream.hierarchy given as a file name is read from the scenario's folder, not the
     working directory, and gives the same stream as the same tree written inline."""
+    from clsim.assembly import build_stream
     from clsim.data import load_dataset
-    from clsim.engine import build_stream
 
     inline = load_scenario(SCENARIOS / "hle_quick.yaml")
     folder = tmp_path / "exp"

@@ -16,9 +16,9 @@ import pytest
 import torch
 from helpers import DIGITS_SCENARIO, bare_context
 
+from clsim.assembly import build_stream
 from clsim.config import OptimizerConfig, TrainingConfig, parse_scenario
 from clsim.data import load_dataset
-from clsim.engine import build_stream
 from clsim.errors import ConfigError
 from clsim.models import MLPOptions, build_model
 from clsim.plugin_manager import HookRunner, build_plugin_manager

@@ -549,7 +549,7 @@ class WatchedReplay(ReplayPlugin):
 
 
 def test_experience_end_updates_replay_only_what_earlier_experiences_left(monkeypatch):
-    from clsim.engine import build_stream, load_scenario_data
+    from clsim.assembly import build_stream, load_scenario_data
     from clsim.seeding import torch_generator
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))

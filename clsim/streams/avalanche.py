@@ -7,7 +7,7 @@ built, and a missing avalanche-lib is a ConfigError saying how to get it.
 
 A classic benchmark brings its own data, read through Avalanche's data loading, so it
 is read where the engine loads a scenario's data (:func:`benchmark_data`, called by
-``clsim.engine.load_scenario_data``): the dataset it returns holds every sample as
+``clsim.assembly.load_scenario_data``): the dataset it returns holds every sample as
 Avalanche yields it, and the stream read with it is kept beside it (weakly) for
 :func:`avalanche_stream` to hand out; another seed reads the benchmark again.
 """
@@ -156,7 +156,7 @@ def _classic_stream(dataset: Dataset, seed: int, benchmark: str,
     read = _READ.get(dataset)
     if read is None or (read.benchmark, read.args) != (benchmark, _canonical(args)):
         raise OptionError("benchmark", f"{benchmark} brings its own data: build its stream "
-                          "over the dataset clsim.engine.load_scenario_data returns for the "
+                          "over the dataset clsim.assembly.load_scenario_data returns for the "
                           f"scenario, not over dataset {dataset.name!r}")
     if read.seed == seed:
         return read.stream
