@@ -16,14 +16,15 @@ from torch import nn
 
 from clsim.config import ScenarioConfig, resolve_path
 from clsim.data import Dataset, load_dataset
-from clsim.errors import ClsimError, ConfigError, OptionError
+from clsim.errors import ClsimError, ConfigError, DataError, OptionError
+from clsim.interop.avalanche_classic import CLASSIC_BENCHMARKS
 from clsim.models import build_model
 from clsim.models.heads import ActiveHead
 from clsim.resources import check_run_memory
 from clsim.seeding import torch_generator
 from clsim.stream import Stream
 from clsim.streams import STREAM_TYPES, TIMING_KEYS
-from clsim.streams.avalanche import benchmark_data
+from clsim.streams.avalanche import read_benchmark
 from clsim.streams.common import DEFAULT_EVAL_EVERY
 
 # stream options naming a file or folder: resolved relative to the scenario file
@@ -63,6 +64,31 @@ def load_scenario_data(scenario: ScenarioConfig) -> Dataset:
     except ClsimError as exc:
         key = "path" if data.dataset.strip().lower() == "npz" else "root"
         raise scenario.error(("data", key), getattr(exc, "detail", str(exc))) from None
+
+
+def benchmark_data(scenario: ScenarioConfig) -> Dataset | None:
+    """The data of the classic Avalanche benchmark the scenario's stream names (SplitMNIST
+    reads its own files), read with the run seed; None when the stream names none.
+    ``data.dataset`` must name the dataset the benchmark reads (mnist for SplitMNIST);
+    errors are ConfigErrors at their key."""
+    stream = scenario.stream
+    if stream.type != "avalanche" or stream.options.benchmark not in CLASSIC_BENCHMARKS:
+        return None
+    name, options = stream.options.benchmark, stream.options
+    expected = CLASSIC_BENCHMARKS[name].dataset
+    if scenario.data.dataset.strip().lower().replace("-", "_") != expected:
+        raise scenario.error(("data", "dataset"), f"stream.benchmark {name} reads "
+                             f"{expected}; data.dataset says {scenario.data.dataset!r} "
+                             f"(set it to {expected})")
+    try:
+        return read_benchmark(name, options.args, resolve_path(scenario, options.dataset_root),
+                              resolve_path(scenario, scenario.data.root), scenario.seed)
+    except OptionError as exc:
+        raise scenario.error(("stream", *exc.key.split(".")), str(exc)) from None
+    except DataError as exc:  # no data root to arrange clsim's files from
+        raise scenario.error(("data", "root"), str(exc)) from None
+    except ConfigError as exc:  # no avalanche-lib here: the way to get it
+        raise scenario.error(("stream", "benchmark"), str(exc)) from None
 
 
 def build_scenario_model(scenario: ScenarioConfig, dataset: Dataset,

@@ -6,10 +6,12 @@ avalanche-lib is optional: this module only describes the options; the bridge
 built, and a missing avalanche-lib is a ConfigError saying how to get it.
 
 A classic benchmark brings its own data, read through Avalanche's data loading, so it
-is read where the engine loads a scenario's data (:func:`benchmark_data`, called by
+is read where a scenario's data is loaded (:func:`read_benchmark`, called by
 ``clsim.assembly.load_scenario_data``): the dataset it returns holds every sample as
 Avalanche yields it, and the stream read with it is kept beside it (weakly) for
-:func:`avalanche_stream` to hand out; another seed reads the benchmark again.
+:func:`avalanche_stream` to hand out; another seed reads the benchmark again. This
+module reads no scenario: the stream types sit below :mod:`clsim.config`, which
+validates their options.
 """
 
 from __future__ import annotations
@@ -19,18 +21,15 @@ import json
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
 from clsim.data.dataset import Dataset
-from clsim.errors import ConfigError, DataError, OptionError
+from clsim.errors import OptionError
 from clsim.interop.avalanche_classic import CLASSIC_BENCHMARKS
 from clsim.stream import Stream
 from clsim.streams.common import TimingOptions
-
-if TYPE_CHECKING:
-    from clsim.config import ScenarioConfig
 
 
 @dataclass
@@ -65,7 +64,7 @@ def avalanche_stream(dataset: Dataset, *, seed: int,
                      args: dict[str, Any] | None = None,
                      dataset_root: str | None = None) -> Stream:
     """Avalanche's ``benchmark`` generator over ``dataset``, as a clsim stream; for a
-    classic benchmark, the stream read with ``dataset`` by :func:`benchmark_data`."""
+    classic benchmark, the stream read with ``dataset`` by :func:`read_benchmark`."""
     if benchmark in CLASSIC_BENCHMARKS:
         return _classic_stream(dataset, seed, benchmark, dict(args or {}))
     if dataset_root is not None:
@@ -116,36 +115,20 @@ class _Read:
 _READ: weakref.WeakKeyDictionary[Dataset, _Read] = weakref.WeakKeyDictionary()
 
 
-def benchmark_data(scenario: ScenarioConfig) -> Dataset | None:
-    """The data of the classic Avalanche benchmark the scenario's stream names, read
-    through Avalanche with the run seed (its stream kept for :func:`avalanche_stream`);
-    None when the stream does not name one. ``data.dataset`` must name the dataset the
-    benchmark reads (mnist for SplitMNIST); errors are ConfigErrors at their key."""
-    from clsim.config import resolve_path
+def read_benchmark(benchmark: str, args: dict[str, Any], root: Path | None,
+                   data_root: str | None, seed: int) -> Dataset:
+    """The data of the classic Avalanche ``benchmark``, read through Avalanche with
+    ``seed`` from ``root`` (None: the files clsim arranges from its copy under
+    ``data_root``); its stream is kept for :func:`avalanche_stream` to hand out. Errors
+    are OptionErrors at the stream key, DataErrors (no data root) or ConfigErrors (no
+    avalanche-lib)."""
     from clsim.interop.avalanche import import_avalanche
     from clsim.interop.avalanche_classic import arranged_root, read_classic
 
-    options = scenario.stream.options
-    if scenario.stream.type != "avalanche" or options.benchmark not in CLASSIC_BENCHMARKS:
-        return None
-    name, spec = options.benchmark, CLASSIC_BENCHMARKS[options.benchmark]
-    if scenario.data.dataset.strip().lower().replace("-", "_") != spec.dataset:
-        raise scenario.error(("data", "dataset"), f"stream.benchmark {name} reads "
-                             f"{spec.dataset}; data.dataset says {scenario.data.dataset!r} "
-                             f"(set it to {spec.dataset})")
-    try:
-        import_avalanche()
-        root = (Path(resolve_path(scenario, options.dataset_root))
-                if options.dataset_root is not None
-                else arranged_root(name, resolve_path(scenario, scenario.data.root)))
-        dataset, stream = read_classic(name, options.args, root, scenario.seed)
-    except OptionError as exc:
-        raise scenario.error(("stream", *exc.key.split(".")), str(exc)) from None
-    except DataError as exc:  # no data root to arrange clsim's files from
-        raise scenario.error(("data", "root"), str(exc)) from None
-    except ConfigError as exc:  # no avalanche-lib here: the way to get it
-        raise scenario.error(("stream", "benchmark"), str(exc)) from None
-    _READ[dataset] = _Read(name, _canonical(options.args), root, scenario.seed, stream)
+    import_avalanche()
+    root = Path(root) if root is not None else arranged_root(benchmark, data_root)
+    dataset, stream = read_classic(benchmark, args, root, seed)
+    _READ[dataset] = _Read(benchmark, _canonical(args), root, seed, stream)
     return dataset
 
 
