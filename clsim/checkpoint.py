@@ -1,8 +1,9 @@
 """Checkpoints of a strategy in progress: everything needed to continue after a kill.
 
 After each experience the engine saves the model, every plugin's state, the optimizer
-state plugins keep, every random generator, the scores so far, the ledger and the stream
-position (:func:`capture`), written to a temporary file and renamed into place, so a
+state plugins keep, every random generator, and the state the trainer and the stream
+loop hand over through their ``state_dict`` methods (batch order, scores so far, ledger,
+stream position) (:func:`capture`), written to a temporary file and renamed into place, so a
 checkpoint on disk is always whole. :func:`restore` puts a fresh run into that state; the
 rest of the stream then gives the same final metrics as a run never interrupted. Files are
 read with ``torch.load(weights_only=True)`` and decoded by :mod:`clsim.snapshot`, so
@@ -29,9 +30,7 @@ import clsim
 from clsim.results import write_atomic
 from clsim.snapshot import Decoder, Encoder, SnapshotError, allowed_modules, as_tuples
 
-FORMAT = "clsim-checkpoint/1"
-# trainer attributes that are wiring, not state
-_TRAINER_WIRING = ("ctx", "hooks", "config", "progress")
+FORMAT = "clsim-checkpoint/2"
 
 
 def fingerprint(config: dict[str, Any], seed: int, limit: int | None, strategy: str) -> str:
@@ -138,12 +137,8 @@ def capture(loop: Any, next_experience: int, wall_seconds: float,
     state = {
         "plugins": plugins,
         "model": encoder.encode(ctx.model, "the model"),
-        "seen_classes": encoder.encode(ctx.seen_classes, "ctx.seen_classes"),
-        "trainer": encoder.encode({k: v for k, v in vars(trainer).items()
-                                   if k not in _TRAINER_WIRING}, "the trainer"),
-        "loop": encoder.encode({"record": loop.record, "seen": loop.seen,
-                                "position": loop.position, "ledger": loop.outcome.ledger},
-                               "the engine"),
+        "trainer": encoder.encode(trainer.state_dict(), "the trainer"),
+        "loop": encoder.encode(loop.state_dict(), "the engine"),
     }
     return {
         "format": FORMAT,
@@ -192,11 +187,8 @@ def _restore(loop: Any, payload: dict[str, Any]) -> int:
     for instance, node in zip(instances, state["plugins"], strict=True):
         decoder.fill(instance, node)
     ctx.model = decoder.decode(state["model"])
-    ctx.seen_classes = decoder.decode(state["seen_classes"])
-    vars(trainer).update(decoder.decode(state["trainer"]))
-    engine = decoder.decode(state["loop"])
-    loop.record, loop.seen, loop.position = engine["record"], engine["seen"], engine["position"]
-    loop.outcome.ledger = engine["ledger"]
+    trainer.load_state_dict(decoder.decode(state["trainer"]))
+    loop.load_state_dict(decoder.decode(state["loop"]))
     RemovableHandle.next_id = max(RemovableHandle.next_id, int(payload["hook_ids"]))
     rng = payload["rng"]
     torch.set_rng_state(rng["torch"])

@@ -183,6 +183,21 @@ class _Loop:
         self.checkpoint = checkpoint  # saves the state after each experience, when given
         self.started = started  # perf_counter at the start, less the time before a resume
 
+    def state_dict(self) -> dict[str, Any]:
+        """The stream loop's progress, for a checkpoint: the scores so far, the labels met
+        (in order of first appearance, as plugins read them from ``ctx.seen_classes``),
+        the training samples delivered and the ledger."""
+        return {"record": self.record, "seen": self.seen,
+                "seen_classes": self.ctx.seen_classes, "position": self.position,
+                "ledger": self.outcome.ledger}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s ``state``."""
+        self.record, self.seen = state["record"], state["seen"]
+        self.ctx.seen_classes = state["seen_classes"]
+        self.position = int(state["position"])
+        self.outcome.ledger = state["ledger"]
+
     def evaluate(self) -> np.ndarray:
         return evaluate(self.ctx, self.hooks, self.stream, self.scenario.training.eval_batch_size)
 

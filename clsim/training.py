@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,6 +82,18 @@ class Trainer:
         if self.config.nonfinite_loss != "skip_batch":
             return {}
         return {"skipped_batches": self.skipped_batches}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the loop carries from one experience to the next, for a checkpoint: the
+        batch-order generator's state and the skipped-batch count. Taken between
+        experiences, where :meth:`end_experience` has dropped everything else."""
+        return {"generator": self.generator.get_state(),
+                "skipped_batches": self.skipped_batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s ``state`` (the generator in place)."""
+        self.generator.set_state(state["generator"])
+        self.skipped_batches = int(state["skipped_batches"])
 
     def n_batches(self, n_samples: int, epochs: int | None = None) -> int:
         per_epoch = -(-n_samples // self.config.batch_size)
