@@ -6,7 +6,10 @@ import pytest
 import torch
 from helpers import stream_hash
 
+from clsim.assembly import build_stream, load_scenario_data
+from clsim.config import load_scenario
 from clsim.data import load_dataset
+from clsim.errors import ConfigError, OptionError
 from clsim.stream import Stream
 from clsim.streams.class_incremental import class_groups, class_incremental
 
@@ -95,3 +98,71 @@ def test_stream_is_a_sequence(digits):
     assert stream[-1] is stream.experiences[4]
     assert isinstance(stream[1:3], Stream) and len(stream[1:3]) == 2
     assert [e.index for e in stream] == [e.index for e in stream] == [0, 1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------
+# a classic Avalanche benchmark, assembled from a scenario (avalanche-lib stood in for:
+# the real one is tested in .venv-avalanche by tests/test_avalanche_benchmarks.py)
+# ---------------------------------------------------------------------------
+
+SPLIT_MNIST = """\
+name: split
+seed: 3
+data: {dataset: mnist}
+stream: {type: avalanche, benchmark: SplitMNIST, args: {n_experiences: 5}, dataset_root: tv}
+model: {name: mlp, hidden: [8]}
+strategies:
+  naive: {plugins: [naive]}
+"""
+
+
+@pytest.fixture
+def fake_classic(monkeypatch, digits):
+    """read_classic over digits, recording what it was asked to read."""
+    import clsim.interop.avalanche as bridge
+    import clsim.interop.avalanche_classic as classic
+
+    calls = []
+
+    def read(benchmark, args, root, seed):
+        calls.append((benchmark, args, root, seed))
+        if "bad" in args:
+            raise OptionError("args", f"{benchmark} rejected its arguments")
+        return digits, class_incremental(digits, seed=seed, n_experiences=5)
+
+    monkeypatch.setattr(bridge, "import_avalanche", lambda: None)
+    monkeypatch.setattr(classic, "read_classic", read)
+    return calls
+
+
+def test_a_classic_benchmark_is_read_with_the_scenario_and_its_stream_kept(
+        tmp_path, fake_classic, shared_data_root):
+    path = tmp_path / "s.yaml"
+    path.write_text(SPLIT_MNIST)
+    scenario = load_scenario(path)
+    dataset = load_scenario_data(scenario)
+    # dataset_root relative to the YAML, the run seed
+    assert fake_classic == [("SplitMNIST", {"n_experiences": 5}, tmp_path / "tv", 3)]
+    stream = build_stream(scenario, dataset, 3)
+    assert stream.experiences is build_stream(scenario, dataset, 3).experiences
+    assert len(fake_classic) == 1  # the stream read with the data, not read again
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "message"),
+    [
+        (("data: {dataset: mnist}", "data: {dataset: digits}"), "data.dataset",
+         "stream.benchmark SplitMNIST reads mnist; data.dataset says 'digits' (set it to mnist)"),
+        (("args: {n_experiences: 5}", "args: {bad: 1}"), "stream.args",
+         "SplitMNIST rejected its arguments"),
+    ],
+)
+def test_a_classic_benchmark_error_names_the_scenario_key(
+        tmp_path, fake_classic, shared_data_root, edit, key, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(SPLIT_MNIST.replace(*edit))
+    with pytest.raises(ConfigError) as caught:
+        load_scenario_data(load_scenario(path))
+    assert caught.value.key_path == key
+    assert message in str(caught.value)
+    assert str(path) in str(caught.value)
