@@ -25,7 +25,9 @@ from clsim.checkpoint import Checkpointing, fingerprint, read_checkpoint
 from clsim.cli import main
 from clsim.config import load_scenario
 from clsim.engine import run_strategy
+from clsim.seeding import torch_generator
 from clsim.snapshot import Decoder, Encoder, SnapshotError
+from clsim.training import Trainer
 
 ALLOWED = ("clsim", "torch", "numpy", __name__.split(".")[0])
 
@@ -196,6 +198,22 @@ def test_a_pickled_object_in_a_checkpoint_is_never_run(tmp_path, monkeypatch):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(SnapshotError, match="delete it to run this strategy from the start"):
         read_checkpoint(path, "any")
+
+
+def test_the_trainer_hands_over_its_state_through_state_dict():
+    """Batch order and the skipped-batch count, nothing of the wiring; the generator is
+    restored in place and draws what the saved one draws next."""
+    saved = Trainer(None, None, None, torch_generator(0, "batches"))
+    torch.randperm(10, generator=saved.generator)
+    saved.skipped_batches = 2
+    state = saved.state_dict()
+    assert set(state) == {"generator", "skipped_batches"}
+    fresh = Trainer(None, None, None, torch_generator(5, "batches"))
+    generator = fresh.generator
+    fresh.load_state_dict(state)
+    assert fresh.generator is generator and fresh.skipped_batches == 2
+    assert torch.equal(torch.randperm(10, generator=fresh.generator),
+                       torch.randperm(10, generator=saved.generator))
 
 
 # ---------------------------------------------------------------------------
