@@ -264,7 +264,7 @@ def test_resuming_at_a_boundary_gives_the_uninterrupted_metrics(name, tmp_path, 
 
 def test_tame_resumes_exactly_on_a_stream_with_boundaries(tmp_path):
     text = DIGITS_SCENARIO.replace("batch_size: 64", "batch_size: 8").replace(
-        "plugins: [naive]", "plugins: [{tame: {window: 10}}]\n    budget: 6 models + 300 exemplars")
+        "plugins: [naive]", "plugins: [{tame: {window: 10}}]\n    budget: 7 models + 300 exemplars")
     path = tmp_path / "tame.yaml"
     path.write_text(text, encoding="utf-8")
     scenario = load_scenario(path)
