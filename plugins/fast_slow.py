@@ -199,8 +199,9 @@ class FastSlowPlugin:
     def clsim_before_experience(self, ctx: RunContext, experience: Experience) -> None:
         require_boundaries(experience, NAME, "the base session ends and each session "
                            "consolidates at a boundary")
-        if self.importance is None:
-            return  # the base session trains first
+        if self.importance is None:  # the base session trains first, in the standard loop,
+            self.plastic["head"].expose(experience.train_y)  # over all its classes at once
+            return
         head: CosineHead = self.plastic["head"]
         labels = experience.train_y.to(ctx.device)
         present = labels.unique()

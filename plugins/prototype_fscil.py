@@ -16,8 +16,9 @@ The method:
    ``logits = 16 * cos(f(x), w_c)``, by the engine's standard loop (the scenario's
    ``training`` section: optimizer, epochs, batch size). The plugin replaces
    ``model.head`` by :class:`~clsim_plugins.prototypes.CosineHead` at setup, keeping the
-   initial rows of the model's linear head; outputs of classes not yet trained on are
-   masked, as a head over the base classes only.
+   initial rows of the model's linear head; every base class's output is switched on
+   when the base session starts and the others stay masked, as a head over the base
+   classes only.
 2. After the base session every parameter of the model is frozen (and held in eval
    mode, see :func:`~clsim_plugins.prototypes.freeze`) and each base class's weight
    becomes the normalised mean embedding of its training samples.
@@ -111,6 +112,8 @@ class PrototypeFscilPlugin:
     def clsim_before_experience(self, ctx: RunContext, experience: Experience) -> None:
         require_boundaries(experience, NAME, "the base session must end before the "
                            "encoder freezes")
+        if not frozen(ctx.model):  # the base classifier covers its classes from batch one
+            ctx.model.head.expose(experience.train_y)
 
     def clsim_plan_experience(self, ctx: RunContext, plan: ExperiencePlan
                               ) -> ExperiencePlan | None:
