@@ -242,11 +242,10 @@ RUN_ORDER = (
 def _strategy_hooks(strategy):
     """The strategy's plugins created and registered as a run does it, so a strategy
     whose plugins cannot run together is refused here too, naming the strategy."""
-    from clsim.engine import _instantiate
     from clsim.errors import PluginError
-    from clsim.plugin_manager import HookRunner, build_plugin_manager
+    from clsim.plugin_manager import HookRunner, build_plugin_manager, create_plugin
 
-    plugins = [(p.name, _instantiate(p)) for p in strategy.plugins]
+    plugins = [(p.name, create_plugin(p)) for p in strategy.plugins]
     try:
         return HookRunner(build_plugin_manager(plugins))
     except PluginError as exc:

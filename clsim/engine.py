@@ -20,14 +20,14 @@ from clsim.checkpoint import Checkpointing, restore
 from clsim.config import ScenarioConfig, StrategyConfig
 from clsim.context import RunContext
 from clsim.data import Dataset
-from clsim.errors import BudgetExceededError, ClsimError, PluginError
+from clsim.errors import BudgetExceededError, ClsimError
 from clsim.evaluation import evaluate, label_counts
 from clsim.logging.events import EventLog
 from clsim.logging.tensorboard import TensorBoardLogger
 from clsim.loop_types import ExperiencePlan
 from clsim.memory import Ledger, measure, model_bytes
 from clsim.models.heads import expose_labels
-from clsim.plugin_manager import HookRunner, build_plugin_manager
+from clsim.plugin_manager import HookRunner, build_plugin_manager, create_plugin
 from clsim.scoring import AnytimePoint, RunRecord, per_label, score
 from clsim.seeding import derive_seed, torch_generator
 from clsim.snapshot import SnapshotError
@@ -108,7 +108,7 @@ def run_strategy(
         torch.manual_seed(derive_seed(seed, "model"))
         model = build_scenario_model(scenario, dataset, stream).to(device)
         torch.manual_seed(derive_seed(seed, strategy.name, "torch-global"))
-        plugins = [(spec.name, _instantiate(spec)) for spec in strategy.plugins]
+        plugins = [(spec.name, create_plugin(spec)) for spec in strategy.plugins]
         where = {"experience": None}
         hooks = HookRunner(build_plugin_manager(plugins), lambda: _where(strategy.name, where))
         if strategy.budget is not None:
@@ -381,17 +381,6 @@ def _not_plain(value: Any, where: str) -> str | None:
         return None
     return f"{where} is a {type(value).__name__}; expected plain data (numbers, strings, " \
         "bools, None, lists, dicts)"
-
-
-def _instantiate(spec) -> object:
-    """A plugin instance; a constructor that raises is reported as the plugin's fault."""
-    try:
-        return spec.cls() if spec.options is None else spec.cls(spec.options)
-    except ClsimError:
-        raise
-    except Exception as exc:
-        raise PluginError(f"plugin {spec.name!r} ({spec.ref}) could not be created: "
-                          f"{type(exc).__name__}: {exc}") from exc
 
 
 def _where(strategy: str, where: dict) -> str:

@@ -14,13 +14,16 @@ import importlib
 import importlib.metadata
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from clsim import hookspecs
 from clsim.errors import ClsimError, PluginError, PluginRuntimeError
 from clsim.validation import closest
+
+if TYPE_CHECKING:
+    from clsim.config import PluginSpec
 
 ENTRY_POINT_GROUP = "clsim.plugins"
 HOOK_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("clsim_"))
@@ -75,6 +78,18 @@ def load_plugin_class(ref: str) -> type:
     if not inspect.isclass(target):
         raise PluginError(f"plugin {ref!r} must be a class; got {type(target).__name__}")
     return target
+
+
+def create_plugin(spec: PluginSpec) -> object:
+    """An instance of a strategy's plugin from its YAML entry (class and validated
+    options); a constructor that raises is reported as the plugin's fault."""
+    try:
+        return spec.cls() if spec.options is None else spec.cls(spec.options)
+    except ClsimError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"plugin {spec.name!r} ({spec.ref}) could not be created: "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 def options_class(plugin_class: type) -> type | None:
