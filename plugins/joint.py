@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from clsim.context import RunContext
 from clsim.loop_types import ExperiencePlan
 from clsim.stream import Experience
 
