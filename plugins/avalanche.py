@@ -18,11 +18,11 @@ without it fails with a ConfigError that says how to get it.
 Both are checked when the scenario is read: an unknown strategy or option is named with
 the closest match, and a value the constructor refuses is reported with Avalanche's
 message. What the plugin sets itself (model, optimizer, criterion, batch size, epochs,
-device, evaluator) cannot be passed. The strategy trains with its own SGD, built once
-at setup and stepped by Avalanche's loop, whose settings are options here: lr 0.01, no
-momentum, no weight decay by default (the settings of clsim's Avalanche cross-checks).
-Batch size and epochs are the scenario's ``training.batch_size`` and ``training.epochs``
-(1 on an online stream).
+device, evaluator) cannot be passed. The strategy trains with the scenario's optimizer
+(``training.optimizer``, built once at setup by ``ctx.new_optimizer`` and stepped by
+Avalanche's loop), batch size and epochs (``training.batch_size``, ``training.epochs``,
+1 on an online stream), as every other strategy of the comparison does. Avalanche's loop
+does not report its losses to clsim, so ``training.nonfinite_loss`` cannot act inside it.
 
 **Training.** The plugin owns each experience (``clsim_train_experience``): the point
 of the bridge is to run Avalanche's own training loop (its strategy, plugins and
@@ -105,7 +105,7 @@ SET_BY_PLUGIN = {
     "model": "clsim's model, the scenario's 'model' section",
     "feature_extractor": "clsim's model's features",
     "classifier": "clsim's model's head",
-    "optimizer": "an SGD set by the plugin's lr, momentum and weight_decay",
+    "optimizer": "training.optimizer",
     "criterion": "cross-entropy",
     "train_mb_size": "training.batch_size",
     "train_epochs": "training.epochs",
@@ -149,14 +149,6 @@ class AvalancheOptions:
         default_factory=dict,
         metadata={"help": "keyword arguments of the strategy's constructor (mem_size, alpha, "
                   "temperature, ewc_lambda...); Avalanche's defaults otherwise"},
-    )
-    lr: float = field(
-        default=0.01,
-        metadata={"min": 0, "min_exclusive": True, "help": "learning rate of the strategy's SGD"},
-    )
-    momentum: float = field(default=0.0, metadata={"min": 0, "help": "momentum of its SGD"})
-    weight_decay: float = field(
-        default=0.0, metadata={"min": 0, "help": "weight decay of its SGD"}
     )
 
     def check(self) -> None:
@@ -500,9 +492,7 @@ class AvalanchePlugin:
             raise ConfigError("avalanche: the model needs 'features' and 'head' (every model "
                               "of the clsim zoo has them)")
         wrapped = RawInputModel(ctx.model, ctx.data)
-        optimizer = torch.optim.SGD(wrapped.parameters(), lr=self.options.lr,
-                                    momentum=self.options.momentum,
-                                    weight_decay=self.options.weight_decay)
+        optimizer = ctx.new_optimizer(wrapped)
         try:
             self.strategy = build_strategy(cls, name, wrapped, optimizer,
                                            batch_size=ctx.batch_size, epochs=ctx.epochs,

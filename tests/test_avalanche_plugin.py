@@ -109,8 +109,8 @@ def test_loading_the_plugin_imports_no_avalanche() -> None:
 # ---------------------------------------------------------------------------
 
 SPLIT_MNIST = SPLIT_MNIST_PROTOCOL + """\
-  naive: {plugins: [{avalanche: {strategy: Naive, lr: 0.01}}]}
-  replay: {plugins: [{avalanche: {strategy: Replay, options: {mem_size: 500}, lr: 0.01}}]}
+  naive: {plugins: [{avalanche: {strategy: Naive}}]}
+  replay: {plugins: [{avalanche: {strategy: Replay, options: {mem_size: 500}}}]}
 """
 
 

@@ -45,7 +45,7 @@ SETUPS = {
     "analytic": (CLASS_INCREMENTAL, "[{analytic: {buffer_size: 32}}]"),
     "language_head": (CLASS_INCREMENTAL,
                       "[naive, {language_head: {prompt: 'a handwritten digit {name}'}}]"),
-    "avalanche": (CLASS_INCREMENTAL, "[{avalanche: {strategy: Naive, lr: 0.01}}]"),
+    "avalanche": (CLASS_INCREMENTAL, "[{avalanche: {strategy: Naive}}]"),
 }
 
 SCENARIO = """\
