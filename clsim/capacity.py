@@ -3,7 +3,9 @@
 Every store sized from the budget follows one rule: measure what the strategy holds with
 its store emptied (the model, the plugin's other state, the empty store itself), and
 fill what the budget leaves with whole items. Written once here, so every plugin sizes
-its memory, and words its error, the same way.
+its memory, and words its error, the same way. The analytic learner is the exception:
+its state is not a count of items but a d_b x d_b matrix, so it solves a quadratic for
+the largest d_b instead (``plugins/analytic.py``), with the same wording.
 """
 
 from __future__ import annotations

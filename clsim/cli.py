@@ -215,28 +215,6 @@ def _first_comment(path: Path) -> str:
     return ""
 
 
-# Every hook, in the order one run fires it (clsim/hookspecs.py): ``--order all`` prints
-# them so; the loop's hooks (clsim_plan_experience .. clsim_after_batch) fire only for an
-# experience no plugin owns.
-RUN_ORDER = (
-    "clsim_setup",
-    "clsim_before_experience",
-    "clsim_train_experience",
-    "clsim_plan_experience",
-    "clsim_trainable",
-    "clsim_before_batch",
-    "clsim_inputs",
-    "clsim_forward",
-    "clsim_task_loss",
-    "clsim_loss",
-    "clsim_after_backward",
-    "clsim_after_update",
-    "clsim_after_batch",
-    "clsim_after_experience",
-    "clsim_predict",
-    "clsim_report",
-    "clsim_teardown",
-)
 
 
 def _strategy_hooks(strategy):
@@ -262,6 +240,7 @@ def _training_line(hooks) -> str:
 
 
 def _print_order(args: argparse.Namespace) -> int:
+    from clsim.hookspecs import RUN_ORDER
     from clsim.plugin_manager import HOOK_NAMES
 
     if args.order != "all" and args.order not in HOOK_NAMES:

@@ -20,7 +20,7 @@ from clsim.checkpoint import Checkpointing, restore
 from clsim.config import ScenarioConfig, StrategyConfig
 from clsim.context import RunContext
 from clsim.data import Dataset
-from clsim.errors import BudgetExceededError, ClsimError
+from clsim.errors import BudgetExceededError, ClsimError, TrainingError
 from clsim.evaluation import evaluate, label_counts
 from clsim.logging.events import EventLog
 from clsim.logging.tensorboard import TensorBoardLogger
@@ -265,6 +265,7 @@ class _Loop:
             if owner is None:
                 plan = self._plan(part)
                 if plan.train:
+                    self._resize_progress(part, plan)
                     loss = trainer.fit(plan, shuffle=not stream.online,
                                        keep_optimizer=number > 0)
             if ticks is not None and trainer.progress.n == ticks:
@@ -291,7 +292,27 @@ class _Loop:
         if self.hooks.implemented("clsim_plan_experience"):
             plan = self.hooks.chain("clsim_plan_experience", "plan", plan, ExperiencePlan,
                                     ctx=self.ctx, experience=part)
+            if self.stream.online and plan.train and plan.epochs != 1:
+                names = ", ".join(self.hooks.order("clsim_plan_experience"))
+                raise TrainingError(
+                    f"strategy {self.strategy.name!r}: a plan asks for {plan.epochs} epochs "
+                    f"on an online stream, which shows each sample once (plugins with "
+                    f"clsim_plan_experience: {names})")
         return plan
+
+    def _resize_progress(self, part: Experience, plan: ExperiencePlan) -> None:
+        """Count the plan's batches on the progress bar instead of the part's (a plan may
+        add exemplars or epochs)."""
+        progress, trainer = self.trainer.progress, self.trainer
+        if progress is None or not hasattr(progress, "total"):
+            return
+        planned = trainer.n_batches(plan.n_samples, plan.epochs)
+        shown = trainer.n_batches(part.n_train, 1 if self.stream.online else None)
+        if planned != shown:
+            progress.total += planned - shown
+            refresh = getattr(progress, "refresh", None)
+            if callable(refresh):
+                refresh()
 
     def _anytime(self, experience: int) -> None:
         """An evaluation in the middle of an online stream, with a ledger check."""
@@ -342,9 +363,12 @@ class _Loop:
 def training_view(exp: Experience, hidden: bool = False) -> Experience:
     """``exp`` as training hooks see it: without its test samples (and, ``hidden``, without
     its training samples too: a hidden-boundary stream delivers them part by part)."""
-    empty = {"test_x": exp.test_x[:0], "test_y": exp.test_y[:0]}
+    def nothing(t: torch.Tensor) -> torch.Tensor:  # no view: its storage would hold it all
+        return t.new_empty((0, *t.shape[1:]))
+
+    empty = {"test_x": nothing(exp.test_x), "test_y": nothing(exp.test_y)}
     if hidden:
-        empty.update(train_x=exp.train_x[:0], train_y=exp.train_y[:0])
+        empty.update(train_x=nothing(exp.train_x), train_y=nothing(exp.train_y))
     return replace(exp, **empty)
 
 

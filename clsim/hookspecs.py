@@ -38,8 +38,9 @@ hold one such plugin, with no other plugin implementing the loop's hooks
 (:data:`LOOP_HOOKS`): those would never fire, so the pair is refused at start-up.
 
 **No test data while training.** Training hooks receive experiences without their test
-samples, and ``ctx.data`` describes the dataset without holding it; only
-``clsim_report`` reads the stream's test sets.
+samples (not even a view of them), and ``ctx.data`` describes the dataset without holding
+it; test inputs reach a plugin only in ``clsim_predict``, and ``clsim_report`` reads the
+stream's test sets once training is over.
 """
 
 from __future__ import annotations
@@ -73,6 +74,18 @@ LOOP_HOOKS = (
     "clsim_after_batch",
 )
 """The hooks only the standard loop fires: a plugin owning an experience silences them."""
+
+RUN_ORDER = (
+    "clsim_setup",
+    "clsim_before_experience",
+    "clsim_train_experience",
+    *LOOP_HOOKS,
+    "clsim_after_experience",
+    "clsim_predict",
+    "clsim_report",
+    "clsim_teardown",
+)
+"""Every hook, in the order one run fires it (``clsim list --order all`` prints so)."""
 
 
 # ---------------------------------------------------------------------------
@@ -155,8 +168,8 @@ def clsim_plan_experience(
 def clsim_trainable(ctx: RunContext) -> Any | None:
     """Parameters the scenario's optimizer trains besides the model's own.
 
-    Collected each time the loop builds its optimizer (each experience; an online
-    experience keeps one across its parts while the parameters stay the same). Return a
+    Collected whenever the loop starts training a plan (each experience; each part of an
+    online one, where the optimizer carries over while the parameters stay the same). Return a
     module, a parameter, a :class:`clsim.loop_types.Trainable` (with an ``lr_scale``
     factor on the scenario's learning rate) or a list of them; None adds nothing. Keep
     them on the plugin, where the ledger charges them by attribute name. The model's
@@ -292,7 +305,8 @@ def clsim_after_batch(
     :param batch: the batch trained on; ``batch.stream_part()`` holds its stream samples.
     :param logits: the model's output on ``batch`` (computed before the update).
     :param loss: the total loss of the batch (detached).
-    :param output: the forward pass (its tensors still carry the graph of the step).
+    :param output: the forward pass of the batch (read it now; keeping it would keep
+        its activations alive).
     """
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from clsim.config import OptimizerConfig, TrainingConfig
 from clsim.context import RunContext
 from clsim.errors import TrainingError
+from clsim.hookspecs import LOOP_HOOKS
 from clsim.loop_types import ExperiencePlan, ForwardOutput, Trainable, trainable_parameters
 from clsim.models.base import has_feature_head
 from clsim.models.heads import expose_labels
@@ -114,6 +115,7 @@ class Trainer:
         ctx.optimizer = optimizer = self._optimizer(keep_optimizer)
         batch_size, n = self.config.batch_size, plan.n_samples
         skip_nonfinite = self.config.nonfinite_loss == "skip_batch"
+        active = self._active_hooks()  # looked up once: the batch loop is the hot path
         mean_loss = float("nan")
         model.train()
         for epoch in range(plan.epochs):
@@ -127,12 +129,12 @@ class Trainer:
                     order[start : start + batch_size]
                 batch = Batch(x[index], y[index], None if task_ids is None else task_ids[index])
                 # plugins may replace the batch (replay mixes memory samples in)
-                if hooks.implemented("clsim_before_batch"):
+                if "clsim_before_batch" in active:
                     batch = hooks.chain("clsim_before_batch", "batch", batch, Batch, ctx=ctx)
                 expose_labels(model, batch.y)  # a growing head switches on new classes
                 # forward: the task loss (or a plugin's replacement) plus every extra term
-                output = self.forward(batch)
-                loss = self._total_loss(batch, output)
+                output = self.forward(batch, active)
+                loss = self._total_loss(batch, output, active)
                 if skip_nonfinite and not bool(torch.isfinite(loss)):
                     # discarded as if never drawn: no backward, no step, no after_* hooks
                     self._skip(loss, epoch, step)
@@ -142,11 +144,13 @@ class Trainer:
                 # backward and update
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                hooks.call("clsim_after_backward", ctx=ctx, batch=batch, loss=loss)
+                if "clsim_after_backward" in active:
+                    hooks.call("clsim_after_backward", ctx=ctx, batch=batch, loss=loss)
                 optimizer.step()
-                hooks.call("clsim_after_update", ctx=ctx, batch=batch)
+                if "clsim_after_update" in active:
+                    hooks.call("clsim_after_update", ctx=ctx, batch=batch)
                 loss = loss.detach()
-                if hooks.implemented("clsim_after_batch"):
+                if "clsim_after_batch" in active:
                     hooks.call("clsim_after_batch", ctx=ctx, batch=batch,
                                logits=output.logits.detach(), loss=loss, output=output)
                 loss_sum += loss
@@ -165,16 +169,19 @@ class Trainer:
         model.zero_grad(set_to_none=True)
         return mean_loss
 
-    def forward(self, batch: Batch) -> ForwardOutput:
+    def forward(self, batch: Batch, active: frozenset[str] | None = None) -> ForwardOutput:
         """Model inputs (with every view plugins stacked), features and logits of ``batch``,
-        plus the auxiliary outputs plugins add."""
+        plus the auxiliary outputs plugins add. ``active``: the loop hooks implemented
+        (looked up here when not given)."""
         ctx, hooks, model = self.ctx, self.hooks, self.ctx.model
+        active = self._active_hooks() if active is None else active
         inputs = ctx.to_input(batch.x)
-        if hooks.implemented("clsim_inputs"):
+        views = 1
+        if "clsim_inputs" in active:
             inputs = hooks.chain("clsim_inputs", "inputs", inputs, torch.Tensor, ctx=ctx,
                                  batch=batch)
-        views = self._views(inputs, batch)
-        if has_feature_head(model):
+            views = self._views(inputs, batch)
+        if "split_forward" in active:
             features = model.features(inputs)
             logits = model.head(features)
         else:
@@ -183,17 +190,19 @@ class Trainer:
         if views > 1:
             targets = targets.repeat(views)
         output = ForwardOutput(inputs, features, logits, targets, views)
-        for plugin, extra in hooks.collect("clsim_forward", ctx=ctx, batch=batch,
-                                           output=output):
-            self._add_aux(plugin, extra, output)
+        if "clsim_forward" in active:
+            for plugin, extra in hooks.collect("clsim_forward", ctx=ctx, batch=batch,
+                                               output=output):
+                self._add_aux(plugin, extra, output)
         return output
 
-    def _total_loss(self, batch: Batch, output: ForwardOutput) -> torch.Tensor:
+    def _total_loss(self, batch: Batch, output: ForwardOutput,
+                    active: frozenset[str]) -> torch.Tensor:
         """The task loss (cross-entropy, or the one plugin's replacement) plus every
         plugin's extra term."""
         ctx, hooks = self.ctx, self.hooks
         replaced = hooks.collect("clsim_task_loss", ctx=ctx, batch=batch, output=output) \
-            if hooks.implemented("clsim_task_loss") else []
+            if "clsim_task_loss" in active else []
         if len(replaced) > 1:
             names = " and ".join(repr(name) for name, _ in replaced)
             raise self.hooks.fault(replaced[1][0], "clsim_task_loss",
@@ -204,7 +213,7 @@ class Trainer:
                                 output.logits.device)
         else:
             loss = ctx.task_loss(output.logits, output.targets)
-        if hooks.implemented("clsim_loss"):
+        if "clsim_loss" in active:
             for plugin, extra in hooks.collect("clsim_loss", ctx=ctx, batch=batch,
                                                logits=output.logits, output=output):
                 loss = loss + self._scalar(plugin, "clsim_loss", extra, loss.device)
@@ -231,7 +240,7 @@ class Trainer:
                     f"strategy {self.ctx.strategy!r}: the loss became "
                     f"{float(loss.detach())}{self._where()}; lower the learning rate, check "
                     "the plugins' loss terms, or set training.nonfinite_loss: skip_batch")
-            self._skip(loss, -1, self._experience_batches[0] + self._experience_batches[1] + 1)
+            self._skip(loss, None, self._experience_batches[0] + self._experience_batches[1] + 1)
             return False
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -241,12 +250,21 @@ class Trainer:
 
     # -- helpers ---------------------------------------------------------------
 
+    def _active_hooks(self) -> frozenset[str]:
+        """The loop hooks some plugin implements, and ``split_forward`` when the model's
+        features can be handed to plugins without a second forward pass."""
+        active = {hook for hook in LOOP_HOOKS if self.hooks.implemented(hook)}
+        if has_feature_head(self.ctx.model):
+            active.add("split_forward")
+        return frozenset(active)
+
     def _plugin_trainables(self) -> list[Trainable]:
         if not self.hooks.implemented("clsim_trainable"):
             return []
         found: list[Trainable] = []
         for plugin, result in self.hooks.collect("clsim_trainable", ctx=self.ctx):
-            items = [result] if isinstance(result, Trainable | nn.Module) else result
+            single = isinstance(result, Trainable | nn.Module | nn.Parameter)
+            items = [result] if single else result
             try:
                 items = list(items)
             except TypeError:
@@ -328,10 +346,12 @@ class Trainer:
             "plugins' loss terms, or set training.nonfinite_loss: skip_batch"
         )
 
-    def _skip(self, loss: torch.Tensor, epoch: int, step: int) -> None:
-        """Count and log a batch discarded for its non-finite loss (``skip_batch``)."""
+    def _skip(self, loss: torch.Tensor, epoch: int | None, step: int) -> None:
+        """Count and log a batch discarded for its non-finite loss (``skip_batch``);
+        ``epoch`` None for a plugin's own loop (its batches counted over the experience)."""
         self.skipped_batches += 1
         self._experience_batches[1] += 1
         experience = self.ctx.experience
         self.ctx.log("batch_skipped", experience=None if experience is None else experience.index,
-                     epoch=epoch + 1, batch=step, loss=str(float(loss.detach())))
+                     epoch=None if epoch is None else epoch + 1, batch=step,
+                     loss=str(float(loss.detach())))

@@ -23,9 +23,11 @@ class JointPlugin:
     def clsim_plan_experience(
         self, experience: Experience, plan: ExperiencePlan
     ) -> ExperiencePlan:
+        """The experience's plan (as earlier plugins left it) with every earlier sample
+        appended; their task ids are not kept, so they read -1 where the plan has some."""
+        earlier_x, earlier_y = list(self.seen_x), list(self.seen_y)
         self.seen_x.append(experience.train_x)
         self.seen_y.append(experience.train_y)
-        if len(self.seen_x) == 1:
+        if not earlier_x:
             return plan
-        return ExperiencePlan(torch.cat(self.seen_x), torch.cat(self.seen_y), None,
-                              plan.epochs, plan.train)
+        return plan.extended(torch.cat(earlier_x), torch.cat(earlier_y))

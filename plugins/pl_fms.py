@@ -413,13 +413,13 @@ class PlFmsPlugin:
         return mixed
 
     def clsim_loss(self, ctx: RunContext, batch: Batch, logits: torch.Tensor,
-                   output: ForwardOutput | None = None) -> torch.Tensor | None:
+                   output: ForwardOutput) -> torch.Tensor | None:
         labels = self._labels(ctx)
         if not self.options.pseudo_labels or labels.n_levels == 1:
             return None
         # one label per row of logits: with several views (another plugin's clsim_inputs)
         # the labels repeat per view, and the first view's rows are the batch's own
-        y = batch.y if output is None else output.targets
+        y = output.targets
         active = active_outputs(ctx.model)
         targets = hierarchy_targets(labels, y, logits, active)
         if self._replayed is not None:

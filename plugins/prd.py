@@ -102,6 +102,7 @@ from torch import nn
 from clsim.augment import crop_flip, random_crop
 from clsim.context import RunContext
 from clsim.errors import ConfigError, OptionError, TrainingError
+from clsim.hookspecs import hookimpl
 from clsim.loop_types import ForwardOutput, Trainable
 from clsim.models.base import has_feature_head
 from clsim.models.heads import target_head
@@ -283,6 +284,7 @@ class PrdPlugin:
 
     # -- one batch -------------------------------------------------------------
 
+    @hookimpl(trylast=True)  # last: the random state taken here is the forward's own
     def clsim_inputs(self, ctx: RunContext, inputs: torch.Tensor) -> torch.Tensor:
         """Two augmented views of every sample; with a teacher, the random state the
         student's forward starts from, for the teacher to replay."""

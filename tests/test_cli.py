@@ -175,7 +175,7 @@ def test_list_order_follows_the_yaml_and_names_who_trains(tmp_path):
 
 
 def test_list_order_all_prints_every_hook_in_the_order_a_run_fires_them(tmp_path):
-    from clsim.cli import RUN_ORDER
+    from clsim.hookspecs import RUN_ORDER
     from clsim.plugin_manager import HOOK_NAMES
 
     assert sorted(RUN_ORDER) == sorted(HOOK_NAMES)  # every hook of hookspecs, once

@@ -41,8 +41,11 @@ class Peeker:
     seen: list = []
 
     def _look(self, hook, ctx, experience=None):
-        type(self).seen.append((hook, hasattr(ctx, "dataset"),
-                                None if experience is None else experience.n_test))
+        # not even a view: an empty slice would still share the test set's storage
+        test_bytes = None if experience is None else (
+            experience.test_x.untyped_storage().nbytes()
+            + experience.test_y.untyped_storage().nbytes())
+        type(self).seen.append((hook, hasattr(ctx, "dataset"), test_bytes))
 
     def clsim_before_experience(self, ctx, experience):
         self._look("before_experience", ctx, experience)
@@ -67,7 +70,8 @@ def test_training_hooks_see_no_test_data_and_the_report_does(mod):
     hooks = {hook for hook, _, _ in Peeker.seen}
     assert hooks == {"before_experience", "plan_experience", "ctx.experience", "after_batch",
                      "after_experience"}
-    assert all(has_dataset is False and n_test == 0 for _, has_dataset, n_test in Peeker.seen)
+    assert all(has_dataset is False and test_bytes == 0
+               for _, has_dataset, test_bytes in Peeker.seen)
     assert outcome.metrics["plugins"]["Peeker"]["test_samples"] == 1797 - DIGITS_SAMPLES
 
 
@@ -104,6 +108,28 @@ def test_a_plugin_parameter_trains_under_the_scenarios_optimizer_at_its_lr_facto
         assert [lr for lr, ids in groups if offset_id not in ids] == [0.1]  # the model's
         assert torch.equal(after, torch.add(before, grad, alpha=-0.05))  # plain SGD, exactly
     assert outcome.ledger.records[-1].measurement.parts.get("Scaled.offset") == 40
+
+
+class BareParameter:
+    """Returns one bare parameter from clsim_trainable (scale 1)."""
+
+    def __init__(self):
+        self.offset = nn.Parameter(torch.zeros(10))
+
+    def clsim_trainable(self):
+        return self.offset
+
+    def clsim_loss(self, logits):
+        return (self.offset - logits.mean(0).detach()).square().sum()
+
+    def clsim_after_update(self, ctx):
+        lrs = [g["lr"] for g in ctx.optimizer.param_groups
+               if any(p is self.offset for p in g["params"])]
+        assert lrs == [0.1]
+
+
+def test_a_bare_parameter_is_trainable_too(mod):
+    assert run(f"'{mod}:BareParameter'").error is None
 
 
 class TwoViews:
@@ -212,6 +238,21 @@ def test_an_owner_steps_under_the_scenarios_optimizer_and_nonfinite_policy(mod):
     finally:
         Owner.poison = False
     assert skipping.error is None and skipping.metrics["skipped_batches"] == 5
+
+
+class TwoEpochs:
+    seen: list = []
+
+    def clsim_plan_experience(self, plan):
+        return replace(plan, epochs=2)
+
+
+def test_an_online_stream_refuses_a_plan_of_several_epochs(mod):
+    text = DIGITS_SCENARIO.replace("plugins: [naive]", f"plugins: ['{mod}:TwoEpochs']")
+    text = text.replace("n_experiences: 5}", "n_experiences: 5, online: true}")
+    error = run_scenario(parse_scenario(text), None).outcomes[0].error
+    assert error == ("strategy 'naive': a plan asks for 2 epochs on an online stream, which "
+                     "shows each sample once (plugins with clsim_plan_experience: TwoEpochs)")
 
 
 def test_plan_extended_keeps_task_ids_aligned():

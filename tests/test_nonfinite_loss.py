@@ -20,6 +20,7 @@ from clsim.assembly import build_stream
 from clsim.config import OptimizerConfig, TrainingConfig, parse_scenario
 from clsim.data import load_dataset
 from clsim.errors import ConfigError
+from clsim.loop_types import ExperiencePlan
 from clsim.models import MLPOptions, build_model
 from clsim.plugin_manager import HookRunner, build_plugin_manager
 from clsim.runner import run_scenario
@@ -94,7 +95,7 @@ def test_skipped_batches_leave_exactly_the_weights_of_a_run_without_them(poison_
 
     poison = poison_class()
     trainer = _trainer(model, dataset, [("poison", poison)], epochs=2)
-    trainer.fit(x, y)
+    trainer.fit(ExperiencePlan(x, y, None, epochs=2))
     trainer.end_experience()  # batches were trained: no error
 
     orders = torch.Generator().manual_seed(7)
@@ -106,7 +107,7 @@ def test_skipped_batches_leave_exactly_the_weights_of_a_run_without_them(poison_
                 kept.append(order[b * BATCH : (b + 1) * BATCH])
     kept = torch.cat(kept)
     reference = _trainer(reference_model, dataset, [], epochs=1)
-    reference.fit(x[kept], y[kept], shuffle=False)
+    reference.fit(ExperiencePlan(x[kept], y[kept], None, epochs=1), shuffle=False)
 
     poisoned = 2 * (n // BATCH) // 3  # batches 3, 6, ..., 18 of 20
     assert trainer.skipped_batches == poisoned == 6

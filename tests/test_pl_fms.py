@@ -217,7 +217,8 @@ def test_pseudo_label_loss_is_the_weighted_cross_entropy_at_the_other_levels() -
     expose_labels(ctx.model, torch.arange(labels.n_classes))
     y = torch.tensor([0, 1, 2, 7, 11])  # parity ids 0-1, digit ids 2-11
     logits = torch.randn(5, labels.n_classes, generator=torch.Generator().manual_seed(3))
-    loss = plugin.clsim_loss(ctx=ctx, batch=Batch(torch.zeros(5, 1, 8, 8), y), logits=logits)
+    loss = plugin.clsim_loss(ctx=ctx, batch=Batch(torch.zeros(5, 1, 8, 8), y), logits=logits,
+                             output=one_view(logits, y))
     parity, digit = logits[:, :2], logits[:, 2:]
     even = [2, 4, 6, 8, 10]  # flat ids of digits 0, 2, 4, 6, 8
     odd = [3, 5, 7, 9, 11]
@@ -237,7 +238,12 @@ def test_pseudo_label_loss_is_the_weighted_cross_entropy_at_the_other_levels() -
     assert float(views) == pytest.approx(float(loss), rel=1e-6)
     plugin.options.pseudo_labels = False
     assert plugin.clsim_loss(ctx=ctx, batch=Batch(torch.zeros(5, 1, 8, 8), y),
-                             logits=logits) is None
+                             logits=logits, output=one_view(logits, y)) is None
+
+
+def one_view(logits: torch.Tensor, y: torch.Tensor) -> ForwardOutput:
+    """The loop's output of a one-view batch, as far as the pseudo-label loss reads it."""
+    return ForwardOutput(torch.zeros(len(y), 64), None, logits, y, 1)
 
 
 def step(plugin: PlFmsPlugin, ctx, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
@@ -247,7 +253,7 @@ def step(plugin: PlFmsPlugin, ctx, optimizer: torch.optim.Optimizer, batch: Batc
     expose_labels(model, batch.y)
     logits = model(ctx.to_input(batch.x))
     loss = ctx.labels.cross_entropy(logits, batch.y) + plugin.clsim_loss(
-        ctx=ctx, batch=batch, logits=logits)
+        ctx=ctx, batch=batch, logits=logits, output=one_view(logits, batch.y))
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

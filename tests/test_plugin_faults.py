@@ -33,8 +33,9 @@ SPECIFIED_HOOKS = sorted(
 OUTSIDE_EXPERIENCES = {"clsim_setup", "clsim_teardown", "clsim_predict", "clsim_report"}
 IN_EXPERIENCE_0 = {
     "clsim_before_experience", "clsim_train_experience", "clsim_after_experience",
-    "clsim_before_batch", "clsim_loss", "clsim_after_backward", "clsim_after_update",
-    "clsim_after_batch",
+    "clsim_plan_experience", "clsim_trainable", "clsim_before_batch", "clsim_inputs",
+    "clsim_forward", "clsim_task_loss", "clsim_loss", "clsim_after_backward",
+    "clsim_after_update", "clsim_after_batch",
 }
 
 SCENARIO = """\

@@ -45,8 +45,13 @@ class ClassifierModel(nn.Module):
 
 def has_feature_head(model: nn.Module) -> bool:
     """Whether ``model(x)`` is exactly ``model.head(model.features(x))``, so the training
-    loop can hand the features to plugins without a second forward pass."""
-    return isinstance(model, ClassifierModel) and type(model).forward is ClassifierModel.forward
+    loop can hand the features to plugins without a second forward pass (not when hooks
+    on the model itself would then be skipped)."""
+    return (
+        isinstance(model, ClassifierModel)
+        and type(model).forward is ClassifierModel.forward
+        and not (model._forward_hooks or model._forward_pre_hooks)
+    )
 
 
 class ModelOptionError(ConfigError, ValueError):
