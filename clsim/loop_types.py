@@ -9,7 +9,7 @@ model's own, and the output of one forward pass (logits *and* features, with eve
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -23,7 +23,9 @@ class ExperiencePlan:
     copy (``dataclasses.replace``). ``x``/``y``/``task_ids`` are raw samples, labels and
     task ids in training order (MEMO and iCaRL append their exemplars); ``epochs`` the
     passes over them (MEMO's first and later tasks); ``train=False`` says the experience
-    takes no gradient step at all (a few-shot prototype session), so no batch hook fires.
+    takes no gradient step at all (a few-shot prototype session), so no batch hook fires;
+    ``eval_mode=True`` trains with the model in eval mode (BatchNorm keeps the statistics
+    it has, dropout is off: fine-tuning on a few shots that cannot estimate statistics).
     """
 
     x: torch.Tensor
@@ -31,6 +33,7 @@ class ExperiencePlan:
     task_ids: torch.Tensor | None
     epochs: int
     train: bool = True
+    eval_mode: bool = False
 
     @property
     def n_samples(self) -> int:
@@ -47,8 +50,8 @@ class ExperiencePlan:
         if tasks is not None:
             extra = task_ids if task_ids is not None else torch.full_like(y, -1)
             tasks = torch.cat([tasks, extra.to(tasks)])
-        return ExperiencePlan(torch.cat([self.x, x]), torch.cat([self.y, y]), tasks,
-                              self.epochs, self.train)
+        return replace(self, x=torch.cat([self.x, x]), y=torch.cat([self.y, y]),
+                       task_ids=tasks)
 
 
 @dataclass(frozen=True, eq=False)

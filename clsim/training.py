@@ -117,7 +117,7 @@ class Trainer:
         skip_nonfinite = self.config.nonfinite_loss == "skip_batch"
         active = self._active_hooks()  # looked up once: the batch loop is the hot path
         mean_loss = float("nan")
-        model.train()
+        model.train(not plan.eval_mode)
         for epoch in range(plan.epochs):
             order = torch.randperm(n, generator=self.generator) if shuffle else None
             loss_sum = torch.zeros((), device=ctx.device)

@@ -13,8 +13,7 @@ setting (a sequence of few-shot tasks) is not the FSCIL protocol. What is built,
 model trains in the standard loop (the scenario's ``training`` section) with a cosine
 classifier (scale ``scale``, 16) that replaced ``model.head`` at setup; then every base
 class weight becomes the normalised mean embedding of its samples, the importance of
-each plastic weight is measured (below), and the model freezes (held in eval mode, see
-:func:`~clsim_plugins.prototypes.freeze`).
+each plastic weight is measured (below), and the model freezes.
 
 *Which weights are fast and slow.* The *plastic* weights P are the cosine classifier's
 class rows and, with ``adapt: last_block`` (the default), the encoder's last block that
@@ -74,9 +73,9 @@ level with the baseline (0.628), and without the Fisher weighting
 (``slow_consolidation: 0``) even 0.1 falls to 0.33: moving the encoder under frozen base
 prototypes is what costs accuracy in this protocol.
 
-Further reconstructed details: fast learning runs the whole model in eval mode (BatchNorm
-keeps the base statistics, which 5-shot batches cannot estimate; buffers are never
-interpolated), held there by the freeze of the base's end; the Fisher information is
+Further reconstructed details: fast learning runs the whole model in eval mode (the
+session's plan asks the loop for ``eval_mode``: BatchNorm keeps the base statistics,
+which 5-shot batches cannot estimate; buffers are never interpolated); the Fisher information is
 measured once, after the base session, and not updated; a class met again in a later
 session keeps its row. The paper's fast-weight consolidation may weight the penalty by
 importance; METHODS.md names a plain penalty, built here as the unweighted L2. Task
@@ -225,7 +224,9 @@ class FastSlowPlugin:
         if self.slow is None:
             return None  # the base session: the scenario's epochs
         epochs = self.options.fast_epochs
-        return replace(plan, epochs=epochs, train=epochs > 0 and plan.n_samples > 0)
+        # eval mode: BatchNorm keeps the base statistics, which 5-shot batches cannot estimate
+        return replace(plan, epochs=epochs, train=epochs > 0 and plan.n_samples > 0,
+                       eval_mode=True)
 
     def clsim_trainable(self, ctx: RunContext) -> Trainable | None:
         if self.slow is None:

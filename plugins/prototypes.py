@@ -244,22 +244,11 @@ def frozen(model: nn.Module) -> bool:
 
 
 def freeze(module: nn.Module) -> None:
-    """No parameter of ``module`` trains from now on, and every submodule runs in eval mode
-    even after ``model.train()`` (the standard loop calls it): BatchNorm keeps the
-    statistics it has, which few-shot batches cannot estimate, and dropout stays off.
-    The mode is held by a forward pre-hook on each submodule (a function, no tensor);
-    freezing twice registers nothing new. A plugin may let some of the parameters train
-    again (``requires_grad_``) and they still run in eval mode."""
+    """No parameter of ``module`` trains from now on (a plugin may let some train again
+    with ``requires_grad_``; a session that must keep BatchNorm statistics asks the loop
+    for ``eval_mode`` in its plan)."""
     for p in module.parameters():
         p.requires_grad_(False)
-    for sub in module.modules():
-        if _hold_eval not in sub._forward_pre_hooks.values():
-            sub.register_forward_pre_hook(_hold_eval)
-
-
-def _hold_eval(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook of a frozen module: run in eval mode whatever mode it was set to."""
-    module.training = False
 
 
 def split_last_block(features: nn.Module, plugin: str) -> tuple[nn.Sequential, nn.Sequential]:

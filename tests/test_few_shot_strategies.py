@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from clsim_plugins.fast_slow import FastSlowOptions, FastSlowPlugin
 from clsim_plugins.nmc import NmcOptions, NmcPlugin, nearest_mean
 from clsim_plugins.prototype_fscil import PrototypeFscilOptions
-from clsim_plugins.prototypes import class_prototypes, fixed_chunk_features, freeze, frozen
+from clsim_plugins.prototypes import class_prototypes, fixed_chunk_features, frozen
 from helpers import bare_context
-from torch import nn
 
 from clsim.config import OptimizerConfig, TrainingConfig, parse_scenario
 from clsim.data import load_dataset
@@ -556,28 +555,6 @@ def test_fast_slow_sessions_keep_the_base_batchnorm_statistics(spy) -> None:
         assert all(torch.equal(before[k], after[k]) for k in buffers)
         assert torch.equal(before["features.0.0.weight"], after["features.0.0.weight"])
         assert not torch.equal(before["features.1.0.weight"], after["features.1.0.weight"])
-
-
-def test_freeze_holds_eval_mode_through_train() -> None:
-    """A frozen model with BatchNorm and dropout set to train mode computes exactly its
-    eval output and keeps its running statistics; freezing twice adds no second hook;
-    a parameter let train again gets its gradient (still in eval mode)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5))
-    model(torch.randn(16, 4))  # statistics of one batch
-    freeze(model)
-    freeze(model)
-    assert all(len(m._forward_pre_hooks) == 1 for m in model.modules())
-    x = torch.randn(8, 4)
-    expected = model.eval()(x)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    got = model.train()(x)
-    assert torch.equal(got, expected)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    model[0].weight.requires_grad_(True)
-    model.train()(x).sum().backward()
-    assert model[0].weight.grad is not None and model[0].bias.grad is None
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 # ---------------------------------------------------------------------------

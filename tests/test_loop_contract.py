@@ -30,7 +30,7 @@ def run(plugins: str, *, training: str | None = None):
 @pytest.fixture
 def mod(monkeypatch):
     monkeypatch.setitem(sys.modules, "loop_contract_plugins", sys.modules[__name__])
-    for cls in (Peeker, Scaled, TwoViews, Planner, Owner, AuxMaker, AuxReader):
+    for cls in (Peeker, Scaled, TwoViews, Planner, EvalPlanner, Owner, AuxMaker, AuxReader):
         cls.seen = []
     return "loop_contract_plugins"
 
@@ -183,6 +183,27 @@ def test_a_plan_extends_the_data_sets_the_epochs_or_takes_no_step(mod):
     assert trained[0] == n_train[0] and trained[3] == n_train[3]
     assert trained[1] == 2 * 2 * n_train[1]  # doubled data, two epochs
     assert trained[2] == 0  # no batch hook in a session without gradient steps
+
+
+class EvalPlanner:
+    """Asks for eval mode on experience 1: the loop then trains without BatchNorm updates
+    or dropout; the other experiences train in train mode."""
+
+    seen: list = []
+
+    def clsim_plan_experience(self, experience, plan):
+        return replace(plan, eval_mode=experience.index == 1)
+
+    def clsim_after_batch(self, ctx):
+        type(self).seen.append((ctx.experience.index, ctx.model.training,
+                                ctx.model.features[0].training))
+
+
+def test_a_plan_in_eval_mode_trains_the_model_in_eval_mode(mod):
+    outcome = run(f"'{mod}:EvalPlanner'")
+    assert outcome.error is None
+    modes = {index: {training, inner} for index, training, inner in EvalPlanner.seen}
+    assert modes == {0: {True}, 1: {False}, 2: {True}, 3: {True}, 4: {True}}
 
 
 class AuxMaker:
