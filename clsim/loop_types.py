@@ -102,12 +102,36 @@ class ForwardOutput:
         return tensor[index * n : (index + 1) * n]
 
 
+def as_trainables(result: object) -> list[Trainable]:
+    """A ``clsim_trainable`` result (or ``ctx.new_optimizer`` argument) as Trainable items:
+    a module, a parameter or a Trainable, or a list of them; bare parameters of one list
+    share one group. A ``TypeError`` names anything else."""
+    if isinstance(result, Trainable | nn.Module | nn.Parameter):
+        result = [result]
+    if not isinstance(result, Iterable):
+        raise TypeError(f"got a {type(result).__name__}; expected modules, parameters or "
+                        "Trainable")
+    items: list[Trainable] = []
+    bare: list[nn.Parameter] = []
+    for item in result:
+        if isinstance(item, nn.Parameter):
+            bare.append(item)
+        elif isinstance(item, nn.Module):
+            items.append(Trainable(item))
+        elif isinstance(item, Trainable):
+            items.append(item)
+        else:
+            raise TypeError(f"got a {type(item).__name__}; expected modules, parameters "
+                            "or Trainable")
+    return ([Trainable(bare)] if bare else []) + items
+
+
 def trainable_parameters(
-    model: nn.Module, extra: Iterable[Trainable]
+    model: nn.Module | None, extra: Iterable[Trainable]
 ) -> list[tuple[list[nn.Parameter], float]]:
     """The optimizer's parameter groups: each plugin group with its ``lr_scale``, then the
-    model's remaining trainable parameters at scale 1; each parameter once, frozen ones
-    (``requires_grad`` off) left out."""
+    model's remaining trainable parameters at scale 1 (none without a model); each
+    parameter once, frozen ones (``requires_grad`` off) left out."""
     seen: set[int] = set()
     groups: list[tuple[list[nn.Parameter], float]] = []
     for trainable in extra:
@@ -115,7 +139,8 @@ def trainable_parameters(
         seen.update(id(p) for p in params)
         if params:
             groups.append((params, float(trainable.lr_scale)))
-    own = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    own = [] if model is None else \
+        [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
     if own:
         groups.insert(0, (own, 1.0))
     return groups

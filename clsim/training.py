@@ -12,7 +12,13 @@ from clsim.config import OptimizerConfig, TrainingConfig
 from clsim.context import RunContext
 from clsim.errors import TrainingError
 from clsim.hookspecs import LOOP_HOOKS
-from clsim.loop_types import ExperiencePlan, ForwardOutput, Trainable, trainable_parameters
+from clsim.loop_types import (
+    ExperiencePlan,
+    ForwardOutput,
+    Trainable,
+    as_trainables,
+    trainable_parameters,
+)
 from clsim.models.base import has_feature_head
 from clsim.models.heads import expose_labels
 from clsim.plugin_manager import HookRunner
@@ -224,10 +230,7 @@ class Trainer:
     def new_optimizer(self, params: nn.Module | list[nn.Parameter] | list[Trainable]
                       ) -> torch.optim.Optimizer:
         """The scenario's optimizer over parameters a plugin trains in a loop of its own."""
-        if isinstance(params, nn.Module):
-            params = [Trainable(params)]
-        trainables = [p if isinstance(p, Trainable) else Trainable(p) for p in params]
-        return make_optimizer(trainable_parameters(nn.Module(), trainables),
+        return make_optimizer(trainable_parameters(None, as_trainables(params)),
                               self.config.optimizer)
 
     def backward_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
@@ -263,20 +266,10 @@ class Trainer:
             return []
         found: list[Trainable] = []
         for plugin, result in self.hooks.collect("clsim_trainable", ctx=self.ctx):
-            single = isinstance(result, Trainable | nn.Module | nn.Parameter)
-            items = [result] if single else result
             try:
-                items = list(items)
-            except TypeError:
-                items = [items]
-            for item in items:
-                if isinstance(item, nn.Module | nn.Parameter):
-                    item = Trainable(item)
-                if not isinstance(item, Trainable):
-                    raise self.hooks.fault(plugin, "clsim_trainable", f"returned a "
-                                           f"{type(item).__name__}; expected modules, "
-                                           "parameters or Trainable")
-                found.append(item)
+                found.extend(as_trainables(result))
+            except TypeError as exc:
+                raise self.hooks.fault(plugin, "clsim_trainable", str(exc)) from None
         return found
 
     def _optimizer(self, keep: bool) -> torch.optim.Optimizer:

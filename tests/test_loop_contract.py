@@ -13,7 +13,7 @@ from helpers import DIGITS_SCENARIO
 from torch import nn
 
 from clsim.config import parse_scenario
-from clsim.loop_types import ExperiencePlan, Trainable
+from clsim.loop_types import ExperiencePlan, Trainable, as_trainables, trainable_parameters
 from clsim.runner import run_scenario
 
 DIGITS_SAMPLES = 1346  # the digits training split (75% of 1797), over 5 experiences
@@ -282,3 +282,14 @@ def test_plan_extended_keeps_task_ids_aligned():
     grown = plan.extended(torch.ones(2, 2), torch.tensor([5, 6]))
     assert grown.n_samples == 5 and grown.task_ids.tolist() == [4, 4, 4, -1, -1]
     assert grown.y.tolist() == [0, 1, 0, 5, 6] and grown.epochs == 1 and grown.train
+
+
+def test_trainables_group_bare_parameters_and_name_a_wrong_kind():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
+    head = nn.Linear(2, 2)
+    items = as_trainables([a, head, b, Trainable(head.bias, lr_scale=0.5)])
+    groups = trainable_parameters(None, items)
+    assert [(len(params), scale) for params, scale in groups] == [(2, 1.0), (2, 1.0)]
+    assert groups[0][0][0] is a and groups[0][0][1] is b  # one group for the bare ones
+    with pytest.raises(TypeError, match="got a int; expected modules, parameters"):
+        as_trainables([a, 3])
