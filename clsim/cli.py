@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--out", help="results folder (default: runs/NAME-TIMESTAMP); must not already hold results"
     )
-    run.add_argument("--seed", type=_nonnegative_int, help="override the scenario's seed")
+    run.add_argument("--seed", type=_seed, help="override the scenario's seed")
     run.add_argument(
         "--strategy", action="append", metavar="NAME", help="run only this strategy (repeatable)"
     )
@@ -391,23 +391,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _int_at_least(low: int, words: str):
-    """An argparse type: an integer >= ``low``, with a message in ``words``."""
+def _int_between(low: int, high: int, words: str):
+    """An argparse type: an integer in [low, high], with a message in ``words``."""
 
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            value = int(text) if len(text) <= 40 else None
         except ValueError:
             value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected {words}; got {text!r}")
+        if value is None or not low <= value <= high:
+            shown = text if len(text) <= 40 else text[:37] + "..."
+            raise argparse.ArgumentTypeError(f"expected {words}; got {shown!r}")
         return value
 
     return parse
 
 
-_positive_int = _int_at_least(1, "a positive integer")
-_nonnegative_int = _int_at_least(0, "a non-negative integer")
+# the bounds the scenario file's keys have (config.py), so a flag accepts what YAML does
+SEED_MAX = 2**63 - 1
+_positive_int = _int_between(1, SEED_MAX, "a positive integer")
+_seed = _int_between(0, SEED_MAX, f"a seed: an integer from 0 to 2**63 - 1 ({SEED_MAX})")
 
 
 def main(argv: list[str] | None = None) -> int:

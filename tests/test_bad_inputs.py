@@ -4,6 +4,7 @@ never a traceback, and never touches what is already on disk."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -17,7 +18,13 @@ from helpers import REPO_ROOT, run_cli
 from clsim.cli import main
 
 CORPUS = Path(__file__).parent / "bad_inputs"
-CASES: list[dict] = yaml.safe_load((CORPUS / "cases.yaml").read_text(encoding="utf-8"))["cases"]
+# cases.yaml, plus one cases_AREA.yaml per area of faults (each with its setups_AREA.py)
+CASE_FILES = sorted(CORPUS.glob("cases*.yaml"))
+SETUP_FILES = sorted(CORPUS.glob("setups_*.py"))
+CASES: list[dict] = [
+    case for path in CASE_FILES
+    for case in yaml.safe_load(path.read_text(encoding="utf-8"))["cases"]
+]
 BY_ID = {case["id"]: case for case in CASES}
 
 
@@ -82,6 +89,20 @@ SETUPS = {
     ),
     "report_not_utf8": lambda tmp: _cells(tmp, b'\xff\xfe{"cell": "\xe9"}\n'),
 }
+
+
+def _area_setups(path: Path) -> dict:
+    """``SETUPS`` of one ``setups_AREA.py`` beside the corpus (name -> fn(tmp))."""
+    spec = importlib.util.spec_from_file_location(f"bad_input_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SETUPS
+
+
+for _path in SETUP_FILES:
+    _extra = _area_setups(_path)
+    assert not set(_extra) & set(SETUPS), f"{_path.name} repeats a setup name"
+    SETUPS.update(_extra)
 
 
 # ---------------------------------------------------------------------------
@@ -195,7 +216,8 @@ def test_corpus_has_at_least_40_cases_and_no_orphan_files():
     """The corpus cannot silently shrink, and every file in it is exercised."""
     assert len(CASES) >= 40
     assert len(BY_ID) == len(CASES), "case ids repeat"
-    files = {p.name for p in CORPUS.iterdir()} - {"cases.yaml"}
+    files = {p.name for p in CORPUS.iterdir() if p.is_file()} - {
+        p.name for p in CASE_FILES + SETUP_FILES}
     used = {_scenario_file(case) for case in CASES} - {None}
     assert len(files) >= 40
     assert used == files
@@ -214,7 +236,7 @@ def test_corpus_covers_every_section_and_stream_type():
         assert any(k.startswith(prefix) for k in keys), prefix
     for plugin in ("replay", "memo", "prd", "analytic", "tame", "language_head"):
         assert any(f".{plugin}." in k for k in keys), plugin
-    texts = {p.name: p.read_bytes() for p in CORPUS.glob("*.yaml") if p.name != "cases.yaml"}
+    texts = {p.name: p.read_bytes() for p in CORPUS.glob("*.yaml") if p not in CASE_FILES}
     for stream_type in ("hierarchical", "few_shot", "si_blurry", "gradual", "recurring"):
         assert any(f"type: {stream_type}".encode() in t for t in texts.values()), stream_type
     calls = {call[0] for case in CASES for call in case.get("argv", [["validate"]]) if call}
