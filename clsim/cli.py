@@ -15,6 +15,7 @@ from pathlib import Path
 
 import clsim
 from clsim.errors import ClsimError, ConfigError
+from clsim.interrupts import is_contained, track_user_interrupts
 
 EPILOG = """examples:
   clsim run quickstart                    run a bundled scenario (see 'clsim list')
@@ -415,6 +416,7 @@ _seed = _int_between(0, SEED_MAX, f"a seed: an integer from 0 to 2**63 - 1 ({SEE
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    track_user_interrupts()  # the user's Ctrl-C stops clsim; a plugin's KeyboardInterrupt not
     try:
         return args.func(args)
     except ClsimError as exc:
@@ -422,19 +424,21 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"clsim: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Exception as exc:  # a bug: one paragraph, the traceback only on request
+    except BaseException as exc:  # whatever escaped: one paragraph, never a traceback
+        if not is_contained(exc):
+            print(INTERRUPTED, file=sys.stderr)
+            return 130
         if args.debug:
             traceback.print_exc()
-        print(f"clsim: internal error: {type(exc).__name__}: {exc}. This is a bug in clsim or "
-              "in a plugin; rerun with --debug for the traceback and report it.", file=sys.stderr)
+        from clsim.plugin_manager import describe_fault
+
+        print(f"clsim: internal error: {describe_fault(exc)}. This is a bug in clsim or in a "
+              "plugin; rerun with --debug for the traceback and report it.", file=sys.stderr)
         return 70
-    except KeyboardInterrupt:
-        print(
-            "clsim: interrupted; results written so far are kept (clsim run and clsim "
-            "compare continue with the same command, --out FOLDER and --resume)",
-            file=sys.stderr,
-        )
-        return 130
+
+
+INTERRUPTED = ("clsim: interrupted; results written so far are kept (clsim run and clsim "
+               "compare continue with the same command, --out FOLDER and --resume)")
 
 
 if __name__ == "__main__":

@@ -22,12 +22,19 @@ from clsim.context import RunContext
 from clsim.data import Dataset
 from clsim.errors import BudgetExceededError, ClsimError, TrainingError
 from clsim.evaluation import evaluate, label_counts
+from clsim.interrupts import is_contained
 from clsim.logging.events import EventLog
 from clsim.logging.tensorboard import TensorBoardLogger
 from clsim.loop_types import ExperiencePlan
 from clsim.memory import Ledger, measure, model_bytes
 from clsim.models.heads import expose_labels
-from clsim.plugin_manager import HookRunner, build_plugin_manager, create_plugin
+from clsim.plugin_manager import (
+    HookRunner,
+    blame,
+    build_plugin_manager,
+    create_plugin,
+    describe_fault,
+)
 from clsim.scoring import AnytimePoint, RunRecord, per_label, score
 from clsim.seeding import derive_seed, torch_generator
 from clsim.snapshot import SnapshotError
@@ -154,6 +161,10 @@ def run_strategy(
             raise
         except ClsimError as exc:
             outcome.error = str(exc)
+        except BaseException as exc:  # SystemExit, GeneratorExit, ... from code a plugin
+            if isinstance(exc, Exception) or not is_contained(exc):  # ran outside its hooks
+                raise  # (a torch hook): fails only this strategy; the user's Ctrl-C stops
+            outcome.error = escaped_message(exc, plugins, _where(strategy.name, where))
         finally:
             where["experience"] = None
             outcome.wall_seconds = time.perf_counter() - started
@@ -405,6 +416,17 @@ def _not_plain(value: Any, where: str) -> str | None:
         return None
     return f"{where} is a {type(value).__name__}; expected plain data (numbers, strings, " \
         "bools, None, lists, dicts)"
+
+
+def escaped_message(exc: BaseException, plugins: list[tuple[str, object]], where: str) -> str:
+    """The strategy's error for a BaseException raised outside any hook call (in a forward
+    or tensor hook a plugin installed on the model): the plugin whose code raised it."""
+    culprit = blame(exc, plugins)
+    described = describe_fault(exc)
+    if culprit is None:
+        return f"{where}: {described}, raised outside any plugin hook"
+    return f"plugin {culprit!r} failed outside its hooks ({where}; e.g. in a torch hook it " \
+        f"installed): {described}"
 
 
 def _where(strategy: str, where: dict) -> str:

@@ -8,8 +8,14 @@ so that cells running side by side do not oversubscribe the cores.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -17,6 +23,7 @@ from typing import Any
 
 from clsim.errors import ConfigError
 from clsim.grid import CellTask, run_cell
+from clsim.interrupts import is_contained, track_user_interrupts
 
 Record = dict[str, Any]
 OnStart = Callable[[CellTask], None]
@@ -38,6 +45,46 @@ def _failed(task: CellTask, error: str) -> Record:
     return task.record(status="failed", error=error)
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when ``parent_pid`` (the process that started it) dies, even by
+    SIGKILL, so no worker is left running cells for nobody.
+
+    Linux: the kernel sends SIGKILL at the parent's death (``PR_SET_PDEATHSIG``); the
+    parent may have died before the call, so it is checked after. Elsewhere: a daemon
+    thread polls the parent id.
+    """
+    if not (sys.platform.startswith("linux") and _set_parent_death_signal(signal.SIGKILL)):
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True,
+                         name="clsim-parent-watch").start()
+    if os.getppid() != parent_pid:  # died before the signal was armed: go now
+        os._exit(1)
+
+
+def _set_parent_death_signal(sig: int) -> bool:
+    """Whether prctl(PR_SET_PDEATHSIG, sig) succeeded."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent_pid: int, every: float = 1.0) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(every)
+    os._exit(1)
+
+
+def _start_worker(parent_pid: int) -> None:
+    """A pool worker's initializer: dies with clsim; records the user's Ctrl-C, so a
+    plugin's own KeyboardInterrupt fails only its cell (:mod:`clsim.interrupts`)."""
+    die_with_parent(parent_pid)
+    track_user_interrupts()
+
+
 def run_inline(tasks: list[CellTask], on_start: OnStart = lambda t: None) -> Iterator[Record]:
     """One cell after another, in this process."""
     for task in tasks:
@@ -51,12 +98,14 @@ def run_process_pool(
     """Each cell in a worker process (spawned: no state inherited from this one).
 
     A worker that dies (killed, out of memory) fails only the cell it was running; the
-    pool is rebuilt for the cells still waiting.
+    pool is rebuilt for the cells still waiting. Workers die with this process, even
+    when it is killed (:func:`die_with_parent`).
     """
     waiting = list(tasks)
     context = multiprocessing.get_context("spawn")
     while waiting:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                 initializer=_start_worker, initargs=(os.getpid(),)) as pool:
             running = {}
             broken = False
             while (waiting or running) and not broken:
@@ -75,6 +124,11 @@ def run_process_pool(
                             task,
                             "the worker process running this cell died (killed, or out of memory)",
                         )
+                    except BaseException as exc:  # only a SIGINT sent to the worker alone
+                        if not is_contained(exc):  # gets here (run_cell records the rest)
+                            raise
+                        yield _failed(task, f"the worker process running this cell raised "
+                                      f"{type(exc).__name__}")
             if broken:  # the other in-flight cells go back to the queue
                 waiting = list(running.values()) + waiting
 

@@ -3,7 +3,7 @@
 A cell is self-contained: :class:`CellTask` carries the scenario's YAML text (not a
 path), so a worker process or a Ray node on another machine can rebuild everything from
 it; :func:`run_cell` never raises and returns one JSON-ready record, ``status`` "ok" or
-"failed" with the error.
+"failed" with the error, whatever the cell raised (only the user's Ctrl-C passes).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import torch
 from clsim.budget import Budget
 from clsim.config import ScenarioConfig, parse_scenario
 from clsim.errors import ClsimError, ConfigError
+from clsim.interrupts import is_contained
+from clsim.plugin_manager import describe_fault
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,11 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         record.update(_run(task))
     except ClsimError as exc:
         record.update(status="failed", error=str(exc))
-    except Exception as exc:  # a bug, but one cell's bug must not stop the grid
+    except BaseException as exc:  # a bug, or a plugin's sys.exit() or own KeyboardInterrupt:
+        if not is_contained(exc):  # one cell's fault must not stop the grid (the user's
+            raise  # Ctrl-C does)
         frames = traceback.format_exception(exc)
-        record.update(
-            status="failed", error=f"{type(exc).__name__}: {exc}", traceback="".join(frames[-6:])
-        )
+        record.update(status="failed", error=describe_fault(exc), traceback="".join(frames[-6:]))
     record.setdefault("wall_seconds", round(time.perf_counter() - started, 3))
     return record
 

@@ -10,9 +10,11 @@ arguments, so a misspelt hook is an error at start-up rather than a hook that ne
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
 import inspect
+import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,7 @@ import pluggy
 
 from clsim import hookspecs
 from clsim.errors import ClsimError, PluginError, PluginRuntimeError
+from clsim.interrupts import is_contained
 from clsim.validation import closest
 
 if TYPE_CHECKING:
@@ -38,63 +41,178 @@ def available_plugins() -> dict[str, importlib.metadata.EntryPoint]:
 
 
 def load_plugin_class(ref: str) -> type:
-    """A registered plugin name, or ``package.module:ClassName``, -> the plugin class."""
+    """A registered plugin name, or ``package.module:ClassName``, -> the plugin class.
+
+    Whatever the plugin's module does while importing (raise, ``sys.exit()``, raise a
+    ``KeyboardInterrupt`` of its own) is reported as that plugin's fault; the class is
+    checked (a class, ``Options`` a dataclass, and, by dotted path, at least one hook)
+    so a wrong name fails here rather than running as plain fine-tuning.
+    """
     if ":" in ref:
-        module_name, _, attr = ref.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except (ImportError, ValueError, TypeError) as exc:  # also ':X' and '.relative:X'
-            raise PluginError(
-                f"cannot import module {module_name!r} for plugin {ref!r}: {exc}"
-            ) from None
-        except Exception as exc:  # the plugin's own module failed while importing
-            raise PluginError(
-                f"importing module {module_name!r} for plugin {ref!r} raised "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        target: Any = module
-        for part in attr.split("."):
-            if not hasattr(target, part):
-                raise PluginError(
-                    f"module {module_name!r} has no attribute {attr!r} (plugin {ref!r})"
-                )
-            target = getattr(target, part)
+        target = _import_attribute(ref)
+        if not inspect.isclass(target):
+            raise PluginError(f"plugin {ref!r} must be a class; got {type(target).__name__}")
+        _require_a_hook(target, ref)
     else:
-        registry = available_plugins()
-        if ref not in registry:
-            hint = closest(ref, registry)
-            known = ", ".join(registry) or "none installed"
-            raise PluginError(
-                f"unknown plugin {ref!r} (registered: {known})"
-                + (f"; did you mean {hint!r}?" if hint else "")
-                + "; a plugin outside clsim is named as 'package.module:ClassName'"
-            )
-        try:
-            target = registry[ref].load()
-        except Exception as exc:  # a broken third-party package must not crash clsim
-            raise PluginError(
-                f"plugin {ref!r} failed to load ({registry[ref].value}): {exc}"
-            ) from None
-    if not inspect.isclass(target):
-        raise PluginError(f"plugin {ref!r} must be a class; got {type(target).__name__}")
+        target = _load_entry_point(ref)
+        if not inspect.isclass(target):
+            raise PluginError(f"plugin {ref!r} must be a class; got {type(target).__name__}")
+    options_class(target, ref)
     return target
+
+
+def _import_attribute(ref: str) -> Any:
+    """``package.module:Name.attr`` -> that object, every fault named with ``ref``."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except (ImportError, ValueError, TypeError) as exc:  # also ':X' and '.relative:X'
+        raise PluginError(
+            f"cannot import module {module_name!r} for plugin {ref!r}: {_bounded(exc)}"
+        ) from None
+    except BaseException as exc:  # the plugin's own module failed while importing
+        if not is_contained(exc):
+            raise
+        raise PluginError(
+            f"importing module {module_name!r} for plugin {ref!r} raised "
+            f"{describe_fault(exc)}"
+        ) from exc
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            found = hasattr(target, part)
+            target = getattr(target, part) if found else None
+        except BaseException as exc:  # a module __getattr__ or a descriptor that raises
+            if not is_contained(exc):
+                raise
+            raise PluginError(f"reading {attr!r} of module {module_name!r} for plugin {ref!r} "
+                              f"raised {describe_fault(exc)}") from exc
+        if not found:
+            raise PluginError(
+                f"module {module_name!r} has no attribute {attr!r} (plugin {ref!r})"
+            )
+    return target
+
+
+def _load_entry_point(ref: str) -> Any:
+    """The object a registered plugin's entry point names; a package that fails to load
+    (its import raises or exits) is named with the entry point's value."""
+    registry = available_plugins()
+    if ref not in registry:
+        hint = closest(ref, registry)
+        known = ", ".join(registry) or "none installed"
+        raise PluginError(
+            f"unknown plugin {ref!r} (registered: {known})"
+            + (f"; did you mean {hint!r}?" if hint else "")
+            + "; a plugin outside clsim is named as 'package.module:ClassName'"
+        )
+    try:
+        return registry[ref].load()
+    except BaseException as exc:  # a broken third-party package must not crash clsim
+        if not is_contained(exc):
+            raise
+        raise PluginError(
+            f"plugin {ref!r} failed to load ({registry[ref].value}): {describe_fault(exc)}"
+        ) from None
+
+
+def _require_a_hook(cls: type, ref: str) -> None:
+    """Refuse a class without any ``clsim_*`` method: named by a dotted path, it is
+    almost certainly the wrong class (``collections:OrderedDict``), and would run as
+    plain fine-tuning without a word. (Registered plugins are declared as plugins by
+    their package; the built-in ``naive`` is one on purpose.)"""
+    try:
+        names = [name for name in dir(cls) if name.startswith("clsim_")]
+    except BaseException as exc:  # a metaclass whose __dir__ raises
+        if not is_contained(exc):
+            raise
+        raise PluginError(f"plugin {ref!r}: listing the attributes of its class raised "
+                          f"{describe_fault(exc)}") from exc
+    if not names:
+        raise PluginError(
+            f"plugin {ref!r} ({_qualified(cls)}) implements no clsim hook; a plugin must "
+            "define at least one method named after a hook of clsim/hookspecs.py (e.g. "
+            "clsim_before_experience, clsim_loss, clsim_after_batch); for plain "
+            "fine-tuning use the plugin 'naive'"
+        )
 
 
 def create_plugin(spec: PluginSpec) -> object:
     """An instance of a strategy's plugin from its YAML entry (class and validated
-    options); a constructor that raises is reported as the plugin's fault."""
+    options); a constructor that raises, or exits, is reported as the plugin's fault."""
     try:
         return spec.cls() if spec.options is None else spec.cls(spec.options)
     except ClsimError:
         raise
-    except Exception as exc:
+    except BaseException as exc:
+        if not is_contained(exc):
+            raise
         raise PluginError(f"plugin {spec.name!r} ({spec.ref}) could not be created: "
-                          f"{type(exc).__name__}: {exc}") from exc
+                          f"{describe_fault(exc)}") from exc
 
 
-def options_class(plugin_class: type) -> type | None:
-    """The dataclass of options a plugin declares, or None for a plugin without options."""
-    return getattr(plugin_class, "Options", None)
+def options_class(plugin_class: type, ref: str | None = None) -> type | None:
+    """The dataclass of options a plugin declares, or None for a plugin without options.
+
+    ``Options`` that is not a dataclass (a dict, a plain class, an instance) is the
+    plugin author's mistake, named here rather than failing deep inside the config layer.
+    """
+    try:
+        declared = getattr(plugin_class, "Options", None)
+    except BaseException as exc:  # a class property that raises
+        if not is_contained(exc):
+            raise
+        raise PluginError(f"plugin {ref or _qualified(plugin_class)!r}: reading its Options "
+                          f"raised {describe_fault(exc)}") from exc
+    if declared is None or (inspect.isclass(declared) and dataclasses.is_dataclass(declared)):
+        return declared
+    got = (f"the class {declared.__qualname__}, which is not a dataclass"
+           if inspect.isclass(declared) else f"a {type(declared).__name__} instance")
+    raise PluginError(
+        f"plugin {ref or _qualified(plugin_class)!r} ({_qualified(plugin_class)}) declares "
+        f"Options as {_bounded(got)}; Options must be a dataclass class (decorated with "
+        "@dataclasses.dataclass, one field per option) or absent for a plugin without options"
+    )
+
+
+def _qualified(cls: type) -> str:
+    return f"{getattr(cls, '__module__', '?')}:{getattr(cls, '__qualname__', '?')}"
+
+
+def describe_fault(exc: BaseException) -> str:
+    """``Type: message`` for an exception a plugin raised, bounded in length; a
+    BaseException that is not an Exception says what a plugin should raise instead."""
+    if isinstance(exc, SystemExit):
+        return (f"SystemExit({_bounded(repr(exc.code))}): a plugin may not exit the program; "
+                "raise an exception instead")
+    message = _bounded(exc)
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    if isinstance(exc, KeyboardInterrupt):
+        return f"{text} (raised by the plugin, not by Ctrl-C); raise an exception instead"
+    if not isinstance(exc, Exception):
+        return f"{text} (a BaseException); a plugin must raise an Exception"
+    return text
+
+
+def blame(exc: BaseException, plugins: list[tuple[str, object]]) -> str | None:
+    """The name of the plugin whose module holds the innermost frame of ``exc``'s
+    traceback, or None: attributes a fault raised outside a hook call (a torch hook)."""
+    modules = {type(plugin).__module__: name for name, plugin in plugins}
+    culprit = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        culprit = modules.get(frame.f_globals.get("__name__"), culprit)
+    return culprit
+
+
+def _bounded(value: object, limit: int = 300) -> str:
+    """``str(value)`` cut in the middle when longer than ``limit``; one line."""
+    try:
+        text = " ".join(str(value).split())
+    except BaseException as exc:  # an exception whose __str__ raises
+        if not is_contained(exc):
+            raise
+        text = f"<unprintable: {type(exc).__name__}>"
+    return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2:]
 
 
 class ClsimPluginManager(pluggy.PluginManager):
@@ -163,9 +281,10 @@ class HookRunner:
     pluggy registers and validates the implementations and sorts them (YAML order,
     tryfirst, trylast); the calls are made here, one implementation at a time, so that an
     exception or a malformed return value is always attributed to the exact plugin
-    instance. ``sys.exit()`` in a plugin is such a fault too (a plugin cannot end clsim);
-    KeyboardInterrupt passes through. Hook wrappers are not part of clsim's contract and
-    are refused.
+    instance. ``sys.exit()``, a ``KeyboardInterrupt`` the plugin raises itself and any
+    other ``BaseException`` are such faults too (a plugin cannot end clsim); only the
+    user's own Ctrl-C (:mod:`clsim.interrupts`) passes through. Hook wrappers are not
+    part of clsim's contract and are refused.
     """
 
     def __init__(self, pm: ClsimPluginManager, where: Callable[[], str] = lambda: "") -> None:
@@ -266,11 +385,9 @@ class HookRunner:
     def _invoke(self, hook: str, impl: pluggy.HookImpl, kwargs: dict[str, Any]) -> Any:
         try:
             return impl.function(*[kwargs[name] for name in impl.argnames])
-        except Exception as exc:
-            detail = str(exc) if isinstance(exc, ClsimError) else f"{type(exc).__name__}: {exc}"
-            raise self.fault(impl.plugin_name, hook, detail,
-                             getattr(exc, "exit_code", None)) from exc
-        except SystemExit as exc:  # sys.exit() in a plugin ends its strategy, not clsim;
-            # KeyboardInterrupt (and other BaseExceptions) still stop the program
-            raise self.fault(impl.plugin_name, hook, f"SystemExit({exc.code!r}): a plugin may "
-                             "not exit the program; raise an exception instead") from exc
+        except ClsimError as exc:
+            raise self.fault(impl.plugin_name, hook, str(exc), exc.exit_code) from exc
+        except BaseException as exc:  # sys.exit(), a plugin's own KeyboardInterrupt, ... end
+            if not is_contained(exc):  # its strategy, not clsim; the user's Ctrl-C does
+                raise
+            raise self.fault(impl.plugin_name, hook, describe_fault(exc)) from exc

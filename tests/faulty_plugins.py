@@ -9,6 +9,9 @@ The module lives beside the tests (not in a test file) so worker processes of
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import signal
 import sys
 
 from clsim.plugin_manager import HOOK_NAMES
@@ -44,14 +47,97 @@ class ExitsInAfterBatch:
         sys.exit(3)
 
 
-class InterruptsInAfterBatch:
-    """Raises KeyboardInterrupt, as Ctrl-C would: it must still stop the program, after
-    the plugin's teardown has run."""
-
-    teardowns = 0
+class SignalsInAfterBatch:
+    """Sends a real SIGINT to its own process, as the user's Ctrl-C does: clsim must stop
+    (exit 130) after the plugin's teardown, which appends a line to $CLSIM_TEST_TEARDOWNS."""
 
     def clsim_after_batch(self) -> None:
-        raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGINT)
 
     def clsim_teardown(self) -> None:
-        type(self).teardowns += 1
+        with open(os.environ["CLSIM_TEST_TEARDOWNS"], "a", encoding="utf-8") as file:
+            file.write("teardown\n")
+
+
+class Boom(BaseException):
+    """A BaseException of a plugin's own (not an Exception)."""
+
+
+# what a plugin may raise that is not an Exception, by a short name used in test ids
+BASE_EXCEPTIONS = {
+    "SystemExit": lambda: SystemExit(0),
+    "KeyboardInterrupt": KeyboardInterrupt,
+    "GeneratorExit": GeneratorExit,
+    "Boom": lambda: Boom("boom"),
+}
+
+
+def _base_raiser(kind: str):
+    def method(self, *args) -> None:
+        raise BASE_EXCEPTIONS[kind]()
+
+    return method
+
+
+for _kind in BASE_EXCEPTIONS:  # RaisesSystemExitInAfterBatch, RaisesBoomInInit, ...
+    globals()[f"Raises{_kind}InAfterBatch"] = type(f"Raises{_kind}InAfterBatch", (), {
+        "clsim_after_batch": _base_raiser(_kind), "__module__": __name__,
+        "__doc__": f"Raises {_kind} in clsim_after_batch."})
+    globals()[f"Raises{_kind}InInit"] = type(f"Raises{_kind}InInit", (), {
+        "__init__": _base_raiser(_kind), "clsim_setup": lambda self: None,
+        "__module__": __name__, "__doc__": f"Raises {_kind} in its constructor."})
+del _kind
+
+
+class BoomInForwardHook:
+    """Installs a torch forward hook on the model that raises a BaseException: the hook
+    runs outside clsim's hook calls, so only the engine's containment can catch it."""
+
+    def clsim_setup(self, ctx) -> None:
+        ctx.model.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module, inputs, output) -> None:
+        raise Boom("in a forward hook")
+
+
+class OptionsIsADict:
+    """Declares its options as a dict instead of a dataclass."""
+
+    Options = {"lr": 0.1}
+
+    def clsim_setup(self) -> None:
+        pass
+
+
+class OptionsIsAPlainClass:
+    """Declares its options as a plain class (the @dataclass decorator forgotten)."""
+
+    class Options:
+        lr: float = 0.1
+
+    def clsim_setup(self) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class _SomeOptions:
+    lr: float = 0.1
+
+
+class OptionsIsAnInstance:
+    """Declares its options as an instance of a dataclass, not the dataclass."""
+
+    Options = _SomeOptions()
+
+    def clsim_setup(self) -> None:
+        pass
+
+
+class NoHooks:
+    """Has methods, but none is a clsim hook: would run as plain fine-tuning."""
+
+    def setup(self) -> None:
+        pass
+
+    def after_batch(self) -> None:
+        pass

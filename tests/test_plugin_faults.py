@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import faulty_plugins
 import pytest
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, run_cli
 
 from clsim import hookspecs
 from clsim.cli import main
@@ -151,25 +154,142 @@ def test_sys_exit_in_a_plugin_is_blamed_on_the_plugin(clean_run, tmp_path):
             for n in ("before", "after")} == clean_run
 
 
-def test_keyboard_interrupt_in_a_plugin_still_stops_the_run():
-    faulty_plugins.InterruptsInAfterBatch.teardowns = 0
-    scenario = parse_scenario(scenario_text("InterruptsInAfterBatch"))
-    with pytest.raises(KeyboardInterrupt):
-        run_scenario(scenario, None)
-    assert faulty_plugins.InterruptsInAfterBatch.teardowns == 1  # teardown ran on the way out
+def run_clsim(*args: str, teardowns: Path) -> subprocess.CompletedProcess:
+    """``clsim ARGS`` in a fresh interpreter that can import tests/faulty_plugins.py; a
+    real SIGINT there cannot leak into this test process's interrupt record."""
+    return run_cli(*args, env={"PYTHONPATH": str(REPO_ROOT / "tests"),
+                               "CLSIM_TEST_TEARDOWNS": str(teardowns)})
 
 
-def test_keyboard_interrupt_in_a_plugin_stops_clsim_run_with_exit_130(tmp_path, capsys):
+def test_keyboard_interrupt_in_a_plugin_stops_clsim_run_with_exit_130(tmp_path):
+    """A real SIGINT (what Ctrl-C sends) arriving inside a plugin stops clsim: exit 130,
+    the plugin's teardown runs, the strategy finished before is kept, the next never
+    starts."""
     path = tmp_path / "s.yaml"
-    path.write_text(scenario_text("InterruptsInAfterBatch"), encoding="utf-8")
-    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 130
-    stderr = capsys.readouterr().err
-    assert "clsim: interrupted" in stderr and "Traceback" not in stderr
+    path.write_text(scenario_text("SignalsInAfterBatch"), encoding="utf-8")
+    teardowns = tmp_path / "teardowns.txt"
+    proc = run_clsim("run", str(path), "--out", str(tmp_path / "out"), "--no-progress",
+                     teardowns=teardowns)
+    assert proc.returncode == 130, proc.stderr
+    assert "clsim: interrupted" in proc.stderr and "Traceback" not in proc.stderr
+    assert teardowns.read_text() == "teardown\n"  # on the way out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert list(summary["strategies"]) == ["before"]  # 'after' never started
     events = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").open()]
     assert not any(e.get("strategy") == "after" for e in events)
     assert events[-1]["event"] == "run_end"
+
+
+def test_a_real_sigint_in_a_library_run_propagates(tmp_path):
+    """clsim used as a library (no CLI, nothing tracking SIGINT): the interrupt reaches
+    the caller after the plugin's teardown."""
+    teardowns = tmp_path / "teardowns.txt"
+    code = ("import sys, faulty_plugins, test_plugin_faults as t\n"
+            "from clsim.config import parse_scenario\n"
+            "from clsim.runner import run_scenario\n"
+            "try:\n"
+            "    run_scenario(parse_scenario(t.scenario_text('SignalsInAfterBatch')), None)\n"
+            "except KeyboardInterrupt:\n"
+            "    sys.exit(42)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=REPO_ROOT / "tests",
+                          env={**os.environ, "CLSIM_TEST_TEARDOWNS": str(teardowns)})
+    assert proc.returncode == 42, proc.stderr
+    assert teardowns.read_text() == "teardown\n"
+
+
+MESSAGES = {
+    "SystemExit": "SystemExit(0): a plugin may not exit the program; raise an exception instead",
+    "KeyboardInterrupt": "KeyboardInterrupt (raised by the plugin, not by Ctrl-C); raise an "
+                         "exception instead",
+    "GeneratorExit": "GeneratorExit (a BaseException); a plugin must raise an Exception",
+    "Boom": "Boom: boom (a BaseException); a plugin must raise an Exception",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(faulty_plugins.BASE_EXCEPTIONS))
+def test_a_base_exception_in_a_hook_fails_only_its_strategy(kind, clean_run, tmp_path, capsys):
+    """clsim run: SystemExit(0), a plugin's own KeyboardInterrupt, GeneratorExit or a
+    BaseException subclass fails the plugin's strategy (exit 1), naming plugin and hook;
+    the other strategies finish exactly as without it."""
+    plugin = f"Raises{kind}InAfterBatch"
+    path = tmp_path / "s.yaml"
+    path.write_text(scenario_text(plugin), encoding="utf-8")
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr and "clsim: error: strategy faulty failed" in stderr
+    strategies = json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"]
+    assert strategies["faulty"]["error"] == expected_message(plugin, "clsim_after_batch",
+                                                             MESSAGES[kind])
+    assert {n: {k: v for k, v in strategies[n].items() if k != "wall_seconds"}
+            for n in ("before", "after")} == clean_run
+
+
+@pytest.mark.parametrize("kind", sorted(faulty_plugins.BASE_EXCEPTIONS))
+def test_a_base_exception_in_a_hook_fails_only_its_compare_cells(kind, clean_cells, tmp_path,
+                                                                 capsys):
+    """clsim compare, inline executor: only the faulty strategy's cells fail, each
+    record saying why; the grid finishes and the command exits 1."""
+    plugin = f"Raises{kind}InAfterBatch"
+    path = tmp_path / "g.yaml"
+    path.write_text(scenario_text(plugin), encoding="utf-8")
+    code = main(["compare", str(path), "--out", str(tmp_path / "out"), "--executor", "inline",
+                 "--threads", "1", "--no-progress"])
+    stderr = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in stderr and "2 cell(s) failed" in stderr
+    records = [json.loads(line) for line in (tmp_path / "out" / "cells.jsonl").open()]
+    assert len(records) == 6
+    for r in records:
+        if r["strategy"] == "faulty":
+            assert (r["status"], r["error"]) == (
+                "failed", expected_message(plugin, "clsim_after_batch", MESSAGES[kind]))
+        else:
+            assert without_clocks(r) == clean_cells[r["cell"]]
+
+
+@pytest.mark.parametrize("kind", sorted(faulty_plugins.BASE_EXCEPTIONS))
+def test_a_base_exception_in_a_constructor_fails_only_its_strategy(kind, tmp_path, capsys):
+    plugin = f"Raises{kind}InInit"
+    path = tmp_path / "s.yaml"
+    path.write_text(scenario_text(plugin), encoding="utf-8")
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    strategies = json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"]
+    assert [s["status"] for s in strategies.values()] == ["ok", "failed", "ok"]
+    assert strategies["faulty"]["error"] == (
+        f"plugin {plugin!r} (faulty_plugins:{plugin}) could not be created: {MESSAGES[kind]}")
+
+
+def test_a_base_exception_in_a_torch_hook_fails_only_its_strategy(clean_run):
+    """A forward hook the plugin put on the model runs outside clsim's hook calls; the
+    engine still fails only that strategy, and names the plugin from the traceback."""
+    result = run_scenario(parse_scenario(scenario_text("BoomInForwardHook")), None)
+    outcomes = {o.name: o for o in result.outcomes}
+    assert outcomes["faulty"].error == (
+        "plugin 'BoomInForwardHook' failed outside its hooks (strategy 'faulty'; e.g. in a "
+        "torch hook it installed): Boom: in a forward hook (a BaseException); a plugin must "
+        "raise an Exception")
+    assert {n: plain(outcomes[n]) for n in ("before", "after")} == clean_run
+
+
+def test_keyboard_interrupt_in_a_process_pool_worker_fails_only_its_cells(clean_cells,
+                                                                          tmp_path):
+    """A worker records the user's Ctrl-C as clsim does, so a KeyboardInterrupt the plugin
+    raises itself fails its cells and the pool runs on."""
+    path = tmp_path / "g.yaml"
+    path.write_text(scenario_text("RaisesKeyboardInterruptInAfterBatch"), encoding="utf-8")
+    proc = run_clsim("compare", str(path), "--out", str(tmp_path / "out"), "--workers", "2",
+                     "--threads", "1", "--no-progress", teardowns=tmp_path / "t.txt")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "out" / "cells.jsonl").open()]
+    assert len(records) == 6
+    for r in records:
+        if r["strategy"] == "faulty":
+            assert (r["status"], r["error"]) == ("failed", expected_message(
+                "RaisesKeyboardInterruptInAfterBatch", "clsim_after_batch",
+                MESSAGES["KeyboardInterrupt"]))
+        else:
+            assert without_clocks(r) == clean_cells[r["cell"]]
 
 
 def test_sys_exit_in_a_process_pool_worker_fails_only_its_cells(clean_cells, tmp_path,
