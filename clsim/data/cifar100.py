@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import codecs
 import importlib
+import io
 import os
 import pickle
+import pickletools
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from clsim.data.dataset import Dataset
+from clsim.data.guards import data_file, present, read_whole
 from clsim.errors import DataError
 
 CIFAR100_FILES: tuple[str, ...] = ("train", "test", "meta")
@@ -74,16 +77,27 @@ class SafeUnpickler(pickle.Unpickler):
         return allowed
 
 
+def _check_lengths(raw: bytes, path: Path) -> None:
+    """Every length the pickle declares (of a bytes, a string, a frame) fits in the file.
+
+    The unpickler allocates a declared length before reading it, so a few bytes claiming
+    2**40 would be a MemoryError; walking the opcodes first reads only what is there."""
+    try:
+        for _ in pickletools.genops(io.BytesIO(raw)):
+            pass
+    except ValueError as exc:
+        raise DataError(f"{path} is not a readable CIFAR pickle ({exc})") from exc
+
+
 def safe_pickle_load(path: str | os.PathLike[str]) -> Any:
     """Unpickle ``path`` with :class:`SafeUnpickler`; any failure becomes a DataError."""
     path = Path(path)
+    raw = read_whole(path, "CIFAR pickle")
+    _check_lengths(raw, path)
     try:
-        with open(path, "rb") as f:
-            return SafeUnpickler(f, source=str(path)).load()
+        return SafeUnpickler(io.BytesIO(raw), source=str(path)).load()
     except DataError:
         raise
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except (
         pickle.UnpicklingError,
         EOFError,
@@ -156,7 +170,9 @@ def find_cifar100_folder(folder: str | os.PathLike[str]) -> Path:
     """The folder holding the pickles: ``folder`` or its ``cifar-100-python/`` subfolder."""
     folder = Path(folder)
     for candidate in (folder, folder / CIFAR100_SUBFOLDER):
-        if all((candidate / name).is_file() for name in CIFAR100_FILES):
+        if all(present(candidate / name) for name in CIFAR100_FILES):
+            for name in CIFAR100_FILES:  # a pipe or a device there is named, not read
+                data_file(candidate / name, "CIFAR-100 pickle")
             return candidate
     # name what is missing where the user most likely put the files
     sub = folder / CIFAR100_SUBFOLDER

@@ -9,14 +9,18 @@ already unpacked still loads.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from clsim.data.dataset import Dataset
+from clsim.data.guards import data_file, data_folder, present
+from clsim.data.limits import require_memory
 from clsim.errors import DataError
 
 # idx type code -> big-endian numpy dtype
@@ -54,51 +58,92 @@ FASHION_MNIST_CLASSES: tuple[str, ...] = (
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's content, gunzipped when it starts with the gzip magic bytes."""
+def _read_header(stream: BinaryIO, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from the header at the start of ``stream``."""
+    head = stream.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
+        inside = " (once gunzipped: the gzip data is damaged or is not idx)" \
+            if isinstance(stream, gzip.GzipFile) else ""
+        raise DataError(
+            f"{path} is not an idx file{inside}: bad magic number {head.hex() or '(empty)'} "
+            "(expected 0000 then a type code and the number of dimensions)"
+        )
+    dims = stream.read(4 * head[3])
+    if len(dims) < 4 * head[3]:
+        raise DataError(f"{path} is truncated inside its idx header")
+    shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
+    return shape, np.dtype(_IDX_DTYPES[head[2]])
+
+
+def _read_values(stream: BinaryIO, nbytes: int, path: Path, what: str) -> bytearray:
+    """Exactly ``nbytes`` from ``stream``; fewer, or any byte more, is an error. Reading
+    one byte past the end also makes gzip check its CRC."""
+    out = bytearray(nbytes)
+    view, filled = memoryview(out), 0
+    while filled < nbytes:
+        n = stream.readinto(view[filled:])
+        if not n:
+            raise DataError(f"{path} holds {filled} bytes of values but its header says "
+                            f"{what}; the file is truncated or damaged")
+        filled += n
+    if stream.read(1):
+        raise DataError(f"{path} holds more than the {what} its header says; the file is "
+                        "damaged (or not what its header claims)")
+    return out
+
+
+def read_idx_header(path: str | os.PathLike[str]) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) an idx file declares, read from its header alone."""
+    path = data_file(path, "idx file")
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if raw[:2] != _GZIP_MAGIC:
-        return raw
-    try:
-        return gzip.decompress(raw)
+        with open(path, "rb") as raw, _open_stream(raw) as stream:
+            return _read_header(stream, path)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path} is a damaged gzip file ({exc}); download it again") from exc
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Parse one idx file (gzip or not) into a numpy array of its stored type and shape."""
-    path = Path(path)
-    raw = _read_bytes(path)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(
-            f"{path} is not an idx file: bad magic number {raw[:4].hex() or '(empty)'} "
-            "(expected 0000 then a type code and the number of dimensions)"
-        )
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path} is truncated inside its idx header")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise DataError(
-            f"{path} holds {len(raw) - header} bytes of values but its header says "
-            f"{shape} x {dtype.itemsize} = {expected}; the file is truncated or damaged"
-        )
-    values = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
-    # native byte order and a writable copy, so torch.from_numpy accepts it
-    return values.astype(dtype.newbyteorder("="), copy=True)
+    """Parse one idx file (gzip or not) into a numpy array of its stored type and shape.
+
+    The header's size must fit in memory before the values are read, and the values must
+    be exactly that size: a gzip bomb is read only one byte past what the header allows.
+    """
+    path = data_file(path, "idx file")
+    try:
+        with open(path, "rb") as raw, _open_stream(raw) as stream:
+            shape, dtype = _read_header(stream, path)
+            nbytes = math.prod(shape) * dtype.itemsize
+            what = f"{shape} x {dtype.itemsize} = {nbytes} bytes"
+            if stream is raw:  # not compressed: the file's size tells, nothing to read
+                size = os.fstat(raw.fileno()).st_size - raw.tell()
+                if size != nbytes:
+                    raise DataError(
+                        f"{path} holds {size} bytes of values but its header says {what}; "
+                        "the file is truncated or damaged"
+                    )
+            require_memory(nbytes, f"{path}: its idx header declares {what}")
+            values = _read_values(stream, nbytes, path, what)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path} is a damaged gzip file ({exc}); download it again") from exc
+    array = np.frombuffer(values, dtype=dtype).reshape(shape)
+    # native byte order (a copy only for multi-byte values), writable for torch.from_numpy
+    return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+def _open_stream(raw: BinaryIO) -> BinaryIO:
+    """``raw`` itself, or a gunzipping stream over it when it starts with the gzip magic
+    bytes (inflated lazily, so a bomb is never inflated past what the header allows)."""
+    gzipped = raw.read(2) == _GZIP_MAGIC
+    raw.seek(0)
+    return gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw  # closing raw twice is fine
 
 
 def _find(folder: Path, stem: str) -> Path | None:
+    """The stem's file (``.gz`` first); whatever sits there must be a regular file."""
     for name in (stem + ".gz", stem):
         candidate = folder / name
-        if candidate.is_file():
-            return candidate
+        if present(candidate):
+            return data_file(candidate, "idx file")
     return None
 
 
@@ -145,6 +190,8 @@ def load_idx_folder(
     ``title`` is the dataset's human name, used in the error that lists missing files.
     """
     folder = Path(folder)
+    if present(folder):
+        data_folder(folder, f"{title} folder")
     stems = [stem for pair in _SPLIT_FILES.values() for stem in pair]
     found = {stem: _find(folder, stem) for stem in stems}
     missing = [stem + ".gz" for stem, path in found.items() if path is None]

@@ -16,7 +16,6 @@ dominates and threads measured slower than one loop.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import struct
 import warnings
@@ -28,9 +27,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from clsim.data.dataset import Dataset
+from clsim.data.guards import PIL_FORMATS as PIL_FORMATS  # where tests and users find it
+from clsim.data.guards import (
+    check_npz,
+    data_file,
+    decode_image,
+    open_archive,
+    present,
+    read_whole,
+)
+from clsim.data.limits import require_memory
 from clsim.errors import DataError
 
 CIFAR10_CLASSES: tuple[str, ...] = (
@@ -52,7 +60,6 @@ CIFAR10_ZIP_NAME = "cifar10-jpeg.zip"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 SPLITS = ("train", "test")
 _MODE_CHANNELS = {"L": 1, "RGB": 3}
-PIL_FORMATS = ("JPEG", "PNG")
 # bump when the cached arrays' meaning changes, so old cache files rebuild
 _CACHE_VERSION = 1
 _LAYOUT_HELP = (
@@ -122,6 +129,7 @@ def _key(*parts: object) -> str:
 
 def _zip_source(path: Path, title: str) -> _Source:
     """Key a zip on its path, size and mtime, so a cache hit never reads the archive."""
+    data_file(path, f"{title} archive")
     try:
         stat = path.stat()
     except OSError as exc:
@@ -134,13 +142,9 @@ def _zip_source(path: Path, title: str) -> _Source:
 
 
 def _list_zip(path: Path, title: str) -> _Listing:
-    try:
-        # one read of the whole archive: far faster than a seek per member
-        raw = path.read_bytes()
-        archive = zipfile.ZipFile(io.BytesIO(raw))
-        infos = archive.infolist()
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{title}: cannot open {path} as a zip file ({exc})") from exc
+    # one read of the whole archive: far faster than a seek per member
+    archive = open_archive(path, title)
+    raw, infos = archive.raw, archive.zip.infolist()
 
     by_prefix: dict[str, list[tuple[_Entry, zipfile.ZipInfo]]] = {}
     for info in infos:
@@ -177,10 +181,7 @@ def _list_zip(path: Path, title: str) -> _Listing:
             if zlib.crc32(data) == info.CRC:
                 return data
         # compressed, or a damaged stored member: let zipfile read it and say what is wrong
-        try:
-            return archive.read(info)
-        except (OSError, zipfile.BadZipFile, ValueError, RuntimeError) as exc:
-            raise DataError(f"{title}: cannot read {entry.member} from {path} ({exc})") from exc
+        return archive.read(info)
 
     return _Listing(source=path, entries=_sorted_entries([entry for entry, _ in items]), read=read)
 
@@ -207,18 +208,16 @@ def _folder_source(folder: Path, title: str) -> _Source:
             if not class_dir.is_dir() or class_dir.name.startswith("."):
                 continue
             for item in os.scandir(class_dir.path):
-                if item.name.startswith(".") or not is_image(item.name) or not item.is_file():
+                if item.name.startswith(".") or not is_image(item.name):
                     continue
+                data_file(item.path, f"{title} image")  # a pipe named .png would block
                 member = f"{split}/{class_dir.name}/{item.name}"
                 entries.append(_Entry(split=split, label=class_dir.name, member=member))
                 st = item.stat()
                 stamps.append(f"{member}:{st.st_size}:{st.st_mtime_ns}")
 
     def read(entry: _Entry) -> bytes:
-        try:
-            return (base / entry.member).read_bytes()
-        except OSError as exc:
-            raise DataError(f"{title}: cannot read {base / entry.member} ({exc})") from exc
+        return read_whole(base / entry.member, f"{title} image")
 
     stamps.sort()
     listing = _Listing(source=base, entries=_sorted_entries(entries), read=read)
@@ -227,33 +226,38 @@ def _folder_source(folder: Path, title: str) -> _Source:
     )
 
 
+def _size_check(where: str, title: str, n: int, channels: int,
+                size: tuple[int, int] | None) -> Callable[[tuple[int, int]], None]:
+    """What an image's header must pass before its pixels decode: the first sizes the
+    array of all ``n`` (which must fit in memory), every other must match it."""
+
+    def check(image_size: tuple[int, int]) -> None:
+        width, height = image_size
+        if size is None:
+            require_memory(n * channels * width * height, f"{title}: {where} is "
+                           f"{width}x{height} pixels, so {n} images of {channels} channels need")
+        elif image_size != size:
+            raise DataError(
+                f"{title}: {where} is {width}x{height} but earlier images are "
+                f"{size[0]}x{size[1]}; every image must have the same size"
+            )
+
+    return check
+
+
 def _decode(listing: _Listing, entries: Sequence[_Entry], mode: str, title: str) -> np.ndarray:
     """Decode ``entries`` into a uint8 (N, C, H, W) array; every image must share one size."""
     channels = _MODE_CHANNELS[mode]
     out: np.ndarray | None = None
     size: tuple[int, int] | None = None
     for i, entry in enumerate(entries):
-        data = listing.read(entry)
-        try:
-            with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
-                image.load()
-                if image.mode != mode:
-                    image = image.convert(mode)
-                pixels = image.tobytes()
-                image_size = image.size
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise DataError(
-                f"{title}: {entry.member} in {listing.source} is not a readable image ({exc})"
-            ) from exc
+        where = f"{entry.member} in {listing.source}"
+        check = _size_check(where, title, len(entries), channels, size)
+        with decode_image(listing.read(entry), where, title, check) as image:
+            pixels = (image if image.mode == mode else image.convert(mode)).tobytes()
+            size = image.size
         if out is None:
-            size = image_size
             out = np.empty((len(entries), size[1], size[0], channels), dtype=np.uint8)
-        elif image_size != size:
-            raise DataError(
-                f"{title}: {entry.member} in {listing.source} is {image_size[0]}x"
-                f"{image_size[1]} but earlier images are {size[0]}x{size[1]}; "
-                "every image must have the same size"
-            )
         out[i] = np.frombuffer(pixels, dtype=np.uint8).reshape(out.shape[1:])
     if out is None:
         return np.empty((0, channels, 0, 0), dtype=np.uint8)
@@ -300,13 +304,15 @@ def _read_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
     if not path.is_file():
         return None
     try:
+        check_npz(path)  # a damaged cache declaring absurd arrays is rebuilt, not loaded
         with np.load(path, allow_pickle=False) as stored:
             if str(stored["cache_key"]) != key:
                 return None
             arrays = {
                 k: stored[k] for k in ("x_train", "y_train", "x_test", "y_test", "class_names")
             }
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    except (DataError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error,
+            NotImplementedError, RuntimeError):
         return None
     n_classes = len(arrays["class_names"])
     for split in SPLITS:
@@ -334,10 +340,14 @@ def _write_cache(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
             pass
 
 
-def _find_zip(folder: Path, preferred: str | None) -> Path | None:
-    if preferred and (folder / preferred).is_file():
-        return folder / preferred
-    zips = sorted(p for p in folder.glob("*.zip") if p.is_file())
+def _find_zip(folder: Path, preferred: str | None, title: str) -> Path | None:
+    """The one zip in ``folder`` (``preferred`` first); a pipe or a device named like a
+    zip is refused, not skipped."""
+    if preferred and present(folder / preferred):
+        return data_file(folder / preferred, f"{title} archive")
+    zips = sorted(p for p in folder.glob("*.zip") if not p.is_dir())
+    for path in zips:
+        data_file(path, f"{title} archive")
     if len(zips) > 1:
         names = ", ".join(p.name for p in zips)
         raise DataError(
@@ -348,14 +358,14 @@ def _find_zip(folder: Path, preferred: str | None) -> Path | None:
 
 
 def _source_for(source: Path, title: str, preferred_zip: str | None) -> _Source:
-    if source.is_file():
-        return _zip_source(source, title)
+    if present(source) and not source.is_dir():
+        return _zip_source(source, title)  # a regular file, or refused naming what it is
     if not source.is_dir():
         raise DataError(
             f"{title} not found: {source} does not exist "
             f"(expected {preferred_zip or 'a .zip file'} or a folder holding {_LAYOUT_HELP})"
         )
-    archive = _find_zip(source, preferred_zip)
+    archive = _find_zip(source, preferred_zip, title)
     if archive is not None:
         return _zip_source(archive, title)
     if _split_root(source) is None:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from clsim.data.dataset import Dataset
+from clsim.data.dataset import Dataset, normalise
+from clsim.data.guards import check_npz, data_file, present
 from clsim.errors import DataError
 
 _MASK64 = (1 << 64) - 1
@@ -86,10 +88,15 @@ def _check_labels(y: np.ndarray, x: np.ndarray, key: str, x_key: str, path: Path
         raise DataError(f"{path}: {x_key!r} has {len(x)} samples but {key!r} has {len(y)} labels")
 
 
+def _native(values: np.ndarray) -> np.ndarray:
+    """``values`` in this machine's byte order (torch takes no other), same dtype width."""
+    return values if values.dtype.isnative else values.astype(values.dtype.newbyteorder("="))
+
+
 def _read(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        state = "is a folder" if path.is_dir() else "does not exist"
-        raise DataError(f"npz dataset not found: {path} {state} (expected an .npz file)")
+    if not present(path):
+        raise DataError(f"npz dataset not found: {path} does not exist (expected an .npz file)")
+    data_file(path, "npz dataset")
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -97,16 +104,72 @@ def _read(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
     if magic[:2] != b"PK":  # an .npz is a zip archive; np.load would try other formats
         raise DataError(f"{path} is not a readable .npz file (not a zip archive: use np.savez)")
+    check_npz(path)  # what each array declares, before numpy allocates it
     try:
         with np.load(path, allow_pickle=False) as stored:
-            return {key: stored[key] for key in stored.files}
+            return {key: _native(stored[key]) for key in stored.files}
     except ValueError as exc:
         raise DataError(
             f"{path} is not a plain .npz ({exc}); object arrays are not loaded, store strings "
             "as a string array"
         ) from exc
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+            RuntimeError) as exc:
         raise DataError(f"{path} is not a readable .npz file ({exc})") from exc
+
+
+def _check_label_ids(arrays: dict[str, np.ndarray], n_samples: int, path: Path) -> None:
+    """Without 'class_names' the classes are 0..max label: a label id beyond the number of
+    samples would make more classes than samples (and a name for each), so it is refused
+    before anything is sized by it."""
+    for key in ("y", "y_test"):
+        if key in arrays and len(arrays[key]) and int(arrays[key].max()) >= n_samples:
+            top = int(arrays[key].max())
+            raise DataError(
+                f"{path}: {key!r} holds label id {top}, but there are only {n_samples} "
+                "samples; without 'class_names' the classes are 0..max label, so number "
+                "the classes from 0 or store 'class_names'"
+            )
+
+
+def _nonfinite_inputs(x: np.ndarray, scale: float, mean: tuple[float, ...],
+                      std: tuple[float, ...]) -> int:
+    """How many values of ``x`` the model would read as NaN or infinite once normalised.
+
+    The normalisation is monotone in each value, so the per-channel extremes tell whether
+    any value goes non-finite; only then are the values counted, in chunks."""
+    axes = (0, *range(2, x.ndim)) if len(mean) > 1 else None
+    keep = (1, len(mean)) + (1,) * (x.ndim - 2) if len(mean) > 1 else (1,) * x.ndim
+    extremes = np.concatenate([np.min(x, axis=axes).reshape(keep),
+                               np.max(x, axis=axes).reshape(keep)])
+    if torch.isfinite(normalise(torch.from_numpy(extremes), scale, mean, std)).all():
+        return 0
+    chunk = max(1, 2**22 // max(1, x[0].size))
+    return sum(int((~torch.isfinite(normalise(torch.from_numpy(x[i:i + chunk]), scale, mean,
+                                              std))).sum())
+               for i in range(0, len(x), chunk))
+
+
+def _check_inputs(arrays: dict[str, np.ndarray], keys: tuple[str, ...], scale: float,
+                  mean: tuple[float, ...], std: tuple[float, ...], path: Path) -> None:
+    """Refuse samples that would train on NaN or infinity once normalised (NaN or inf in
+    the file, or values that overflow float32 after scale, mean and std)."""
+    numbers = {"scale": (scale,), "mean": mean, "std": std}
+    for name, values in numbers.items():
+        if not all(np.isfinite(values)):
+            raise DataError(f"{path}: {name!r} holds a non-finite value {values}; expected "
+                            "finite numbers")
+    for key in keys:
+        try:
+            bad = _nonfinite_inputs(arrays[key], scale, mean, std)
+        except TypeError:  # a dtype torch cannot take: refused when it is converted
+            continue
+        if bad:
+            raise DataError(
+                f"{path}: {key!r} gives {bad} of {arrays[key].size} values that are NaN or "
+                f"infinite once normalised (x * scale - mean) / std in float32 (scale "
+                f"{scale}, mean {mean}, std {std}); remove them or store smaller values"
+            )
 
 
 def _floats(
@@ -161,6 +224,7 @@ def load_npz(
     if "class_names" in arrays:
         class_names = _names(arrays["class_names"], path)
     else:
+        _check_label_ids(arrays, len(labels), path)
         class_names = tuple(str(i) for i in range(max(int(labels.max()), 0) + 1))
     n_classes = len(class_names)
     if labels.min() < 0 or labels.max() >= n_classes:
@@ -195,6 +259,8 @@ def load_npz(
             f"{path}: 'mean' and 'std' have {len(mean)} values but samples have "
             f"{x.shape[1]} channels (axis 1 of 'x')"
         )
+
+    _check_inputs(arrays, ("x", "x_test") if has_test else ("x",), scale[0], mean, std, path)
 
     def tensor(values: np.ndarray) -> torch.Tensor:
         try:

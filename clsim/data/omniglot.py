@@ -31,18 +31,25 @@ Decoding all 4840 PNGs takes about a second, so there is no cache.
 
 from __future__ import annotations
 
-import io
 import os
-import zipfile
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from clsim.data.dataset import Dataset
-from clsim.data.images import PIL_FORMATS, is_image, is_junk
+from clsim.data.guards import (
+    data_file,
+    data_folder,
+    decode_image,
+    open_archive,
+    present,
+    read_whole,
+)
+from clsim.data.images import is_image, is_junk
 from clsim.errors import ConfigError, DataError
 
 OMNIGLOT_ZIP_NAMES: tuple[str, ...] = (
@@ -88,28 +95,15 @@ def _add(found: _Found, key: _Key, where: str, read: Callable[[], bytes]) -> Non
 
 
 def _scan_zip(path: Path, found: _Found) -> int:
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(path.read_bytes()))
-        infos = archive.infolist()
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{_TITLE}: cannot open {path} as a zip file ({exc})") from exc
+    archive = open_archive(path, _TITLE)
     count = 0
-    for info in infos:
+    for info in archive.zip.infolist():
         if info.is_dir():
             continue
         key = _key_of(info.filename.split("/"))
         if key is None:
             continue
-
-        def read(info: zipfile.ZipInfo = info) -> bytes:
-            try:
-                return archive.read(info)
-            except (OSError, zipfile.BadZipFile, ValueError, RuntimeError) as exc:
-                raise DataError(
-                    f"{_TITLE}: cannot read {info.filename} from {path} ({exc})"
-                ) from exc
-
-        _add(found, key, f"{path}:{info.filename}", read)
+        _add(found, key, f"{path}:{info.filename}", partial(archive.read, info))
         count += 1
     if count == 0:
         raise DataError(f"{_TITLE}: {path} holds no <alphabet>/<character>/<file>.png images")
@@ -127,31 +121,24 @@ def _scan_folder(folder: Path, found: _Found) -> int:
             key = _key_of([*rel, name])
             if key is None:
                 continue
-            file = Path(dirpath) / name
-
-            def read(file: Path = file) -> bytes:
-                try:
-                    return file.read_bytes()
-                except OSError as exc:
-                    raise DataError(f"{_TITLE}: cannot read {file} ({exc})") from exc
-
-            _add(found, key, str(file), read)
+            file = data_file(Path(dirpath) / name, f"{_TITLE} image")  # not a pipe
+            _add(found, key, str(file), partial(read_whole, file, f"{_TITLE} image"))
             count += 1
     return count
 
 
 def _find_drawings(folder: Path) -> _Found:
-    if not folder.is_dir():
-        state = "is not a folder" if folder.exists() else "does not exist"
-        raise DataError(f"{_TITLE} not found: {folder} {state} (expected {_LAYOUT_HELP})")
+    if not present(folder):
+        raise DataError(f"{_TITLE} not found: {folder} does not exist (expected {_LAYOUT_HELP})")
+    data_folder(folder, f"{_TITLE} folder")
     zips = [folder / name for name in OMNIGLOT_ZIP_NAMES]
-    present = [z for z in zips if z.is_file()]
+    here = [data_file(z, f"{_TITLE} archive") for z in zips if present(z)]
     found: _Found = {}
-    if present:
-        missing = [z.name for z in zips if not z.is_file()]
+    if here:
+        missing = [z.name for z in zips if not present(z)]
         if missing:
             raise DataError(
-                f"{_TITLE}: {folder} has {', '.join(z.name for z in present)} but not "
+                f"{_TITLE}: {folder} has {', '.join(z.name for z in here)} but not "
                 f"{', '.join(missing)} (expected {_LAYOUT_HELP})"
             )
         for z in zips:
@@ -166,12 +153,12 @@ def _find_drawings(folder: Path) -> _Found:
 
 
 def _decode(key: _Key, where: str, data: bytes, size: int) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
-            image.load()
+    """One drawing as ink-high grey ``size x size`` (PIL's bomb limit bounds the decode)."""
+    with decode_image(data, where, _TITLE) as image:
+        try:
             grey = ImageOps.invert(image.convert("L"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{_TITLE}: {where} is not a readable image ({exc})") from exc
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{_TITLE}: {where} is not a readable image ({exc})") from exc
     if grey.size != (size, size):
         grey = grey.resize((size, size), Image.Resampling.LANCZOS)
     return np.asarray(grey, dtype=np.uint8)

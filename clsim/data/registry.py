@@ -23,6 +23,7 @@ from pathlib import Path
 from clsim.data.cifar100 import CIFAR100_SUBFOLDER, load_cifar100
 from clsim.data.dataset import Dataset
 from clsim.data.digits import load_digits
+from clsim.data.guards import data_folder, present
 from clsim.data.idx import load_fashion_mnist, load_mnist
 from clsim.data.images import load_cifar10
 from clsim.data.npz import load_npz
@@ -46,6 +47,8 @@ def resolve_data_root(root: str | os.PathLike[str] | None) -> Path:
             f"no data root: set data.root in the scenario or the {DATA_ENV} environment "
             "variable to the folder holding mnist/, fashion-mnist/, cifar10/, cifar100/, omniglot/"
         )
+    if present(path) and not path.is_dir():
+        data_folder(path, origin)  # names what it is: a file, a pipe, a link loop...
     if not path.is_dir():
         state = "is not a folder" if path.exists() else "does not exist"
         raise DataError(
@@ -59,7 +62,7 @@ def _folder(root: PathArg, *names: str) -> Path:
     """The first of ``names`` present under the data root, else the first (for the error)."""
     base = resolve_data_root(root)
     for name in names:
-        if (base / name).exists():
+        if present(base / name):
             return base / name
     return base / names[0]
 

@@ -11,19 +11,19 @@ then reports the problem in its own words.
 
 from __future__ import annotations
 
-import gzip
-import io
 import math
 import os
+import warnings
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-import numpy as np
 from PIL import Image
 
-from clsim.data import idx, images, omniglot
+from clsim.data import guards, idx, images, omniglot
 from clsim.data.cifar100 import CIFAR100_FILES, find_cifar100_folder
 from clsim.errors import ClsimError
 
@@ -63,15 +63,8 @@ def _digits(root, **_) -> DatasetSize:
 
 def _idx_header(path: Path) -> tuple[tuple[int, ...], int]:
     """(shape, bytes per value) from an idx file's header; gzip or not."""
-    with open(path, "rb") as raw:
-        gzipped = raw.read(2) == b"\x1f\x8b"
-    opener = gzip.open if gzipped else open
-    with opener(path, "rb") as f:
-        head = f.read(4)
-        if len(head) < 4 or head[2] not in idx._IDX_DTYPES:
-            raise ValueError(f"{path} is not an idx file")
-        dims = np.frombuffer(f.read(4 * head[3]), dtype=">u4")
-    return tuple(int(d) for d in dims), np.dtype(idx._IDX_DTYPES[head[2]]).itemsize
+    shape, dtype = idx.read_idx_header(path)
+    return shape, dtype.itemsize
 
 
 def _idx_folder(name: str, *subfolders: str) -> Callable[..., DatasetSize]:
@@ -96,15 +89,12 @@ def _npz(root, *, path=None, name=None, **_) -> DatasetSize:
     if not file.is_absolute() and root is not None and str(root) != "":
         file = Path(root).expanduser() / file
     shapes = {}
-    with zipfile.ZipFile(file) as archive:
+    with zipfile.ZipFile(guards.data_file(file, "npz dataset")) as archive:
         for key in ("x", "x_test", "class_names"):
             if f"{key}.npy" not in archive.namelist():
                 continue
             with archive.open(f"{key}.npy") as f:
-                version = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read_header(f)
+                shape, dtype = guards.npy_header(f)
             shapes[key] = (shape, dtype.itemsize)
     (x_shape, width) = shapes["x"]
     n = x_shape[0] + (shapes["x_test"][0][0] if "x_test" in shapes else 0)
@@ -120,14 +110,21 @@ def _cifar10(root, **_) -> DatasetSize:
     if source.is_file():
         with zipfile.ZipFile(source) as archive:
             members = [i.filename for i in archive.infolist() if _image_member(i.filename)]
-            first = archive.read(members[0])
+            width, height = _image_size(archive.open(members[0]))
     else:
         members = [str(p) for p in sorted(source.rglob("*")) if _image_member(str(p))]
-        first = Path(members[0]).read_bytes()
-    with Image.open(io.BytesIO(first)) as image:
-        width, height = image.size
+        with open(guards.data_file(members[0], "CIFAR-10 image"), "rb") as f:
+            width, height = _image_size(f)
     classes = len({Path(m).parent.name for m in members})
     return DatasetSize("cifar10", len(members), (3, height, width), 1, n_classes=classes)
+
+
+def _image_size(f: BinaryIO) -> tuple[int, int]:
+    """(width, height) from an image's header: the pixels are not decoded."""
+    with f, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(f, formats=guards.PIL_FORMATS) as image:
+            return image.size
 
 
 def _image_member(name: str) -> bool:
@@ -176,5 +173,6 @@ def estimate_dataset(name: str, *, root=None, **options: object) -> DatasetSize 
     try:
         return estimator(root, **options)
     except (ClsimError, OSError, ValueError, KeyError, IndexError, TypeError, EOFError,
-            zipfile.BadZipFile):
+            zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning):
         return None
