@@ -224,8 +224,8 @@ def _strategy_hooks(strategy):
     from clsim.errors import PluginError
     from clsim.plugin_manager import HookRunner, build_plugin_manager, create_plugin
 
-    plugins = [(p.name, create_plugin(p)) for p in strategy.plugins]
     try:
+        plugins = [(p.name, create_plugin(p)) for p in strategy.plugins]
         return HookRunner(build_plugin_manager(plugins))
     except PluginError as exc:
         raise PluginError(f"strategy {strategy.name!r}: {exc}") from None

@@ -130,7 +130,7 @@ def _require_a_hook(cls: type, ref: str) -> None:
                           f"{describe_fault(exc)}") from exc
     if not names:
         raise PluginError(
-            f"plugin {ref!r} ({_qualified(cls)}) implements no clsim hook; a plugin must "
+            f"plugin {_named(ref, cls)} implements no clsim hook; a plugin must "
             "define at least one method named after a hook of clsim/hookspecs.py (e.g. "
             "clsim_before_experience, clsim_loss, clsim_after_batch); for plain "
             "fine-tuning use the plugin 'naive'"
@@ -162,17 +162,23 @@ def options_class(plugin_class: type, ref: str | None = None) -> type | None:
     except BaseException as exc:  # a class property that raises
         if not is_contained(exc):
             raise
-        raise PluginError(f"plugin {ref or _qualified(plugin_class)!r}: reading its Options "
+        raise PluginError(f"plugin {_named(ref, plugin_class)}: reading its Options "
                           f"raised {describe_fault(exc)}") from exc
     if declared is None or (inspect.isclass(declared) and dataclasses.is_dataclass(declared)):
         return declared
     got = (f"the class {declared.__qualname__}, which is not a dataclass"
            if inspect.isclass(declared) else f"a {type(declared).__name__} instance")
     raise PluginError(
-        f"plugin {ref or _qualified(plugin_class)!r} ({_qualified(plugin_class)}) declares "
+        f"plugin {_named(ref, plugin_class)} declares "
         f"Options as {_bounded(got)}; Options must be a dataclass class (decorated with "
         "@dataclasses.dataclass, one field per option) or absent for a plugin without options"
     )
+
+
+def _named(ref: str | None, cls: type) -> str:
+    """``'ref' (module:Class)``, or just the quoted class path when ``ref`` is that."""
+    path = _qualified(cls)
+    return repr(path) if ref in (None, path) else f"{ref!r} ({path})"
 
 
 def _qualified(cls: type) -> str:

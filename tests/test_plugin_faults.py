@@ -16,7 +16,7 @@ from pathlib import Path
 
 import faulty_plugins
 import pytest
-from helpers import REPO_ROOT, run_cli
+from helpers import DIGITS_SCENARIO, REPO_ROOT, run_cli
 
 from clsim import hookspecs
 from clsim.cli import main
@@ -312,3 +312,94 @@ def test_sys_exit_in_a_process_pool_worker_fails_only_its_cells(clean_cells, tmp
         else:
             assert without_clocks(r) == clean_cells[r["cell"]]
     assert message in (tmp_path / "out" / "report.md").read_text()
+
+
+IMPORT_FAULTS = {  # module body -> what the message must say it raised
+    "raise SystemExit(0)": "SystemExit(0): a plugin may not exit the program",
+    "import sys; sys.exit(5)": "SystemExit(5): a plugin may not exit the program",
+    "raise KeyboardInterrupt": "KeyboardInterrupt (raised by the plugin, not by Ctrl-C)",
+    "raise GeneratorExit": "GeneratorExit (a BaseException)",
+    "class Boom(BaseException): pass\nraise Boom('at import')": "Boom: at import (a "
+                                                                "BaseException)",
+}
+
+
+def plugin_module(folder: Path, name: str, body: str) -> None:
+    """A module ``name`` in ``folder`` whose import runs ``body`` before defining Plugin."""
+    (folder / f"{name}.py").write_text(
+        f"{body}\nclass Plugin:\n    def clsim_setup(self):\n        pass\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("body", sorted(IMPORT_FAULTS), ids=lambda b: b.split("(")[0][-14:])
+def test_a_base_exception_importing_a_plugin_module_is_a_plugin_error(body, tmp_path,
+                                                                      monkeypatch, capsys):
+    """`package.module:Class` whose import exits or raises a BaseException: clsim says so
+    (exit 2, file and key path named) instead of ending silently with the module's code."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"exits_on_import_{abs(hash(body))}"
+    plugin_module(tmp_path, name, body)
+    path = tmp_path / "s.yaml"
+    path.write_text(scenario_text(None).replace("plugins: [replay]\n",
+                                                f"plugins: ['{name}:Plugin']\n", 1))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"clsim: error: {path}:10: strategies.before.plugins[0]: importing "
+                          f"module {name!r} for plugin '{name}:Plugin' raised "
+                          f"{IMPORT_FAULTS[body]}"), err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_plugin_module_exiting_0_at_import_fails_a_real_process(tmp_path):
+    """Through a real interpreter: exit status 2, not the module's 0."""
+    plugin_module(tmp_path, "quits_quietly", "raise SystemExit(0)")
+    path = tmp_path / "s.yaml"
+    path.write_text(DIGITS_SCENARIO.replace("plugins: [naive]", "plugins: ['quits_quietly:P']"))
+    proc = run_cli("validate", str(path), env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "importing module 'quits_quietly' for plugin 'quits_quietly:P' raised SystemExit(0)" \
+        in proc.stderr
+
+
+@pytest.mark.parametrize("body", ["raise SystemExit(0)", "raise KeyboardInterrupt"])
+def test_a_registered_plugin_whose_package_exits_at_import_is_named(body, tmp_path,
+                                                                    monkeypatch, capsys):
+    """An installed distribution declaring an entry point whose module exits while
+    importing: the plugin and its entry point are named (a real dist-info on sys.path)."""
+    dist = tmp_path / "exiting_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: exiting-plugin\n"
+                                   "Version: 0.1\n")
+    (dist / "entry_points.txt").write_text("[clsim.plugins]\nexits_at_import = "
+                                           "exiting_plugin_mod:Plugin\n")
+    plugin_module(tmp_path, "exiting_plugin_mod", body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "s.yaml"
+    path.write_text(DIGITS_SCENARIO.replace("plugins: [naive]", "plugins: [exits_at_import]"))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"clsim: error: {path}:9: strategies.naive.plugins[0]: plugin "
+                          "'exits_at_import' failed to load (exiting_plugin_mod:Plugin): "
+                          f"{IMPORT_FAULTS[body].split(':')[0]}"), err
+    assert "Traceback" not in err
+    assert main(["list"]) == 0  # the listing marks it broken instead of ending
+    assert "exits_at_import  BROKEN: plugin 'exits_at_import' failed to load" \
+        in capsys.readouterr().out
+
+
+def test_a_base_exception_escaping_every_command_is_one_paragraph(tmp_path, monkeypatch,
+                                                                  capsys):
+    """Options whose check() raises a BaseException: whatever reports it, it is one
+    paragraph starting with 'clsim: ', never a traceback, never the plugin's exit code."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "checks_badly.py").write_text(
+        "import dataclasses\n"
+        "class Boom(BaseException):\n    pass\n"
+        "@dataclasses.dataclass\nclass Opts:\n    lr: float = 0.1\n"
+        "    def check(self):\n        raise Boom('from check')\n"
+        "class Plugin:\n    Options = Opts\n    def clsim_setup(self):\n        pass\n")
+    path = tmp_path / "s.yaml"
+    path.write_text(DIGITS_SCENARIO.replace("plugins: [naive]", "plugins: ['checks_badly:Plugin']"))
+    code = main(["validate", str(path)])
+    err = capsys.readouterr().err
+    assert code in (2, 70) and err.startswith("clsim: ") and err.count("\n") == 1, err
+    assert "Boom: from check" in err and "Traceback" not in err
