@@ -13,15 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from clsim.budget import Budget, BudgetPoint
 from clsim.data.registry import dataset_names
 from clsim.errors import ClsimError, ConfigError, OptionError
+from clsim.files import require_file
 from clsim.models import MODELS
 from clsim.plugin_manager import load_plugin_class, options_class
 from clsim.streams import STREAM_TYPES
-from clsim.validation import KeyPath, Source, build, closest, format_path, short_repr
+from clsim.validation import KeyPath, Source, build, closest, load_yaml, short_repr
+
+MAX_NAME = 200
+"""Characters in a scenario or strategy name: with a time stamp it stays a valid
+file name (255 bytes), and it fits a table or a log line."""
+MAX_DESCRIPTION = 4000
+MAX_EPOCHS = 10_000
+"""Passes over each experience: more is a slip (a day per experience), never a plan."""
+MAX_PLUGIN_REF = 500
 
 
 @dataclass
@@ -41,7 +48,7 @@ class DataConfig:
         known = dataset_names()
         if self.dataset.strip().lower().replace("-", "_") not in known:
             hint = closest(self.dataset, known)
-            raise OptionError("dataset", f"unknown dataset {self.dataset!r} (known: "
+            raise OptionError("dataset", f"unknown dataset {short_repr(self.dataset)} (known: "
                               f"{', '.join(known)})"
                               + (f"; did you mean {hint!r}?" if hint else ""))
 
@@ -64,7 +71,9 @@ class OptimizerConfig:
 
 @dataclass
 class TrainingConfig:
-    epochs: int = field(default=1, metadata={"min": 1})
+    epochs: int = field(
+        default=1, metadata={"min": 1, "max": MAX_EPOCHS, "help": "passes over each experience"}
+    )
     batch_size: int = field(default=128, metadata={"min": 1})
     eval_batch_size: int = field(default=1024, metadata={"min": 1})
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -82,7 +91,11 @@ class CompareConfig:
     budgets: list[BudgetPoint] = field(
         metadata={"min_items": 1, "help": "budget axis: budgets or {aligned: BUDGET}"}
     )
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={"min": 0, "min_items": 1})
+    seeds: list[int] = field(
+        default_factory=lambda: [0],
+        metadata={"min": 0, "max": 2**63 - 1, "min_items": 1, "max_items": 10_000,
+                  "help": "seeds to run every cell with, each as 'seed' (0 .. 2**63-1)"},
+    )
     strategies: list[str] | None = field(
         default=None, metadata={"help": "strategies to compare; default: all of the scenario's"}
     )
@@ -95,7 +108,7 @@ class CompareConfig:
         if repeated:
             raise OptionError("budgets", f"budgets must differ; repeated: {', '.join(repeated)}")
         if len(set(self.seeds)) != len(self.seeds):
-            raise OptionError("seeds", f"seeds must differ; got {self.seeds}")
+            raise OptionError("seeds", f"seeds must differ; got {short_repr(self.seeds)}")
 
 
 @dataclass
@@ -130,12 +143,22 @@ class _ScenarioFields:
     stream: dict
     model: dict
     strategies: dict
-    name: str | None = None
-    description: str = ""
+    name: str | None = field(
+        default=None,
+        metadata={"max_length": MAX_NAME, "text": "line",
+                  "help": f"used in folder names: at most {MAX_NAME} letters, digits, '.', "
+                  "'_' and '-', not starting with '.'; default: the file's name"},
+    )
+    description: str = field(
+        default="",
+        metadata={"max_length": MAX_DESCRIPTION,
+                  "help": f"free text of at most {MAX_DESCRIPTION:,} characters"},
+    )
     seed: int = field(default=0, metadata={"min": 0, "max": 2**63 - 1})
     threads: int | None = field(
         default=None,
-        metadata={"min": 1, "help": "torch threads per run; metrics repeat exactly at a fixed "
+        metadata={"min": 1, "max": 1024,
+                  "help": "torch threads per run; metrics repeat exactly at a fixed "
                   "thread count (default: torch's own choice)"},
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
@@ -153,10 +176,11 @@ class _ScenarioFields:
     def check(self) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or _is_cuda_index(self.device)):
             raise OptionError("device", "'device' must be auto, cpu, cuda or cuda:N; "
-                              f"got {self.device!r}")
+                              f"got {short_repr(self.device)}")
         if self.name is not None and not _NAME.fullmatch(self.name):
             raise OptionError("name", "'name' is used in folder names: letters, digits, '.', "
-                              f"'_' and '-' only, not starting with '.'; got {self.name!r}")
+                              f"'_' and '-' only, not starting with '.'; got "
+                              f"{short_repr(self.name)}")
         _check_not_zero(self.budget, "budget")
 
 
@@ -167,7 +191,7 @@ def _check_not_zero(budget: Budget | None, key: str) -> None:
     """A scenario budget of 0 bytes cannot hold even the model: a slip, never a plan."""
     if budget is not None and not (budget.bytes or budget.exemplars or budget.models):
         raise OptionError(key, f"a budget of 0 bytes cannot hold even the model; got "
-                          f"{budget.text!r} (give bytes, a size such as '48KB', or "
+                          f"{short_repr(budget.text)} (give bytes, a size such as '48KB', or "
                           "'model + N exemplars')")
 
 
@@ -261,8 +285,12 @@ def load_scenario(path: str | Path) -> ScenarioConfig:
 
 
 def read_scenario_text(path: Path) -> str:
-    """The file's text; a missing, unreadable or non-UTF-8 file is a ConfigError."""
+    """The file's text; a missing, unreadable or non-UTF-8 file is a ConfigError, and so is
+    a named pipe, a device or a symlink loop (refused before opening: reading would block
+    or never end)."""
     name = str(path)
+    if not path.is_dir() and (path.exists() or path.is_symlink()):
+        require_file(path, "scenario file")
     try:
         raw_bytes = path.read_bytes()
     except FileNotFoundError:
@@ -286,11 +314,7 @@ def parse_scenario(
     text: str, *, source: str = "<config>", base_dir: str = ".", default_name: str = "scenario"
 ) -> ScenarioConfig:
     """Validate scenario YAML given as text."""
-    try:
-        data, lines = _safe_load_with_lines(text, source)
-    except RecursionError:
-        raise ConfigError("the YAML is nested too deeply (or refers to itself)",
-                          source=source) from None
+    data, lines = load_yaml(text, source)
     src = Source(source, lines)
     if data is None:
         raise src.error(
@@ -312,7 +336,7 @@ def parse_scenario(
             hint = closest(name, strategies)
             raise src.error(
                 ("compare", "strategies", index),
-                f"unknown strategy {name!r} (defined: {', '.join(strategies)})"
+                f"unknown strategy {short_repr(name)} (defined: {', '.join(strategies)})"
                 + (f"; did you mean {hint!r}?" if hint else ""),
             )
     return ScenarioConfig(
@@ -334,89 +358,6 @@ def parse_scenario(
     )
 
 
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (YAML would silently keep the last)."""
-
-
-def _safe_load_with_lines(text: str, source: str) -> tuple[Any, dict[KeyPath, int]]:
-    try:
-        node = yaml.compose(text, Loader=_LineLoader)
-    except yaml.YAMLError as exc:
-        raise _yaml_error(exc, source) from None
-    if node is None:
-        return None, {}
-    lines: dict[KeyPath, int] = {}
-    _collect_lines(node, (), lines, source)
-    try:
-        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise _yaml_error(exc, source) from None
-    return data, lines
-
-
-def _collect_lines(
-    node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], source: str,
-    entered: set[int] | None = None,
-) -> None:
-    """Key path -> line, entering each node once: an alias is not expanded again, so a
-    self-referencing alias or an 'alias bomb' costs no more than the file's size."""
-    entered = set() if entered is None else entered
-    lines[path] = node.start_mark.line + 1
-    if id(node) in entered:
-        return
-    entered.add(id(node))
-    _refuse_tag(node, path, source)
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key_node, value_node in node.value:
-            _refuse_tag(key_node, path, source)
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
-            if key in seen:
-                raise ConfigError(
-                    f"duplicate key {key!r} (each key may appear once in a mapping)",
-                    source=source,
-                    key_path=format_path(path + (key,)),
-                    line=key_node.start_mark.line + 1,
-                )
-            seen.add(key)
-            _collect_lines(value_node, path + (key,), lines, source, entered)
-            lines[path + (key,)] = key_node.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _collect_lines(item, path + (index,), lines, source, entered)
-
-
-def _refuse_tag(node: yaml.Node, path: KeyPath, source: str) -> None:
-    """A tag the safe loader cannot construct (``!!python/object/apply:os.system``,
-    ``!include``) is refused at its key path, before anything is constructed; so is a
-    scalar its tag cannot read (``!!int fuzz``, a timestamp ``2001-13-45``), which PyYAML
-    would report as a bare ValueError."""
-    where = {"source": source, "key_path": format_path(path) or None,
-             "line": node.start_mark.line + 1}
-    tag = node.tag.replace("tag:yaml.org,2002:", "!!", 1)
-    if node.tag not in _LineLoader.yaml_constructors:
-        raise ConfigError(
-            f"invalid YAML: the tag {short_repr(tag)} is not allowed (clsim reads plain data; "
-            "tags that construct objects are refused)", **where,
-        )
-    if isinstance(node, yaml.ScalarNode):
-        try:
-            _LineLoader.yaml_constructors[node.tag](yaml.constructor.SafeConstructor(), node)
-        except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError,
-                yaml.YAMLError):
-            raise ConfigError(f"invalid YAML: {short_repr(node.value)} is not a valid {tag}",
-                              **where) from None
-
-
-def _yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    line = mark.line + 1 if mark is not None else None
-    problem = getattr(exc, "problem", None) or str(exc)
-    if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in str(problem):
-        problem = f"{problem} (YAML tags that construct objects are not allowed)"
-    return ConfigError(f"invalid YAML: {problem}", source=source, line=line)
-
-
 def _stream_config(raw: dict, src: Source) -> StreamConfig:
     path: KeyPath = ("stream",)
     raw = dict(raw)
@@ -425,7 +366,7 @@ def _stream_config(raw: dict, src: Source) -> StreamConfig:
         hint = closest(str(kind), STREAM_TYPES)
         raise src.error(
             path + ("type",),
-            f"unknown stream type {kind!r} (known: {', '.join(STREAM_TYPES)})"
+            f"unknown stream type {short_repr(kind)} (known: {', '.join(STREAM_TYPES)})"
             + (f"; did you mean {hint!r}?" if hint else ""),
         )
     return StreamConfig(kind, build(STREAM_TYPES[kind].options, raw, path, src))
@@ -437,13 +378,14 @@ def _model_config(raw: dict, src: Source) -> ModelConfig:
     name = raw.pop("name", None)
     if not isinstance(name, str):
         raise src.error(
-            path + ("name",), f"expected a model name, one of {', '.join(MODELS)}; got {name!r}"
+            path + ("name",),
+            f"expected a model name, one of {', '.join(MODELS)}; got {short_repr(name)}",
         )
     if name not in MODELS:
         hint = closest(name, MODELS)
         raise src.error(
             path + ("name",),
-            f"unknown model {name!r} (known: {', '.join(MODELS)})"
+            f"unknown model {short_repr(name)} (known: {', '.join(MODELS)})"
             + (f"; did you mean {hint!r}?" if hint else ""),
         )
     options = build(MODELS[name].options, raw, path, src)
@@ -456,10 +398,7 @@ def _strategies(top: _ScenarioFields, src: Source) -> dict[str, StrategyConfig]:
     out: dict[str, StrategyConfig] = {}
     for name, body in top.strategies.items():
         path: KeyPath = ("strategies", str(name))
-        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
-            raise src.error(
-                path, f"strategy names use letters, digits, '_' and '-' only; got {name!r}"
-            )
+        _check_strategy_name(name, path, src)
         fields = build(_StrategyFields, body, path, src)
         plugins = [
             _plugin(entry, path + ("plugins", i), src) for i, entry in enumerate(fields.plugins)
@@ -478,6 +417,16 @@ def _strategies(top: _ScenarioFields, src: Source) -> dict[str, StrategyConfig]:
     return out
 
 
+def _check_strategy_name(name: Any, path: KeyPath, src: Source) -> None:
+    """A strategy name lands in tables, logs and checkpoint file names: short, one word."""
+    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+        raise src.error(path, "strategy names use letters, digits, '_' and '-' only; got "
+                        f"{short_repr(name)}")
+    if len(name) > MAX_NAME:
+        raise src.error(path, f"a strategy name has at most {MAX_NAME} characters; got "
+                        f"{len(name):,}: {short_repr(name)}")
+
+
 def _plugin(entry: Any, path: KeyPath, src: Source) -> PluginSpec:
     if isinstance(entry, str):
         ref, options = entry, {}
@@ -488,10 +437,14 @@ def _plugin(entry: Any, path: KeyPath, src: Source) -> PluginSpec:
         raise src.error(
             path,
             "expected a plugin name, or a mapping with one key (the plugin "
-            f"name) to its options, e.g. '- replay: {{selection: herding}}'; got {entry!r}",
+            f"name) to its options, e.g. '- replay: {{selection: herding}}'; got "
+            f"{short_repr(entry)}",
         )
     if not isinstance(ref, str):
-        raise src.error(path, f"expected a plugin name; got {ref!r}")
+        raise src.error(path, f"expected a plugin name; got {short_repr(ref)}")
+    if len(ref) > MAX_PLUGIN_REF:
+        raise src.error(path, f"a plugin name (or package.module:Class) has at most "
+                        f"{MAX_PLUGIN_REF} characters; got {len(ref):,}: {short_repr(ref)}")
     try:
         cls = load_plugin_class(ref)
     except ClsimError as exc:
@@ -499,7 +452,8 @@ def _plugin(entry: Any, path: KeyPath, src: Source) -> PluginSpec:
     declared = options_class(cls)
     if declared is None:
         if options not in (None, {}):
-            raise src.error(path, f"plugin {ref!r} takes no options; got {options!r}")
+            raise src.error(path, f"plugin {short_repr(ref)} takes no options; got "
+                            f"{short_repr(options)}")
         parsed = None
     else:
         parsed = build(declared, options, path, src)

@@ -11,7 +11,6 @@ points at the line to fix.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -20,11 +19,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from clsim.data.dataset import Dataset
-from clsim.errors import DataError, OptionError
+from clsim.errors import ConfigError, DataError, OptionError
+from clsim.files import require_file
 from clsim.labels import LabelSpace
+from clsim.validation import closest, load_yaml, short_repr
+
+MAX_NODE_NAME = 200
+"""Characters in a node name of a user hierarchy (it lands in tables and logs)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,31 +90,34 @@ class Hierarchy:
         known = ", ".join(self.level_names)
         if isinstance(levels, str) or not levels:
             raise OptionError(
-                "levels", f"expected a list of level names from: {known}; got {levels!r}"
+                "levels", f"expected a list of level names from: {known}; got "
+                f"{short_repr(levels)}"
             )
         indices = []
         for name in levels:
             if name not in self.level_names:
-                hint = difflib.get_close_matches(str(name), self.level_names, n=1)
-                suffix = f"; did you mean {hint[0]!r}?" if hint else ""
+                hint = closest(str(name), self.level_names)
+                suffix = f"; did you mean {hint!r}?" if hint else ""
                 raise OptionError(
                     "levels",
-                    f"unknown level {name!r}; this hierarchy has "
+                    f"unknown level {short_repr(name)}; this hierarchy has "
                     f"levels {known} (coarse to fine){suffix}",
                 )
             if self.level_names.index(name) in indices:
-                raise OptionError("levels", f"level {name!r} is listed twice in {list(levels)}")
+                raise OptionError("levels", f"level {name!r} is listed twice in "
+                                  f"{short_repr(list(levels))}")
             indices.append(self.level_names.index(name))
         if indices != sorted(indices):
             order = [self.level_names[i] for i in sorted(indices)]
             raise OptionError(
-                "levels", f"levels go coarse to fine: expected {order}; got {list(levels)}"
+                "levels", f"levels go coarse to fine: expected {order}; got "
+                f"{short_repr(list(levels))}"
             )
         if indices[-1] != self.n_levels - 1:
             raise OptionError(
                 "levels",
                 f"the last level must be the dataset's classes "
-                f"{self.level_names[-1]!r}; got {list(levels)}",
+                f"{self.level_names[-1]!r}; got {short_repr(list(levels))}",
             )
         return Hierarchy(
             tuple(self.level_names[i] for i in indices),
@@ -260,28 +266,37 @@ class _ClassLookup:
     def find(self, ref: Any, key: str) -> int:
         n = len(self.names)
         if isinstance(ref, bool) or not isinstance(ref, (int, str)):
-            raise OptionError(key, f"expected a class name or an integer id; got {ref!r}")
+            raise OptionError(key, "expected a class name or an integer id; got "
+                              f"{short_repr(ref)}")
         if isinstance(ref, int):
             if not 0 <= ref < n:
                 raise OptionError(
-                    key, f"class id {ref} out of range: the dataset has {n} classes, ids 0..{n - 1}"
+                    key, f"class id {short_repr(ref)} out of range: the dataset has {n} "
+                    f"classes, ids 0..{n - 1}"
                 )
             return ref
         if ref in self.exact:
             return self.exact[ref]
         if _normal(ref) in self.loose:
             return self.loose[_normal(ref)]
-        hint = difflib.get_close_matches(ref, self.names, n=1, cutoff=0.6)
-        suffix = f"; did you mean {hint[0]!r}?" if hint else ""
+        hint = closest(ref, self.names)
+        suffix = f"; did you mean {hint!r}?" if hint else ""
         shown = ", ".join(self.names[:12]) + (", ..." if n > 12 else "")
-        raise OptionError(key, f"unknown class {ref!r} (the dataset's classes: {shown}){suffix}")
+        raise OptionError(key, f"unknown class {short_repr(ref)} (the dataset's classes: "
+                          f"{shown}){suffix}")
 
 
 def _node_name(name: Any, key: str) -> str:
+    """A node name: a non-empty line of printable text, short enough for a table."""
     if isinstance(name, bool) or not isinstance(name, str) or not name:
         hint = " (YAML reads unquoted yes/no/on/off as booleans)" if isinstance(name, bool) else ""
         raise OptionError(
-            key, f"node names must be non-empty strings; got {name!r}{hint}; quote it"
+            key, f"node names must be non-empty strings; got {short_repr(name)}{hint}; quote it"
+        )
+    if len(name) > MAX_NODE_NAME or not name.isprintable():
+        raise OptionError(
+            key, f"node names are one line of at most {MAX_NODE_NAME} printable characters; "
+            f"got {short_repr(name)} ({len(name):,} characters)"
         )
     return name
 
@@ -298,10 +313,11 @@ def hierarchy_from_spec(spec: Mapping[str, Any], dataset: Dataset) -> Hierarchy:
         )
     for key in spec:
         if key not in ("levels", "tree"):
-            hint = difflib.get_close_matches(str(key), ["levels", "tree"], n=1)
-            suffix = f"; did you mean {hint[0]!r}?" if hint else ""
+            hint = closest(str(key), ["levels", "tree"])
+            suffix = f"; did you mean {hint!r}?" if hint else ""
             raise OptionError(
-                f"hierarchy.{key}", f"unknown key {key!r} (known keys: levels, tree){suffix}"
+                f"hierarchy.{key}",
+                f"unknown key {short_repr(key)} (known keys: levels, tree){suffix}",
             )
     for key in ("levels", "tree"):
         if key not in spec:
@@ -319,15 +335,17 @@ def hierarchy_from_spec(spec: Mapping[str, Any], dataset: Dataset) -> Hierarchy:
         raise OptionError(
             "hierarchy.levels",
             "expected a list of at least 2 level names, "
-            f"coarse to fine, the last naming the dataset's classes; got {levels!r}",
+            f"coarse to fine, the last naming the dataset's classes; got {short_repr(levels)}",
         )
     if len(set(levels)) != len(levels):
-        raise OptionError("hierarchy.levels", f"level names must differ; got {levels}")
+        raise OptionError("hierarchy.levels", f"level names must differ; got "
+                          f"{short_repr(levels)}")
     tree = spec["tree"]
     if not isinstance(tree, Mapping) or not tree:
         raise OptionError(
             "hierarchy.tree",
-            f"expected a non-empty mapping of top-level {levels[0]!r} nodes; got {tree!r}",
+            f"expected a non-empty mapping of top-level {short_repr(levels[0])} nodes; got "
+            f"{short_repr(tree)}",
         )
 
     depth = len(levels) - 1  # mapping levels above the class lists
@@ -343,21 +361,22 @@ def hierarchy_from_spec(spec: Mapping[str, Any], dataset: Dataset) -> Hierarchy:
             if isinstance(node, list):
                 raise OptionError(
                     "hierarchy.levels",
-                    f"{len(levels)} levels {levels} need "
+                    f"{len(levels)} levels {short_repr(levels)} need "
                     f"{depth} level(s) of mappings above the class lists, but "
                     f"{key} is a list at depth {level}",
                 )
             if not isinstance(node, Mapping) or not node:
                 raise OptionError(
-                    key, f"expected a non-empty mapping of {levels[level]!r} nodes; got {node!r}"
+                    key, f"expected a non-empty mapping of {short_repr(levels[level])} "
+                    f"nodes; got {short_repr(node)}"
                 )
             for child_name, child in node.items():
-                child_key = f"{key}.{child_name}"
-                name = _node_name(child_name, child_key)
+                name = _node_name(child_name, key)
+                child_key = f"{key}.{name}"
                 if name in where[level]:
                     raise OptionError(
                         child_key,
-                        f"{levels[level]} {name!r} appears twice "
+                        f"{short_repr(levels[level])} {name!r} appears twice "
                         f"(also at {where[level][name]}); names must be unique "
                         "within a level",
                     )
@@ -368,13 +387,14 @@ def hierarchy_from_spec(spec: Mapping[str, Any], dataset: Dataset) -> Hierarchy:
         if isinstance(node, Mapping):
             raise OptionError(
                 "hierarchy.levels",
-                f"{len(levels)} levels {levels} need "
+                f"{len(levels)} levels {short_repr(levels)} need "
                 f"{depth} level(s) of mappings above the class lists, but {key} "
                 f"is a mapping at depth {level}; add a level name or flatten it",
             )
         if not isinstance(node, list) or not node:
             raise OptionError(
-                key, f"expected a non-empty list of classes (names or ids); got {node!r}"
+                key, f"expected a non-empty list of classes (names or ids); got "
+                f"{short_repr(node)}"
             )
         for i, ref in enumerate(node):
             c = lookup.find(ref, key)
@@ -403,33 +423,17 @@ def hierarchy_from_spec(spec: Mapping[str, Any], dataset: Dataset) -> Hierarchy:
 
 
 def load_hierarchy_file(path: str | os.PathLike[str], dataset: Dataset) -> Hierarchy:
-    """A hierarchy from a YAML file holding ``{levels: [...], tree: {...}}``."""
+    """A hierarchy from a YAML file holding ``{levels: [...], tree: {...}}``.
+
+    The file is read as a scenario is: a named pipe, a device or a symlink loop is refused
+    before it is opened, and its YAML is plain data of bounded size (no object tags, no
+    alias bombs, no duplicate keys); every message names the file."""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-    except FileNotFoundError:
-        raise OptionError("hierarchy", f"hierarchy file {path} does not exist") from None
-    except OSError as exc:
-        raise OptionError(
-            "hierarchy", f"cannot read hierarchy file {path}: {exc.strerror or exc}"
-        ) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise OptionError(
-            "hierarchy",
-            f"hierarchy file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8",
-        ) from None
-    try:
-        spec = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise OptionError(
-            "hierarchy", f"hierarchy file {path} is not valid YAML{at}: {problem}"
-        ) from None
+        spec, _ = load_yaml(_read_hierarchy_text(path), path)
+    except ConfigError as exc:  # from load_yaml, it starts with the file and line
+        prefix = "" if exc.source is None else "hierarchy file "
+        raise OptionError("hierarchy", f"{prefix}{exc}") from None
     if not isinstance(spec, dict):
         raise OptionError(
             "hierarchy",
@@ -441,6 +445,22 @@ def load_hierarchy_file(path: str | os.PathLike[str], dataset: Dataset) -> Hiera
     except OptionError as exc:
         inner = exc.key.removeprefix("hierarchy").lstrip(".") or "(top)"
         raise OptionError("hierarchy", f"hierarchy file {path}: {inner}: {exc}") from None
+
+
+def _read_hierarchy_text(path: str) -> str:
+    """The file's text, or a ConfigError naming it (missing, not a regular file, not
+    readable, not UTF-8)."""
+    require_file(path, "hierarchy file")
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read hierarchy file {path}: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"hierarchy file {path} is not UTF-8 text (byte {exc.start}); "
+                          "save it as UTF-8") from None
 
 
 def resolve_hierarchy(option: str | dict | None, dataset: Dataset) -> Hierarchy:
@@ -459,5 +479,6 @@ def resolve_hierarchy(option: str | dict | None, dataset: Dataset) -> Hierarchy:
     if isinstance(option, (str, os.PathLike)):
         return load_hierarchy_file(option, dataset)
     raise OptionError(
-        "hierarchy", f"expected a mapping ({{levels, tree}}), a file path or null; got {option!r}"
+        "hierarchy",
+        f"expected a mapping ({{levels, tree}}), a file path or null; got {short_repr(option)}",
     )

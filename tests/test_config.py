@@ -41,7 +41,7 @@ def test_unknown_nested_key_has_full_path():
 def test_wrong_type_says_expected_and_got():
     err = error_of(DIGITS_SCENARIO.replace("epochs: 1", "epochs: one"))
     assert err.key_path == "training.epochs"
-    assert "expected an integer >= 1; got 'one' (string)" in str(err)
+    assert "expected an integer >= 1 and <= 10000; got 'one' (string)" in str(err)
 
 
 def test_bool_is_not_an_integer():
@@ -182,17 +182,17 @@ def test_resolved_config_round_trips_to_plain_data():
     ]
 
 
-def test_alias_bombs_and_self_references_are_cheap_and_clean():
-    import time
-
+def test_alias_bombs_and_self_references_are_refused_where_they_are_used():
     levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     for i in range(1, 9):  # 10^9 leaves if aliases were expanded
         levels.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
-    start = time.perf_counter()
     err = error_of("\n".join(levels) + "\n")
-    assert time.perf_counter() - start < 5
-    assert "unknown key 'a0'" in str(err)
-    assert "unknown key" in str(error_of("a: &x [*x]\n"))
+    assert (err.line, err.key_path) == (5, "a4[7]")  # where the count passes 100,000
+    assert "aliases repeat more than 100,000 values in this document (*a3 here repeats " \
+        "11,111 values)" in str(err)
+    err = error_of("a: &x [*x]\n")
+    assert str(err) == "s.yaml:1: a[0]: the alias *x is used inside the value it names, " \
+        "so that value would never end"
 
 
 def test_deep_nesting_is_a_config_error():

@@ -216,7 +216,7 @@ def test_the_base_scenarios_are_valid():
 # valid edits: key path -> values the loader must accept and keep exactly
 VALID_EDITS = {
     ("seed",): st.integers(min_value=0, max_value=2**63 - 1),
-    ("training", "epochs"): st.integers(min_value=1, max_value=10**9),
+    ("training", "epochs"): st.integers(min_value=1, max_value=10_000),
     ("training", "optimizer", "lr"): st.floats(min_value=0, max_value=1e4, exclude_min=True),
     ("training", "optimizer", "momentum"): st.floats(min_value=0, max_value=1),
     ("budget",): st.integers(min_value=1, max_value=2**50),

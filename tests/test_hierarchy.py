@@ -287,7 +287,7 @@ def test_hierarchy_files(tmp_path, digits):
     wrong.write_text("levels: [parity, digit]\ntree: {even: [0, 2], odd: [1]}\n")
     for path, text in [
         (tmp_path / "missing.yaml", "does not exist"),
-        (invalid, "not valid YAML"),
+        (invalid, "invalid.yaml:2: invalid YAML"),
         (binary, "not UTF-8"),
         (wrong, "tree: every one"),
     ]:

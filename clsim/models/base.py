@@ -14,6 +14,13 @@ import torch
 from torch import nn
 
 from clsim.errors import ConfigError
+from clsim.validation import short_repr
+
+MAX_LAYERS = 1_000
+"""Layers (or conv blocks) a model option may list: deeper is a slip, never a plan."""
+MAX_WIDTH = 1_000_000
+"""Units or channels of one layer. Wider layers are refused here; narrower ones that still
+do not fit the machine are refused by the memory estimate (clsim/resources.py)."""
 
 
 class ClassifierModel(nn.Module):
@@ -95,17 +102,25 @@ def require_image_shape(
 def require_positive_ints(
     model: str, option: str, values: Sequence[int], *, empty_ok: bool
 ) -> None:
-    """Reject layer widths below 1 (and an empty list where a model needs a layer)."""
+    """Reject layer widths outside 1..MAX_WIDTH, more than MAX_LAYERS layers, and an
+    empty list where a model needs a layer (for callers that skip the config layer)."""
     if not values and not empty_ok:
         raise ModelOptionError(
             f"The '{option}' option of model '{model}' must list at least one width. "
             "Got [] instead.",
             key_path=option,
         )
-    bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    if len(values) > MAX_LAYERS:
+        raise ModelOptionError(
+            f"The '{option}' option of model '{model}' lists at most {MAX_LAYERS:,} layers. "
+            f"Got {len(values):,} instead.",
+            key_path=option,
+        )
+    bad = [v for v in values
+           if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_WIDTH]
     if bad:
         raise ModelOptionError(
-            f"The '{option}' option of model '{model}' must be a list of ints >= 1. "
-            f"Got {list(values)} instead.",
+            f"The '{option}' option of model '{model}' must be a list of ints from 1 to "
+            f"{MAX_WIDTH:,}. Got {short_repr(list(values))} instead.",
             key_path=option,
         )

@@ -6,11 +6,14 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from clsim.models.base import (
+    MAX_LAYERS,
+    MAX_WIDTH,
     ClassifierModel,
     ModelOptionError,
     require_image_shape,
     require_positive_ints,
 )
+from clsim.validation import short_repr
 
 
 def _global_pool() -> nn.Sequential:
@@ -27,7 +30,9 @@ class SmallCNNOptions:
 
     channels: list[int] = field(
         default_factory=lambda: [32, 64],
-        metadata={"help": "output channels of each conv block (one block per entry)", "min": 1},
+        metadata={"help": "output channels of each conv block (one block per entry; at most "
+                  f"{MAX_LAYERS:,} blocks of 1 to {MAX_WIDTH:,} channels)",
+                  "min": 1, "max": MAX_WIDTH, "min_items": 1, "max_items": MAX_LAYERS},
     )
     batch_norm: bool = field(
         default=True,
@@ -73,7 +78,8 @@ class ConvNet2Options:
 
     channels: int = field(
         default=64,
-        metadata={"help": "channels of both conv blocks (64 in MEMO / PyCIL)", "min": 1},
+        metadata={"help": "channels of both conv blocks (64 in MEMO / PyCIL)", "min": 1,
+                  "max": MAX_WIDTH},
     )
 
 
@@ -102,11 +108,11 @@ def build_convnet2(
     if (
         isinstance(options.channels, bool)
         or not isinstance(options.channels, int)
-        or (options.channels < 1)
+        or not 1 <= options.channels <= MAX_WIDTH
     ):
         raise ModelOptionError(
-            "The 'channels' option of model 'convnet2' must be an int >= 1. "
-            f"Got {options.channels!r} instead.",
+            f"The 'channels' option of model 'convnet2' must be an int from 1 to {MAX_WIDTH:,}. "
+            f"Got {short_repr(options.channels)} instead.",
             key_path="channels",
         )
     in_channels, _, _ = require_image_shape("convnet2", input_shape, min_size=4)

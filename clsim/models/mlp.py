@@ -5,7 +5,13 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from clsim.models.base import ClassifierModel, ModelOptionError, require_positive_ints
+from clsim.models.base import (
+    MAX_LAYERS,
+    MAX_WIDTH,
+    ClassifierModel,
+    ModelOptionError,
+    require_positive_ints,
+)
 
 
 @dataclass
@@ -14,11 +20,14 @@ class MLPOptions:
 
     hidden: list[int] = field(
         default_factory=lambda: [400, 400],
-        metadata={"help": "widths of the hidden layers; [] gives a linear model", "min": 1},
+        metadata={"help": f"widths of the hidden layers (at most {MAX_LAYERS:,} layers of "
+                  f"1 to {MAX_WIDTH:,} units); [] gives a linear model",
+                  "min": 1, "max": MAX_WIDTH, "max_items": MAX_LAYERS},
     )
     dropout: float = field(
         default=0.0,
-        metadata={"help": "dropout probability after each hidden ReLU, in [0, 1)", "min": 0.0},
+        metadata={"help": "dropout probability after each hidden ReLU, in [0, 1)", "min": 0.0,
+                  "max": 1.0, "max_exclusive": True},
     )
 
 

@@ -21,6 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from clsim.models.base import ClassifierModel, ModelOptionError, require_image_shape
+from clsim.validation import short_repr
+
+MAX_DEPTH = 2_000
+"""Weighted layers of a ``resnet``: room for the paper's ResNet-1202, no more."""
 
 STAGE_CHANNELS = (16, 32, 64)
 """Channels of the stem / stage 1, stage 2 and stage 3."""
@@ -126,7 +130,8 @@ class ResNetOptions:
 
     depth: int = field(
         default=32,
-        metadata={"help": "number of weighted layers, 6n+2 (20, 32, 44, 56, 110, ...)", "min": 8},
+        metadata={"help": "number of weighted layers, 6n+2 (20, 32, 44, 56, 110, ...), at "
+                  f"most {MAX_DEPTH:,}", "min": 8, "max": MAX_DEPTH},
     )
 
 
@@ -137,10 +142,12 @@ class FixedResNetOptions:
 
 def blocks_per_stage(depth: int, model: str = "resnet") -> int:
     """``n`` for ``depth = 6n + 2``; a clear error for any other depth."""
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+    if (isinstance(depth, bool) or not isinstance(depth, int) or not 8 <= depth <= MAX_DEPTH
+            or (depth - 2) % 6):
         raise ModelOptionError(
-            f"The 'depth' option of model '{model}' must be an int of the form 6n+2 with "
-            f"n >= 1 (8, 14, 20, 26, 32, 44, 56, 110, ...). Got {depth!r} instead.",
+            f"The 'depth' option of model '{model}' must be an int of the form 6n+2 from 8 "
+            f"to {MAX_DEPTH:,} (8, 14, 20, 26, 32, 44, 56, 110, ...). Got {short_repr(depth)} "
+            "instead.",
             key_path="depth",
         )
     return (depth - 2) // 6
