@@ -35,7 +35,7 @@ PIL_FORMATS = ("JPEG", "PNG")
 _MEMBER_ERRORS = (OSError, EOFError, zlib.error, zipfile.BadZipFile, ValueError, RuntimeError,
                   NotImplementedError)
 _IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
-                 zlib.error, Image.DecompressionBombError, Image.DecompressionBombWarning)
+                 zlib.error)
 
 
 def present(path: Path) -> bool:
@@ -190,6 +190,8 @@ def decode_image(data: bytes, where: str, title: str,
             if check is not None:
                 check(image.size)
             image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{title}: {where} is too large to decode ({exc})") from exc
     except _IMAGE_ERRORS as exc:
         raise DataError(f"{title}: {where} is not a readable image ({exc})") from exc
     return image
