@@ -55,11 +55,19 @@ def data_folder(path: str | os.PathLike[str], what: str) -> Path:
 
 def read_whole(path: str | os.PathLike[str], what: str) -> bytes:
     """The bytes of a regular file, once its size passed the memory check."""
+    return read_bounded(path, what, available_memory_bytes())
+
+
+def read_bounded(path: str | os.PathLike[str], what: str, room: int | None) -> bytes:
+    """The bytes of a regular file no larger than ``room`` (None: no limit known); for
+    the many small files of an image folder, whose room is read once, not per file."""
     path = data_file(path, what)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            require_memory(size, f"{what} {path} is {size} bytes long")
+            if room is not None and size > room:
+                raise DataError(f"{what} {path} is {size} bytes long: {format_bytes(size)}, "
+                                f"more than the {format_bytes(room)} of memory available")
             return f.read(size)
     except OSError as exc:
         raise DataError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc

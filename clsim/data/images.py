@@ -36,9 +36,9 @@ from clsim.data.guards import (
     decode_image,
     open_archive,
     present,
-    read_whole,
+    read_bounded,
 )
-from clsim.data.limits import require_memory
+from clsim.data.limits import available_memory_bytes, require_memory
 from clsim.errors import DataError
 
 CIFAR10_CLASSES: tuple[str, ...] = (
@@ -216,8 +216,10 @@ def _folder_source(folder: Path, title: str) -> _Source:
                 st = item.stat()
                 stamps.append(f"{member}:{st.st_size}:{st.st_mtime_ns}")
 
+    room = available_memory_bytes()
+
     def read(entry: _Entry) -> bytes:
-        return read_whole(base / entry.member, f"{title} image")
+        return read_bounded(base / entry.member, f"{title} image", room)
 
     stamps.sort()
     listing = _Listing(source=base, entries=_sorted_entries(entries), read=read)

@@ -47,9 +47,10 @@ from clsim.data.guards import (
     decode_image,
     open_archive,
     present,
-    read_whole,
+    read_bounded,
 )
 from clsim.data.images import is_image, is_junk
+from clsim.data.limits import available_memory_bytes
 from clsim.errors import ConfigError, DataError
 
 OMNIGLOT_ZIP_NAMES: tuple[str, ...] = (
@@ -111,7 +112,7 @@ def _scan_zip(path: Path, found: _Found) -> int:
 
 
 def _scan_folder(folder: Path, found: _Found) -> int:
-    count = 0
+    count, room = 0, available_memory_bytes()  # read once, not per drawing
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not is_junk([d]))
         rel = Path(dirpath).relative_to(folder).parts
@@ -122,7 +123,7 @@ def _scan_folder(folder: Path, found: _Found) -> int:
             if key is None:
                 continue
             file = data_file(Path(dirpath) / name, f"{_TITLE} image")  # not a pipe
-            _add(found, key, str(file), partial(read_whole, file, f"{_TITLE} image"))
+            _add(found, key, str(file), partial(read_bounded, file, f"{_TITLE} image", room))
             count += 1
     return count
 
