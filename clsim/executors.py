@@ -13,12 +13,14 @@ import ctypes.util
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
 from clsim.errors import ConfigError
@@ -85,6 +87,56 @@ def _start_worker(parent_pid: int) -> None:
     track_user_interrupts()
 
 
+# Run by a separate interpreter beside a local Ray cluster (python -c, so it imports nothing
+# of clsim or torch): every half second it notes the driver's descendants (pid and start
+# time, from /proc); once the driver is gone it SIGKILLs those still alive. Ray's own
+# fate-sharing ends the raylet and GCS with the driver, but its dashboard and runtime-env
+# agents hang on their way out and would stay forever.
+_RAY_WATCHDOG = """
+import os, signal, sys, time
+driver = int(sys.argv[1])
+def stat(pid):
+    with open(f'/proc/{pid}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    return int(fields[1]), fields[19]
+def descendants():
+    parents = {}
+    for name in os.listdir('/proc'):
+        if name.isdigit():
+            try:
+                parents[int(name)] = stat(int(name))
+            except (OSError, IndexError, ValueError):
+                pass
+    found, todo = {}, [driver]
+    while todo:
+        pid = todo.pop()
+        for child, (ppid, started) in parents.items():
+            if ppid == pid and child != os.getpid() and child not in found:
+                found[child] = started
+                todo.append(child)
+    return found
+seen = {}
+while os.getppid() == driver:
+    seen.update(descendants())
+    time.sleep(0.5)
+for pid, started in seen.items():
+    try:
+        if stat(pid)[1] == started:
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, IndexError, ValueError):
+        pass
+"""
+
+
+def start_ray_watchdog() -> subprocess.Popen | None:
+    """A process that kills what the local Ray cluster left if this one is killed (Linux:
+    reads /proc); None elsewhere."""
+    if not Path("/proc/self/stat").exists():
+        return None
+    return subprocess.Popen([sys.executable, "-c", _RAY_WATCHDOG, str(os.getpid())],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
 def run_inline(tasks: list[CellTask], on_start: OnStart = lambda t: None) -> Iterator[Record]:
     """One cell after another, in this process."""
     for task in tasks:
@@ -149,6 +201,7 @@ def run_ray(
     except ImportError:
         raise ConfigError("--executor ray needs Ray: pip install 'clsim[ray]'") from None
     started_here = not ray.is_initialized()
+    watchdog = None
     if started_here:
         options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
         try:
@@ -159,6 +212,8 @@ def run_ray(
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"the Ray cluster at {address!r}" if address else "a local Ray cluster"
             raise ConfigError(f"cannot start or reach {where}: {exc}") from None
+        if not address:
+            watchdog = start_ray_watchdog()
     remote_cell = ray.remote(num_cpus=1, max_retries=0)(run_cell)
     try:
         pending = {}
@@ -175,3 +230,6 @@ def run_ray(
     finally:
         if started_here:
             ray.shutdown()
+        if watchdog is not None:  # the cluster is down: nothing left to watch
+            watchdog.kill()
+            watchdog.wait()

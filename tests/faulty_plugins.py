@@ -13,6 +13,7 @@ import dataclasses
 import os
 import signal
 import sys
+import time
 
 from clsim.plugin_manager import HOOK_NAMES
 
@@ -141,3 +142,16 @@ class NoHooks:
 
     def after_batch(self) -> None:
         pass
+
+
+class SlowCell:
+    """Marks its cell as running (a file named after its process in $CLSIM_TEST_RUNNING)
+    and then trains slowly, so a test can kill clsim while cells are in flight."""
+
+    def clsim_setup(self) -> None:
+        folder = os.environ["CLSIM_TEST_RUNNING"]
+        with open(os.path.join(folder, str(os.getpid())), "w", encoding="utf-8"):
+            pass
+
+    def clsim_after_batch(self) -> None:
+        time.sleep(0.5)
