@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -257,3 +258,23 @@ def test_options_dataclass_bounds_and_check():
             build(FewShotOptions, {key: value})
     with pytest.raises(ConfigError, match="online"):
         build(FewShotOptions, {"boundaries": "hidden"})
+
+
+def test_an_index_file_that_is_not_utf8_or_not_a_file_is_named(tmp_path):
+    """A session file saved in Latin-1 names its byte and line; a named pipe in its place
+    is named as a pipe (and not opened: reading it would block), not called missing."""
+    data = synthetic()
+    folder, shots = _split(tmp_path, data)
+    lines = [str(i) for i in shots[1]]
+    path = folder / "session_2.txt"
+    path.write_bytes(("\n".join(lines[:2]) + "\n# caf\xe9\n" + "\n".join(lines[2:])
+                      ).encode("latin-1"))
+    with pytest.raises(OptionError, match=r"session_2\.txt is not UTF-8 text: byte \d+ "
+                       r"\(line 3\) is 0xe9") as exc:
+        few_shot(data, seed=0, index_dir=str(folder), **SYN_ARGS)
+    assert exc.value.key == "index_dir"
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(OptionError, match=r"session_2\.txt' is a named pipe") as exc:
+        few_shot(data, seed=0, index_dir=str(folder), **SYN_ARGS)
+    assert exc.value.key == "index_dir"

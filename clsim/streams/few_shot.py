@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from clsim.data.dataset import Dataset
-from clsim.errors import OptionError
+from clsim.data.guards import read_text
+from clsim.errors import DataError, OptionError
 from clsim.labels import LabelSpace
 from clsim.stream import Experience, Stream
 from clsim.streams.class_incremental import resolve_class_order
@@ -117,7 +118,7 @@ def _read_shots(
     out = []
     for session, classes in enumerate(session_classes, start=1):
         path = session_file(folder, session)
-        if not path.is_file():
+        if not os.path.lexists(path):  # a pipe or a dangling link is named by read_text
             raise OptionError(
                 "index_dir",
                 f"missing {path} (session {session} of "
@@ -128,7 +129,11 @@ def _read_shots(
         seen: dict[int, int] = {}  # index -> line
         per_class: dict[int, list[int]] = {c: [] for c in classes}
         first_line: dict[int, int] = {}
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            text = read_text(path, "few-shot index file")
+        except DataError as exc:
+            raise OptionError("index_dir", str(exc)) from None
+        for number, line in enumerate(text.splitlines(), start=1):
             text = line.strip()
             if not text:
                 continue
