@@ -15,7 +15,7 @@ from pathlib import Path
 
 import clsim
 from clsim.errors import ClsimError, ConfigError
-from clsim.interrupts import is_contained, track_user_interrupts
+from clsim.interrupts import is_contained, stop_tracking, track_user_interrupts
 
 EPILOG = """examples:
   clsim run quickstart                    run a bundled scenario (see 'clsim list')
@@ -435,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clsim: internal error: {describe_fault(exc)}. This is a bug in clsim or in a "
               "plugin; rerun with --debug for the traceback and report it.", file=sys.stderr)
         return 70
+    finally:
+        stop_tracking()
 
 
 INTERRUPTED = ("clsim: interrupted; results written so far are kept (clsim run and clsim "

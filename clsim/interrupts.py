@@ -15,6 +15,7 @@ from types import FrameType
 
 _user_interrupted = threading.Event()
 _tracking = threading.Event()
+_previous_handler: list = []  # the SIGINT handler to restore when tracking stops
 
 
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
@@ -26,9 +27,23 @@ def track_user_interrupts() -> None:
     """Record every SIGINT from now on (main thread only; elsewhere a no-op)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _on_sigint):
+    current = signal.getsignal(signal.SIGINT)
+    if current is signal.default_int_handler:
+        _previous_handler[:] = [current]
         signal.signal(signal.SIGINT, _on_sigint)
+    if signal.getsignal(signal.SIGINT) is _on_sigint:
         _tracking.set()
+
+
+def stop_tracking() -> None:
+    """Undo :func:`track_user_interrupts` (the end of ``clsim.cli.main``), so code that
+    uses clsim as a library afterwards, in the same process, sees plain interrupts."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if _previous_handler and signal.getsignal(signal.SIGINT) is _on_sigint:
+        signal.signal(signal.SIGINT, _previous_handler.pop())
+    _tracking.clear()
+    _user_interrupted.clear()
 
 
 def user_interrupted() -> bool:

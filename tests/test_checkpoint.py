@@ -398,6 +398,9 @@ class Forgetful:
     def __init__(self):
         self.callback = lambda: None
 
+    def clsim_setup(self, ctx):  # a plugin implements at least one hook
+        pass
+
 
 def test_a_strategy_that_cannot_be_saved_runs_on_and_says_why(tmp_path):
     text = DIGITS_SCENARIO.replace("plugins: [naive]",
