@@ -27,7 +27,8 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 import clsim
-from clsim.results import write_atomic
+from clsim.files import require_file
+from clsim.results import ResultsWriteError, write_atomic
 from clsim.snapshot import Decoder, Encoder, SnapshotError, allowed_modules, as_tuples
 
 FORMAT = "clsim-checkpoint/2"
@@ -70,9 +71,9 @@ class Checkpointing:
         except RecursionError:
             self._give_up(loop, "its state is nested too deeply to save")
             return
-        except (SnapshotError, OSError, ValueError, TypeError, RuntimeError,
-                pickle.UnpicklingError) as exc:
-            self._give_up(loop, str(exc) if isinstance(exc, SnapshotError)
+        except (SnapshotError, ResultsWriteError, OSError, ValueError, TypeError,
+                RuntimeError, pickle.UnpicklingError) as exc:
+            self._give_up(loop, str(exc) if isinstance(exc, (SnapshotError, ResultsWriteError))
                           else f"{type(exc).__name__}: {str(exc)[:300]}")
             return
         self.written.append(next_experience)
@@ -104,6 +105,7 @@ def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 def read_checkpoint(path: Path, expected_fingerprint: str) -> dict[str, Any]:
     """A checkpoint file, loaded without unpickling objects, checked to be this run's."""
+    require_file(path, "checkpoint", SnapshotError)  # a FIFO would block torch.load
     try:
         payload = torch.load(path, weights_only=True, map_location=None)
     except Exception as exc:  # truncated, not a torch file, or holding objects
@@ -174,6 +176,7 @@ def restore(loop: Any, payload: dict[str, Any], path: Path | None = None) -> int
 
 
 def _restore(loop: Any, payload: dict[str, Any]) -> int:
+    start = _next_experience(loop, payload)
     ctx, trainer = loop.ctx, loop.trainer
     instances = [instance for _, instance in loop.plugins]
     names = [type(p).__qualname__ for p in instances]
@@ -196,7 +199,35 @@ def _restore(loop: Any, payload: dict[str, Any]) -> int:
         torch.cuda.set_rng_state_all(rng["cuda"])
     np.random.set_state(_numpy_tuple(rng["numpy"]))
     random.setstate(as_tuples(rng["python"]))
-    return int(payload["next_experience"])
+    _check_position(loop)
+    return start
+
+
+def _next_experience(loop: Any, payload: dict[str, Any]) -> int:
+    """The checkpoint's next experience, checked to be a boundary inside this run's
+    stream (a checkpoint is written after an experience that is not the last)."""
+    shown = len(loop.stream.seen_by_strategy())
+    value = payload["next_experience"]
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < shown:
+        raise SnapshotError(f"its next_experience is {str(value)[:40]!r}, where this run's "
+                            f"stream continues only at experience 1 to {shown - 1}")
+    for key in ("wall_seconds", "hook_ids"):
+        number = payload[key]
+        if not isinstance(number, (int, float)) or isinstance(number, bool) \
+                or not 0 <= number < float("inf"):
+            raise SnapshotError(f"its {key} is {str(number)[:40]!r}, not a count")
+    return value
+
+
+def _check_position(loop: Any) -> None:
+    """The restored stream position and labels seen fit this run's stream."""
+    total = sum(exp.n_train for exp in loop.stream.seen_by_strategy())
+    if not 0 <= loop.position <= total:
+        raise SnapshotError(f"its stream position is {loop.position}, outside this run's "
+                            f"0 to {total} training samples")
+    if tuple(loop.seen.shape) != (loop.stream.labels.n_classes,):
+        raise SnapshotError(f"it has seen-label flags for {tuple(loop.seen.shape)} labels, "
+                            f"this run has {loop.stream.labels.n_classes}")
 
 
 def _externals(loop: Any) -> dict[str, object]:

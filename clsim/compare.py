@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from clsim.assembly import build_stream, load_scenario_data
-from clsim.cellstore import CellStore
+from clsim.cellstore import IDENTITY, CellStore, StartMarks
 from clsim.config import parse_scenario, read_scenario_text
 from clsim.errors import ConfigError
 from clsim.executors import run_inline, run_process_pool, run_ray, threads_per_cell
+from clsim.files import require_file
 from clsim.grid import CellTask, plan
 from clsim.report import Analysis, write_report
-from clsim.results import write_json_atomic
+from clsim.results import check_out_path, open_out_dir, write_json_atomic
 
 EXECUTORS = ("inline", "local", "ray")
 
@@ -69,77 +70,126 @@ def run_compare(
     if threads is None:
         threads = threads_per_cell(workers if executor != "inline" else 1)
     tasks = plan(scenario, text, threads)
+    check_out_path(out)  # an --out the OS would refuse fails before anything runs
     # fail fast on missing data or a bad stream, before any cell starts
     dataset = load_scenario_data(scenario)
     for seed in scenario.compare.seeds:
         build_stream(scenario, dataset, seed)
-    store = CellStore(out / "cells.jsonl")
-    _prepare(out, store, text, tasks, resume, executor, workers, threads)
-    finished = store.load()
-    todo = [
-        t
-        for t in tasks
-        if t.cell_id not in finished or (retry_failed and finished[t.cell_id].get("status") != "ok")
-    ]
-    bar = _Progress(len(tasks), len(tasks) - len(todo), progress)
-    store.open()
-    running: set[str] = set()
+    lock = open_out_dir(out, "compare --resume" if resume else "compare", fresh=False)
     try:
-        for record in _execute(
-            todo,
-            executor,
-            workers,
-            address,
-            lambda t: (running.add(t.cell_id), bar.running(running)),
-        ):
-            running.discard(record["cell"])
-            store.append(record)
-            bar.done(record, running)
+        store = CellStore(out / "cells.jsonl")
+        _prepare(out, store, text, tasks, resume, executor, workers, threads)
+        finished = store.load()
+        _warn_damaged(store, "the cell runs again")
+        marks = StartMarks(out / "cells.started.json")
+        _warn(marks.load())
+        todo = [t for t in tasks
+                if t.cell_id not in finished
+                or (retry_failed and finished[t.cell_id].get("status") != "ok")]
+        store.open()
+        try:
+            todo = _give_up_crashing(todo, store, marks, retry_failed, finished)
+            _run_cells(todo, store, marks, _Progress(len(tasks), len(tasks) - len(todo),
+                                                     progress), executor, workers, address)
+        finally:
+            store.close()
+        planned = {t.cell_id for t in tasks}
+        records = [r for cid, r in store.load().items() if cid in planned]
+        analysis = write_report(out, records, title=f"{scenario.name}: comparison")
     finally:
-        store.close()
-        bar.close()
-    planned = {t.cell_id for t in tasks}
-    records = [r for cid, r in store.load().items() if cid in planned]
-    analysis = write_report(out, records, title=f"{scenario.name}: comparison")
+        lock.release()
     return CompareResult(out, analysis, ran=len(todo), skipped=len(tasks) - len(todo))
 
 
+# what a cell that killed clsim twice in a row is recorded with
+CRASHED = ("crashed clsim twice while running (the process running the grid died, e.g. "
+           "os._exit or a segfault in a plugin); --resume --retry-failed runs it again")
+
+
+def _give_up_crashing(todo: list[CellTask], store: CellStore, marks: StartMarks,
+                      retry_failed: bool, finished: dict[str, Any]) -> list[CellTask]:
+    """Record as failed the cells that started twice and never finished (each crashed
+    clsim), so the rest of the grid can finish; returns the cells still to run. With
+    ``--retry-failed``, a cell recorded failed this way before runs again."""
+    still = []
+    for task in todo:
+        again = retry_failed and task.cell_id in finished
+        if marks.counts.get(task.cell_id, 0) >= 2 and not again:
+            store.append(task.record(status="failed", error=CRASHED))
+            marks.finished(task.cell_id)
+            _warn(f"cell {task.cell_id!r} {CRASHED}")
+            continue
+        if again:
+            marks.finished(task.cell_id)  # a fresh count for the retry
+        still.append(task)
+    return still
+
+
+def _run_cells(todo: list[CellTask], store: CellStore, marks: StartMarks, bar: _Progress,
+               executor: str, workers: int, address: str | None) -> None:
+    """Run ``todo``, appending each record as it comes; a cell is marked started first,
+    so one that kills clsim is known to the next --resume."""
+    running: set[str] = set()
+
+    def started(task: CellTask) -> None:
+        marks.started(task.cell_id)
+        running.add(task.cell_id)
+        bar.running(running)
+
+    records = _execute(todo, executor, workers, address, started)
+    try:
+        for record in records:
+            running.discard(record["cell"])
+            store.append(record)
+            marks.finished(record["cell"])
+            bar.done(record, running)
+    except KeyboardInterrupt:  # the user's Ctrl-C is not a crash of those cells
+        for cell in list(running):
+            marks.finished(cell)
+        raise
+    finally:
+        getattr(records, "close", lambda: None)()  # stop the executor's workers
+        bar.close()
+
+
+def _warn_damaged(store: CellStore, then: str) -> None:
+    """One warning per damaged line of cells.jsonl, saying what clsim does with it."""
+    shown = store.damaged[:10]
+    for damaged in shown:
+        action = then if damaged.cell is not None else "skipped"
+        _warn(f"{damaged.describe(store.path)}; {action}")
+    if len(store.damaged) > len(shown):
+        _warn(f"{len(store.damaged) - len(shown)} more damaged lines in {store.path}")
+
+
+def _warn(message: str | None) -> None:
+    if message:
+        print(f"clsim: warning: {message}", file=sys.stderr)
+
+
 def rebuild_report(out: Path) -> Analysis:
-    """``clsim report DIR``: every report file again, from ``cells.jsonl`` alone."""
+    """``clsim report DIR``: every report file again, from ``cells.jsonl`` alone. A
+    damaged record of a cell stops it, naming the line and key; lines that are not
+    records at all are skipped with a warning."""
     store = CellStore(out / "cells.jsonl")
     if not store.path.exists():
         raise ConfigError(f"{store.path} not found: not a comparison folder")
-    records = list(store.load().values())
-    if not records:
-        raise ConfigError(f"{store.path} holds no finished cell")
-    for record in records:
-        _check_record(record, store.path)
-    name = records[0].get("scenario", out.name)
-    try:
+    with open_out_dir(out, "report", fresh=False):
+        records = list(store.load().values())
+        for damaged in store.damaged:
+            if damaged.cell is not None:
+                raise ConfigError(
+                    f"{damaged.problem} in the record of cell {damaged.cell!r} (line "
+                    f"{damaged.line}); every record holds {', '.join(IDENTITY)}, and a "
+                    "finished one its scores (was the file edited by hand? clsim compare "
+                    "--resume runs the damaged cells again)",
+                    source=str(store.path), key_path=damaged.key,
+                )
+        if not records:
+            raise ConfigError(f"{store.path} holds no finished cell")
+        _warn_damaged(store, "skipped")
+        name = records[0].get("scenario", out.name)
         return write_report(out, records, title=f"{name}: comparison")
-    except (KeyError, TypeError, ValueError) as exc:  # a hand-edited ok record
-        raise ConfigError(
-            f"a cell record cannot be reported ({type(exc).__name__}: {exc}); was the file "
-            "edited by hand? Rerun the damaged cells with clsim compare --resume",
-            source=str(store.path),
-        ) from None
-
-
-# the keys every cell record has (grid.CellTask.record), with their types
-_RECORD_KEYS = {"strategy": str, "budget": str, "budget_index": int, "seed": int}
-
-
-def _check_record(record: dict[str, Any], path: Path) -> None:
-    """A record from cells.jsonl has its cell's identity, so the report can place it."""
-    for key, kind in _RECORD_KEYS.items():
-        value = record.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            got = "missing key" if key not in record else f"expected {kind.__name__}, got {value!r}"
-            raise ConfigError(
-                f"{got} in the record of cell {record['cell']!r}; every record holds "
-                f"{', '.join(_RECORD_KEYS)} (was the file edited by hand?)",
-                source=str(path), key_path=key,
-            )
 
 
 def _prepare(
@@ -161,7 +211,7 @@ def _prepare(
                 f"--out {out} already holds a comparison; pass --resume to "
                 "continue it, or choose a new folder"
             )
-        previous = json.loads(grid_file.read_text(encoding="utf-8")) if grid_file.exists() else {}
+        previous = _read_grid(grid_file) if grid_file.exists() else {}
         if previous.get("scenario_sha256") not in (None, digest):
             raise ConfigError(
                 f"the scenario changed since the comparison in {out} started; "
@@ -181,6 +231,23 @@ def _prepare(
             "cells": [t.cell_id for t in tasks],
         },
     )
+
+
+def _read_grid(path: Path) -> dict[str, Any]:
+    """grid.json of a comparison to resume; a damaged one stops the resume, naming it."""
+    require_file(path, "the comparison's grid file")
+    try:
+        grid = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--resume: the grid file is damaged ({exc.msg}); restore it, or "
+                          "choose a new folder", source=str(path), line=exc.lineno) from None
+    except (OSError, UnicodeDecodeError, RecursionError) as exc:
+        raise ConfigError(f"--resume: the grid file cannot be read ({type(exc).__name__}); "
+                          "restore it, or choose a new folder", source=str(path)) from None
+    if not isinstance(grid, dict):
+        raise ConfigError("--resume: not a comparison's grid file (expected a mapping); "
+                          "restore it, or choose a new folder", source=str(path))
+    return grid
 
 
 def _execute(tasks: list[CellTask], executor: str, workers: int, address: str | None, on_start):

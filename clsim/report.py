@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from clsim.budget import format_bytes
-from clsim.results import write_text_atomic
+from clsim.logging.tensorboard import open_summary_writer
+from clsim.results import write_text_atomic, writing
 from clsim.stats import MeanCI, auc, mean_ci, paired_tests
 
 Record = dict[str, Any]
@@ -110,8 +111,10 @@ def write_report(out: Path, records: list[Record], title: str = "comparison") ->
     write_text_atomic(out / "summary.csv", summary_csv(analysis))
     write_text_atomic(out / "auc.csv", auc_csv(analysis))
     write_text_atomic(out / "report.md", report_markdown(analysis, title))
-    plot_accuracy_vs_memory(analysis, out / "accuracy_vs_memory.png")
-    write_hparams(analysis, out / "tensorboard" / "hparams")
+    with writing(out / "accuracy_vs_memory.png"):
+        plot_accuracy_vs_memory(analysis, out / "accuracy_vs_memory.png")
+    with writing(out / "tensorboard" / "hparams"):
+        write_hparams(analysis, out / "tensorboard" / "hparams")
     return analysis
 
 
@@ -276,20 +279,23 @@ def plot_accuracy_vs_memory(analysis: Analysis, path: Path) -> None:
     axes[1].legend(loc="best", fontsize="small")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=120)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # the old figure stays
+        raise
+    finally:
+        plt.close(fig)
 
 
 def write_hparams(analysis: Analysis, log_dir: Path) -> None:
     """One TensorBoard HParams run per finished cell: strategy, budget, seed -> accuracies."""
     import shutil
 
-    from torch.utils.tensorboard import SummaryWriter
-
     if log_dir.exists():
         shutil.rmtree(log_dir)  # rebuilt from the records, like every other report file
-    with SummaryWriter(log_dir=str(log_dir)) as writer:
+    with open_summary_writer(log_dir) as writer:
         for index, r in enumerate(r for r in analysis.records if r.get("status") == "ok"):
             writer.add_hparams(
                 {

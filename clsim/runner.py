@@ -24,10 +24,19 @@ from clsim.checkpoint import (
 from clsim.config import ScenarioConfig
 from clsim.engine import StrategyOutcome, run_strategy
 from clsim.errors import ClsimError, ConfigError
+from clsim.files import require_file
+from clsim.interrupts import is_contained
+from clsim.lock import FolderLock
 from clsim.logging.console import progress_factory
 from clsim.logging.events import EventLog
 from clsim.logging.tensorboard import TensorBoardLogger
-from clsim.results import prepare_out_dir, write_json_atomic
+from clsim.results import (
+    ResultsWriteError,
+    check_out_path,
+    open_out_dir,
+    safe_name,
+    write_json_atomic,
+)
 from clsim.snapshot import SnapshotError
 
 
@@ -72,6 +81,8 @@ def run_scenario(
             f"{', '.join(scenario.strategies)}",
             source=scenario.source, key_path="--strategy",
         )
+    if out_dir is not None:  # an --out the OS would refuse fails before anything runs
+        check_out_path(out_dir)
     device = resolve_device(scenario.device)
     if scenario.threads:
         torch.set_num_threads(scenario.threads)
@@ -79,8 +90,6 @@ def run_scenario(
     stream = build_stream(scenario, dataset, seed)
     if limit is not None:
         stream = limit_stream(stream, limit)
-    if out_dir is not None and not resume:
-        prepare_out_dir(out_dir)
     summary: dict[str, Any] = {
         "clsim_version": clsim.__version__,
         "scenario": scenario.name,
@@ -124,76 +133,153 @@ def run_scenario(
         },
         "strategies": {},
     }
-    if resume:
-        summary = resumable_summary(out_dir, summary)
-        checkpoint_every = summary["checkpoint_every"]
-        remove_partial_writes(out_dir)
-    elif out_dir is not None:  # from the start, so a run killed early can be resumed
-        write_json_atomic(out_dir / "summary.json", summary)
-    events = EventLog(None if out_dir is None else out_dir / "events.jsonl")
-    result = RunResult(out_dir, summary)
-    events.write(
-        "run_resumed" if resume else "run_start",
-        scenario=scenario.name,
-        seed=seed,
-        strategies=names,
-        class_order=list(stream.class_order),
-    )
-    make_progress = progress_factory() if progress else None
+    lock = None if out_dir is None else _lock_out_dir(out_dir, resume)
     try:
-        for number, name in enumerate(names):
-            if name in summary["strategies"]:  # finished before an interruption
-                result.outcomes.append(kept_outcome(name, summary["strategies"][name]))
-                if out_dir is not None:  # a kill may have come before its checkpoint went
-                    checkpoint_path(out_dir, number, name).unlink(missing_ok=True)
-                continue
-            checkpoint = None
-            if checkpoint_every is not None and out_dir is not None:
-                checkpoint = _checkpointing(out_dir, number, name, summary, limit, resume)
-            tb_dir = None if out_dir is None else out_dir / "tensorboard" / name
-            tensorboard = TensorBoardLogger(tb_dir)
-            try:
-                outcome = run_strategy(
-                    scenario,
-                    scenario.strategies[name],
-                    dataset,
-                    stream,
-                    seed=seed,
-                    device=device,
-                    events=events,
-                    tensorboard=tensorboard,
-                    progress=make_progress,
-                    checkpoint=checkpoint,
-                )
-            except SnapshotError:  # its checkpoint cannot be restored: stop, keep the file
-                raise
-            except ClsimError as exc:  # failed before its first experience
-                outcome = StrategyOutcome(name, error=str(exc))
-            except Exception as exc:  # a bug in clsim or a plugin: record it, run the rest
-                outcome = StrategyOutcome(name, error=f"internal error: {type(exc).__name__}: "
-                                          f"{exc} (traceback in events.jsonl)")
-                events.write("internal_error", strategy=name,
-                             traceback="".join(traceback.format_exception(exc)))
-            finally:
-                tensorboard.close()
-            if outcome.error:
-                events.write("strategy_failed", strategy=name, error=outcome.error)
-                print(f"clsim: strategy {name!r} failed: {outcome.error}", file=sys.stderr)
-            result.outcomes.append(outcome)
-            summary["strategies"][name] = outcome.to_dict()
-            if checkpoint is not None and checkpoint.unavailable:
-                summary["strategies"][name]["checkpoint"] = \
-                    f"unavailable: {checkpoint.unavailable}"
-                print(f"clsim: warning: strategy {name!r} ran without checkpoints: "
-                      f"{checkpoint.unavailable}", file=sys.stderr)
-            if out_dir is not None:
-                write_json_atomic(out_dir / "summary.json", summary)
-            if checkpoint is not None:  # its results are written: the checkpoint is spent
-                checkpoint.discard()
+        if resume:
+            summary = resumable_summary(out_dir, summary)
+            checkpoint_every = summary["checkpoint_every"]
+            remove_partial_writes(out_dir)
+        elif out_dir is not None:  # from the start, so a run killed early can be resumed
+            write_json_atomic(out_dir / "summary.json", summary)
+        events = EventLog(None if out_dir is None else out_dir / "events.jsonl")
+        try:
+            events.write(
+                "run_resumed" if resume else "run_start",
+                scenario=scenario.name,
+                seed=seed,
+                strategies=names,
+                class_order=list(stream.class_order),
+            )
+            runs = _Strategies(scenario, dataset, stream, seed, device, events, out_dir, limit,
+                               checkpoint_every, resume, progress)
+            return runs.run(names, RunResult(out_dir, summary))
+        finally:
+            events.close()
     finally:
-        events.write("run_end", failed=[o.name for o in result.failed])
-        events.close()
-    return result
+        if lock is not None:
+            lock.release()
+
+
+def _lock_out_dir(out_dir: Path, resume: bool) -> FolderLock:
+    """The results folder, created (a fresh run) and locked for this run alone."""
+    if not resume:
+        return open_out_dir(out_dir, "run", fresh=True)
+    if not out_dir.is_dir():
+        raise ConfigError(f"--resume: {out_dir / 'summary.json'} does not exist; there is no "
+                          "run to continue in that folder")
+    return open_out_dir(out_dir, "run --resume", fresh=False)
+
+
+@dataclass
+class _Strategies:
+    """The strategies of one run, each run (or kept, when resumed) in turn."""
+
+    scenario: ScenarioConfig
+    dataset: Any
+    stream: Any
+    seed: int
+    device: torch.device
+    events: EventLog
+    out_dir: Path | None
+    limit: int | None
+    checkpoint_every: str | None
+    resume: bool
+    progress: bool
+
+    def run(self, names: list[str], result: RunResult) -> RunResult:
+        """Every strategy of ``names``; ``run_end`` says whether the run was cut short."""
+        make_progress = progress_factory() if self.progress else None
+        in_flight = None
+        try:
+            for number, name in enumerate(names):
+                in_flight = name
+                self._one(number, name, result, make_progress)
+                in_flight = None
+        except BaseException as exc:
+            _run_end(self.events, result, stopped_by=exc, in_flight=in_flight)
+            raise
+        _run_end(self.events, result)
+        return result
+
+    def _one(self, number: int, name: str, result: RunResult, make_progress) -> None:
+        summary, out_dir = result.summary, self.out_dir
+        if name in summary["strategies"]:  # finished before an interruption
+            result.outcomes.append(kept_outcome(name, summary["strategies"][name]))
+            if out_dir is not None:  # a kill may have come before its checkpoint went
+                checkpoint_path(out_dir, number, name).unlink(missing_ok=True)
+            return
+        checkpoint = None
+        if self.checkpoint_every is not None and out_dir is not None:
+            checkpoint = _checkpointing(out_dir, number, name, summary, self.limit,
+                                        self.resume)
+        outcome = self._outcome(name, checkpoint, make_progress)
+        if outcome.error:
+            self.events.write("strategy_failed", strategy=name, error=outcome.error)
+            print(f"clsim: strategy {name!r} failed: {outcome.error}", file=sys.stderr)
+        result.outcomes.append(outcome)
+        summary["strategies"][name] = outcome.to_dict()
+        if checkpoint is not None and checkpoint.unavailable:
+            summary["strategies"][name]["checkpoint"] = f"unavailable: {checkpoint.unavailable}"
+            print(f"clsim: warning: strategy {name!r} ran without checkpoints: "
+                  f"{checkpoint.unavailable}", file=sys.stderr)
+        if out_dir is not None:
+            write_json_atomic(out_dir / "summary.json", summary)
+        if checkpoint is not None:  # its results are written: the checkpoint is spent
+            checkpoint.discard()
+
+    def _outcome(self, name: str, checkpoint: Checkpointing | None,
+                 make_progress) -> StrategyOutcome:
+        """Run one strategy. Whatever it raises fails only it, except a checkpoint that
+        cannot be restored, a results file that cannot be written and the user's
+        Ctrl-C, which stop the run."""
+        tb_dir = None if self.out_dir is None else \
+            self.out_dir / "tensorboard" / safe_name(name)
+        tensorboard = TensorBoardLogger(tb_dir)
+        try:
+            outcome = run_strategy(
+                self.scenario, self.scenario.strategies[name], self.dataset, self.stream,
+                seed=self.seed, device=self.device, events=self.events,
+                tensorboard=tensorboard, progress=make_progress, checkpoint=checkpoint,
+            )
+            self.events.check()  # the engine records a ClsimError as the strategy's own
+            tensorboard.check()
+        except (SnapshotError, ResultsWriteError):  # not the strategy's fault: stop
+            raise
+        except ClsimError as exc:  # failed before its first experience
+            outcome = StrategyOutcome(name, error=str(exc))
+        except BaseException as exc:  # a bug in clsim or a plugin: record it, run the rest
+            if not is_contained(exc):
+                raise
+            outcome = StrategyOutcome(name, error=_crash_message(exc))
+            self.events.write("internal_error", strategy=name,
+                              traceback="".join(traceback.format_exception(exc)))
+        finally:
+            tensorboard.close()
+        return outcome
+
+
+def _crash_message(exc: BaseException) -> str:
+    """What a strategy that raised something clsim does not expect is recorded with."""
+    what = f"{type(exc).__name__}: {str(exc)[:300]}"
+    if isinstance(exc, Exception):
+        return f"internal error: {what} (traceback in events.jsonl)"
+    return (f"it raised {what}, which is not an error a strategy may end with "
+            "(traceback in events.jsonl)")
+
+
+def _run_end(events: EventLog, result: RunResult, stopped_by: BaseException | None = None,
+             in_flight: str | None = None) -> None:
+    """The last event: the failed strategies, and whether (and how) the run was cut
+    short, with the strategy in flight; never hides the error that stopped it."""
+    fields: dict[str, Any] = {"failed": [o.name for o in result.failed]}
+    if stopped_by is not None:
+        fields.update(interrupted=True, in_flight=in_flight,
+                      reason=f"{type(stopped_by).__name__}: {str(stopped_by)[:300]}")
+    try:
+        events.write("run_end", **fields)
+    except ResultsWriteError:
+        if stopped_by is None:
+            raise
 
 
 # what a resumed run must share with the run it continues
@@ -203,16 +289,8 @@ _RESUME_KEYS = ("scenario", "config", "seed", "limit", "strategies_requested", "
 
 def resumable_summary(out_dir: Path, fresh: dict[str, Any]) -> dict[str, Any]:
     """The summary of the run in ``out_dir``, checked to be the run ``fresh`` describes."""
+    written = read_summary(out_dir / "summary.json")
     path = out_dir / "summary.json"
-    try:
-        written = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"--resume: {path} does not exist; there is no run to continue "
-                          "in that folder") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"--resume: {path} cannot be read: {exc}") from None
-    if not isinstance(written, dict) or not isinstance(written.get("strategies"), dict):
-        raise ConfigError(f"--resume: {path} is not a clsim run summary")
     for key in _RESUME_KEYS:
         if key not in written:
             raise ConfigError(f"--resume: {path} has no {key!r}: it was written by an older "
@@ -226,6 +304,57 @@ def resumable_summary(out_dir: Path, fresh: dict[str, Any]) -> dict[str, Any]:
             )
     return {**fresh, "strategies": written["strategies"],
             "checkpoint_every": fresh["checkpoint_every"] or written.get("checkpoint_every")}
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """The summary.json of a run to continue, checked to hold what a resume reads.
+
+    A damaged summary stops the resume naming the file (and line, for broken JSON):
+    it is the only record of the strategies already finished, so clsim neither guesses
+    nor rewrites it.
+    """
+    if not path.exists() and not path.is_symlink():
+        raise ConfigError(f"--resume: {path} does not exist; there is no run to continue "
+                          "in that folder")
+    require_file(path, "--resume: the run summary")
+    advice = "restore it from a copy, or start a new --out"
+    try:
+        written = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--resume: the run summary is damaged: {exc.msg} (column "
+                          f"{exc.colno}); {advice}", source=str(path), line=exc.lineno) from None
+    except RecursionError:
+        raise ConfigError(f"--resume: the run summary is damaged: nested too deeply to "
+                          f"be a clsim summary; {advice}", source=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--resume: {path} cannot be read: {exc}") from None
+    if not isinstance(written, dict) or not isinstance(written.get("strategies"), dict):
+        raise ConfigError(f"--resume: {path} is not a clsim run summary")
+    for name, record in written["strategies"].items():
+        problem = _record_problem(record)
+        if problem:
+            raise ConfigError(f"--resume: {problem}; {advice}", source=str(path),
+                              key_path=f"strategies.{name}")
+    return written
+
+
+# what the results table reads from the record of a finished strategy
+_OK_FIELDS = {"peak_bytes": (int, "an integer"), "budget_bytes": ((int, type(None)),
+                                                                  "an integer or null"),
+              "over_budget": (bool, "true or false")}
+
+
+def _record_problem(record: Any) -> str | None:
+    """Why ``record`` is not the record of a finished strategy, or None."""
+    if not isinstance(record, dict) or record.get("status") not in ("ok", "failed"):
+        return ("expected the record of a finished strategy (a mapping with 'status' ok "
+                f"or failed); got {_short(record)}")
+    if record["status"] == "failed":
+        return None
+    for key, (kind, words) in _OK_FIELDS.items():
+        if not isinstance(record.get(key), kind):
+            return f"{key}: expected {words}; got {_short(record.get(key))}"
+    return None
 
 
 def kept_outcome(name: str, record: dict[str, Any]) -> StrategyOutcome:

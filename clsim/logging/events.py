@@ -1,11 +1,20 @@
-"""events.jsonl: one JSON object per line, flushed as written, so a crash loses nothing."""
+"""events.jsonl: one JSON object per line, written whole, so a crash loses nothing.
+
+A line that cannot be written (disk full) is cut off again, so the file holds only whole
+lines, and the failure is kept: the runner asks :meth:`EventLog.check` after each
+strategy, because the engine records a ClsimError raised inside it as the strategy's
+own failure, and a full disk is not the strategy's fault.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
+
+from clsim.results import ResultsWriteError, write_failure
 
 
 class EventLog:
@@ -13,19 +22,49 @@ class EventLog:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._file = None if path is None else open(path, "a", encoding="utf-8")  # noqa: SIM115
+        self.failure: ResultsWriteError | None = None
+        self._fd: int | None = None
+        if path is not None:
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise ResultsWriteError(write_failure(path, exc)) from None
 
     def write(self, event: str, **fields: Any) -> None:
-        if self._file is None:
+        """Append one whole line, or raise a ResultsWriteError (and remember it)."""
+        if self._fd is None:
             return
+        if self.failure is not None:
+            raise self.failure
         record = {"event": event, "time": round(time.time(), 3), **fields}
-        self._file.write(json.dumps(record, default=_jsonable) + "\n")
-        self._file.flush()
+        line = (json.dumps(record, default=_jsonable) + "\n").encode("utf-8")
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            _cut(self._fd, start)
+            self.failure = ResultsWriteError(write_failure(self.path, exc))
+            raise self.failure from None
+
+    def check(self) -> None:
+        """Raise the write failure met so far, if any."""
+        if self.failure is not None:
+            raise self.failure
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _cut(fd: int, size: int) -> None:
+    """Drop a partly written line (truncating needs no free space)."""
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        pass  # /dev/full and the like cannot be truncated, and hold nothing to keep
 
 
 def _jsonable(value: Any) -> Any:

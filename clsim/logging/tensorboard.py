@@ -1,8 +1,18 @@
-"""TensorBoard event files, one run folder per strategy (tensorboard --logdir OUT/tensorboard)."""
+"""TensorBoard event files, one run folder per strategy (tensorboard --logdir OUT/tensorboard).
+
+TensorBoard writes from a background thread; a write that fails there (disk full) is
+raised again by the writer's next call, which :class:`TensorBoardLogger` turns into a
+:class:`clsim.results.ResultsWriteError` naming the folder. The thread's own traceback is
+not printed: the error is reported once, plainly, by the command.
+"""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
+
+from clsim.results import ResultsWriteError, write_failure
 
 
 class TensorBoardLogger:
@@ -10,14 +20,14 @@ class TensorBoardLogger:
 
     def __init__(self, log_dir: Path | None) -> None:
         self._writer = None
+        self.log_dir = log_dir
+        self.failure: ResultsWriteError | None = None
         if log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
-
-            self._writer = SummaryWriter(log_dir=str(log_dir))
+            self._writer = self._call(open_summary_writer, log_dir)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self._writer is not None:
-            self._writer.add_scalar(tag, value, step)
+            self._call(self._writer.add_scalar, tag, value, step)
 
     def experience(
         self,
@@ -30,21 +40,64 @@ class TensorBoardLogger:
     ) -> None:
         if self._writer is None:
             return
-        self._writer.add_scalar("accuracy/seen", seen_accuracy, step)
+        self.scalar("accuracy/seen", seen_accuracy, step)
         for j, accuracy in enumerate(row):
-            self._writer.add_scalar(f"accuracy/experience_{j}", accuracy, step)
-        self._writer.add_scalar("train/loss", loss, step)
-        self._writer.add_scalar("memory/total_bytes", total_bytes, step)
+            self.scalar(f"accuracy/experience_{j}", accuracy, step)
+        self.scalar("train/loss", loss, step)
+        self.scalar("memory/total_bytes", total_bytes, step)
         for part, nbytes in parts.items():
-            self._writer.add_scalar(f"memory/{part}", nbytes, step)
-        self._writer.flush()
+            self.scalar(f"memory/{part}", nbytes, step)
+        self._call(self._writer.flush)
 
     def anytime(self, position: int, seen_accuracy: float) -> None:
         """Anytime accuracy of an online stream, stepped by training samples seen."""
-        if self._writer is not None:
-            self._writer.add_scalar("anytime/seen_accuracy", seen_accuracy, position)
+        self.scalar("anytime/seen_accuracy", seen_accuracy, position)
+
+    def check(self) -> None:
+        """Raise the write failure met so far, if any."""
+        if self.failure is not None:
+            raise self.failure
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            writer, self._writer = self._writer, None
+            self._call(writer.close)
+
+    def _call(self, method, *args: Any) -> Any:
+        """``method(*args)``; an OSError (now or from the writer thread) is remembered
+        and raised as a ResultsWriteError."""
+        if self.failure is not None:
+            raise self.failure
+        try:
+            return method(*args)
+        except OSError as exc:
+            self.failure = ResultsWriteError(write_failure(self.log_dir, exc))
             self._writer = None
+            raise self.failure from None
+
+
+def open_summary_writer(log_dir: Path) -> Any:
+    """A ``SummaryWriter`` on ``log_dir`` whose writer thread fails quietly (its error
+    comes back on the next call from this thread)."""
+    from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
+
+    _quiet_writer_threads()
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+_previous_hook = threading.excepthook
+
+
+def _quiet_writer_threads() -> None:
+    """Install (once) a thread excepthook that skips TensorBoard's writer threads."""
+    if threading.excepthook is not _skip_writer_thread_errors:
+        global _previous_hook
+        _previous_hook = threading.excepthook
+        threading.excepthook = _skip_writer_thread_errors
+
+
+def _skip_writer_thread_errors(args: threading.ExceptHookArgs) -> None:
+    if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(
+            args.exc_type, OSError):
+        return  # re-raised by the writer's next write, flush or close
+    _previous_hook(args)
