@@ -491,3 +491,60 @@ def test_an_interrupted_run_resumes_plugins_that_reach_each_other(tmp_path, monk
         record.pop("wall_seconds")
     assert ours == theirs  # the hook kept counting into the restored Counter
     assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("next_experience", 99, "its next_experience is '99', where this run's stream continues "
+                            "only at experience 1 to 4"),
+    ("next_experience", -1, "its next_experience is '-1'"),
+    ("next_experience", 0, "its next_experience is '0'"),
+    ("wall_seconds", float("nan"), "its wall_seconds is 'nan', not a count"),
+    ("position", 10**9, "its stream position is 1000000000, outside this run's 0 to"),
+])
+def test_a_checkpoint_that_does_not_fit_the_run_is_kept_and_not_blamed(
+        field, value, says, tmp_path, capsys):
+    """A checkpoint whose stream position (or another field) does not fit the run stops
+    the resume naming the file; the file stays as it was and no strategy is failed."""
+    path = tmp_path / "s.yaml"
+    path.write_text(DIGITS_SCENARIO, encoding="utf-8")
+    out = tmp_path / "cut"
+    assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    summary.update(strategies={}, checkpoint_every="experience")  # killed inside naive
+    (out / "summary.json").write_text(json.dumps(summary))
+    scenario = load_scenario(path)
+    dataset = load_scenario_data(scenario)
+    keep = _KeepEvery(out / "checkpoints" / "all.pt",
+                      fingerprint(summary["config"], 0, None, "naive"))
+    run_strategy(scenario, scenario.strategies["naive"], dataset,
+                 build_stream(scenario, dataset, 0), seed=0, device=torch.device("cpu"),
+                 checkpoint=keep)
+    saved = out / "checkpoints" / "0-naive.pt"
+    payload = torch.load(out / "checkpoints" / "all.3.pt", weights_only=True)
+    for extra in (out / "checkpoints").glob("all*"):
+        extra.unlink()
+    if field == "position":  # inside the engine's state, as the encoder wrote it
+        assert _replace_position(payload["state"]["loop"], value)
+    else:
+        payload[field] = value
+    torch.save(payload, saved)
+    damaged = saved.read_bytes()
+    summary_bytes = (out / "summary.json").read_bytes()
+    capsys.readouterr()
+
+    code = main(["run", str(path), "--out", str(out), "--no-progress", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and "internal error" not in err
+    assert f"clsim: error: checkpoint {saved} cannot be restored: {says}" in err
+    assert "delete it to run this strategy from the start" in err
+    assert saved.read_bytes() == damaged  # kept for the user to decide
+    assert (out / "summary.json").read_bytes() == summary_bytes  # nothing blamed on naive
+
+
+def _replace_position(loop_state: dict, value: int) -> bool:
+    """Set "position" in the engine's encoded state (a dict node: keys, then values)."""
+    keys = loop_state["keys"]
+    if "position" not in keys:
+        return False
+    loop_state["values"][keys.index("position")] = value
+    return True
