@@ -17,6 +17,7 @@ from clsim.budget import Budget, BudgetPoint
 from clsim.data.registry import dataset_names
 from clsim.errors import ClsimError, ConfigError, OptionError
 from clsim.files import require_file
+from clsim.interrupts import is_contained
 from clsim.models import MODELS
 from clsim.plugin_manager import load_plugin_class, options_class
 from clsim.streams import STREAM_TYPES
@@ -456,9 +457,27 @@ def _plugin(entry: Any, path: KeyPath, src: Source) -> PluginSpec:
                             f"{short_repr(options)}")
         parsed = None
     else:
-        parsed = build(declared, options, path, src)
+        parsed = _plugin_options(declared, options, ref, path, src)
     short = ref.rsplit(":", 1)[-1].rsplit(".", 1)[-1] if ":" in ref else ref
     return PluginSpec(name=short, ref=ref, cls=cls, options=parsed)
+
+
+def _plugin_options(declared: type, options: Any, ref: str, path: KeyPath, src: Source) -> Any:
+    """The plugin's ``Options`` built from its YAML entry. The plugin's own code runs here
+    (its dataclass's ``__init__``, ``__post_init__`` and ``check``): anything it raises
+    besides a ValueError is that plugin's fault, named at the entry's key path."""
+    try:
+        return build(declared, options, path, src)
+    except ClsimError:
+        raise
+    except BaseException as exc:
+        if not is_contained(exc):
+            raise
+        detail = str(exc)
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise src.error(path, f"the options of plugin {short_repr(ref)} "
+                        f"({declared.__module__}:{declared.__qualname__}) could not be built: "
+                        f"{type(exc).__name__}: {detail}") from None
 
 
 def resolve_path(scenario: ScenarioConfig, value: str | None) -> str | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import DIGITS_SCENARIO, REPO_ROOT
 
+from clsim.cli import main
 from clsim.config import load_scenario, parse_scenario
 from clsim.errors import ConfigError
 from clsim.models import MLPOptions, build_model
@@ -312,3 +313,72 @@ def test_a_hierarchy_file_that_is_no_regular_file_is_refused(make, fragment, tmp
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"clsim: error: {scenario}:4: stream.hierarchy: hierarchy "
                                   f"file '{tmp_path}/tree.yaml' {fragment}"), proc.stderr
+
+
+OPTION_FAULTS = '''
+from dataclasses import dataclass
+
+
+class Boom(BaseException):
+    pass
+
+
+@dataclass
+class RaisingOptions:
+    lam: float = 1.0
+
+    def __post_init__(self):
+        raise {error}
+
+
+class Raising:
+    """Options whose own code raises something else than a ValueError."""
+
+    Options = RaisingOptions
+
+    def __init__(self, options):
+        self.options = options
+
+    def clsim_setup(self, ctx):
+        pass
+
+
+@dataclass
+class OddOptions:
+    when: complex = 0j
+
+
+class OddType:
+    """Options with a field type clsim cannot check from YAML."""
+
+    Options = OddOptions
+
+    def __init__(self, options):
+        pass
+
+    def clsim_setup(self, ctx):
+        pass
+'''
+
+
+@pytest.mark.parametrize("error", ["RuntimeError('no')", "SystemExit(0)", "Boom('x')",
+                                   "KeyboardInterrupt()"])
+def test_a_plugins_options_raising_anything_is_named_at_its_key(error, tmp_path, monkeypatch,
+                                                                capsys):
+    """A plugin's Options dataclass runs its author's code while the YAML is read: what it
+    raises (a BaseException too, and a KeyboardInterrupt that is not the user's Ctrl-C) is
+    an error at the plugin's key path, exit 2, not a crash."""
+    module = f"option_faults_{error.partition('(')[0].lower()}"  # a fresh module per case
+    (tmp_path / f"{module}.py").write_text(OPTION_FAULTS.format(error=error))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(DIGITS_SCENARIO.replace(
+        "plugins: [naive]", f"plugins: [naive, {{{module}:Raising: {{lam: 2}}}}]"))
+    assert main(["validate", str(scenario)]) == 2
+    err = capsys.readouterr().err
+    assert f"s.yaml:9: strategies.naive.plugins[1].{module}:Raising: the options of plugin " \
+        f"'{module}:Raising' ({module}:RaisingOptions) could not be built: " in err, err
+    scenario.write_text(DIGITS_SCENARIO.replace(
+        "plugins: [naive]", f"plugins: [naive, {{{module}:OddType: {{when: 1}}}}]"))
+    assert main(["validate", str(scenario)]) == 2
+    assert "cannot check values of type <class 'complex'>" in capsys.readouterr().err
