@@ -66,6 +66,13 @@ class ResourceError(ConfigError):
     before the data is loaded, naming the estimate, what is available and how to fix it."""
 
 
+class ResultsWriteError(ClsimError):
+    """A results file or folder could not be written (disk full, a name the file system
+    refuses): names it and the system's reason; what was written before is kept."""
+
+    exit_code = 2
+
+
 class BudgetExceededError(ClsimError):
     """A strict run held more bytes than its budget after an experience."""
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from clsim.errors import ClsimError, ConfigError
+from clsim.errors import ConfigError, ResultsWriteError
 from clsim.lock import FolderLock
 
 # how much longer than --out the deepest path clsim writes can be (tensorboard/<name>/
@@ -26,12 +26,6 @@ DEEPEST_BELOW_OUT = 400
 # longest file or folder name made from a strategy's name (NAME_MAX is 255 bytes, and
 # temporary files add a prefix and a suffix)
 NAME_BYTES = 100
-
-
-class ResultsWriteError(ClsimError):
-    """A results file or folder could not be written: names it and the system's reason."""
-
-    exit_code = 2
 
 
 @contextlib.contextmanager

@@ -125,7 +125,7 @@ def test_usage_errors_exit_2():
     proc = run_cli()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     proc = run_cli("run", "quickstart", "--seed", "-3")
-    assert proc.returncode == 2 and "non-negative integer" in proc.stderr
+    assert proc.returncode == 2 and "expected a seed: an integer from 0 to 2**63 - 1" in proc.stderr
 
 
 def test_unknown_bundled_scenario_lists_the_bundled_ones():
