@@ -118,6 +118,7 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     with writing(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
+            os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; results are files like others
             with os.fdopen(fd, "wb") as handle:
                 write(handle)
                 handle.flush()
@@ -126,6 +127,16 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# what open() would give a new file: results are shared like any file the user writes
+_FILE_MODE = 0o666 & ~_umask()
 
 
 def _path_max() -> int:

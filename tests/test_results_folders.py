@@ -194,6 +194,9 @@ def test_a_stale_lock_file_is_not_results_and_is_cleared(tmp_path, capsys):
     assert main(["run", "quickstart", "--out", str(out), "--no-progress", "--limit", "5"]) == 0
     assert json.loads((out / "summary.json").read_text())["strategies"]
     assert not (out / LOCK_NAME).exists()
+    # written atomically through a temporary file, yet as readable as any file written
+    mode = (out / "summary.json").stat().st_mode & 0o777
+    assert mode == (out / "events.jsonl").stat().st_mode & 0o777, oct(mode)
 
 
 # ---------------------------------------------------------------------------
@@ -266,6 +269,53 @@ def test_tensorboard_on_a_full_disk_is_one_error_without_a_thread_traceback(tmp_
     assert proc.returncode == 0, proc.stderr
     assert f"refused: cannot write {tmp_path / 'tb'}: File too large" in proc.stdout
     assert proc.stderr == ""  # no "Exception in thread" from TensorBoard's writer
+
+
+# a really full disk: a small tmpfs in a private user and mount namespace, so no root
+# is needed and nothing outlives the test; inside it clsim runs, fails, the disk grows,
+# and --resume finishes
+FULL_DISK_SCRIPT = """\
+set -u
+mount -t tmpfs -o size=24k tmpfs "$DISK" || exit 99
+"$PY" -m clsim.cli run quickstart --out "$DISK/out" --no-progress --limit 20 2>"$LOGS/err1"
+echo "first=$?"
+names() { "$PY" -c "import json, sys; print(*json.load(open(sys.argv[1]))['strategies'])" "$1"; }
+echo "kept=$(names "$DISK/out/summary.json")"
+ls -A "$DISK/out" | tr '\\n' ' ' | sed 's/^/files=/'; echo
+mount -o remount,size=4m "$DISK"
+"$PY" -m clsim.cli run quickstart --out "$DISK/out" --no-progress --limit 20 --resume \\
+    >/dev/null 2>"$LOGS/err2"
+echo "resumed=$?"
+echo "after=$(names "$DISK/out/summary.json")"
+"""
+
+
+def test_run_on_a_really_full_disk_keeps_what_was_written_and_resumes(tmp_path):
+    """ENOSPC from a real file system (a 24 KiB tmpfs): the error names the file, the
+    summary keeps the strategy that finished, no temporary file is left, and once there
+    is room ``--resume`` runs the rest."""
+    disk, logs = tmp_path / "disk", tmp_path / "logs"
+    disk.mkdir()
+    logs.mkdir()
+    try:
+        proc = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c",
+                               FULL_DISK_SCRIPT], capture_output=True, text=True, timeout=300,
+                              cwd=REPO_ROOT, env={**os.environ, "DISK": str(disk),
+                                                  "LOGS": str(logs), "PY": sys.executable})
+    except FileNotFoundError:
+        pytest.skip("no unshare here; the RLIMIT_FSIZE tests cover the same code")
+    if proc.returncode == 99 or "unshare:" in proc.stderr:
+        pytest.skip(f"no user and mount namespaces here ({proc.stderr.strip()}); the "
+                    "RLIMIT_FSIZE tests cover the same code")
+    lines = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    err = (logs / "err1").read_text()
+    assert lines["first"] == "2", err
+    assert f"clsim: error: cannot write {disk / 'out'}/" in err
+    assert "No space left on device (errno 28)" in err and "Traceback" not in err
+    assert lines["kept"] == "naive"  # the summary is the last whole version
+    assert not [f for f in lines["files"].split() if f.startswith(".summary.json.")]
+    assert lines["resumed"] == "0", (logs / "err2").read_text()
+    assert lines["after"] == "naive replay"
 
 
 # ---------------------------------------------------------------------------
