@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         if args.debug:
             traceback.print_exc()
-        from clsim.plugin_manager import describe_fault
+        from clsim.text import describe_fault
 
         print(f"clsim: internal error: {describe_fault(exc)}. This is a bug in clsim or in a "
               "plugin; rerun with --debug for the traceback and report it.", file=sys.stderr)

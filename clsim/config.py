@@ -21,7 +21,8 @@ from clsim.interrupts import is_contained
 from clsim.models import MODELS
 from clsim.plugin_manager import load_plugin_class, options_class
 from clsim.streams import STREAM_TYPES
-from clsim.validation import KeyPath, Source, build, closest, load_yaml, short_repr
+from clsim.text import describe_fault, short_repr
+from clsim.validation import KeyPath, Source, build, closest, load_yaml
 
 MAX_NAME = 200
 """Characters in a scenario or strategy name: with a time stamp it stays a valid
@@ -473,11 +474,9 @@ def _plugin_options(declared: type, options: Any, ref: str, path: KeyPath, src: 
     except BaseException as exc:
         if not is_contained(exc):
             raise
-        detail = str(exc)
-        detail = detail if len(detail) <= 300 else detail[:297] + "..."
         raise src.error(path, f"the options of plugin {short_repr(ref)} "
                         f"({declared.__module__}:{declared.__qualname__}) could not be built: "
-                        f"{type(exc).__name__}: {detail}") from None
+                        f"{describe_fault(exc)}") from None
 
 
 def resolve_path(scenario: ScenarioConfig, value: str | None) -> str | None:

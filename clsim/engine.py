@@ -33,12 +33,12 @@ from clsim.plugin_manager import (
     blame,
     build_plugin_manager,
     create_plugin,
-    describe_fault,
 )
 from clsim.scoring import AnytimePoint, RunRecord, per_label, score
 from clsim.seeding import derive_seed, torch_generator
 from clsim.snapshot import SnapshotError
 from clsim.stream import Experience, Stream
+from clsim.text import describe_fault
 from clsim.training import Trainer
 
 

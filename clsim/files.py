@@ -14,6 +14,7 @@ import stat
 from pathlib import Path
 
 from clsim.errors import ClsimError, ConfigError
+from clsim.text import shown_path
 
 _KINDS = (
     (stat.S_ISFIFO, "a named pipe (FIFO)"),
@@ -48,7 +49,7 @@ def _stat(path: Path, what: str, error: type[ClsimError]) -> os.stat_result:
             reason = "does not exist (a part of the path is a file, not a folder)"
         else:
             reason = f"cannot be read: {exc.strerror}"
-        raise error(f"{what} {_shown(path)} {reason}") from None
+        raise error(f"{what} {shown_path(path)} {reason}") from None
 
 
 def require_file(path: str | Path, what: str, error: type[ClsimError] = ConfigError) -> Path:
@@ -59,7 +60,7 @@ def require_file(path: str | Path, what: str, error: type[ClsimError] = ConfigEr
     path = Path(path)
     mode = _stat(path, what, error).st_mode
     if not stat.S_ISREG(mode):
-        raise error(f"{what} {_shown(path)} is {describe_kind(mode)}; expected a "
+        raise error(f"{what} {shown_path(path)} is {describe_kind(mode)}; expected a "
                      "regular file")
     return path
 
@@ -69,14 +70,6 @@ def require_folder(path: str | Path, what: str, error: type[ClsimError] = Config
     path = Path(path)
     mode = _stat(path, what, error).st_mode
     if not stat.S_ISDIR(mode):
-        raise error(f"{what} {_shown(path)} is {describe_kind(mode)}; expected a folder")
+        raise error(f"{what} {shown_path(path)} is {describe_kind(mode)}; expected a folder")
     return path
-
-
-def _shown(path: Path, limit: int = 200) -> str:
-    """The path quoted, cut in the middle when it is very long."""
-    text = str(path)
-    if len(text) > limit:
-        text = text[: limit // 2] + "..." + text[-limit // 2 :]
-    return repr(text)
 

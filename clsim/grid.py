@@ -22,7 +22,7 @@ from clsim.budget import Budget
 from clsim.config import ScenarioConfig, parse_scenario
 from clsim.errors import ClsimError, ConfigError
 from clsim.interrupts import is_contained
-from clsim.plugin_manager import describe_fault
+from clsim.text import describe_fault
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import pluggy
 from clsim import hookspecs
 from clsim.errors import ClsimError, PluginError, PluginRuntimeError
 from clsim.interrupts import is_contained
+from clsim.text import bounded_str, describe_fault
 from clsim.validation import closest
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def _import_attribute(ref: str) -> Any:
         module = importlib.import_module(module_name)
     except (ImportError, ValueError, TypeError) as exc:  # also ':X' and '.relative:X'
         raise PluginError(
-            f"cannot import module {module_name!r} for plugin {ref!r}: {_bounded(exc)}"
+            f"cannot import module {module_name!r} for plugin {ref!r}: {bounded_str(exc)}"
         ) from None
     except BaseException as exc:  # the plugin's own module failed while importing
         if not is_contained(exc):
@@ -170,7 +171,7 @@ def options_class(plugin_class: type, ref: str | None = None) -> type | None:
            if inspect.isclass(declared) else f"a {type(declared).__name__} instance")
     raise PluginError(
         f"plugin {_named(ref, plugin_class)} declares "
-        f"Options as {_bounded(got)}; Options must be a dataclass class (decorated with "
+        f"Options as {bounded_str(got)}; Options must be a dataclass class (decorated with "
         "@dataclasses.dataclass, one field per option) or absent for a plugin without options"
     )
 
@@ -185,21 +186,6 @@ def _qualified(cls: type) -> str:
     return f"{getattr(cls, '__module__', '?')}:{getattr(cls, '__qualname__', '?')}"
 
 
-def describe_fault(exc: BaseException) -> str:
-    """``Type: message`` for an exception a plugin raised, bounded in length; a
-    BaseException that is not an Exception says what a plugin should raise instead."""
-    if isinstance(exc, SystemExit):
-        return (f"SystemExit({_bounded(repr(exc.code))}): a plugin may not exit the program; "
-                "raise an exception instead")
-    message = _bounded(exc)
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    if isinstance(exc, KeyboardInterrupt):
-        return f"{text} (raised by the plugin, not by Ctrl-C); raise an exception instead"
-    if not isinstance(exc, Exception):
-        return f"{text} (a BaseException); a plugin must raise an Exception"
-    return text
-
-
 def blame(exc: BaseException, plugins: list[tuple[str, object]]) -> str | None:
     """The name of the plugin whose module holds the innermost frame of ``exc``'s
     traceback, or None: attributes a fault raised outside a hook call (a torch hook)."""
@@ -208,17 +194,6 @@ def blame(exc: BaseException, plugins: list[tuple[str, object]]) -> str | None:
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         culprit = modules.get(frame.f_globals.get("__name__"), culprit)
     return culprit
-
-
-def _bounded(value: object, limit: int = 300) -> str:
-    """``str(value)`` cut in the middle when longer than ``limit``; one line."""
-    try:
-        text = " ".join(str(value).split())
-    except BaseException as exc:  # an exception whose __str__ raises
-        if not is_contained(exc):
-            raise
-        text = f"<unprintable: {type(exc).__name__}>"
-    return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2:]
 
 
 class ClsimPluginManager(pluggy.PluginManager):

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import itertools
-import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -28,6 +26,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from clsim.errors import ConfigError
+from clsim.text import bounded_message, short_repr
 
 KeyPath = tuple[str | int, ...]
 
@@ -49,61 +48,6 @@ def format_path(path: KeyPath) -> str:
 
 def _shown_key(key: str, limit: int = 60) -> str:
     return key if len(key) <= limit and key.isprintable() else short_repr(key, limit)
-
-
-class _BoundedRepr(reprlib.Repr):
-    """reprlib with small limits: the work done for a message does not grow with the value
-    (a string is cut before it is quoted; lists, mappings and nesting show a few items)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.maxlevel = 3
-        self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = 6
-        self.maxdict = 4
-        self.maxstring = self.maxother = 50
-        self.maxlong = 40
-
-    def repr_int(self, x: int, level: int) -> str:
-        if x.bit_length() > 1000:  # repr() of a huge int is slow, or refused by Python
-            return f"<an integer of {x.bit_length()} bits>"
-        return super().repr_int(x, level)
-
-    def repr_bytes(self, x: bytes, level: int) -> str:
-        return repr(x[: self.maxstring]) + ("..." if len(x) > self.maxstring else "")
-
-    repr_bytearray = repr_bytes
-
-    def repr_dict(self, x: dict, level: int) -> str:
-        """The first items in the user's order (reprlib would sort every key first)."""
-        if not x:
-            return "{}"
-        if level <= 0:
-            return "{...}"
-        items = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}"
-                 for k, v in itertools.islice(x.items(), self.maxdict)]
-        return "{" + ", ".join(items + (["..."] if len(x) > self.maxdict else [])) + "}"
-
-
-_REPR = _BoundedRepr()
-
-
-def short_repr(value: Any, limit: int = 60) -> str:
-    """repr() cut to ``limit`` characters so a pasted blob does not flood the message;
-    bounded work whatever the value (a huge string, list or nested structure)."""
-    try:
-        text = _REPR.repr(value)
-    except Exception:  # noqa: BLE001 - a value whose own __repr__ fails is still shown
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def bounded_message(message: str, limit: int = 1500) -> str:
-    """A message cut in the middle when a quoted value made it longer than ``limit``."""
-    if len(message) <= limit:
-        return message
-    keep = limit // 2
-    return f"{message[:keep]} [... {len(message) - 2 * keep} characters cut ...] " \
-        f"{message[-keep:]}"
 
 
 def closest(name: str, candidates: typing.Iterable[str]) -> str | None:

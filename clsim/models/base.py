@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from clsim.errors import ConfigError
-from clsim.validation import short_repr
+from clsim.text import short_repr
 
 MAX_LAYERS = 1_000
 """Layers (or conv blocks) a model option may list: deeper is a slip, never a plan."""

@@ -13,7 +13,7 @@ from clsim.models.base import (
     require_image_shape,
     require_positive_ints,
 )
-from clsim.validation import short_repr
+from clsim.text import short_repr
 
 
 def _global_pool() -> nn.Sequential:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clsim.models.base import ClassifierModel, ModelOptionError, require_image_shape
-from clsim.validation import short_repr
+from clsim.text import short_repr
 
 MAX_DEPTH = 2_000
 """Weighted layers of a ``resnet``: room for the paper's ResNet-1202, no more."""
