@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 import clsim
+from clsim.config import SEED_MAX, THREADS_MAX, WORKERS_MAX
 from clsim.errors import ClsimError, ConfigError
 from clsim.interrupts import is_contained, stop_tracking, track_user_interrupts
 
@@ -347,11 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="inline: this process; local: a process pool (default); ray: a Ray cluster",
     )
     compare.add_argument(
-        "--workers", type=_positive_int, default=1, help="cells run at once (default: 1)"
+        "--workers", type=_workers, default=1,
+        help=f"cells run at once (default: 1; at most {WORKERS_MAX}: each is a process "
+        "with torch loaded, a few hundred MB, so more is a slip)",
     )
     compare.add_argument("--address", help="Ray cluster address (default: start a local one)")
     compare.add_argument(
-        "--threads", type=_positive_int, help="torch threads per cell (default: cores // workers)"
+        "--threads", type=_threads,
+        help=f"torch threads per cell (default: cores // workers; at most {THREADS_MAX}, "
+        "as the scenario key 'threads')",
     )
     compare.add_argument(
         "--resume",
@@ -392,8 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _int_between(low: int, high: int, words: str):
-    """An argparse type: an integer in [low, high], with a message in ``words``."""
+def _int_between(low: int, high: int, words: str, bound: str = ""):
+    """An argparse type: an integer in [low, high], with a message in ``words`` (and
+    ``bound`` after the value given)."""
 
     def parse(text: str) -> int:
         try:
@@ -402,16 +408,17 @@ def _int_between(low: int, high: int, words: str):
             value = None
         if value is None or not low <= value <= high:
             shown = text if len(text) <= 40 else text[:37] + "..."
-            raise argparse.ArgumentTypeError(f"expected {words}; got {shown!r}")
+            raise argparse.ArgumentTypeError(f"expected {words}; got {shown!r}{bound}")
         return value
 
     return parse
 
 
 # the bounds the scenario file's keys have (config.py), so a flag accepts what YAML does
-SEED_MAX = 2**63 - 1
 _positive_int = _int_between(1, SEED_MAX, "a positive integer")
 _seed = _int_between(0, SEED_MAX, f"a seed: an integer from 0 to 2**63 - 1 ({SEED_MAX})")
+_threads = _int_between(1, THREADS_MAX, "a positive integer", f" (at most {THREADS_MAX})")
+_workers = _int_between(1, WORKERS_MAX, "a positive integer", f" (at most {WORKERS_MAX})")
 
 
 def main(argv: list[str] | None = None) -> int:

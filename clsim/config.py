@@ -31,6 +31,15 @@ MAX_DESCRIPTION = 4000
 MAX_EPOCHS = 10_000
 """Passes over each experience: more is a slip (a day per experience), never a plan."""
 MAX_PLUGIN_REF = 500
+SEED_MAX = 2**63 - 1
+"""The largest seed (the key ``seed``, each of ``compare.seeds``, and ``--seed``)."""
+THREADS_MAX = 1024
+"""Torch threads per run (the key ``threads``, and ``compare --threads``): more is a
+slip, and asking torch for millions of threads crashes the process."""
+WORKERS_MAX = 1024
+"""Cells run at once (``compare --workers``): each is a process with torch loaded (a few
+hundred MB), so more is a slip, never a plan; on a Ray cluster it is the local
+cluster's CPU count."""
 
 
 @dataclass
@@ -95,7 +104,7 @@ class CompareConfig:
     )
     seeds: list[int] = field(
         default_factory=lambda: [0],
-        metadata={"min": 0, "max": 2**63 - 1, "min_items": 1, "max_items": 10_000,
+        metadata={"min": 0, "max": SEED_MAX, "min_items": 1, "max_items": 10_000,
                   "help": "seeds to run every cell with, each as 'seed' (0 .. 2**63-1)"},
     )
     strategies: list[str] | None = field(
@@ -156,10 +165,10 @@ class _ScenarioFields:
         metadata={"max_length": MAX_DESCRIPTION,
                   "help": f"free text of at most {MAX_DESCRIPTION:,} characters"},
     )
-    seed: int = field(default=0, metadata={"min": 0, "max": 2**63 - 1})
+    seed: int = field(default=0, metadata={"min": 0, "max": SEED_MAX})
     threads: int | None = field(
         default=None,
-        metadata={"min": 1, "max": 1024,
+        metadata={"min": 1, "max": THREADS_MAX,
                   "help": "torch threads per run; metrics repeat exactly at a fixed "
                   "thread count (default: torch's own choice)"},
     )

@@ -284,3 +284,32 @@ def test_scaffold_refuses_bad_names(tmp_path):
         "lower-case Python identifier",
     )
 
+
+
+def test_thread_and_seed_flags_accept_exactly_what_the_scenario_keys_do(tmp_path):
+    """--threads and --seed share their bounds with the YAML keys 'threads' and 'seed'
+    (one constant each, in clsim.config); --workers has its own bound."""
+    from clsim.cli import build_parser
+    from clsim.config import SEED_MAX, THREADS_MAX, WORKERS_MAX, parse_scenario
+    from clsim.errors import ConfigError
+
+    parse = build_parser().parse_args
+    args = parse(["compare", "g.yaml", "--threads", str(THREADS_MAX),
+                  "--workers", str(WORKERS_MAX)])
+    assert (args.threads, args.workers) == (THREADS_MAX, WORKERS_MAX)
+    assert parse(["run", "s.yaml", "--seed", str(SEED_MAX)]).seed == SEED_MAX
+    for argv in (["compare", "g.yaml", "--threads", str(THREADS_MAX + 1)],
+                 ["compare", "g.yaml", "--workers", str(WORKERS_MAX + 1)],
+                 ["run", "s.yaml", "--seed", str(SEED_MAX + 1)]):
+        with pytest.raises(SystemExit) as stopped:
+            parse(argv)
+        assert stopped.value.code == 2
+    def scenario(seed: int, threads: int):
+        return parse_scenario(DIGITS_SCENARIO.replace("seed: 0\n",
+                                                      f"seed: {seed}\nthreads: {threads}\n"))
+
+    assert (scenario(SEED_MAX, THREADS_MAX).seed, scenario(0, THREADS_MAX).threads) == (
+        SEED_MAX, THREADS_MAX)
+    for seed, threads, key in ((SEED_MAX + 1, 1, "seed"), (0, THREADS_MAX + 1, "threads")):
+        with pytest.raises(ConfigError, match=f"{key}: "):
+            scenario(seed, threads)
