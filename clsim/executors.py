@@ -141,7 +141,8 @@ def run_inline(tasks: list[CellTask], on_start: OnStart = lambda t: None) -> Ite
     """One cell after another, in this process."""
     for task in tasks:
         on_start(task)
-        yield run_cell(task)
+        record = run_cell(task)
+        yield record
 
 
 def run_process_pool(
@@ -151,15 +152,19 @@ def run_process_pool(
 
     A worker that dies (killed, out of memory) fails only the cell it was running; the
     pool is rebuilt for the cells still waiting. Workers die with this process, even
-    when it is killed (:func:`die_with_parent`).
+    when it is killed (:func:`die_with_parent`). Closing the generator early (the
+    consumer stopped: the user's Ctrl-C, a full disk) cancels the cells not started and
+    ends the workers at once, without waiting for the cells they are running.
     """
     waiting = list(tasks)
     context = multiprocessing.get_context("spawn")
     while waiting:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                 initializer=_start_worker, initargs=(os.getpid(),)) as pool:
-            running = {}
-            broken = False
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                   initializer=_start_worker, initargs=(os.getpid(),))
+        running = {}
+        broken = False
+        finished = False
+        try:
             while (waiting or running) and not broken:
                 while waiting and len(running) < workers:
                     task = waiting.pop(0)
@@ -168,21 +173,53 @@ def run_process_pool(
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     task = running.pop(future)
-                    try:
-                        yield future.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        yield _failed(
-                            task,
-                            "the worker process running this cell died (killed, or out of memory)",
-                        )
-                    except BaseException as exc:  # only a SIGINT sent to the worker alone
-                        if not is_contained(exc):  # gets here (run_cell records the rest)
-                            raise
-                        yield _failed(task, f"the worker process running this cell raised "
-                                      f"{type(exc).__name__}")
-            if broken:  # the other in-flight cells go back to the queue
-                waiting = list(running.values()) + waiting
+                    record, died = _outcome(future, task)
+                    broken = broken or died
+                    yield record  # never inside an except: a close() must go through
+            finished = True
+        finally:
+            if finished or broken:
+                pool.shutdown(wait=True)
+            else:  # closed early, or an exception: nobody will read the running cells
+                _abandon(pool)
+        if broken:  # the other in-flight cells go back to the queue
+            waiting = list(running.values()) + waiting
+
+
+def _outcome(future, task: CellTask) -> tuple[Record, bool]:
+    """The record of a finished future, and whether its worker died (the pool is then
+    broken)."""
+    try:
+        return future.result(), False
+    except BrokenProcessPool:
+        return _failed(task, "the worker process running this cell died (killed, or out "
+                       "of memory)"), True
+    except BaseException as exc:  # only a SIGINT sent to the worker alone gets here
+        if not is_contained(exc):  # (run_cell records the rest)
+            raise
+        return _failed(task, f"the worker process running this cell raised "
+                       f"{type(exc).__name__}"), False
+
+
+def _abandon(pool: ProcessPoolExecutor) -> None:
+    """Stop ``pool`` now: cancel the cells not started and end the workers (SIGTERM,
+    then SIGKILL for one still alive after a second), reaping them."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # before shutdown
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        try:
+            process.terminate()
+        except (OSError, ValueError, AttributeError):  # already gone, or already closed
+            pass
+    deadline = time.monotonic() + 1.0
+    for process in processes:
+        try:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
+        except (OSError, ValueError, AttributeError, AssertionError):
+            pass
 
 
 def run_ray(
@@ -214,7 +251,7 @@ def run_ray(
             raise ConfigError(f"cannot start or reach {where}: {exc}") from None
         if not address:
             watchdog = start_ray_watchdog()
-    remote_cell = ray.remote(num_cpus=1, max_retries=0)(run_cell)
+    remote_cell = ray.remote(num_cpus=1, max_retries=0)(_ray_cell)
     try:
         pending = {}
         for task in tasks:
@@ -224,12 +261,23 @@ def run_ray(
             done, _ = ray.wait(list(pending), num_returns=1)
             task = pending.pop(done[0])
             try:
-                yield ray.get(done[0])
+                record = ray.get(done[0])
             except Exception as exc:  # the worker died: the cell fails, the grid goes on
-                yield _failed(task, f"the Ray worker running this cell failed: {exc}")
+                record = _failed(task, f"the Ray worker running this cell failed: {exc}")
+            yield record  # never inside an except: a close() must go through
     finally:
-        if started_here:
-            ray.shutdown()
-        if watchdog is not None:  # the cluster is down: nothing left to watch
-            watchdog.kill()
-            watchdog.wait()
+        try:
+            if started_here:
+                ray.shutdown()
+        finally:  # even when the shutdown fails: the watchdog would outlive it
+            if watchdog is not None:  # the cluster is down: nothing left to watch
+                watchdog.kill()
+                watchdog.wait()
+
+
+def _ray_cell(task: CellTask) -> Record:
+    """A cell on a Ray worker. The worker records a SIGINT (the user's Ctrl-C reaching
+    it, or ray.cancel) as pool workers and clsim do, so a KeyboardInterrupt a plugin
+    raises itself fails only its cell (:mod:`clsim.interrupts`)."""
+    track_user_interrupts()
+    return run_cell(task)

@@ -9,6 +9,7 @@ running and look in /proc for anything left of its session.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -119,3 +120,173 @@ def test_a_local_ray_cluster_dies_with_a_killed_clsim(tmp_path):
     agents, clsim's watchdog)."""
     proc, running = start_compare(tmp_path, "--executor", "ray", "--workers", "2")
     assert_nothing_survives_a_kill(proc, running, workers=2, startup=180)
+
+
+# ---------------------------------------------------------------------------
+# a consumer that stops reading the pool's records (full disk, Ctrl-C)
+# ---------------------------------------------------------------------------
+
+# plugins for the tests below, written into the test's folder (spawned workers import them)
+STOP_PLUGINS = """\
+import os, time
+
+class Marks:
+    '''Marks its cell as running: a file named after its process in $CLSIM_TEST_RUNNING.'''
+    def clsim_setup(self):
+        open(os.path.join(os.environ['CLSIM_TEST_RUNNING'], str(os.getpid())), 'w').close()
+
+class WaitsForGo:
+    '''Finishes its cell only once the file $CLSIM_TEST_GO exists.'''
+    def clsim_teardown(self):
+        while not os.path.exists(os.environ['CLSIM_TEST_GO']):
+            time.sleep(0.05)
+
+class NeverEnds:
+    '''A cell that never finishes on its own.'''
+    def clsim_after_batch(self):
+        while True:
+            time.sleep(1)
+"""
+
+STOP_GRID = """\
+name: stop_grid
+seed: 0
+data: {dataset: digits}
+stream: {type: class_incremental, n_experiences: 2}
+model: {name: mlp, hidden: [16]}
+training: {epochs: 1, batch_size: 64, optimizer: {name: sgd, lr: 0.1}}
+strategies:
+  fast:
+    plugins: [naive, 'stop_plugins:Marks', 'stop_plugins:WaitsForGo']
+  stuck:
+    plugins: [naive, 'stop_plugins:Marks', 'stop_plugins:NeverEnds']
+  later:
+    plugins: [naive, 'stop_plugins:Marks']
+compare:
+  budgets: ['model + 10 exemplars']
+  seeds: [0]
+"""
+
+# clsim compare's own consumer (compare._run_cells) over the real process pool, with a
+# results store whose append raises STOP (a full disk, or the user's Ctrl-C arriving there)
+CONSUMER = """\
+import json, sys, time
+from pathlib import Path
+from clsim import compare
+from clsim.config import parse_scenario
+from clsim.errors import ResultsWriteError
+from clsim.grid import plan
+
+STOP = {'ResultsWriteError': ResultsWriteError('cannot write cells.jsonl: disk full'),
+        'KeyboardInterrupt': KeyboardInterrupt()}[sys.argv[2]]
+text = Path(sys.argv[1]).read_text()
+tasks = plan(parse_scenario(text), text, threads=1)
+started = []
+
+class Store:
+    def append(self, record):
+        started.append('append ' + record['strategy'])
+        raise STOP
+
+class Marks:
+    def started(self, cell):
+        started.append('start ' + cell.split(' ')[0])
+    def finished(self, cell):
+        pass
+    def forget(self, cells):
+        pass
+
+begin = time.monotonic()
+try:
+    compare._run_cells(tasks, Store(), Marks(), compare._Progress(3, 0, False), 'local', 2,
+                       None)
+except BaseException as exc:
+    outcome = f'{type(exc).__name__}: {exc}'
+print(json.dumps({'outcome': outcome, 'calls': started,
+                  'seconds': time.monotonic() - begin}))
+"""
+
+
+@pytest.mark.parametrize("stop", ["ResultsWriteError", "KeyboardInterrupt"])
+def test_a_consumer_stopping_mid_way_gets_its_own_exception_and_the_pool_ends_at_once(
+        stop, tmp_path):
+    """The consumer raises while handling the first record (a full disk, a Ctrl-C outside
+    wait()): its exception comes out unchanged (not 'generator ignored GeneratorExit'),
+    the cell never started stays so, and the worker running a cell that never ends is
+    ended instead of waited for."""
+    (tmp_path / "stop_plugins.py").write_text(STOP_PLUGINS, encoding="utf-8")
+    (tmp_path / "g.yaml").write_text(STOP_GRID, encoding="utf-8")
+    (tmp_path / "go").touch()
+    running = tmp_path / "running"
+    running.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "CLSIM_TEST_RUNNING": str(running),
+           "CLSIM_TEST_GO": str(tmp_path / "go")}
+    proc = subprocess.Popen([sys.executable, "-c", CONSUMER, str(tmp_path / "g.yaml"), stop],
+                            cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=180)  # a pool waiting for the stuck cell hangs
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    expected = {"ResultsWriteError": "ResultsWriteError: cannot write cells.jsonl: disk full",
+                "KeyboardInterrupt": "KeyboardInterrupt: "}[stop]
+    assert result["outcome"] == expected
+    assert result["calls"] == ["start fast", "start stuck", "append fast"]
+    workers = {int(p.name) for p in running.iterdir()}
+    assert len(workers) == 2
+    for pid in workers:  # ended and reaped before _run_cells returned
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+FULL_DISK_COMPARE = """\
+set -u
+mount -t tmpfs -o size=64k tmpfs "$DISK" || exit 99
+"$PY" -m clsim.cli compare "$GRID" --out "$DISK/out" --workers 2 --threads 1 --no-progress \\
+    2>"$LOGS/err" &
+pid=$!
+tries=0
+while [ "$(ls "$CLSIM_TEST_RUNNING" | wc -l)" -lt 2 ] && [ $tries -lt 3000 ]; do
+    sleep 0.1; tries=$((tries + 1))
+done
+dd if=/dev/zero of="$DISK/filler" bs=1k 2>/dev/null
+touch "$CLSIM_TEST_GO"
+wait $pid
+echo "code=$?"
+"""
+
+
+def test_compare_with_workers_on_a_really_full_disk_is_a_clean_error(tmp_path):
+    """`clsim compare --workers 2` whose cells.jsonl cannot take the first record (a real
+    tmpfs filled while both cells run): exit 2 naming cells.jsonl, no internal error, no
+    traceback, and clsim does not wait for the cell still running (it never ends)."""
+    disk, logs, running = tmp_path / "disk", tmp_path / "logs", tmp_path / "running"
+    for folder in (disk, logs, running):
+        folder.mkdir()
+    (tmp_path / "stop_plugins.py").write_text(STOP_PLUGINS, encoding="utf-8")
+    (tmp_path / "g.yaml").write_text(STOP_GRID, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "CLSIM_TEST_RUNNING": str(running),
+           "CLSIM_TEST_GO": str(logs / "go"), "DISK": str(disk), "LOGS": str(logs),
+           "GRID": str(tmp_path / "g.yaml"), "PY": sys.executable}
+    try:
+        proc = subprocess.Popen(["unshare", "--map-root-user", "--mount", "sh", "-c",
+                                 FULL_DISK_COMPARE], cwd=tmp_path, env=env,
+                                start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        pytest.skip("no unshare here")
+    try:
+        out, err = proc.communicate(timeout=300)  # clsim waiting for the stuck cell hangs
+    finally:
+        kill_session(proc.pid)
+    if proc.returncode == 99 or "unshare:" in err:
+        pytest.skip(f"no user and mount namespaces here ({err.strip()})")
+    clsim_err = (logs / "err").read_text()
+    assert out == "code=2\n", clsim_err
+    assert clsim_err.startswith("clsim: comparing ")
+    assert f"\nclsim: error: cannot write {disk}/out/cells.jsonl" in clsim_err
+    assert "No space left on device" in clsim_err
+    assert "internal error" not in clsim_err and "Traceback" not in clsim_err
+    assert len(list(running.iterdir())) == 2  # both cells were running
