@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import faulty_plugins
 import pytest
 from helpers import DIGITS_SCENARIO, REPO_ROOT, run_cli
 
-from clsim import hookspecs
+from clsim import hookspecs, interrupts
 from clsim.cli import main
 from clsim.compare import run_compare
 from clsim.config import parse_scenario
@@ -86,6 +87,16 @@ def cell_records(text: str) -> dict[str, dict]:
 def expected_message(plugin: str, hook: str, detail: str) -> str:
     where = ", experience 0" if hook in IN_EXPERIENCE_0 else ""
     return f"plugin {plugin!r} failed in {hook} (strategy 'faulty'{where}): {detail}"
+
+
+@pytest.fixture(autouse=True)
+def no_tracking_leaks():
+    """main() leaves SIGINT as Python has it, with nothing tracking or recorded, so a
+    leak into the tests after it (or into a program using clsim) fails loudly."""
+    yield
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not interrupts._tracking.is_set()
+    assert not interrupts._user_interrupted.is_set()
 
 
 @pytest.fixture(scope="module")
