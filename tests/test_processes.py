@@ -290,3 +290,27 @@ def test_compare_with_workers_on_a_really_full_disk_is_a_clean_error(tmp_path):
     assert "No space left on device" in clsim_err
     assert "internal error" not in clsim_err and "Traceback" not in clsim_err
     assert len(list(running.iterdir())) == 2  # both cells were running
+
+
+def test_the_ray_watchdog_ends_even_when_ray_shutdown_fails(monkeypatch):
+    """A local cluster whose ray.shutdown() raises: the watchdog (a real process here)
+    is still killed and reaped, instead of living as long as the host (a notebook)."""
+    from types import SimpleNamespace
+
+    from clsim import executors
+
+    def fail():
+        raise RuntimeError("shutdown failed")
+
+    fake_ray = SimpleNamespace(is_initialized=lambda: False, init=lambda **kw: None,
+                               remote=lambda **kw: (lambda fn: fn), shutdown=fail)
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    watchdog = subprocess.Popen(["sleep", "600"])
+    monkeypatch.setattr(executors, "start_ray_watchdog", lambda: watchdog)
+    try:
+        with pytest.raises(RuntimeError, match="shutdown failed"):
+            list(executors.run_ray([], workers=1, address=None))
+        assert watchdog.returncode == -signal.SIGKILL  # killed and waited for
+    finally:
+        watchdog.kill()
+        watchdog.wait()
