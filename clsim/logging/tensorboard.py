@@ -12,7 +12,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from clsim.results import ResultsWriteError, write_failure
+from clsim.errors import ResultsWriteError
+from clsim.results import write_failure
 
 
 class TensorBoardLogger:
@@ -59,6 +60,7 @@ class TensorBoardLogger:
             raise self.failure
 
     def close(self) -> None:
+        """Close the writer (flushing what it holds) and put back the thread hook."""
         if self._writer is not None:
             writer, self._writer = self._writer, None
             self._call(writer.close)
@@ -72,28 +74,67 @@ class TensorBoardLogger:
             return method(*args)
         except OSError as exc:
             self.failure = ResultsWriteError(write_failure(self.log_dir, exc))
-            self._writer = None
+            writer, self._writer = self._writer, None
+            if writer is not None:  # stop its thread and put back the thread hook
+                try:
+                    writer.close()
+                except OSError:
+                    pass  # the failure already kept
             raise self.failure from None
 
 
 def open_summary_writer(log_dir: Path) -> Any:
     """A ``SummaryWriter`` on ``log_dir`` whose writer thread fails quietly (its error
-    comes back on the next call from this thread)."""
+    comes back on the next call from this thread). The quiet thread hook is installed
+    while a writer is open and the previous ``threading.excepthook`` is put back when the
+    last one closes (``close()``, or leaving its ``with`` block)."""
     from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
 
-    _quiet_writer_threads()
-    return SummaryWriter(log_dir=str(log_dir))
+    class _QuietWriter(SummaryWriter):
+        _quiet = False
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                if self._quiet:
+                    self._quiet = False
+                    _release_quiet_hook()
+
+    _hold_quiet_hook()
+    try:
+        writer = _QuietWriter(log_dir=str(log_dir))
+    except BaseException:
+        _release_quiet_hook()
+        raise
+    writer._quiet = True
+    return writer
 
 
+_lock = threading.Lock()
+_holders = 0  # open writers that need the quiet hook
 _previous_hook = threading.excepthook
 
 
-def _quiet_writer_threads() -> None:
-    """Install (once) a thread excepthook that skips TensorBoard's writer threads."""
-    if threading.excepthook is not _skip_writer_thread_errors:
-        global _previous_hook
-        _previous_hook = threading.excepthook
-        threading.excepthook = _skip_writer_thread_errors
+def _hold_quiet_hook() -> None:
+    """Install the thread hook that skips TensorBoard's writer threads' OSErrors (the
+    first open writer installs it)."""
+    global _holders, _previous_hook
+    with _lock:
+        if _holders == 0 and threading.excepthook is not _skip_writer_thread_errors:
+            _previous_hook = threading.excepthook
+            threading.excepthook = _skip_writer_thread_errors
+        _holders += 1
+
+
+def _release_quiet_hook() -> None:
+    """Put the previous thread hook back when the last open writer closes (unless someone
+    replaced ours since: theirs stays)."""
+    global _holders
+    with _lock:
+        _holders = max(0, _holders - 1)
+        if _holders == 0 and threading.excepthook is _skip_writer_thread_errors:
+            threading.excepthook = _previous_hook
 
 
 def _skip_writer_thread_errors(args: threading.ExceptHookArgs) -> None:
