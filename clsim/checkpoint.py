@@ -17,7 +17,6 @@ import hashlib
 import json
 import pickle
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,9 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 import clsim
+from clsim.errors import ResultsWriteError
 from clsim.files import require_file
-from clsim.results import ResultsWriteError, write_atomic
+from clsim.results import safe_name, write_atomic
 from clsim.snapshot import Decoder, Encoder, SnapshotError, allowed_modules, as_tuples
 
 FORMAT = "clsim-checkpoint/2"
@@ -42,9 +42,10 @@ def fingerprint(config: dict[str, Any], seed: int, limit: int | None, strategy: 
 
 
 def checkpoint_path(out_dir: Path, index: int, strategy: str) -> Path:
-    """``checkpoints/<n>-<name>.pt``: the index keeps names that clean alike apart."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", strategy)[:60]
-    return out_dir / "checkpoints" / f"{index}-{safe}.pt"
+    """``checkpoints/<n>-<name>.pt``, the name cut (with a hash) as the strategy's
+    TensorBoard folder is (:func:`clsim.results.safe_name`); the index keeps strategies
+    apart. Every name that fits (up to 100 bytes) is kept as it is."""
+    return out_dir / "checkpoints" / f"{index}-{safe_name(strategy)}.pt"
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 from clsim.budget import format_bytes
 from clsim.logging.tensorboard import open_summary_writer
-from clsim.results import write_text_atomic, writing
+from clsim.results import write_atomic, write_text_atomic, writing
 from clsim.stats import MeanCI, auc, mean_ci, paired_tests
 
 Record = dict[str, Any]
@@ -278,13 +278,8 @@ def plot_accuracy_vs_memory(analysis: Analysis, path: Path) -> None:
     axes[0].set_ylabel("accuracy (%)")
     axes[1].legend(loc="best", fontsize="small")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=120)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # the old figure stays
-        raise
+    try:  # a failed write leaves the old figure
+        write_atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=120))
     finally:
         plt.close(fig)
 

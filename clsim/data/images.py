@@ -39,7 +39,7 @@ from clsim.data.guards import (
     read_bounded,
 )
 from clsim.data.limits import available_memory_bytes, require_memory
-from clsim.errors import DataError
+from clsim.errors import DataError, ResultsWriteError
 
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane",
@@ -327,19 +327,18 @@ def _read_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
 
 
 def _write_cache(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write atomically (temp file + rename); a cache that cannot be written is only a warning."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write atomically (:func:`clsim.results.write_atomic`); a cache that cannot be
+    written is only a warning."""
+    from clsim.results import write_atomic  # clsim.results is not needed to read data
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, cache_key=np.array(key), **arrays)
-        os.replace(tmp, path)
-    except OSError as exc:
-        warnings.warn(f"clsim: could not write the dataset cache {path}: {exc}", stacklevel=3)
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        write_atomic(path, lambda handle: np.savez(handle, cache_key=np.array(key), **arrays))
+    except (OSError, ResultsWriteError) as exc:
+        reason = exc.__context__ if isinstance(exc, ResultsWriteError) else exc
+        shown = getattr(reason, "strerror", None) or reason or type(exc).__name__
+        warnings.warn(f"clsim: could not write the dataset cache {path}: {shown}",
+                      stacklevel=3)
 
 
 def _find_zip(folder: Path, preferred: str | None, title: str) -> Path | None:
