@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clsim.errors import ResultsWriteError
 from clsim.files import require_file
-from clsim.results import ResultsWriteError, write_failure, write_json_atomic
+from clsim.results import parse_json, write_failure, write_json_atomic
+from clsim.text import short_repr
 
 # the keys every cell record has (grid.CellTask.record), with their types; a finished
 # ("ok") record also has the scores the report reads
@@ -45,13 +48,13 @@ class Damaged:
 def record_problem(record: dict[str, Any]) -> tuple[str, str] | None:
     """(key, what is wrong) for a record the report cannot place or score, or None."""
     if record.get("status") not in ("ok", "failed"):
-        return "status", f"expected 'ok' or 'failed', got {_short(record.get('status'))}"
+        return "status", f"expected 'ok' or 'failed', got {short_repr(record.get('status'))}"
     expected = {**IDENTITY, **(SCORES if record["status"] == "ok" else {})}
     for key, kind in expected.items():
         value = record.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             return key, ("missing key" if key not in record
-                         else f"expected {_kind(kind)}, got {_short(value)}")
+                         else f"expected {_kind(kind)}, got {short_repr(value)}")
     return None
 
 
@@ -93,13 +96,15 @@ class CellStore:
 
     def open(self) -> None:
         """Open for appending, first cutting off a torn last line left by a kill."""
-        if self.path.exists():
+        if os.path.lexists(self.path):
+            require_file(self.path, "the comparison's cell records")  # a FIFO would block
             data = self.path.read_bytes()
             if data and not data.endswith(b"\n"):
                 with open(self.path, "r+b") as handle:
                     handle.truncate(data.rfind(b"\n") + 1)
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                               | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise ResultsWriteError(write_failure(self.path, exc)) from None
 
@@ -119,6 +124,7 @@ class CellStore:
             raise ResultsWriteError(write_failure(self.path, exc)) from None
 
     def close(self) -> None:
+        """Close the file (every record is already synced); closing twice is harmless."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -135,13 +141,16 @@ class StartMarks:
 
     def load(self) -> str | None:
         """Read the marks; returns a warning when the file is damaged (then no marks)."""
-        if not self.path.exists():
+        if not os.path.lexists(self.path):
             return None
+        require_file(self.path, "the comparison's start marks")  # a FIFO would block
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-            return f"{self.path} cannot be read ({type(exc).__name__}); cells that crashed " \
-                   "clsim before are not known, and are retried"
+            data, problem, _ = parse_json(self.path.read_bytes(), "start marks")
+        except OSError as exc:
+            data, problem = None, exc.strerror or type(exc).__name__
+        if problem is not None:
+            return f"{self.path} cannot be read ({problem}); cells that crashed clsim " \
+                   "before are not known, and are retried"
         if isinstance(data, dict):
             self.counts = {k: v for k, v in data.items()
                            if isinstance(k, str) and isinstance(v, int) and v > 0}
@@ -162,16 +171,31 @@ class StartMarks:
         if self.counts.pop(cell, None) is not None:
             write_json_atomic(self.path, self.counts)
 
+    def forget(self, cells: Iterable[str]) -> None:
+        """Forget the starts of ``cells``, which were running when clsim was stopped by an
+        error or the user (not a crash: a crash runs no Python). Never raises an error:
+        when the marks cannot be rewritten (disk full), the file is removed (which needs
+        no space), so no cell is ever recorded as crashing clsim when it did not; a cell
+        that did crash before is then retried once more."""
+        cells = [cell for cell in cells if cell in self.counts]
+        for cell in cells:
+            self._this_run.discard(cell)
+            del self.counts[cell]
+        if not cells:
+            return
+        try:
+            write_json_atomic(self.path, self.counts)
+        except ResultsWriteError:
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
 
 def _parse(line: bytes) -> tuple[Any, str | None]:
-    try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError:
-        return None, "not valid UTF-8"
-    except json.JSONDecodeError as exc:
-        return None, f"not JSON ({exc.msg})"
-    except RecursionError:
-        return None, "nested too deeply to be a cell record"
+    record, problem, _ = parse_json(line, "a cell record")
+    if problem is not None:
+        return None, problem
     if not isinstance(record, dict) or not isinstance(record.get("cell"), str):
         return record, "not a cell record (no 'cell' name)"
     return record, None
@@ -182,7 +206,3 @@ def _kind(kind: type | tuple[type, ...]) -> str:
         return "a number or null" if type(None) in kind else "a number"
     return kind.__name__
 
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -9,7 +9,6 @@ comparison loses at most the cells that were running.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -21,10 +20,9 @@ from clsim.cellstore import IDENTITY, CellStore, StartMarks
 from clsim.config import parse_scenario, read_scenario_text
 from clsim.errors import ConfigError
 from clsim.executors import run_inline, run_process_pool, run_ray, threads_per_cell
-from clsim.files import require_file
 from clsim.grid import CellTask, plan
 from clsim.report import Analysis, write_report
-from clsim.results import check_out_path, open_out_dir, write_json_atomic
+from clsim.results import check_out_path, open_out_dir, read_json_file, write_json_atomic
 
 EXECUTORS = ("inline", "local", "ray")
 
@@ -139,13 +137,15 @@ def _run_cells(todo: list[CellTask], store: CellStore, marks: StartMarks, bar: _
     records = _execute(todo, executor, workers, address, started)
     try:
         for record in records:
-            running.discard(record["cell"])
             store.append(record)
+            running.discard(record["cell"])  # only once its record is safe
             marks.finished(record["cell"])
             bar.done(record, running)
-    except KeyboardInterrupt:  # the user's Ctrl-C is not a crash of those cells
-        for cell in list(running):
-            marks.finished(cell)
+    except BaseException:
+        # whatever reached here (Ctrl-C, SIGTERM, a full disk, a bug) ran Python: the
+        # cells running did not crash clsim, so their starts are not held against them;
+        # forget() never raises, so the error that stopped the grid is the one shown
+        marks.forget(running)
         raise
     finally:
         getattr(records, "close", lambda: None)()  # stop the executor's workers
@@ -174,7 +174,7 @@ def rebuild_report(out: Path) -> Analysis:
     store = CellStore(out / "cells.jsonl")
     if not store.path.exists():
         raise ConfigError(f"{store.path} not found: not a comparison folder")
-    with open_out_dir(out, "report", fresh=False):
+    with open_out_dir(out, "report", fresh=False, argument="DIR"):
         records = list(store.load().values())
         for damaged in store.damaged:
             if damaged.cell is not None:
@@ -235,15 +235,8 @@ def _prepare(
 
 def _read_grid(path: Path) -> dict[str, Any]:
     """grid.json of a comparison to resume; a damaged one stops the resume, naming it."""
-    require_file(path, "the comparison's grid file")
-    try:
-        grid = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--resume: the grid file is damaged ({exc.msg}); restore it, or "
-                          "choose a new folder", source=str(path), line=exc.lineno) from None
-    except (OSError, UnicodeDecodeError, RecursionError) as exc:
-        raise ConfigError(f"--resume: the grid file cannot be read ({type(exc).__name__}); "
-                          "restore it, or choose a new folder", source=str(path)) from None
+    grid = read_json_file(path, "--resume: the grid file",
+                          "restore it, or choose a new folder")
     if not isinstance(grid, dict):
         raise ConfigError("--resume: not a comparison's grid file (expected a mapping); "
                           "restore it, or choose a new folder", source=str(path))

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from clsim.errors import ConfigError, ResultsWriteError
+from clsim.files import require_file
 from clsim.lock import FolderLock
+from clsim.text import bounded_str
 
 # how much longer than --out the deepest path clsim writes can be (tensorboard/<name>/
 # events.out.tfevents.<time>.<host>.<pid>.<n>, the report's hparams runs, temporary files)
@@ -56,40 +58,42 @@ def safe_name(name: str) -> str:
     return f"{cut}-{digest}"
 
 
-def check_out_path(out: Path) -> None:
-    """Refuse an --out the OS would refuse for the files under it, before anything runs."""
+def check_out_path(out: Path, argument: str = "--out") -> None:
+    """Refuse an --out the OS would refuse for the files under it, before anything runs;
+    ``argument`` names it in messages (``DIR`` for ``clsim report``)."""
     for part in out.parts:
         if len(os.fsencode(part)) > 255:
-            raise ConfigError(f"--out has a folder name of {len(os.fsencode(part))} bytes; "
-                              "file systems allow 255", key_path="--out")
+            raise ConfigError(f"{argument} has a folder name of {len(os.fsencode(part))} "
+                              "bytes; file systems allow 255", key_path=argument)
     length = len(os.fsencode(str(out)))
     limit = _path_max()
     if length + DEEPEST_BELOW_OUT > limit:
         raise ConfigError(
-            f"--out is {length} bytes long; clsim writes files up to {DEEPEST_BELOW_OUT} "
-            f"bytes deeper, and this system allows paths of {limit} bytes; choose a "
-            "shorter folder", key_path="--out")
+            f"{argument} is {length} bytes long; clsim writes files up to "
+            f"{DEEPEST_BELOW_OUT} bytes deeper, and this system allows paths of {limit} "
+            "bytes; choose a shorter folder", key_path=argument)
     try:
         if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out} exists and is not a folder")
+            raise ConfigError(f"{argument} {out} exists and is not a folder")
     except OSError as exc:
-        raise ConfigError(f"--out {out} cannot be used: {exc.strerror}") from None
+        raise ConfigError(f"{argument} {out} cannot be used: {exc.strerror}") from None
 
 
-def open_out_dir(out: Path, command: str, *, fresh: bool) -> FolderLock:
+def open_out_dir(out: Path, command: str, *, fresh: bool, argument: str = "--out") -> FolderLock:
     """Create ``out`` and lock it for ``command``; with ``fresh``, refuse a folder that
     already holds results, so none are overwritten (checked under the lock, so two runs
-    started together cannot both see an empty folder)."""
-    check_out_path(out)
+    started together cannot both see an empty folder). ``argument`` names the folder in
+    messages: ``--out``, or ``DIR`` for ``clsim report``."""
+    check_out_path(out, argument)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"--out {out} cannot be created: {exc.strerror}") from None
-    lock = FolderLock(out, command).acquire()
+        raise ConfigError(f"{argument} {out} cannot be created: {exc.strerror}") from None
+    lock = FolderLock(out, command, argument).acquire()
     if fresh and holds_results(out):
         lock.release()
         raise ConfigError(
-            f"--out {out} already holds results; choose a new folder "
+            f"{argument} {out} already holds results; choose a new folder "
             "(clsim never overwrites results)"
         )
     return lock
@@ -98,6 +102,41 @@ def open_out_dir(out: Path, command: str, *, fresh: bool) -> FolderLock:
 def holds_results(out: Path) -> bool:
     """Whether ``out`` holds a run's results (the lock file is not results)."""
     return any(os.path.lexists(out / name) for name in ("summary.json", "events.jsonl"))
+
+
+def read_json_file(path: Path, what: str, advice: str) -> Any:
+    """The JSON value in the results file ``path``, or a ConfigError naming it (and the
+    line, when the JSON is broken): not a regular file (a named pipe would block), not
+    readable, not UTF-8, not JSON, a number of more digits than Python converts, nested
+    too deeply. ``what`` names the file's role ("the run summary"); ``advice`` says what
+    to do about a damaged one."""
+    require_file(path, what)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{what} cannot be read: {exc.strerror or type(exc).__name__}",
+                          source=str(path)) from None
+    value, problem, line = parse_json(data, "a clsim results file")
+    if problem is not None:
+        raise ConfigError(f"{what} is damaged: {problem}; {advice}", source=str(path),
+                          line=line)
+    return value
+
+
+def parse_json(data: bytes, kind: str) -> tuple[Any, str | None, int | None]:
+    """(value, None, None) for JSON bytes, else (None, what is wrong, its line or None);
+    never raises for any ``data`` (read from a results file, or one line of cells.jsonl,
+    ``kind`` naming what it should be: "a cell record")."""
+    try:
+        return json.loads(data.decode("utf-8")), None, None
+    except UnicodeDecodeError:
+        return None, "not valid UTF-8", None
+    except json.JSONDecodeError as exc:
+        return None, f"not JSON ({exc.msg}, column {exc.colno})", exc.lineno
+    except ValueError as exc:  # Python's limit on the digits of an integer
+        return None, f"not JSON clsim can read ({bounded_str(exc, 120)})", None
+    except RecursionError:
+        return None, f"nested too deeply to be {kind}", None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -118,8 +157,8 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     with writing(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
-            os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; results are files like others
-            with os.fdopen(fd, "wb") as handle:
+            with os.fdopen(fd, "wb") as handle:  # from here the handle closes fd
+                os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; results are files like others
                 write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())

@@ -23,21 +23,21 @@ from clsim.checkpoint import (
 )
 from clsim.config import ScenarioConfig
 from clsim.engine import StrategyOutcome, run_strategy
-from clsim.errors import ClsimError, ConfigError
-from clsim.files import require_file
+from clsim.errors import ClsimError, ConfigError, ResultsWriteError
 from clsim.interrupts import is_contained
 from clsim.lock import FolderLock
 from clsim.logging.console import progress_factory
 from clsim.logging.events import EventLog
 from clsim.logging.tensorboard import TensorBoardLogger
 from clsim.results import (
-    ResultsWriteError,
     check_out_path,
     open_out_dir,
+    read_json_file,
     safe_name,
     write_json_atomic,
 )
 from clsim.snapshot import SnapshotError
+from clsim.text import bounded_str, describe_fault, short_repr
 
 
 @dataclass
@@ -246,25 +246,29 @@ class _Strategies:
         except (SnapshotError, ResultsWriteError):  # not the strategy's fault: stop
             raise
         except ClsimError as exc:  # failed before its first experience
-            outcome = StrategyOutcome(name, error=str(exc))
+            outcome = StrategyOutcome(name, error=bounded_str(exc, 2000))
         except BaseException as exc:  # a bug in clsim or a plugin: record it, run the rest
             if not is_contained(exc):
                 raise
-            outcome = StrategyOutcome(name, error=_crash_message(exc))
-            self.events.write("internal_error", strategy=name,
-                              traceback="".join(traceback.format_exception(exc)))
+            prefix = "internal error: " if isinstance(exc, Exception) else ""
+            outcome = StrategyOutcome(
+                name, error=f"{prefix}{describe_fault(exc)} (traceback in events.jsonl)")
+            self.events.write("internal_error", strategy=name, traceback=_traceback(exc))
         finally:
             tensorboard.close()
         return outcome
 
 
-def _crash_message(exc: BaseException) -> str:
-    """What a strategy that raised something clsim does not expect is recorded with."""
-    what = f"{type(exc).__name__}: {str(exc)[:300]}"
-    if isinstance(exc, Exception):
-        return f"internal error: {what} (traceback in events.jsonl)"
-    return (f"it raised {what}, which is not an error a strategy may end with "
-            "(traceback in events.jsonl)")
+def _traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` for events.jsonl, even when its ``__str__`` raises a
+    BaseException (which the traceback module does not catch)."""
+    try:
+        return "".join(traceback.format_exception(exc))
+    except BaseException as failure:
+        if not is_contained(failure):
+            raise
+        return f"{type(exc).__name__} (its traceback could not be formatted: " \
+               f"{type(failure).__name__})"
 
 
 def _run_end(events: EventLog, result: RunResult, stopped_by: BaseException | None = None,
@@ -274,7 +278,7 @@ def _run_end(events: EventLog, result: RunResult, stopped_by: BaseException | No
     fields: dict[str, Any] = {"failed": [o.name for o in result.failed]}
     if stopped_by is not None:
         fields.update(interrupted=True, in_flight=in_flight,
-                      reason=f"{type(stopped_by).__name__}: {str(stopped_by)[:300]}")
+                      reason=f"{type(stopped_by).__name__}: {bounded_str(stopped_by)}")
     try:
         events.write("run_end", **fields)
     except ResultsWriteError:
@@ -298,9 +302,9 @@ def resumable_summary(out_dir: Path, fresh: dict[str, Any]) -> dict[str, Any]:
         if written.get(key) != json.loads(json.dumps(fresh[key], default=str)):
             raise ConfigError(
                 f"--resume: {path} was written by a run with a different {key!r} "
-                f"({_short(written.get(key))} there, {_short(fresh[key])} now); resume with "
-                "the same scenario file, data, --seed, --limit, --strategy and --device, or "
-                "start a new --out"
+                f"({short_repr(written.get(key))} there, {short_repr(fresh[key])} now); "
+                "resume with the same scenario file, data, --seed, --limit, --strategy and "
+                "--device, or start a new --out"
             )
     return {**fresh, "strategies": written["strategies"],
             "checkpoint_every": fresh["checkpoint_every"] or written.get("checkpoint_every")}
@@ -316,18 +320,8 @@ def read_summary(path: Path) -> dict[str, Any]:
     if not path.exists() and not path.is_symlink():
         raise ConfigError(f"--resume: {path} does not exist; there is no run to continue "
                           "in that folder")
-    require_file(path, "--resume: the run summary")
     advice = "restore it from a copy, or start a new --out"
-    try:
-        written = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--resume: the run summary is damaged: {exc.msg} (column "
-                          f"{exc.colno}); {advice}", source=str(path), line=exc.lineno) from None
-    except RecursionError:
-        raise ConfigError(f"--resume: the run summary is damaged: nested too deeply to "
-                          f"be a clsim summary; {advice}", source=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--resume: {path} cannot be read: {exc}") from None
+    written = read_json_file(path, "--resume: the run summary", advice)
     if not isinstance(written, dict) or not isinstance(written.get("strategies"), dict):
         raise ConfigError(f"--resume: {path} is not a clsim run summary")
     for name, record in written["strategies"].items():
@@ -348,12 +342,12 @@ def _record_problem(record: Any) -> str | None:
     """Why ``record`` is not the record of a finished strategy, or None."""
     if not isinstance(record, dict) or record.get("status") not in ("ok", "failed"):
         return ("expected the record of a finished strategy (a mapping with 'status' ok "
-                f"or failed); got {_short(record)}")
+                f"or failed); got {short_repr(record)}")
     if record["status"] == "failed":
         return None
     for key, (kind, words) in _OK_FIELDS.items():
         if not isinstance(record.get(key), kind):
-            return f"{key}: expected {words}; got {_short(record.get(key))}"
+            return f"{key}: expected {words}; got {short_repr(record.get(key))}"
     return None
 
 
@@ -368,8 +362,3 @@ def _checkpointing(out_dir: Path, number: int, name: str, summary: dict[str, Any
     path = checkpoint_path(out_dir, number, name)
     resume_from = read_checkpoint(path, key) if resume and path.exists() else None
     return Checkpointing(path, key, resume_from=resume_from)
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -21,7 +21,7 @@ import torch
 from helpers import DIGITS_SCENARIO, REPO_ROOT, run_cli
 
 from clsim.assembly import build_stream, limit_stream, load_scenario_data
-from clsim.checkpoint import Checkpointing, fingerprint, read_checkpoint
+from clsim.checkpoint import Checkpointing, checkpoint_path, fingerprint, read_checkpoint
 from clsim.cli import main
 from clsim.config import load_scenario
 from clsim.engine import run_strategy
@@ -370,6 +370,20 @@ def test_a_killed_run_resumes_to_the_same_final_metrics(tmp_path):
     assert not (killed / "checkpoints").exists()
 
 
+def test_checkpoint_names_keep_short_names_and_cut_long_ones_as_tensorboard_does(tmp_path):
+    """A name that fits keeps its file name (checkpoints written before stay valid); a
+    long one is cut with a hash, as its TensorBoard folder is, so two never collide."""
+    assert checkpoint_path(tmp_path, 1, "replay_2-x.v") == \
+        tmp_path / "checkpoints" / "1-replay_2-x.v.pt"
+    long_a, long_b = "é" * 199 + "1", "é" * 199 + "2"
+    a, b = checkpoint_path(tmp_path, 0, long_a), checkpoint_path(tmp_path, 0, long_b)
+    assert a != b and a.parent == tmp_path / "checkpoints"
+    assert all(len(p.name.encode()) <= 110 for p in (a, b))
+    from clsim.results import safe_name
+
+    assert a.name == f"0-{safe_name(long_a)}.pt"
+
+
 def test_resume_refuses_another_run_and_keeps_its_results(tmp_path, capsys):
     scenario = tmp_path / "s.yaml"
     scenario.write_text(DIGITS_SCENARIO, encoding="utf-8")
@@ -378,7 +392,7 @@ def test_resume_refuses_another_run_and_keeps_its_results(tmp_path, capsys):
     before = (out / "summary.json").read_bytes()
     capsys.readouterr()
     for extra, message in [(["--seed", "4"], "different 'seed' (0 there, 4 now)"),
-                           (["--limit", "9"], "different 'limit' (null there, 9 now)"),
+                           (["--limit", "9"], "different 'limit' (None there, 9 now)"),
                            (["--strategy", "naive", "--strategy", "naive"],
                             "different 'strategies_requested'")]:
         code = main(["run", str(scenario), "--out", str(out), "--no-progress", "--resume",

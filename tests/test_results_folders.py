@@ -17,8 +17,20 @@ from pathlib import Path
 import pytest
 from helpers import DIGITS_SCENARIO, REPO_ROOT, run_cli
 
+import clsim.interrupts
 from clsim.cli import main
+from clsim.errors import ConfigError
 from clsim.lock import LOCK_NAME, FolderLock
+
+
+@pytest.fixture(autouse=True)
+def _interrupt_tracking_is_undone():
+    """Every command run in-process here leaves SIGINT as it found it: a leak of clsim's
+    Ctrl-C tracking would change what later code (and tests) see."""
+    yield
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not clsim.interrupts._tracking.is_set()
+
 
 # a plugin that waits in setup until the file $CLSIM_TEST_GATE exists (when set), so a
 # test can hold a run inside its lock as long as it needs, without timing anything
@@ -85,8 +97,10 @@ def _wait_for(condition, process: subprocess.Popen, what: str) -> None:
 
 def _holds_lock(folder: Path, pid: int):
     def check() -> bool:
-        lock = folder / LOCK_NAME
-        return lock.exists() and lock.read_text().startswith(f"pid {pid},")
+        try:
+            return (folder / LOCK_NAME).read_text().startswith(f"pid {pid},")
+        except FileNotFoundError:  # released (and removed) as we looked
+            return False
     return check
 
 
@@ -182,8 +196,9 @@ def test_every_writer_is_refused_while_another_process_holds_the_folder(
         assert _snapshot(out) == before
     err = capsys.readouterr().err
     assert code == 2, err
-    assert f"--out: {out} is in use by another clsim (pid {os.getpid()}, clsim compare " \
-           "--resume)" in err
+    argument = "DIR" if command == "report" else "--out"  # report has no --out
+    assert f"clsim: error: {argument}: {out} is in use by another clsim (pid {os.getpid()}, " \
+           "clsim compare --resume)" in err
     assert "Traceback" not in err
 
 
@@ -244,9 +259,17 @@ def test_compare_on_a_full_disk_names_cells_jsonl_and_keeps_whole_records(tmp_pa
     assert "Traceback" not in stderr and "Exception in thread" not in stderr
     records = _records(out / "cells.jsonl")
     assert len(records) == 1 and records[0]["status"] == "ok"
+    # stopped by the full disk again: an error ran Python, so it is no crash of the cell
+    # (two crashes in a row would record it failed, "crashed clsim twice")
+    again = _clsim(*args, "--resume", preexec_fn=_limited(1800))
+    stdout, stderr = again.communicate(timeout=300)
+    assert again.returncode == 2, stderr
+    assert f"clsim: error: cannot write {out / 'cells.jsonl'}: File too large" in stderr
+    assert json.loads((out / "cells.started.json").read_text()) == {}
     resumed = run_cli(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert len(_records(out / "cells.jsonl")) == 2
+    assert "crashed" not in resumed.stderr
+    assert [r["status"] for r in _records(out / "cells.jsonl")] == ["ok", "ok"]
 
 
 def test_tensorboard_on_a_full_disk_is_one_error_without_a_thread_traceback(tmp_path):
@@ -438,6 +461,37 @@ def test_a_base_exception_from_a_strategy_fails_only_it(tmp_path, monkeypatch, c
     assert end == {**end, "event": "run_end", "failed": ["broken"]} and "interrupted" not in end
 
 
+UNPRINTABLE = '''\
+class Unprintable(Exception):  # from a torch hook, an Exception reaches the runner
+    def __str__(self):
+        raise RuntimeError("and its __str__ raises too")
+
+
+class Raiser:
+    def clsim_setup(self, ctx):
+        def hook(module, inputs, output):
+            raise Unprintable()
+        ctx.model.register_forward_hook(hook)
+'''
+
+
+def test_an_exception_whose_str_raises_fails_only_its_strategy(tmp_path, monkeypatch):
+    (tmp_path / "unprintable.py").write_text(UNPRINTABLE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = DIGITS_SCENARIO.replace("  naive:\n", "  broken:\n    plugins: [naive, "
+                                   "unprintable:Raiser]\n  naive:\n")
+    out = tmp_path / "out"
+    assert main(["run", str(_write(tmp_path, text)), "--out", str(out), "--no-progress",
+                 "--limit", "20"]) == 1
+    strategies = json.loads((out / "summary.json").read_text())["strategies"]
+    assert strategies["naive"]["status"] == "ok"
+    assert strategies["broken"]["error"] == (
+        "internal error: Unprintable: <unprintable: RuntimeError> (traceback in events.jsonl)")
+    events = _records(out / "events.jsonl")
+    crash = next(e for e in events if e["event"] == "internal_error")
+    assert crash["strategy"] == "broken" and "Unprintable" in crash["traceback"]
+
+
 def test_an_interrupted_run_says_so_in_run_end(tmp_path, monkeypatch):
     from clsim.config import load_scenario
     from clsim.runner import run_scenario
@@ -481,3 +535,231 @@ def test_a_cell_that_kills_clsim_is_retried_once_then_failed(tmp_path):
 
     retried = run_cli(*args, "--resume", "--retry-failed", env=env)
     assert retried.returncode == 3  # --retry-failed runs it again
+
+
+# ---------------------------------------------------------------------------
+# the lock file itself, hostile
+# ---------------------------------------------------------------------------
+
+# one finished cell, as compare appends it: enough for ``clsim report``
+RECORD = {"cell": "naive | 1MB | seed 0", "strategy": "naive", "budget": "1MB",
+          "budget_index": 0, "seed": 0, "status": "ok", "final_accuracy": 0.5,
+          "average_incremental_accuracy": 0.6, "peak_bytes": 1000, "memory_mb": 1.0}
+SUMMARY = b'{"strategies": {"naive": {"status": "ok"}}}\n'
+
+
+def _comparison(out: Path) -> None:
+    out.mkdir()
+    (out / "cells.jsonl").write_text(json.dumps(RECORD) + "\n")
+    (out / "summary.json").write_bytes(SUMMARY)
+
+
+@pytest.mark.parametrize(("kind", "words"), [("link", "a symbolic link"),
+                                             ("fifo", "a named pipe (FIFO)"),
+                                             ("folder", "a folder")])
+def test_a_lock_file_that_is_not_a_regular_file_is_refused_and_nothing_is_written(
+        kind, words, tmp_path):
+    """A link to summary.json is not followed (it was truncated to the holder's note), a
+    named pipe does not block, a folder is named as one."""
+    out = tmp_path / "out"
+    _comparison(out)
+    lock = out / LOCK_NAME
+    {"link": lambda: lock.symlink_to("summary.json"), "fifo": lambda: os.mkfifo(lock),
+     "folder": lock.mkdir}[kind]()
+    says = (f"the lock file {str(lock)!r} is {words}; clsim creates it as a regular file "
+            "and never writes through anything else. Remove it (it is not results), then "
+            "run this again")
+    proc = subprocess.run([sys.executable, "-m", "clsim.cli", "report", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"clsim: error: DIR: {says}\n")
+    with pytest.raises(ConfigError) as refused:  # as run and compare take it
+        FolderLock(out, "run").acquire()
+    assert str(refused.value) == f"--out: {says}"
+    assert (out / "summary.json").read_bytes() == SUMMARY
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "cells.jsonl", "summary.json"]
+    assert lock.is_symlink() if kind == "link" else lock.exists()
+
+
+# report a comparison, then take its lock again in the same process: a lock leaked by
+# the failed command would refuse the second one ("in use by another clsim")
+RELOCK_SCRIPT = """\
+import sys
+from pathlib import Path
+from clsim.cli import main
+from clsim.errors import ConfigError
+from clsim.lock import FolderLock
+out = Path(sys.argv[1])
+print("code", main(["report", str(out)]), flush=True)
+with FolderLock(out, "report again"):
+    print("relocked", flush=True)
+"""
+
+
+def test_a_lock_note_that_cannot_be_written_neither_leaks_the_lock_nor_crashes(tmp_path):
+    """RLIMIT_FSIZE 0: no byte can be written, not even the holder's note in the lock
+    file; the note is a courtesy (the flock is the lock), so the command goes on and
+    fails at its first results file, cleanly, and lets go of the lock."""
+    out = tmp_path / "out"
+    _comparison(out)
+    proc = subprocess.run([sys.executable, "-c", RELOCK_SCRIPT, str(out)], cwd=REPO_ROOT,
+                          preexec_fn=_limited(0), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "code 2\nrelocked\n", proc.stderr
+    assert f"clsim: error: cannot write {out}/" in proc.stderr
+    assert "File too large" in proc.stderr and "internal error" not in proc.stderr
+    assert not (out / LOCK_NAME).exists()
+    assert (out / "cells.jsonl").read_text() == json.dumps(RECORD) + "\n"
+
+
+FULL_DISK_LOCK_SCRIPT = """\
+set -u
+mount -t tmpfs -o size=4m tmpfs "$DISK" || exit 99
+mkdir "$DISK/out" && cp "$CELLS" "$DISK/out/cells.jsonl"
+dd if=/dev/zero of="$DISK/filler" bs=4096 2>/dev/null
+"$PY" -c "$SCRIPT" "$DISK/out" >"$LOGS/out1" 2>"$LOGS/err1"
+echo "first=$?"
+ls -A "$DISK/out" | tr '\\n' ' ' | sed 's/^/files=/'; echo
+rm "$DISK/filler"
+"$PY" -m clsim.cli report "$DISK/out" >/dev/null 2>"$LOGS/err2"
+echo "second=$?"
+"""
+
+
+def test_report_on_a_really_full_disk_is_one_error_and_releases_the_lock(tmp_path):
+    """ENOSPC from a real file system (a filled tmpfs): the lock note cannot be written,
+    and neither can the report; one clean error, the lock is let go (and its file
+    removed), and once there is room the report is written."""
+    disk, logs = tmp_path / "disk", tmp_path / "logs"
+    disk.mkdir()
+    logs.mkdir()
+    (tmp_path / "cells.jsonl").write_text(json.dumps(RECORD) + "\n")
+    try:
+        proc = subprocess.run(
+            ["unshare", "--map-root-user", "--mount", "sh", "-c", FULL_DISK_LOCK_SCRIPT],
+            capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+            env={**os.environ, "DISK": str(disk), "LOGS": str(logs), "PY": sys.executable,
+                 "SCRIPT": RELOCK_SCRIPT, "CELLS": str(tmp_path / "cells.jsonl")})
+    except FileNotFoundError:
+        pytest.skip("no unshare here; the RLIMIT_FSIZE test covers the same code")
+    if proc.returncode == 99 or "unshare:" in proc.stderr:
+        pytest.skip(f"no user and mount namespaces here ({proc.stderr.strip()})")
+    lines = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    err = (logs / "err1").read_text()
+    assert lines["first"] == "0", err
+    assert (logs / "out1").read_text() == "code 2\nrelocked\n", err
+    assert f"clsim: error: cannot write {disk / 'out'}/" in err
+    assert "No space left on device (errno 28)" in err and "internal error" not in err
+    assert LOCK_NAME not in lines["files"].split()
+    assert lines["second"] == "0", (logs / "err2").read_text()
+
+
+# ---------------------------------------------------------------------------
+# named pipes and oversized numbers in place of results files
+# ---------------------------------------------------------------------------
+
+# every reader of a results file, each given a named pipe with no writer or reader: each
+# must refuse it at once (opening a pipe to write, or reading one, blocks forever)
+READERS_SCRIPT = """\
+import os, sys
+from pathlib import Path
+from clsim.cellstore import CellStore, StartMarks
+from clsim.checkpoint import read_checkpoint
+from clsim.compare import _read_grid
+from clsim.logging.events import EventLog
+from clsim.runner import read_summary
+folder = Path(sys.argv[1])
+readers = {
+    "events.jsonl": EventLog,
+    "cells.jsonl": lambda path: CellStore(path).open(),
+    "cells.started.json": lambda path: StartMarks(path).load(),
+    "summary.json": read_summary,
+    "grid.json": _read_grid,
+    "0-naive.pt": lambda path: read_checkpoint(path, "key"),
+}
+for name, read in readers.items():
+    path = folder / name
+    os.mkfifo(path)
+    try:
+        read(path)
+        print(name, "read")
+    except Exception as exc:
+        print(name, type(exc).__name__, exc)
+"""
+
+
+def test_a_named_pipe_in_place_of_any_results_file_is_refused_without_blocking(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", READERS_SCRIPT, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr
+    shown = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in proc.stdout.splitlines()}
+    roles = {"events.jsonl": "the run's event log",
+             "cells.jsonl": "the comparison's cell records",
+             "cells.started.json": "the comparison's start marks",
+             "summary.json": "--resume: the run summary",
+             "grid.json": "--resume: the grid file",
+             "0-naive.pt": "checkpoint"}
+    for name, role in roles.items():
+        error = "SnapshotError" if name.endswith(".pt") else "ConfigError"
+        assert shown[name] == (f"{error} {role} {str(tmp_path / name)!r} is a named pipe "
+                               "(FIFO); expected a regular file"), proc.stdout
+
+
+HUGE_INT = "1" * 5000  # more digits than Python converts (4300): a plain ValueError
+
+
+def test_numbers_of_5000_digits_in_results_files_are_damage_not_a_crash(tmp_path, capsys):
+    """cells.jsonl: the line is skipped and named; cells.started.json: a warning and the
+    cells are retried (summary.json and grid.json: the corpus, cases_results.yaml)."""
+    from clsim.cellstore import CellStore, StartMarks
+
+    out = tmp_path / "out"
+    _comparison(out)
+    (out / "cells.jsonl").write_text(json.dumps(RECORD) + '\n{"cell": "x", "seed": '
+                                     + HUGE_INT + "}\n")
+    store = CellStore(out / "cells.jsonl")
+    assert list(store.load()) == [RECORD["cell"]]
+    assert [(d.line, d.cell, d.key) for d in store.damaged] == [(2, None, None)]
+    assert store.damaged[0].problem.startswith(
+        "not JSON clsim can read (Exceeds the limit (4300 digits)")
+
+    assert main(["report", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"clsim: warning: {out / 'cells.jsonl'}:2: not JSON clsim can read (Exceeds " \
+        "the limit (4300 digits)" in err and err.endswith("; skipped\n")
+
+    marks = StartMarks(out / "cells.started.json")
+    marks.path.write_text('{"naive | 1MB | seed 0": ' + HUGE_INT + "}\n")
+    warning = marks.load()
+    assert warning.startswith(f"{marks.path} cannot be read (not JSON clsim can read "
+                              "(Exceeds the limit (4300 digits)")
+    assert warning.endswith("cells that crashed clsim before are not known, and are retried")
+    assert marks.counts == {}
+
+
+# ---------------------------------------------------------------------------
+# the global hooks clsim installs are put back
+# ---------------------------------------------------------------------------
+
+
+def test_tensorboard_puts_back_the_thread_excepthook_when_it_closes(tmp_path):
+    import threading
+
+    from clsim.logging.tensorboard import TensorBoardLogger, open_summary_writer
+
+    def mine(args):  # a hook of the program that uses clsim
+        pass
+
+    previous = threading.excepthook
+    threading.excepthook = mine
+    try:
+        first = TensorBoardLogger(tmp_path / "a")
+        assert threading.excepthook is not mine  # quiet while a writer is open
+        with open_summary_writer(tmp_path / "b"):
+            pass
+        assert threading.excepthook is not mine  # the first one is still open
+        first.close()
+        assert threading.excepthook is mine
+        first.close()
+        assert threading.excepthook is mine
+    finally:
+        threading.excepthook = previous

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
-from clsim.results import ResultsWriteError, write_failure
+from clsim.errors import ConfigError, ResultsWriteError
+from clsim.files import describe_kind, require_file
+from clsim.results import write_failure
+from clsim.text import shown_path
 
 
 class EventLog:
@@ -25,10 +29,7 @@ class EventLog:
         self.failure: ResultsWriteError | None = None
         self._fd: int | None = None
         if path is not None:
-            try:
-                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise ResultsWriteError(write_failure(path, exc)) from None
+            self._fd = _open_for_appending(path)
 
     def write(self, event: str, **fields: Any) -> None:
         """Append one whole line, or raise a ResultsWriteError (and remember it)."""
@@ -54,9 +55,36 @@ class EventLog:
             raise self.failure
 
     def close(self) -> None:
+        """Close the log (every line is already written whole); closing twice is harmless."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _open_for_appending(path: Path) -> int:
+    """``path`` opened to append to, if it is missing or a regular file: opening a named
+    pipe to write blocks until a reader comes, and a device is no log (a ConfigError
+    naming it). Opened without blocking, and checked again once open, so a pipe put there
+    in between is refused too."""
+    if os.path.lexists(path):
+        require_file(path, "the run's event log")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if os.path.lexists(path):
+            require_file(path, "the run's event log")  # a pipe with no reader: ENXIO
+        raise ResultsWriteError(write_failure(path, exc)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"the run's event log {shown_path(path)} is "
+                              f"{describe_kind(mode)}; expected a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _cut(fd: int, size: int) -> None:
