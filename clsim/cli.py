@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 import clsim
-from clsim.config import SEED_MAX, THREADS_MAX, WORKERS_MAX
+from clsim.bounds import SEED_MAX, THREADS_MAX, WORKERS_MAX
 from clsim.errors import ClsimError, ConfigError
 from clsim.interrupts import is_contained, stop_tracking, track_user_interrupts
 
@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=cmd_compare)
 
     report = sub.add_parser("report", help="rebuild a comparison's report from cells.jsonl")
-    report.add_argument("dir", help="the comparison's results folder")
+    report.add_argument("dir", metavar="DIR", help="the comparison's results folder")
     report.set_defaults(func=cmd_report)
 
     validate = sub.add_parser(

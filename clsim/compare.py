@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from clsim.assembly import build_stream, load_scenario_data
+from clsim.bounds import THREADS_MAX, WORKERS_MAX
 from clsim.cellstore import IDENTITY, CellStore, StartMarks
 from clsim.config import parse_scenario, read_scenario_text
 from clsim.errors import ConfigError
@@ -54,8 +55,8 @@ def run_compare(
     """Run (or resume) the comparison of ``scenario_path`` into ``out``, then report."""
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
-    if workers < 1:
-        raise ConfigError(f"--workers must be >= 1; got {workers}")
+    if not 1 <= workers <= WORKERS_MAX:
+        raise ConfigError(f"--workers must be from 1 to {WORKERS_MAX}; got {workers}")
     text = read_scenario_text(scenario_path)
     scenario = parse_scenario(
         text,
@@ -63,8 +64,8 @@ def run_compare(
         base_dir=str(scenario_path.parent),
         default_name=scenario_path.stem,
     )
-    if threads is not None and threads < 1:
-        raise ConfigError(f"--threads must be >= 1; got {threads}")
+    if threads is not None and not 1 <= threads <= THREADS_MAX:
+        raise ConfigError(f"--threads must be from 1 to {THREADS_MAX}; got {threads}")
     if threads is None:
         threads = threads_per_cell(workers if executor != "inline" else 1)
     tasks = plan(scenario, text, threads)

@@ -13,6 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from clsim.bounds import (
+    MAX_DESCRIPTION,
+    MAX_EPOCHS,
+    MAX_NAME,
+    MAX_PLUGIN_REF,
+    SEED_MAX,
+    THREADS_MAX,
+)
 from clsim.budget import Budget, BudgetPoint
 from clsim.data.registry import dataset_names
 from clsim.errors import ClsimError, ConfigError, OptionError
@@ -23,23 +31,6 @@ from clsim.plugin_manager import load_plugin_class, options_class
 from clsim.streams import STREAM_TYPES
 from clsim.text import describe_fault, short_repr
 from clsim.validation import KeyPath, Source, build, closest, load_yaml
-
-MAX_NAME = 200
-"""Characters in a scenario or strategy name: with a time stamp it stays a valid
-file name (255 bytes), and it fits a table or a log line."""
-MAX_DESCRIPTION = 4000
-MAX_EPOCHS = 10_000
-"""Passes over each experience: more is a slip (a day per experience), never a plan."""
-MAX_PLUGIN_REF = 500
-SEED_MAX = 2**63 - 1
-"""The largest seed (the key ``seed``, each of ``compare.seeds``, and ``--seed``)."""
-THREADS_MAX = 1024
-"""Torch threads per run (the key ``threads``, and ``compare --threads``): more is a
-slip, and asking torch for millions of threads crashes the process."""
-WORKERS_MAX = 1024
-"""Cells run at once (``compare --workers``): each is a process with torch loaded (a few
-hundred MB), so more is a slip, never a plan; on a Ray cluster it is the local
-cluster's CPU count."""
 
 
 @dataclass

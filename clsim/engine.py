@@ -38,7 +38,7 @@ from clsim.scoring import AnytimePoint, RunRecord, per_label, score
 from clsim.seeding import derive_seed, torch_generator
 from clsim.snapshot import SnapshotError
 from clsim.stream import Experience, Stream
-from clsim.text import describe_fault
+from clsim.text import bounded_str, describe_fault
 from clsim.training import Trainer
 
 
@@ -160,7 +160,7 @@ def run_strategy(
         except SnapshotError:  # a checkpoint that cannot be restored: not the strategy's fault
             raise
         except ClsimError as exc:
-            outcome.error = str(exc)
+            outcome.error = bounded_str(exc, 4000)  # a plugin may raise a ClsimError too
         except BaseException as exc:  # SystemExit, GeneratorExit, ... from code a plugin
             if isinstance(exc, Exception) or not is_contained(exc):  # ran outside its hooks
                 raise  # (a torch hook): fails only this strategy; the user's Ctrl-C stops

@@ -22,7 +22,7 @@ from clsim.budget import Budget
 from clsim.config import ScenarioConfig, parse_scenario
 from clsim.errors import ClsimError, ConfigError
 from clsim.interrupts import is_contained
-from clsim.text import describe_fault
+from clsim.text import bounded_str, describe_fault
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     try:
         record.update(_run(task))
     except ClsimError as exc:
-        record.update(status="failed", error=str(exc))
+        record.update(status="failed", error=bounded_str(exc, 4000))
     except BaseException as exc:  # a bug, or a plugin's sys.exit() or own KeyboardInterrupt:
         if not is_contained(exc):  # one cell's fault must not stop the grid (the user's
             raise  # Ctrl-C does)

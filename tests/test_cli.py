@@ -289,8 +289,9 @@ def test_scaffold_refuses_bad_names(tmp_path):
 def test_thread_and_seed_flags_accept_exactly_what_the_scenario_keys_do(tmp_path):
     """--threads and --seed share their bounds with the YAML keys 'threads' and 'seed'
     (one constant each, in clsim.config); --workers has its own bound."""
+    from clsim.bounds import SEED_MAX, THREADS_MAX, WORKERS_MAX
     from clsim.cli import build_parser
-    from clsim.config import SEED_MAX, THREADS_MAX, WORKERS_MAX, parse_scenario
+    from clsim.config import parse_scenario
     from clsim.errors import ConfigError
 
     parse = build_parser().parse_args

@@ -351,7 +351,13 @@ def test_thread_and_worker_counts_are_checked(tmp_path):
 
     path = tmp_path / "g.yaml"
     path.write_text(GRID, encoding="utf-8")
-    with pytest.raises(ConfigError, match="--threads must be >= 1; got -1"):
+    with pytest.raises(ConfigError, match="--threads must be from 1 to 1024; got -1"):
         run_compare(Path(path), tmp_path / "o", threads=-1)
+    # library callers get the command line's bounds (a huge thread count crashes torch)
+    with pytest.raises(ConfigError, match="--threads must be from 1 to 1024; got 100000000"):
+        run_compare(Path(path), tmp_path / "o", threads=10**8)
+    with pytest.raises(ConfigError, match="--workers must be from 1 to 1024; got 1025"):
+        run_compare(Path(path), tmp_path / "o", workers=1025)
+    assert not (tmp_path / "o").exists()
     proc = run_cli("compare", str(path), "--workers", "0")
     assert proc.returncode == 2 and "expected a positive integer; got '0'" in proc.stderr
