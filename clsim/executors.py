@@ -245,7 +245,7 @@ def run_ray(
             if address:
                 ray.init(address=address, **options)
             else:
-                ray.init(num_cpus=workers, **options)
+                ray.init(address="local", num_cpus=workers, **options)  # never a running one
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"the Ray cluster at {address!r}" if address else "a local Ray cluster"
             raise ConfigError(f"cannot start or reach {where}: {exc}") from None

@@ -227,7 +227,8 @@ def _free_port() -> int:
 
 def test_ray_cluster_started_with_ray_start_on_loopback(inline_run, tmp_path):
     """A cluster started by 'ray start --head' on loopback, reached through --address with
-    Ray's token authentication (the driver opts in with RAY_AUTH_MODE=token)."""
+    Ray's token authentication (the driver opts in with RAY_AUTH_MODE=token); beside it, a
+    compare without --address starts and uses a local cluster of its own."""
     _, inline_out = inline_run
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     port = _free_port()
@@ -247,6 +248,13 @@ def test_ray_cluster_started_with_ray_start_on_loopback(inline_run, tmp_path):
                        env={**loopback, "RAY_AUTH_MODE": "token"})
         assert proc.returncode == 0, proc.stderr
         assert (tmp_path / "cluster" / "summary.csv").read_text() == \
+            (inline_out / "summary.csv").read_text()
+        # without --address clsim starts a cluster of its own, never joins the one that
+        # happens to run on the machine (another user's, or another clsim's)
+        proc = compare(tmp_path, "--out", str(tmp_path / "own"), "--executor", "ray",
+                       env=loopback)
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "own" / "summary.csv").read_text() == \
             (inline_out / "summary.csv").read_text()
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120, env=env)
