@@ -43,7 +43,7 @@ test: test-core test-avalanche
 
 test-core: $(BIN)/clsim
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # no skip: a missing or broken avalanche environment fails here
 test-avalanche: $(ABIN)/clsim

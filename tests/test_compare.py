@@ -210,6 +210,7 @@ def test_process_pool_gives_the_same_summary_csv(inline_run, tmp_path):
     assert len(pids) == 2  # two worker processes shared the cells
 
 
+@pytest.mark.xdist_group("ray")  # one Ray cluster at a time
 def test_ray_local_cluster_gives_the_same_summary_csv(inline_run, tmp_path):
     _, inline_out = inline_run
     proc = compare(tmp_path, "--out", str(tmp_path / "ray"), "--executor", "ray", "--workers", "2")
@@ -225,6 +226,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.xdist_group("ray")  # one Ray cluster at a time
 def test_ray_cluster_started_with_ray_start_on_loopback(inline_run, tmp_path):
     """A cluster started by 'ray start --head' on loopback, reached through --address with
     Ray's token authentication (the driver opts in with RAY_AUTH_MODE=token); beside it, a

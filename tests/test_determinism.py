@@ -106,6 +106,7 @@ def test_a_compare_cell_equals_the_same_strategy_in_clsim_run(in_process, inline
         assert record["class_order"] == in_process["class_order"]
 
 
+@pytest.mark.xdist_group("ray")  # one Ray cluster at a time
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_every_executor_gives_the_same_records(executor, inline_cells, scenario_file,
                                                monkeypatch):

@@ -133,6 +133,7 @@ def test_a_handler_that_cannot_raise_is_left_alone_and_tracked(handler):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@pytest.mark.xdist_group("ray")  # one Ray cluster at a time
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="clsim[ray] not installed")
 def test_a_plugins_keyboard_interrupt_on_a_ray_worker_fails_only_its_cells(tmp_path):
     """Ray workers record SIGINT as pool workers do: the plugin's own KeyboardInterrupt

@@ -113,6 +113,7 @@ def test_process_pool_workers_and_resource_tracker_die_with_a_killed_clsim(tmp_p
     assert_nothing_survives_a_kill(proc, running, workers=2, startup=120)
 
 
+@pytest.mark.xdist_group("ray")  # one Ray cluster at a time
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="clsim[ray] not installed")
 def test_a_local_ray_cluster_dies_with_a_killed_clsim(tmp_path):
     """SIGKILL of `clsim compare --executor ray` while Ray workers run cells: within 5 s
