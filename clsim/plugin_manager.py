@@ -10,12 +10,13 @@ arguments, so a misspelt hook is an error at start-up rather than a hook that ne
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.metadata
 import inspect
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -62,6 +63,21 @@ def load_plugin_class(ref: str) -> type:
     return target
 
 
+@contextlib.contextmanager
+def plugin_code(fault: str) -> Iterator[None]:
+    """Run code a plugin's author wrote (its module, class, constructor): whatever it
+    raises, a BaseException too, is a PluginError starting with ``fault``; a ClsimError
+    passes as it is, and so does the user's own Ctrl-C."""
+    try:
+        yield
+    except ClsimError:
+        raise
+    except BaseException as exc:
+        if not is_contained(exc):
+            raise
+        raise PluginError(f"{fault}{describe_fault(exc)}") from exc
+
+
 def _import_attribute(ref: str) -> Any:
     """``package.module:Name.attr`` -> that object, every fault named with ``ref``."""
     module_name, _, attr = ref.partition(":")
@@ -80,14 +96,11 @@ def _import_attribute(ref: str) -> Any:
         ) from exc
     target: Any = module
     for part in attr.split("."):
-        try:
+        # a module __getattr__ or a descriptor may raise
+        with plugin_code(f"reading {attr!r} of module {module_name!r} for plugin {ref!r} "
+                         "raised "):
             found = hasattr(target, part)
             target = getattr(target, part) if found else None
-        except BaseException as exc:  # a module __getattr__ or a descriptor that raises
-            if not is_contained(exc):
-                raise
-            raise PluginError(f"reading {attr!r} of module {module_name!r} for plugin {ref!r} "
-                              f"raised {describe_fault(exc)}") from exc
         if not found:
             raise PluginError(
                 f"module {module_name!r} has no attribute {attr!r} (plugin {ref!r})"
@@ -107,14 +120,8 @@ def _load_entry_point(ref: str) -> Any:
             + (f"; did you mean {hint!r}?" if hint else "")
             + "; a plugin outside clsim is named as 'package.module:ClassName'"
         )
-    try:
-        return registry[ref].load()
-    except BaseException as exc:  # a broken third-party package must not crash clsim
-        if not is_contained(exc):
-            raise
-        raise PluginError(
-            f"plugin {ref!r} failed to load ({registry[ref].value}): {describe_fault(exc)}"
-        ) from None
+    with plugin_code(f"plugin {ref!r} failed to load ({registry[ref].value}): "):
+        return registry[ref].load()  # a broken third-party package must not crash clsim
 
 
 def _require_a_hook(cls: type, ref: str) -> None:
@@ -122,13 +129,9 @@ def _require_a_hook(cls: type, ref: str) -> None:
     almost certainly the wrong class (``collections:OrderedDict``), and would run as
     plain fine-tuning without a word. (Registered plugins are declared as plugins by
     their package; the built-in ``naive`` is one on purpose.)"""
-    try:
+    # a metaclass's __dir__ may raise
+    with plugin_code(f"plugin {ref!r}: listing the attributes of its class raised "):
         names = [name for name in dir(cls) if name.startswith("clsim_")]
-    except BaseException as exc:  # a metaclass whose __dir__ raises
-        if not is_contained(exc):
-            raise
-        raise PluginError(f"plugin {ref!r}: listing the attributes of its class raised "
-                          f"{describe_fault(exc)}") from exc
     if not names:
         raise PluginError(
             f"plugin {_named(ref, cls)} implements no clsim hook; a plugin must "
@@ -141,15 +144,8 @@ def _require_a_hook(cls: type, ref: str) -> None:
 def create_plugin(spec: PluginSpec) -> object:
     """An instance of a strategy's plugin from its YAML entry (class and validated
     options); a constructor that raises, or exits, is reported as the plugin's fault."""
-    try:
+    with plugin_code(f"plugin {spec.name!r} ({spec.ref}) could not be created: "):
         return spec.cls() if spec.options is None else spec.cls(spec.options)
-    except ClsimError:
-        raise
-    except BaseException as exc:
-        if not is_contained(exc):
-            raise
-        raise PluginError(f"plugin {spec.name!r} ({spec.ref}) could not be created: "
-                          f"{describe_fault(exc)}") from exc
 
 
 def options_class(plugin_class: type, ref: str | None = None) -> type | None:
@@ -158,13 +154,9 @@ def options_class(plugin_class: type, ref: str | None = None) -> type | None:
     ``Options`` that is not a dataclass (a dict, a plain class, an instance) is the
     plugin author's mistake, named here rather than failing deep inside the config layer.
     """
-    try:
+    # a class property may raise
+    with plugin_code(f"plugin {_named(ref, plugin_class)}: reading its Options raised "):
         declared = getattr(plugin_class, "Options", None)
-    except BaseException as exc:  # a class property that raises
-        if not is_contained(exc):
-            raise
-        raise PluginError(f"plugin {_named(ref, plugin_class)}: reading its Options "
-                          f"raised {describe_fault(exc)}") from exc
     if declared is None or (inspect.isclass(declared) and dataclasses.is_dataclass(declared)):
         return declared
     got = (f"the class {declared.__qualname__}, which is not a dataclass"
