@@ -55,6 +55,13 @@ Reconstructed or adapted (the public record leaves these open for this setting):
   phase set to zero ("previous label cleansing"). The current phase's classes are the
   experience's ``classes``, or the labels of the data delivered when those are not given.
   Only the main stream is weight-invariant.
+* Features are computed in eval mode in calls of exactly ``feature_batch`` rows, the last
+  one zero-padded (:func:`~clsim_plugins.prototypes.fixed_chunk_features`, shared with
+  ``nmc``): a float32 matrix product may round a row differently when the call has another
+  height (a 1-row call against a 500-row one), which moved W off the joint solution by
+  about 1e-7 with online parts of one sample. With every call the same height a sample's
+  features are bit-identical however the stream was cut, so the invariance holds to
+  float64 rounding for any parts. Predictions use the same fixed-height calls.
 * A label never seen gets no prediction: its (zero) column is excluded from the argmax.
   Prediction is class-incremental: task ids, where visible, are not used.
 """
@@ -66,6 +73,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from clsim_plugins.prototypes import fixed_chunk_features, fixed_chunk_outputs
 
 from clsim.context import RunContext
 from clsim.errors import ConfigError
@@ -200,6 +208,13 @@ class AnalyticOptions:
             "min": 1,
             "help": "samples per recursive update; default: training.batch_size "
             "(any value gives the same W)",
+        },
+    )
+    feature_batch: int = field(
+        default=256,
+        metadata={
+            "min": 1,
+            "help": "rows per feature call (padded), so features do not depend on batching",
         },
     )
     compensation: bool = field(
@@ -363,7 +378,7 @@ class AnalyticPlugin:
         if len(y) == 0:
             return
         y = y.to(ctx.device, torch.long)
-        features = ctx.features(x)
+        features = fixed_chunk_features(ctx, x, self.options.feature_batch)
         batch = self.options.batch_size or ctx.batch_size
         phase = torch.as_tensor(classes if classes else y.unique().tolist(), device=ctx.device)
         for start in range(0, len(y), batch):
@@ -401,7 +416,8 @@ class AnalyticPlugin:
     def clsim_predict(self, ctx: RunContext, x: torch.Tensor) -> torch.Tensor | None:
         if self.main is None or not bool(self.seen.any()):
             return None  # base phase, or nothing learned yet: the model's own argmax
-        pre = self._project(ctx.model.features(x))
+        features = fixed_chunk_outputs(ctx.model.features, x, self.options.feature_batch)
+        pre = self._project(features)
         scores = self.main.predict(torch.relu(pre))
         if self.compensation is not None:  # kept as wide as the main stream by _learn
             scores = scores + self.options.compensation_ratio * self.compensation.predict(

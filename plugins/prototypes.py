@@ -1,4 +1,5 @@
-"""Shared parts of the prototype strategies: ``prototype_fscil``, ``fast_slow`` and ``nmc``.
+"""Shared parts of the prototype strategies: ``prototype_fscil``, ``fast_slow`` and ``nmc``
+(``analytic`` uses the batch-invariant features too).
 
 * :class:`CosineHead` - the cosine classifier of the few-shot baselines (CEC, FACT):
   ``scale * cos(f(x), w_c)``, with outputs switched on class by class like
