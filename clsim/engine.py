@@ -44,7 +44,13 @@ from clsim.training import Trainer
 
 @dataclass
 class StrategyOutcome:
-    """What one strategy's run produced; ``error`` is set when it failed part-way."""
+    """What one strategy's run produced; ``error`` is set when it failed part-way.
+
+    With ``run_strategy(..., keep=True)`` it also holds what the run built, for
+    inspection: ``model``, the final model, and ``plugins``, the strategy's plugin objects
+    by their names in the YAML, in its order. Neither is part of :meth:`to_dict` (nor of
+    summary.json); the engine adds no reference to the dataset or the stream.
+    """
 
     name: str
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -53,6 +59,8 @@ class StrategyOutcome:
     ledger: Ledger | None = None
     wall_seconds: float = 0.0
     error: str | None = None
+    model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
+    plugins: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         ledger = self.ledger or Ledger(self.budget_bytes)
@@ -95,6 +103,7 @@ def run_strategy(
     tensorboard: TensorBoardLogger | None = None,
     progress: Callable[[str, int], Any] | None = None,
     checkpoint: Checkpointing | None = None,
+    keep: bool = False,
 ) -> StrategyOutcome:
     """Train ``strategy`` on ``stream`` and score it.
 
@@ -102,7 +111,9 @@ def run_strategy(
     raising, a diverging loss) is returned as the outcome's ``error``, with the budget and
     the ledger recorded up to that point; anything else is a bug and propagates. With
     ``checkpoint``, the state is saved after every experience, and a run given a
-    checkpoint to resume from continues from it after the usual setup.
+    checkpoint to resume from continues from it after the usual setup. With ``keep``, the
+    outcome also holds the final model and the plugin objects (``outcome.model``,
+    ``outcome.plugins``), failed runs included, for tests of a plugin's state.
     """
     started = time.perf_counter()
     outcome = StrategyOutcome(
@@ -173,6 +184,8 @@ def run_strategy(
                 hooks.call("clsim_teardown", ctx=ctx)
             except ClsimError as exc:
                 outcome.error = f"{outcome.error}; then {exc}" if outcome.error else str(exc)
+    if keep:  # what the run built, for inspection; never serialised
+        outcome.model, outcome.plugins = ctx.model, dict(plugins)
     return outcome
 
 
