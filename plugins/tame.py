@@ -17,10 +17,13 @@ a part may be smaller; batches do not straddle parts). Per batch:
 2. the active expert's threshold is ``mean(window) + n_std * max(std(window), min_std)``
    over its window of its last ``window`` training losses (W = 100, n_std = 3,
    min_std = 0.005; std is the population standard deviation). When ``L_s`` exceeds it,
-   a shift is declared: the threshold is frozen and the expert deactivated; the other
-   experts are scanned in creation order and the first whose smoothed loss is below its
-   frozen threshold becomes active (a recurring task goes back to its old expert); if
-   none qualifies a new expert is created;
+   a shift is declared: the threshold is frozen and the expert deactivated, and the
+   batch is held. The next batch chooses: every expert's smoothed loss restarts at its
+   loss on it, the other experts are scanned in creation order and the first whose
+   smoothed loss is below its frozen threshold becomes active (a recurring task goes
+   back to its old expert); if none qualifies a new expert is created. The chosen
+   expert then takes steps 3 and 4 on the held batch and on the choosing one, in
+   stream order;
 3. the active expert takes one step of the scenario's optimizer (``training.optimizer``:
    class, lr, momentum, weight decay; ``ctx.new_optimizer``) on the batch, under the
    scenario's non-finite policy (``ctx.backward_step``), and the loss it had before the
@@ -107,10 +110,24 @@ the run fails with a ConfigError naming the number of experts and the minimum bu
 
 - warm-up: an active expert whose window holds fewer than W losses cannot be deactivated
   (no threshold yet), so a new expert trains at least W batches before the next shift;
-- at a declared shift every expert's smoothed loss restarts at its loss on the current
-  batch before the scan: the smoothed values then average the previous task's data, and an
-  old expert's would need about 15 batches to decay below its threshold, so without the
-  restart a recurring task would always get a new expert;
+- the scan after a shift is judged on the batch after the one that declared it, every
+  expert's smoothed loss restarting at its loss there. The restart: the smoothed values
+  average the previous task's data, and an old expert's would need about 15 batches to
+  decay below its threshold, so without it a recurring task would always get a new
+  expert. The next batch: boundaries do not align with batches, and when one falls
+  inside the declaring batch, that batch mixes both tasks; the samples of the task being
+  left put an old expert's loss on it over its frozen threshold (on A, B, A with both
+  boundaries inside a batch of 8, judging on the declaring batch made a third expert in 4
+  of 5 offsets; tests/test_tame.py). The official code (HaoranZhuExplorer/TAME,
+  ``utils_.py``) judges a candidate on the declaring batch by ``a L + (1 - a)`` times its
+  smoothed loss when last active, which a mixed batch whose loss is over 5 times the
+  threshold puts over it too. The next batch lies wholly after the change whenever the
+  task lasts longer than a batch and the shift is declared within a batch of its start.
+  The steps, their order and the draws from the plugin's generator are those of judging
+  on the declaring batch (the synthetic A, B, A with aligned boundaries gives the same
+  summary, byte for byte). The held batch is the loop's data, kept for one
+  batch within a delivered part: if the part ends on it (an anytime evaluation follows),
+  it is judged alone, as before;
 - the expert deactivated at a shift is not a candidate in the scan that follows it;
 - the loss is taken over the whole label space, not over the classes seen so far: with a
   growing mask an old expert's loss on its own task rises as soon as other tasks bring
@@ -437,6 +454,22 @@ def score_detections(
 # ---------------------------------------------------------------------------
 
 
+@dataclass
+class _Held:
+    """A batch that declared a shift, held until the batch after it chooses the expert:
+    the raw samples and labels, their model inputs, every expert's loss on it, its start
+    in the stream and the expert it deactivated."""
+
+    xb: torch.Tensor
+    yb: torch.Tensor
+    inputs: torch.Tensor
+    y: torch.Tensor
+    losses: torch.Tensor
+    start: int
+    source: int
+
+
+
 class TamePlugin:
     """TAME (Zhu et al.): experts switched by a loss-jump detector, routed by a selector."""
 
@@ -493,8 +526,12 @@ class TamePlugin:
         # owned, not hooks: each batch trains the expert the detector picks after reading
         # the batch, and may create one (the module docstring says why the loop cannot)
         x, y = experience.train_x, experience.train_y
+        held: _Held | None = None  # a triggering batch waiting for the batch after it
         for start in range(0, len(y), ctx.batch_size):
-            self._batch(ctx, x[start : start + ctx.batch_size], y[start : start + ctx.batch_size])
+            held = self._batch(ctx, x[start : start + ctx.batch_size],
+                               y[start : start + ctx.batch_size], held)
+        if held is not None:  # the part ended on the triggering batch: it judges alone
+            self._choose(ctx, held, held.losses, held.inputs, held.y)
         self._refresh_selector(ctx)
         return True
 
@@ -504,8 +541,10 @@ class TamePlugin:
             self._prune_expert(ctx, int(self.active))
         self._refresh_selector(ctx)
 
-    def _batch(self, ctx: RunContext, xb: torch.Tensor, yb: torch.Tensor) -> None:
-        """Detect, switch or create, train the active expert, buffer the batch.
+    def _batch(self, ctx: RunContext, xb: torch.Tensor, yb: torch.Tensor,
+               held: _Held | None) -> _Held | None:
+        """Detect (or, after a shift, choose), train the active expert, buffer the batch;
+        returns the batch itself when it declares a shift (the choice waits for the next).
 
         A batch on which the active expert's loss is not finite never reaches the
         detector: its step applies ``training.nonfinite_loss`` (``stop`` raises,
@@ -515,60 +554,76 @@ class TamePlugin:
         inputs = ctx.to_input(xb)
         y = yb.to(ctx.device, torch.long)
         losses = self._losses(inputs, y)
+        start = int(self.position)
+        self.position += len(yb)
         active = int(self.active)
-        if bool(torch.isfinite(losses[active])):
+        finite = bool(torch.isfinite(losses[active]))
+        if finite:
             self.buffer.class_seen[yb.long()] = True  # the minimum buffer counts them now
+        if held is not None:  # a shift was declared on the previous batch: choose on this one
+            active = self._choose(ctx, held, losses, inputs, y)
+            loss = self._expert_loss(active, inputs, y)  # it has just stepped on held
+            self._learn(ctx, active, xb, yb, inputs, y, loss)
+            return None
+        if finite:
             fresh = torch.isnan(self.smoothed_losses)
             self.smoothed_losses = torch.where(
                 fresh, losses, o.smoothing * losses + (1 - o.smoothing) * self.smoothed_losses)
             if int(self.window_fill[active]) >= o.window:  # warm-up over: a threshold exists
                 limit = threshold(self.loss_windows[active], o.n_std, o.min_std)
-                if bool(self.smoothed_losses[active] > limit):
-                    active, losses = self._switch(ctx, active, limit, losses, inputs, y,
-                                                  len(yb))
-        if not self._train_step(ctx, active, inputs, y):
-            self.position += len(yb)
-            return
-        self._push_loss(active, losses[active])
-        self.expert_classes[active, yb.long()] = True
-        priorities = torch.rand(len(yb), generator=self.generator)
-        try:
-            self.buffer.offer(xb, yb, active, priorities)
-        except ValueError as exc:
-            self._refuse_buffer(ctx, str(exc))
-        self.selector_stale.fill_(True)
-        self.position += len(yb)
+                if bool(self.smoothed_losses[active] > limit):  # a shift: freeze, hold
+                    self.thresholds[active] = limit
+                    return _Held(xb, yb, inputs, y, losses, start, active)
+        self._learn(ctx, active, xb, yb, inputs, y, losses[active])
+        return None
 
-    def _switch(self, ctx, active, limit, losses, inputs, y, n) -> tuple[int, torch.Tensor]:
-        """A shift: freeze the active threshold, pick the first fitting expert or a new one."""
-        self.thresholds[active] = limit
+    def _choose(self, ctx: RunContext, held: _Held, losses: torch.Tensor,
+                inputs: torch.Tensor, y: torch.Tensor) -> int:
+        """After the shift ``held`` declared: every expert's smoothed loss restarts at its
+        loss on the judging batch ``(inputs, y)`` (``losses``), the first other expert
+        below its frozen threshold becomes active, else a new one; the deactivated expert
+        is pruned and the chosen one trains on the held batch. Returns the chosen one."""
+        source = held.source
         self.smoothed_losses = losses.clone()  # restart on the new distribution
         fits = (self.smoothed_losses < self.thresholds) & ~torch.isnan(self.thresholds)
-        fits[active] = False
+        fits[source] = False
         chosen = fits.nonzero().squeeze(1)
         created = len(chosen) == 0
         if created:
-            new = self._fresh_expert(ctx)
-            self._add_expert(ctx, new)
-            with torch.no_grad():  # in eval mode, like every other expert's loss
-                was = new.training
-                new.eval()
-                loss = self._loss(new, inputs, y)
-                new.train(was)
-            losses = torch.cat([losses, loss.view(1).cpu()])
-            self.smoothed_losses[-1] = losses[-1]
+            self._add_expert(ctx, self._fresh_expert(ctx))
             target = len(self.experts) - 1
+            self.smoothed_losses[target] = self._expert_loss(target, inputs, y)
         else:
             target = int(chosen[0])
-        start = int(self.position)
-        row = torch.tensor([[start, start + n, active, target, int(created)]])
+        end = held.start + len(held.yb)
+        row = torch.tensor([[held.start, end, source, target, int(created)]])
         self.switches = torch.cat([self.switches, row])
-        ctx.log("tame_switch", position=start + n, source=active, target=target,
-                created=created, threshold=float(limit))
+        ctx.log("tame_switch", position=end, source=source, target=target, created=created,
+                threshold=float(self.thresholds[source]))
         if self.options.prune:
-            self._prune_expert(ctx, active)
+            self._prune_expert(ctx, source)
         self.active.fill_(target)
-        return target, losses
+        # its loss on the held batch, before any step on it (a new expert's is computed)
+        loss = self._expert_loss(target, held.inputs, held.y) if created else \
+            held.losses[target]
+        self._learn(ctx, target, held.xb, held.yb, held.inputs, held.y, loss)
+        return target
+
+    def _learn(self, ctx: RunContext, index: int, xb: torch.Tensor, yb: torch.Tensor,
+               inputs: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        """Expert ``index`` steps on the batch; ``loss`` (its loss before the step) enters
+        its window, and the batch is offered to the buffer tagged with it (not when
+        ``skip_batch`` dropped the batch)."""
+        if not self._train_step(ctx, index, inputs, y):
+            return
+        self._push_loss(index, loss)
+        self.expert_classes[index, yb.long()] = True
+        priorities = torch.rand(len(yb), generator=self.generator)
+        try:
+            self.buffer.offer(xb, yb, index, priorities)
+        except ValueError as exc:
+            self._refuse_buffer(ctx, str(exc))
+        self.selector_stale.fill_(True)
 
     # -- experts ---------------------------------------------------------------
 
@@ -578,15 +633,18 @@ class TamePlugin:
         return F.cross_entropy(expert(inputs), y)
 
     @torch.no_grad()
+    def _expert_loss(self, index: int, inputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Expert ``index``'s loss on the batch, eval mode, no gradient, a CPU float."""
+        expert = self.experts[index]
+        was = expert.training
+        expert.eval()
+        loss = self._loss(expert, inputs, y)
+        expert.train(was)
+        return loss.float().cpu()
+
     def _losses(self, inputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Every expert's loss on the batch, eval mode, as a CPU float tensor."""
-        values = []
-        for expert in self.experts:
-            was = expert.training
-            expert.eval()
-            values.append(self._loss(expert, inputs, y))
-            expert.train(was)
-        return torch.stack(values).float().cpu()
+        """Every expert's loss on the batch (:meth:`_expert_loss`)."""
+        return torch.stack([self._expert_loss(i, inputs, y) for i in range(len(self.experts))])
 
     def _train_step(self, ctx: RunContext, index: int, inputs: torch.Tensor,
                     y: torch.Tensor) -> bool:

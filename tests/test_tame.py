@@ -40,21 +40,24 @@ PER_OCCURRENCE = 1000  # training samples of each of A, B, A: 125 batches, > W =
 # at 10 x 0.05 = 0.5
 
 
-@pytest.fixture(scope="module")
-def blobs(tmp_path_factory) -> Path:
-    """Four classes, each a unit Gaussian around 6 on its own axis of 16 (no test sample
-    is nearer another class's mean); A = {0, 1} has two occurrences' worth of samples,
-    B = {2, 3} one."""
+def write_blobs(path: Path, per_class: list[int]) -> Path:
+    """Four classes of ``per_class`` training samples, each a unit Gaussian around 6 on
+    its own axis of 16 (no test sample is nearer another class's mean), 100 test each."""
     rng = np.random.default_rng(0)
-    per_class = [PER_OCCURRENCE, PER_OCCURRENCE, PER_OCCURRENCE // 2, PER_OCCURRENCE // 2]
     means = 6.0 * np.eye(4, 16)
     x = np.concatenate([means[c] + rng.normal(size=(n, 16)) for c, n in enumerate(per_class)])
     y = np.repeat(np.arange(4), per_class)
     x_test = np.concatenate([means[c] + rng.normal(size=(100, 16)) for c in range(4)])
-    path = tmp_path_factory.mktemp("tame") / "blobs.npz"
     np.savez(path, x=x.astype(np.float32), y=y, x_test=x_test.astype(np.float32),
              y_test=np.repeat(np.arange(4), 100))
     return path
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory) -> Path:
+    """A = {0, 1} has two occurrences' worth of samples, B = {2, 3} one."""
+    per_class = [PER_OCCURRENCE, PER_OCCURRENCE, PER_OCCURRENCE // 2, PER_OCCURRENCE // 2]
+    return write_blobs(tmp_path_factory.mktemp("tame") / "blobs.npz", per_class)
 
 
 def recurring_yaml(path: Path, options: str = "{selector_lr_scale: 10}", *,
@@ -118,6 +121,40 @@ def test_recurring_stream_creates_two_experts_and_returns_to_the_first(recurring
     assert report["expert_sparsity"] == [pytest.approx(0.9, abs=1e-3)] * 2
     assert report["selector_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert json.loads(json.dumps(report)) == report
+
+
+# (r, s): A's occurrences 1000 + r samples each, B 1000 + s: the boundaries fall r and
+# r + s (mod 8) samples into a batch of 8, five different non-zero offsets each
+INSIDE_A_BATCH = [(1, 2), (2, 2), (3, 2), (5, 2), (7, 2)]
+
+
+def test_boundaries_inside_a_batch_still_return_to_the_first_expert(tmp_path) -> None:
+    """A, B, A with both boundaries inside a batch, at five offsets each: the batch that
+    declares a shift often mixes the two tasks (its end lies within a batch of the
+    boundary), and judged on it expert 0 fails its threshold on the second A (a third
+    expert in 4 of these 5 streams before the choice moved to the next batch). Every
+    offset: exactly 2 experts, sequence 0 1 0, each boundary detected within 2 batches,
+    no false alarm, every test sample routed to its task's expert."""
+    mixed = 0
+    for r, s in INSIDE_A_BATCH:
+        per_class = [1000 + r, 1000 + r, 500 + (s + 1) // 2, 500 + s // 2]
+        path = write_blobs(tmp_path / f"blobs_{r}_{s}.npz", per_class)
+        result = run(recurring_yaml(path))["strategies"]["tame"]
+        assert result["status"] == "ok", result["error"]
+        report = result["plugins"]["tame"]
+        b1, b2 = 1000 + r, 2000 + r + s
+        assert report["true_boundaries"] == [0, b1, b2]
+        assert (b1 % BATCH, b2 % BATCH) == (r, (r + s) % BATCH) and 0 not in (r, r + s)
+        assert report["n_experts"] == 2, (r, s)
+        assert report["expert_sequence"] == [0, 1, 0], (r, s)
+        assert report["expert_per_task"] == [0, 1, 0]
+        assert [sw["created"] for sw in report["switches"]] == [True, False]
+        assert report["missed_boundaries"] == [] and report["false_alarms"] == []
+        assert all(b["delay_batches"] <= 2 for b in report["boundary_detection"])
+        assert report["routing_accuracy"] == 1.0 and report["within_expert_accuracy"] == 1.0
+        mixed += sum(d - BATCH < b < d for d, b in zip(report["detections"], (b1, b2),
+                                                      strict=True))
+    assert mixed >= len(INSIDE_A_BATCH)  # triggering batches holding both tasks: covered
 
 
 def test_ledger_charges_every_part_exactly(recurring) -> None:
