@@ -129,6 +129,7 @@ class StrategyConfig:
     plugins: list[PluginSpec]
     budget: Budget | None = None
     strict: bool = False
+    budget_check: Literal["peak", "between"] = "peak"
 
 
 @dataclass
@@ -171,6 +172,12 @@ class _ScenarioFields:
     strict: bool = field(
         default=False, metadata={"help": "stop a strategy that exceeds its budget"}
     )
+    budget_check: Literal["peak", "between"] = field(
+        default="peak",
+        metadata={"help": "what the budget bounds: peak, the most bytes held at any point "
+                  "(during training included: a teacher, the optimizer an online "
+                  "experience carries), or between, the bytes kept between experiences"},
+    )
     compare: CompareConfig | None = field(
         default=None, metadata={"help": "the grid for 'clsim compare'"}
     )
@@ -207,6 +214,7 @@ class _StrategyFields:
     plugins: list = field(metadata={"min_items": 1})
     budget: Budget | None = None
     strict: bool | None = None
+    budget_check: Literal["peak", "between"] | None = None
 
     def check(self) -> None:
         _check_not_zero(self.budget, "budget")
@@ -252,6 +260,7 @@ class ScenarioConfig:
                 s.name: {
                     "budget": None if s.budget is None else str(s.budget),
                     "strict": s.strict,
+                    "budget_check": s.budget_check,
                     "plugins": [{p.ref: _plain(p.options)} for p in s.plugins],
                 }
                 for s in self.strategies.values()
@@ -415,6 +424,8 @@ def _strategies(top: _ScenarioFields, src: Source) -> dict[str, StrategyConfig]:
             plugins=plugins,
             budget=fields.budget if fields.budget is not None else top.budget,
             strict=top.strict if fields.strict is None else fields.strict,
+            budget_check=top.budget_check if fields.budget_check is None
+            else fields.budget_check,
         )
     return out
 

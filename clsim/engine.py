@@ -72,6 +72,8 @@ class StrategyOutcome:
             "budget_bytes": self.budget_bytes,
             "ledger": ledger.to_list(),
             "peak_bytes": ledger.peak_bytes,
+            "kept_bytes": ledger.kept_bytes,
+            "budget_check": ledger.check,
             "over_budget": ledger.over_budget,
             "memory_estimated": ledger.estimated,
             "wall_seconds": round(self.wall_seconds, 3),
@@ -133,7 +135,7 @@ def run_strategy(
             outcome.budget_bytes = strategy.budget.resolve(
                 model_bytes=model_bytes(model), sample_bytes=dataset.sample_bytes
             )
-        outcome.ledger = Ledger(outcome.budget_bytes)
+        outcome.ledger = Ledger(outcome.budget_bytes, check=strategy.budget_check)
         ctx = RunContext(
             strategy=strategy.name,
             model=model,
@@ -244,10 +246,12 @@ class _Loop:
                               experience=exp.index, classes=list(exp.classes),
                               n_train=exp.n_train)
             self.hooks.call("clsim_before_experience", ctx=self.ctx, experience=told)
+            self._check_budget(self._measure(exp.index, "start"),
+                               f"after clsim_before_experience of experience {exp.index}")
             loss = self._train(exp, total, len(shown))
             self.ctx.experience = told
             self.hooks.call("clsim_after_experience", ctx=self.ctx, experience=told)
-            record = self._measure(exp.index)
+            record = self._measure(exp.index, "end")
             hits = self.evaluate()
             if not stream.boundaries_hidden:
                 self.record.after_experience.append(hits)
@@ -302,6 +306,11 @@ class _Loop:
             if stream.online and self.position % stream.eval_every == 0 \
                     and self.position < total:
                 self._anytime(exp.index)
+        # what training built and the plugins drop in clsim_after_experience, and the
+        # optimizer the loop carried over the parts, are all still held here
+        self._check_budget(self._measure(exp.index, "trained"),
+                           f"at the end of experience {exp.index}'s training (before "
+                           "clsim_after_experience)")
         trainer.end_experience()
         if trainer.progress is not None:
             trainer.progress.close()
@@ -340,7 +349,7 @@ class _Loop:
 
     def _anytime(self, experience: int) -> None:
         """An evaluation in the middle of an online stream, with a ledger check."""
-        record = self._measure(experience)
+        record = self._measure(experience, "anytime")
         hits = per_label(self.evaluate(), self.record.counts)
         self.record.anytime.append(AnytimePoint(self.position, hits, self.seen.copy()))
         accuracy = float(hits[self.seen].sum() / max(1, self.label_totals[self.seen].sum()))
@@ -350,9 +359,13 @@ class _Loop:
         self.tensorboard.anytime(self.position, accuracy)
         self._check_budget(record, f"after {self.position} training samples")
 
-    def _measure(self, experience: int):
-        measurement = measure(self.ctx.model, self.plugins, skip_types=(RunContext,))
-        return self.outcome.ledger.record(experience, measurement, position=self.position)
+    def _measure(self, experience: int, point: str):
+        """A ledger reading at ``point`` (memory.POINTS): the model, every plugin object and
+        what the loop itself carries (an online experience's optimizer)."""
+        measurement = measure(self.ctx.model, self.plugins, skip_types=(RunContext,),
+                              held=self.trainer.held())
+        return self.outcome.ledger.record(experience, measurement, position=self.position,
+                                          point=point)
 
     def _report_experience(self, exp: Experience, hits: np.ndarray, loss: float, record) -> None:
         counts = self.record.counts
@@ -376,11 +389,14 @@ class _Loop:
 
     def _check_budget(self, record, when: str) -> None:
         if record.over_budget and self.strategy.strict:
+            check = self.outcome.ledger.check
+            checked = "the peak held during training" if check == "peak" \
+                else "the bytes kept between experiences"
             raise BudgetExceededError(
                 f"strategy {self.strategy.name!r} holds {record.measurement.total_bytes} bytes "
                 f"{when}, over its budget of {self.outcome.budget_bytes} bytes "
-                f"({self.outcome.budget}); largest parts: "
-                + _largest_parts(record.measurement.parts)
+                f"({self.outcome.budget}), checked against {checked} (budget_check: {check}); "
+                "largest parts: " + _largest_parts(record.measurement.parts)
             )
 
 

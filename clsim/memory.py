@@ -1,4 +1,13 @@
-"""The memory ledger: bytes a strategy holds between experiences, measured by walking it.
+"""The memory ledger: bytes a strategy holds, measured by walking it.
+
+The engine measures at four points of every experience (``LedgerRecord.point``):
+``start`` (after ``clsim_before_experience``: a teacher or old-model copy just taken),
+``trained`` (after the last batch, before ``clsim_after_experience``: whatever a plugin
+built lazily or accumulated while training, and the optimizer the loop still carries),
+``anytime`` (at each anytime evaluation of an online stream) and ``end`` (after
+``clsim_after_experience``: what is kept *between* experiences). ``peak_bytes`` is the
+largest reading at any point, ``kept_bytes`` the largest at an ``end``; the budget is
+checked against one of them (``budget_check``: ``peak``, the default, or ``between``).
 
 What is counted, at the real width of each dtype:
 
@@ -240,12 +249,16 @@ def measure(
     plugins: Iterable[tuple[str, Any]] = (),
     *,
     skip_types: tuple[type, ...] = (),
+    held: Iterable[tuple[str, Any]] = (),
 ) -> Measurement:
-    """Bytes held by ``model`` and by each ``(name, plugin)``, part by part.
+    """Bytes held by ``model``, by each ``(name, plugin)`` and by each ``(part, value)`` of
+    ``held`` (what the training loop itself keeps, such as an optimizer's state), part by
+    part.
 
     The model is walked first, so a plugin that merely refers to the live model is not
     charged for it; a *copy* (an old model kept for distillation) is charged to the
-    plugin that holds it.
+    plugin that holds it. ``held`` comes last: a parameter it refers to is charged where
+    the model or a plugin holds it.
     """
     walker = _Walker(skip_types)
     if model is not None:
@@ -259,6 +272,8 @@ def measure(
             walker.value(value, f"{name}.{attr}")
         for attr, value in _class_state(type(plugin)):  # shared by instances, still held
             walker.value(value, f"{name}.{attr}")
+    for part, value in held:
+        walker.value(value, part)
     return walker.result
 
 
@@ -282,32 +297,68 @@ def model_bytes(model: nn.Module) -> int:
     return measure(model).total_bytes
 
 
+# where a reading is taken in an experience, in order (the module docstring says why)
+POINTS = ("start", "trained", "anytime", "end")
+# which readings the budget is checked against: every one (the peak held during
+# training) or those between experiences only
+BUDGET_CHECKS = ("peak", "between")
+
+
 @dataclass
 class LedgerRecord:
     experience: int
     measurement: Measurement
-    over_budget: bool
+    over_budget: bool  # over the budget at a point the budget check counts
     position: int | None = None  # training samples seen when measured
+    point: str = "end"  # one of POINTS
 
 
 @dataclass
 class Ledger:
-    """The ledger of one run: a measurement per experience, checked against the budget."""
+    """The ledger of one run: readings at the points of every experience, checked against
+    the budget. ``check`` is ``peak`` (every reading counts) or ``between`` (only the
+    readings taken between experiences, at ``end``)."""
 
     budget_bytes: int | None
     records: list[LedgerRecord] = field(default_factory=list)
+    check: str = "peak"
+
+    def __post_init__(self) -> None:
+        if self.check not in BUDGET_CHECKS:
+            raise ValueError(f"budget_check must be one of {', '.join(BUDGET_CHECKS)}; "
+                             f"got {self.check!r}")
+
+    def checks(self, point: str) -> bool:
+        """Whether the budget is checked at a reading taken at ``point``."""
+        return self.check == "peak" or point == "end"
 
     def record(
-        self, experience: int, measurement: Measurement, position: int | None = None
+        self, experience: int, measurement: Measurement, position: int | None = None,
+        point: str = "end",
     ) -> LedgerRecord:
-        over = self.budget_bytes is not None and measurement.total_bytes > self.budget_bytes
-        entry = LedgerRecord(experience, measurement, over, position)
+        if point not in POINTS:
+            raise ValueError(f"a ledger point is one of {', '.join(POINTS)}; got {point!r}")
+        over = self.budget_bytes is not None and self.checks(point) \
+            and measurement.total_bytes > self.budget_bytes
+        entry = LedgerRecord(experience, measurement, over, position, point)
         self.records.append(entry)
         return entry
 
     @property
     def peak_bytes(self) -> int:
+        """The most bytes held at any point, during training included."""
         return max((r.measurement.total_bytes for r in self.records), default=0)
+
+    @property
+    def kept_bytes(self) -> int:
+        """The most bytes kept between experiences (readings at ``end``)."""
+        return max((r.measurement.total_bytes for r in self.records if r.point == "end"),
+                   default=0)
+
+    @property
+    def checked_bytes(self) -> int:
+        """The figure the budget is checked against: ``peak_bytes`` or ``kept_bytes``."""
+        return self.peak_bytes if self.check == "peak" else self.kept_bytes
 
     @property
     def over_budget(self) -> bool:
@@ -319,7 +370,7 @@ class Ledger:
 
     def to_list(self) -> list[dict[str, Any]]:
         return [
-            {"experience": r.experience, "position": r.position, "over_budget": r.over_budget,
-             **r.measurement.to_dict()}
+            {"experience": r.experience, "point": r.point, "position": r.position,
+             "over_budget": r.over_budget, **r.measurement.to_dict()}
             for r in self.records
         ]

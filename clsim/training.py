@@ -83,6 +83,14 @@ class Trainer:
                 "learning rate or check the plugins' loss terms"
             )
 
+    def held(self) -> list[tuple[str, Any]]:
+        """What the loop itself holds from one part of an experience to the next, for the
+        ledger: the optimizer state (momentum, Adam's moments) carried to the next part of
+        an online experience. Gradients and the state of an optimizer that lives inside one
+        :meth:`fit` are working memory of a step, dropped before any measuring point."""
+        kept = self._last_optimizer
+        return [] if kept is None else [("loop.optimizer", kept[1].state)]
+
     def metrics(self) -> dict[str, int]:
         """What the loop adds to the strategy's metrics: the skipped-batch count, when
         ``nonfinite_loss`` is ``skip_batch``."""

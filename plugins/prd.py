@@ -44,13 +44,13 @@ batch and count it). Listed with ``replay``, the memory samples replay mixes int
 (``clsim_before_batch``) enter SupCon and the distillation like the stream's; the
 prototype loss takes the classes this experience introduced only.
 
-**Memory** (what the ledger charges after each experience): the model, the prototypes
-(one ``feature_dim`` float row and two int64 ids per seen class) and the projector. The
-teacher (old encoder and prototype copies) exists only while a task trains, and is
-charged if the ledger measures then (an online stream's anytime check, with the class
-ids of the old and new rows and five floats of loss sums for the events); it is dropped
-at the task's end: between experiences it would be a copy of the model itself, retaken
-at the next task's start, so keeping it would charge for nothing the method needs.
+**Memory**: kept between experiences, the model, the prototypes (one ``feature_dim``
+float row and two int64 ids per seen class) and the projector. While a task trains, the
+teacher too (the old encoder and prototype copies, the class ids of the old and new rows,
+five floats of loss sums for the events): the ledger's peak, read after
+``clsim_before_experience`` and at the end of training, charges it. It is dropped at the
+task's end: between experiences it would be a copy of the model itself, retaken at the
+next task's start, so keeping it would charge for nothing the method needs.
 
 **Reconstructed** (not fixed by METHODS.md; the paper's own choices may differ):
 

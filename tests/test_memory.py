@@ -72,7 +72,8 @@ def test_plugin_by_dotted_path_nested_tensor_is_charged_exactly(
 ) -> None:
     """Run through the engine, a tensor nested in dict -> dict -> list is found and charged
     at its real width (7 * 3 float64 = 168 bytes) to the plugin's attribute; the run
-    context it keeps is not charged; the total is the model plus that, at every experience."""
+    context it keeps is not charged; the total is the model plus that, at every point of
+    every experience (start, end of training, end)."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     ref = f"{__name__}:NestedDictPlugin"
     assert sys.modules[__name__].NestedDictPlugin is NestedDictPlugin
@@ -80,7 +81,7 @@ def test_plugin_by_dotted_path_nested_tensor_is_charged_exactly(
     result = run_scenario(parse_scenario(text), None)
     summary = result.summary["strategies"]["nested"]
     assert summary["status"] == "ok", summary["error"]
-    assert len(summary["ledger"]) == 5
+    assert len(summary["ledger"]) == 3 * 5
     for record in summary["ledger"]:
         assert record["parts"] == {
             "NestedDictPlugin.store": 7 * 3 * 8,
@@ -88,7 +89,7 @@ def test_plugin_by_dotted_path_nested_tensor_is_charged_exactly(
         }
         assert record["total_bytes"] == DIGITS_MLP_BYTES + 168
         assert record["estimated"] is False
-    assert summary["peak_bytes"] == DIGITS_MLP_BYTES + 168
+    assert summary["peak_bytes"] == summary["kept_bytes"] == DIGITS_MLP_BYTES + 168
     assert summary["budget_bytes"] is None and summary["over_budget"] is False
 
 
@@ -372,6 +373,40 @@ def test_ledger_flags_each_record_against_the_budget() -> None:
     assert not ledger.estimated
 
 
+def test_ledger_peak_and_kept_figures_and_the_check_they_follow() -> None:
+    """peak_bytes is the largest reading at any point, kept_bytes the largest at an
+    experience's end; with check 'between' only end readings are flagged over budget."""
+    for check, flags, over in (("peak", [True, True, False], True),
+                               ("between", [False, False, False], False)):
+        ledger = Ledger(budget_bytes=100, check=check)
+        records = [ledger.record(0, reading(a=150), point="start"),
+                   ledger.record(0, reading(a=120), point="trained"),
+                   ledger.record(0, reading(a=90), point="end")]
+        assert [r.over_budget for r in records] == flags
+        assert ledger.over_budget is over
+        assert (ledger.peak_bytes, ledger.kept_bytes) == (150, 90)
+        assert ledger.checked_bytes == (150 if check == "peak" else 90)
+    ledger = Ledger(budget_bytes=100, check="between")
+    ledger.record(0, reading(a=101), point="anytime")
+    ledger.record(0, reading(a=101))  # point: end
+    assert [r.over_budget for r in ledger.records] == [False, True]
+    with pytest.raises(ValueError, match="budget_check"):
+        Ledger(None, check="max")
+    with pytest.raises(ValueError, match="point"):
+        Ledger(None).record(0, reading(a=1), point="middle")
+
+
+def test_measure_charges_what_the_loop_holds_after_model_and_plugins() -> None:
+    """``held`` parts are walked last: an optimizer's state is charged, the parameters it
+    is keyed by are the model's (not charged twice)."""
+    model = digits_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.zeros(2, 1, 8, 8)).sum().backward()
+    optimizer.step()
+    m = measure(model, held=[("loop.optimizer", optimizer.state)])
+    assert m.parts == {"model.parameters": DIGITS_MLP_BYTES, "loop.optimizer": DIGITS_MLP_BYTES}
+
+
 def test_ledger_without_budget_is_never_over() -> None:
     """No budget: nothing is over; an empty ledger peaks at 0."""
     assert Ledger(None).peak_bytes == 0
@@ -391,6 +426,7 @@ def test_ledger_to_list_structure() -> None:
     assert ledger.to_list() == [
         {
             "experience": 0,
+            "point": "end",
             "position": None,
             "over_budget": False,
             "total_bytes": 30,
@@ -400,6 +436,7 @@ def test_ledger_to_list_structure() -> None:
         },
         {
             "experience": 1,
+            "point": "end",
             "position": None,
             "over_budget": True,
             "total_bytes": 58,
@@ -427,11 +464,13 @@ def one_kb_run():
 
 
 def test_strict_budget_fails_the_strategy_naming_budget_and_bytes(one_kb_run) -> None:
-    """strict: true stops the strategy after the first experience that holds more than
-    its budget; the error names the bytes held, the budget in bytes and as written."""
+    """strict: true stops the strategy at the first point that holds more than its budget
+    (the start of experience 0: the peak is checked); the error names the bytes held, the
+    point, the budget in bytes and as written."""
     s = one_kb_run["strict_one"]
     assert s["status"] == "failed"
-    assert f"holds {DIGITS_MLP_BYTES} bytes after experience 0" in s["error"]
+    assert f"holds {DIGITS_MLP_BYTES} bytes after clsim_before_experience of experience 0" \
+        in s["error"]
     assert re.search(r"over its budget of 1024 bytes \(1KB\)", s["error"])
     assert f"model.parameters {DIGITS_MLP_BYTES} B" in s["error"]
 
@@ -447,14 +486,15 @@ def test_strict_failure_keeps_the_ledger_in_the_summary(one_kb_run) -> None:
 
 
 def test_lenient_budget_runs_to_the_end_flagged_over_budget(one_kb_run) -> None:
-    """Without strict, the strategy finishes and every record is flagged over budget."""
+    """Without strict, the strategy finishes and every record (three points of each of
+    five experiences) is flagged over budget."""
     s = one_kb_run["lenient"]
     assert s["status"] == "ok" and s["error"] is None
     assert s["budget"] == "1KB" and s["budget_bytes"] == 1024
     assert s["over_budget"] is True
     assert s["peak_bytes"] == DIGITS_MLP_BYTES
-    assert [r["over_budget"] for r in s["ledger"]] == [True] * 5
-    assert [r["total_bytes"] for r in s["ledger"]] == [DIGITS_MLP_BYTES] * 5
+    assert [r["over_budget"] for r in s["ledger"]] == [True] * 15
+    assert [r["total_bytes"] for r in s["ledger"]] == [DIGITS_MLP_BYTES] * 15
     assert 0.0 <= s["final_accuracy"] <= 1.0
 
 

@@ -292,7 +292,9 @@ def test_replay_and_prd_replay_in_prds_batches_and_are_charged_for_both(tmp_path
         assert {"model.parameters", "PrdPlugin.projector.parameters",
                 "PrdPlugin.prototypes.parameters"} <= set(parts), parts
         assert parts["replay.buffer.x"] == 100 * 64  # the full memory: 100 uint8 digits
-        assert not any(part.startswith("PrdPlugin.old") for part in parts)
+        # the teacher while a later task trains, never between experiences
+        teacher = record["experience"] > 0 and record["point"] != "end"
+        assert ("PrdPlugin.old_encoder.parameters" in parts) is teacher, record
     assert strategy["ledger"][-1]["parts"]["PrdPlugin.prototypes.parameters"] == 10 * 32 * 4
     # the first batch of every later task: distillation exactly 0, memory samples or not
     first = [e for e in events_of(tmp_path) if e["event"] == "prd_first_batch"]
@@ -429,10 +431,13 @@ def test_no_sample_is_stored_and_the_ledger_holds_only_the_expected_parts(digits
 
 
 def test_ledger_of_an_engine_run_names_only_model_prototypes_and_projector() -> None:
+    """Between experiences; while a task trains the teacher is charged too
+    (test_ledger_peak)."""
     result = run_scenario(parse_scenario(scenario()), None)
     strategy = result.summary["strategies"]["prd"]
     assert strategy["status"] == "ok", strategy["error"]
-    for record in strategy["ledger"]:
+    assert strategy["peak_bytes"] > strategy["kept_bytes"]
+    for record in (r for r in strategy["ledger"] if r["point"] == "end"):
         names = {
             part.split(".")[0] if part.startswith("model") else part.split(".")[1]
             for part in record["parts"]

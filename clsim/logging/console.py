@@ -35,24 +35,33 @@ def results_table(strategies: dict[str, dict[str, Any]]) -> str:
         "avg inc acc",
         "forgetting",
         "bytes held",
+        "kept between",
         "budget",
         "over budget",
     )
     rows = []
     for name, s in strategies.items():
         if s.get("status") == "failed":
-            rows.append((name, "failed", "-", "-", "-", format_bytes(s.get("budget_bytes")), "-"))
+            rows.append((name, "failed", "-", "-", "-", "-", format_bytes(s.get("budget_bytes")),
+                         "-"))
             continue
-        held = format_bytes(s["peak_bytes"]) + (" (est.)" if s.get("memory_estimated") else "")
+        estimated = " (est.)" if s.get("memory_estimated") else ""
+        # bytes held: the peak during training; kept: the most held between experiences
+        # (a summary written before the split has no kept figure)
+        kept = s.get("kept_bytes")
+        over = "YES" if s["over_budget"] else "no"
+        if s.get("budget_check") == "between":
+            over += " (between)"  # checked against the bytes kept between experiences
         rows.append(
             (
                 name,
                 _score(s.get("final_accuracy")),
                 _score(s.get("average_incremental_accuracy")),
                 _score(s.get("forgetting")),
-                held,
+                format_bytes(s["peak_bytes"]) + estimated,
+                "-" if kept is None else format_bytes(kept) + estimated,
                 format_bytes(s["budget_bytes"]),
-                "YES" if s["over_budget"] else "no",
+                over,
             )
         )
     return _align([header, *rows])
