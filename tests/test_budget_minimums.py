@@ -65,8 +65,11 @@ strategies:
 
 MAX_REFUSALS = 12
 MINIMUM = re.compile(r"the minimum budget (?:for [^;]+? )?is (?:at least )?(\d+) bytes")
-OVER = re.compile(r"strategy 's' holds (\d+) bytes (?:after experience \d+|after \d+ training "
-                  r"samples), over its budget of (\d+) bytes")
+# the points the ledger reads (memory.POINTS): start, end of training, anytime, end
+OVER = re.compile(r"strategy 's' holds (\d+) bytes (?:after clsim_before_experience of "
+                  r"experience \d+|at the end of experience \d+'s training \(before "
+                  r"clsim_after_experience\)|after \d+ training samples|after experience \d+), "
+                  r"over its budget of (\d+) bytes")
 
 
 def run(plugin: str, budget: int | str | None, strict: bool = False) -> dict:
