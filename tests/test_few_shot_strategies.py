@@ -416,7 +416,8 @@ def test_fast_slow_degenerate_steps(digits) -> None:
 def test_fast_slow_at_step_zero_is_the_prototype_baseline_and_ledger_names_both_copies() -> None:
     """Same seed, same base training: fast_slow with slow_step 0 scores exactly as
     prototype_fscil; with the defaults it is charged for the fast copy and the importance
-    (the plastic part: the last hidden layer and the class rows) and stays in budget."""
+    (the plastic part: the last hidden layer and the class rows); it keeps within budget
+    between sessions, and its peak adds the slow copy a session holds."""
     summary = run(fscil_yaml("""\
   proto:
     plugins: [prototype_fscil]
@@ -436,7 +437,13 @@ def test_fast_slow_at_step_zero_is_the_prototype_baseline_and_ledger_names_both_
     plastic_bytes = (32 * 64 + 32 + 10 * 32) * 4  # mlp [32]: the hidden layer + class rows
     assert parts["fast_slow.fast.parameters"] == parts["fast_slow.importance"] == plastic_bytes
     assert parts["fast_slow.fast.buffers"] == 10
-    assert not default["over_budget"] and not default["memory_estimated"]
+    assert not default["memory_estimated"]
+    # between sessions it fits its 3-model budget; while a session trains it also holds a
+    # copy of the slow weights (fast_slow.slow), which the peak charges: over by the peak
+    assert default["kept_bytes"] <= default["budget_bytes"] < default["peak_bytes"]
+    start = next(r for r in default["ledger"] if (r["experience"], r["point"]) == (1, "start"))
+    assert default["peak_bytes"] == default["kept_bytes"] + start["parts"]["fast_slow.slow"]
+    assert default["over_budget"] is True
 
 
 # ---------------------------------------------------------------------------
@@ -577,7 +584,10 @@ def test_quick_scenario_runs_every_strategy_within_budget() -> None:
     }
     for name, parts in expected_parts.items():
         result = ok(summary[name])
-        assert not result["over_budget"], name
+        # fast_slow's slow copy, held while a session trains, is over its budget by the
+        # peak (test_fast_slow_at_step_zero_...); what it keeps between sessions fits
+        assert result["kept_bytes"] <= result["budget_bytes"], name
+        assert result["over_budget"] is (name == "fast_slow"), name
         assert set(result["ledger"][-1]["parts"]) == parts, name
         assert len(result["few_shot"]["session_accuracy"]) == 4
     naive_base = summary["naive"]["few_shot"]["base_accuracy"][-1]
