@@ -226,11 +226,43 @@ def _limited(max_bytes: int):
     return limit
 
 
+QUICKSTART = ["run", "quickstart", "--no-progress", "--limit", "20"]
+
+
+def _json_bytes(data) -> int:
+    """Bytes of ``data`` as clsim writes a JSON file (results.write_json_atomic)."""
+    return len((json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def _quickstart_sizes(tmp: Path) -> dict[str, int]:
+    """What a finished quickstart writes, from a reference run: the summary as written at
+    the start, after naive and after replay, and the largest other file. The limits of
+    the full-disk tests sit between these, so they hold whatever a summary holds."""
+    reference = tmp / "reference"
+    assert main([*QUICKSTART, "--out", str(reference)]) == 0
+    summary = json.loads((reference / "summary.json").read_text())
+    others = [p.stat().st_size for p in reference.rglob("*")
+              if p.is_file() and p.name != "summary.json"]
+    return {"start": _json_bytes({**summary, "strategies": {}}),
+            "naive": _json_bytes({**summary, "strategies": {
+                "naive": summary["strategies"]["naive"]}}),
+            "full": (reference / "summary.json").stat().st_size,
+            "other": max(others),
+            "tensorboard_naive": sum(p.stat().st_size for p in
+                                     (reference / "tensorboard" / "naive").iterdir()),
+            "tensorboard_all": sum(p.stat().st_size for p in
+                                   (reference / "tensorboard").rglob("*") if p.is_file()),
+            "events": (reference / "events.jsonl").stat().st_size}
+
+
 def test_run_on_a_full_disk_names_the_file_and_keeps_the_summary_whole(tmp_path):
+    sizes = _quickstart_sizes(tmp_path)
+    # summary.json fits with naive, not with replay too; every other file fits
+    limit = (sizes["naive"] + sizes["full"]) // 2
+    assert sizes["naive"] < limit < sizes["full"] and sizes["other"] < limit, sizes
     out = tmp_path / "out"
-    args = ["run", "quickstart", "--out", str(out), "--no-progress", "--limit", "20"]
-    # summary.json: ~2.9 KB at the start, ~5.5 KB with naive, ~10 KB with replay
-    proc = _clsim(*args, preexec_fn=_limited(8000))
+    args = [*QUICKSTART, "--out", str(out)]
+    proc = _clsim(*args, preexec_fn=_limited(limit))
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2, stderr
     assert f"clsim: error: cannot write {out / 'summary.json'}: File too large" in stderr
@@ -252,7 +284,13 @@ def test_compare_on_a_full_disk_names_cells_jsonl_and_keeps_whole_records(tmp_pa
     out = tmp_path / "out"
     args = ["compare", str(grid), "--out", str(out), "--executor", "inline", "--no-progress",
             "--threads", "1"]
-    proc = _clsim(*args, preexec_fn=_limited(1800))  # grid.json and a record (~1.1 KB) fit
+    # from a reference comparison: grid.json and one record fit, two records do not
+    reference = tmp_path / "reference"
+    assert main([*args[:3], str(reference), *args[4:]]) == 0
+    first, second = (reference / "cells.jsonl").read_bytes().splitlines(keepends=True)
+    limit = len(first) + len(second) // 2
+    assert (reference / "grid.json").stat().st_size < limit, limit
+    proc = _clsim(*args, preexec_fn=_limited(limit))
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2, stderr
     assert f"clsim: error: cannot write {out / 'cells.jsonl'}: File too large" in stderr
@@ -261,7 +299,7 @@ def test_compare_on_a_full_disk_names_cells_jsonl_and_keeps_whole_records(tmp_pa
     assert len(records) == 1 and records[0]["status"] == "ok"
     # stopped by the full disk again: an error ran Python, so it is no crash of the cell
     # (two crashes in a row would record it failed, "crashed clsim twice")
-    again = _clsim(*args, "--resume", preexec_fn=_limited(1800))
+    again = _clsim(*args, "--resume", preexec_fn=_limited(limit))
     stdout, stderr = again.communicate(timeout=300)
     assert again.returncode == 2, stderr
     assert f"clsim: error: cannot write {out / 'cells.jsonl'}: File too large" in stderr
@@ -299,7 +337,7 @@ def test_tensorboard_on_a_full_disk_is_one_error_without_a_thread_traceback(tmp_
 # and --resume finishes
 FULL_DISK_SCRIPT = """\
 set -u
-mount -t tmpfs -o size=24k tmpfs "$DISK" || exit 99
+mount -t tmpfs -o size="$SIZE" tmpfs "$DISK" || exit 99
 "$PY" -m clsim.cli run quickstart --out "$DISK/out" --no-progress --limit 20 2>"$LOGS/err1"
 echo "first=$?"
 names() { "$PY" -c "import json, sys; print(*json.load(open(sys.argv[1]))['strategies'])" "$1"; }
@@ -314,9 +352,20 @@ echo "after=$(names "$DISK/out/summary.json")"
 
 
 def test_run_on_a_really_full_disk_keeps_what_was_written_and_resumes(tmp_path):
-    """ENOSPC from a real file system (a 24 KiB tmpfs): the error names the file, the
+    """ENOSPC from a real file system (a small tmpfs): the error names the file, the
     summary keeps the strategy that finished, no temporary file is left, and once there
     is room ``--resume`` runs the rest."""
+    sizes = _quickstart_sizes(tmp_path)
+    # tmpfs counts whole pages; while a summary is rewritten the old and new copies both
+    # exist: room for naive's rewrite (lock, old summary, new one, events, naive's
+    # TensorBoard file), not for replay's
+    def pages(size: int) -> int:
+        return -(-size // 4096)
+    naive = 1 + pages(sizes["start"]) + pages(sizes["naive"]) + pages(sizes["events"]) + \
+        pages(sizes["tensorboard_naive"])
+    full = 1 + pages(sizes["naive"]) + pages(sizes["full"]) + pages(sizes["events"]) + \
+        pages(sizes["tensorboard_all"]) + 1
+    assert naive < full, sizes
     disk, logs = tmp_path / "disk", tmp_path / "logs"
     disk.mkdir()
     logs.mkdir()
@@ -324,7 +373,8 @@ def test_run_on_a_really_full_disk_keeps_what_was_written_and_resumes(tmp_path):
         proc = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c",
                                FULL_DISK_SCRIPT], capture_output=True, text=True, timeout=300,
                               cwd=REPO_ROOT, env={**os.environ, "DISK": str(disk),
-                                                  "LOGS": str(logs), "PY": sys.executable})
+                                                  "LOGS": str(logs), "PY": sys.executable,
+                                                  "SIZE": f"{4 * ((naive + full) // 2)}k"})
     except FileNotFoundError:
         pytest.skip("no unshare here; the RLIMIT_FSIZE tests cover the same code")
     if proc.returncode == 99 or "unshare:" in proc.stderr:
