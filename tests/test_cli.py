@@ -37,7 +37,7 @@ def test_quickstart_prints_the_table(quickstart_run):
     assert proc.returncode == 0, proc.stderr
     header = proc.stdout.splitlines()[0].split()
     assert header[:3] == ["strategy", "final", "acc"]
-    for column in ("bytes held", "budget", "over budget", "avg inc acc"):
+    for column in ("peak held", "kept between", "budget", "over budget", "avg inc acc"):
         assert column in proc.stdout.splitlines()[0]
     rows = {line.split()[0]: line for line in proc.stdout.splitlines()[2:4]}
     assert set(rows) == {"naive", "replay"}

@@ -34,7 +34,7 @@ def results_table(strategies: dict[str, dict[str, Any]]) -> str:
         "final acc",
         "avg inc acc",
         "forgetting",
-        "bytes held",
+        "peak held",
         "kept between",
         "budget",
         "over budget",
@@ -46,7 +46,7 @@ def results_table(strategies: dict[str, dict[str, Any]]) -> str:
                          "-"))
             continue
         estimated = " (est.)" if s.get("memory_estimated") else ""
-        # bytes held: the peak during training; kept: the most held between experiences
+        # peak held: the most during training; kept: the most held between experiences
         # (a summary written before the split has no kept figure)
         kept = s.get("kept_bytes")
         over = "YES" if s["over_budget"] else "no"
