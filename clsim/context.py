@@ -35,7 +35,8 @@ class RunContext:
     (a function taking an event name and fields, written to events.jsonl).
 
     Services: ``to_input``, ``features``, ``task_loss`` (the loop's default loss), the
-    plugin's own generators, and for a plugin that owns an experience
+    plugin's own generators, ``loop_state_bytes`` (what the loop's optimizer will hold,
+    for sizing a store), and for a plugin that owns an experience
     ``new_optimizer`` / ``backward_step`` (the scenario's optimizer and non-finite policy).
     """
 
@@ -82,6 +83,15 @@ class RunContext:
     def model_bytes(self) -> int:
         """Bytes of the model's parameters and buffers right now."""
         return model_bytes(self.model)
+
+    def loop_state_bytes(self) -> int:
+        """Bytes of the optimizer state the standard loop will carry through an online
+        experience for the model's trainable parameters as they are now (a momentum
+        buffer per parameter for SGD with momentum; Adam's two moments and step counts),
+        as the ledger charges it at the peak (``loop.optimizer``); 0 offline, for a
+        stateless optimizer, and outside a run. A store sized from the budget reserves
+        it (:func:`clsim.capacity.bytes_without_items`)."""
+        return 0 if self._trainer is None else self._trainer.carried_state_bytes()
 
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
         """Raw samples (storage dtype, any device) -> the model's float input on ``device``."""

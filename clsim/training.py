@@ -19,6 +19,7 @@ from clsim.loop_types import (
     as_trainables,
     trainable_parameters,
 )
+from clsim.memory import measure
 from clsim.models.base import has_feature_head
 from clsim.models.heads import expose_labels
 from clsim.plugin_manager import HookRunner
@@ -45,6 +46,11 @@ def make_optimizer(
     if config.name == "adam":
         return torch.optim.Adam(param_groups, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _carried(optimizer: torch.optim.Optimizer) -> list[tuple[str, Any]]:
+    """The ledger's part for the optimizer state the loop carries (``loop.optimizer``)."""
+    return [("loop.optimizer", optimizer.state)]
 
 
 class Trainer:
@@ -89,7 +95,28 @@ class Trainer:
         an online experience. Gradients and the state of an optimizer that lives inside one
         :meth:`fit` are working memory of a step, dropped before any measuring point."""
         kept = self._last_optimizer
-        return [] if kept is None else [("loop.optimizer", kept[1].state)]
+        return [] if kept is None else _carried(kept[1])
+
+    def carried_state_bytes(self) -> int:
+        """Bytes of the optimizer state :meth:`held` will charge while an online experience
+        trains the model's parameters as they are now (every one with ``requires_grad``,
+        as if each gets a gradient): 0 offline, where the optimizer lives inside one
+        :meth:`fit`, and for a stateless optimizer. Measured, not derived: the scenario's
+        optimizer takes one zero-gradient step over zero copies of those parameters, and
+        the ledger reads its state as it reads the loop's. Parameters a plugin adds with
+        ``clsim_trainable`` are not counted (their plugins may not be set up yet)."""
+        if not self.online:
+            return 0
+        groups = [([nn.Parameter(torch.zeros_like(p)) for p in params], scale)
+                  for params, scale in trainable_parameters(self.ctx.model, [])]
+        if not groups:
+            return 0
+        copies = nn.ParameterList([p for params, _ in groups for p in params])
+        for p in copies:
+            p.grad = torch.zeros_like(p)
+        optimizer = make_optimizer(groups, self.config.optimizer)
+        optimizer.step()
+        return measure(copies, held=_carried(optimizer)).bytes_of("loop.optimizer")
 
     def metrics(self) -> dict[str, int]:
         """What the loop adds to the strategy's metrics: the skipped-batch count, when

@@ -515,13 +515,15 @@ class MemoPlugin:
     def model_overhead_bytes(self, ctx: RunContext) -> int:
         """What the budget must hold before exemplars: the paper's G + S parameter bytes
         (``parameters_only``), else the ledger's model and plugin state (the aux head
-        included) with an empty exemplar store."""
+        included) with an empty exemplar store, and the optimizer state the loop carries
+        through an online experience for the model."""
         if self.options.parameters_only:
             features = ctx.model.features
             return parameter_bytes(features.shared) + parameter_bytes(features.blocks)
         empty = ExemplarBuffer(0, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes,
                                self.generator)
-        return bytes_without_items(ctx.model, "memo", self, "buffer", empty)
+        return bytes_without_items(ctx.model, "memo", self, "buffer", empty,
+                                   loop_state=ctx.loop_state_bytes())
 
     def _resize_memory(self, ctx: RunContext, when: str) -> None:
         """Size the exemplar memory for the model as it is now, or fail naming the minimum."""
@@ -551,7 +553,8 @@ class MemoPlugin:
             at_least=max(n_needed, asked or 0),
             overhead=f"the float parameters of {blocks} (parameters_only)"
             if self.options.parameters_only
-            else f"{blocks}, the heads and the plugin's bookkeeping",
+            else f"{blocks}, the heads, the plugin's bookkeeping and the loop's optimizer "
+                 "state",
         )
         self._set_capacity(ctx, fit if asked is None else asked)
 

@@ -331,7 +331,7 @@ class PlFmsPlugin:
             raise ConfigError("pl_fms needs 'capacity' or a budget for the strategy "
                               "(e.g. budget: 'model + 1000 exemplars')")
         overhead = bytes_without_items(ctx.model, "pl_fms", self, "memory",
-                                       self._memory(ctx, 0))
+                                       self._memory(ctx, 0), loop_state=ctx.loop_state_bytes())
         one = self._memory(ctx, 1)
         per_sample = sum(t.element_size() * t[0].numel()
                          for t in (one.x, one.labels, one.level, one.importance))

@@ -80,7 +80,8 @@ class ReplayPlugin:
                 "(e.g. budget: 'model + 500 exemplars')"
             )
         empty = ExemplarBuffer(0, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes, generator)
-        overhead = bytes_without_items(ctx.model, "replay", self, "buffer", empty)
+        overhead = bytes_without_items(ctx.model, "replay", self, "buffer", empty,
+                                       loop_state=ctx.loop_state_bytes())
         label_bytes = torch.empty((), dtype=label_dtype(ctx.n_classes)).element_size()
         return items_that_fit(ctx.budget_bytes, overhead, ctx.sample_bytes + label_bytes,
                               plugin="replay", items="exemplar")

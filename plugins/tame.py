@@ -748,7 +748,9 @@ class TamePlugin:
         """Bytes held besides the buffer's items: experts, their optimizer state, selector,
         bookkeeping, an empty buffer and the log reserve."""
         empty = PriorityBuffer(0, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes)
-        held = bytes_without_items(ctx.model, "tame", self, "buffer", empty)
+        # tame owns every experience (clsim_train_experience): the loop carries no
+        # optimizer; the experts' own optimizers are on the plugin, measured here
+        held = bytes_without_items(ctx.model, "tame", self, "buffer", empty, loop_state=0)
         return held + LOG_RESERVE * _LOG_COLUMNS * 8
 
     def _refuse_buffer(self, ctx: RunContext, why: str) -> None:

@@ -469,6 +469,39 @@ def test_the_stated_minimum_budget_is_exact(e2e) -> None:
         assert again["reservoir"][key] == first[key]
 
 
+def test_online_momentum_is_reserved_so_the_peak_fits_the_budget() -> None:
+    """On an online stream the loop carries SGD's momentum (one float32 buffer per
+    parameter) through each experience, and the ledger charges it at the peak: the buffer
+    is sized from the budget less the model, the plugin's bookkeeping and that momentum,
+    so the peak (model + buffer + momentum) fits the budget and one more exemplar would
+    not, to the byte."""
+    text = HEAD.replace("stream: {n_experiences: 5}",
+                        "stream: {online: true, n_experiences: 5, eval_every: 100}")
+    text = text.replace("training: {epochs: 1, batch_size: 64}",
+                        "training: {batch_size: 16, optimizer: {name: sgd, lr: 0.05, "
+                        "momentum: 0.9}}")
+    budget = 2 * DIGITS_MLP_BYTES + 100 * SAMPLE_BYTES  # 'model + 100 exemplars' is too small
+    s = run_scenario(parse_scenario(text + f"  er:\n    budget: {budget}\n"
+                                    "    plugins: [replay]\n"), None).summary["strategies"]["er"]
+    assert s["status"] == "ok", s["error"]
+    momentum = DIGITS_MLP_BYTES  # a buffer the size of each parameter
+    for r in s["ledger"]:
+        carried = momentum if r["point"] in ("anytime", "trained") else 0
+        assert r["parts"].get("loop.optimizer", 0) == carried, r
+    assert s["peak_bytes"] == s["kept_bytes"] + momentum
+    assert not s["over_budget"]
+    item = SAMPLE_BYTES + LABEL_BYTES
+    assert s["peak_bytes"] <= budget < s["peak_bytes"] + item
+    parts = s["ledger"][-1]["parts"]
+    capacity = parts["replay.buffer.x"] // SAMPLE_BYTES
+    assert parts["replay.buffer.y"] == capacity * LABEL_BYTES
+    # the same arithmetic by hand: what the budget leaves beside the model, the momentum
+    # and the empty buffer's bookkeeping, in whole exemplars
+    without_items = s["kept_bytes"] - capacity * item
+    assert capacity == (budget - without_items - momentum) // item
+    assert capacity < (budget - without_items) // item  # fewer than between experiences
+
+
 def test_herding_keeps_an_even_share_per_seen_class(e2e) -> None:
     """After each experience, herding keeps exactly capacity // (seen classes) samples of
     every seen class (digits has over 120 training samples per class, enough for each)."""
