@@ -18,7 +18,7 @@ from typing import Any
 from clsim.assembly import build_stream, load_scenario_data
 from clsim.bounds import THREADS_MAX, WORKERS_MAX
 from clsim.cellstore import IDENTITY, CellStore, StartMarks
-from clsim.config import parse_scenario, read_scenario_text
+from clsim.config import ScenarioConfig, parse_scenario, read_scenario_text
 from clsim.errors import ConfigError
 from clsim.executors import run_inline, run_process_pool, run_ray, threads_per_cell
 from clsim.grid import CellTask, plan
@@ -38,6 +38,16 @@ class CompareResult:
     @property
     def failed(self) -> list[dict[str, Any]]:
         return self.analysis.failed
+
+
+def cell_threads(
+    scenario: ScenarioConfig, threads: int | None, executor: str, workers: int
+) -> int:
+    """Torch threads per cell: ``--threads``, else the scenario's pin (so cells repeat
+    exactly on any machine), else the cores shared among the concurrent cells."""
+    if threads is not None:
+        return threads
+    return scenario.threads or threads_per_cell(workers if executor != "inline" else 1)
 
 
 def run_compare(
@@ -66,8 +76,7 @@ def run_compare(
     )
     if threads is not None and not 1 <= threads <= THREADS_MAX:
         raise ConfigError(f"--threads must be from 1 to {THREADS_MAX}; got {threads}")
-    if threads is None:
-        threads = threads_per_cell(workers if executor != "inline" else 1)
+    threads = cell_threads(scenario, threads, executor, workers)
     tasks = plan(scenario, text, threads)
     check_out_path(out)  # an --out the OS would refuse fails before anything runs
     # fail fast on missing data or a bad stream, before any cell starts

@@ -371,3 +371,18 @@ def test_thread_and_worker_counts_are_checked(tmp_path):
     assert not (tmp_path / "o").exists()
     proc = run_cli("compare", str(path), "--workers", "0")
     assert proc.returncode == 2 and "expected a positive integer; got '0'" in proc.stderr
+
+
+def test_cells_run_at_the_scenarios_pinned_thread_count():
+    """A scenario's 'threads:' pins every cell (so a grid repeats exactly on any machine);
+    --threads overrides it; without either, the cores are shared among the workers."""
+    from clsim.compare import cell_threads
+    from clsim.executors import threads_per_cell
+
+    pinned = parse_scenario(GRID.replace("name: tiny_grid", "name: tiny_grid\nthreads: 3", 1))
+    unpinned = parse_scenario(GRID)
+    assert pinned.threads == 3 and unpinned.threads is None
+    assert cell_threads(pinned, None, "local", 2) == 3
+    assert cell_threads(pinned, 5, "local", 2) == 5
+    assert cell_threads(unpinned, None, "local", 2) == threads_per_cell(2)
+    assert cell_threads(unpinned, None, "inline", 2) == threads_per_cell(1)
