@@ -7,8 +7,9 @@ stops the run before anything large is read, with a message naming the dataset, 
 estimate, the limit and the fix, instead of letting the kernel kill it part-way.
 
 Available memory (the least of MemAvailable, the cgroup's room, ``ulimit -v`` and
-``$CLSIM_MEMORY_LIMIT``) is read by :mod:`clsim.data.limits`, re-exported here; the
-loaders check what a file declares against it before allocating.
+``$CLSIM_MEMORY_LIMIT`` less the process's resident memory) is read by
+:mod:`clsim.data.limits`, re-exported here; the loaders check what a file declares against
+it before allocating.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from clsim.data.limits import (
     available_memory_bytes,
     cgroup_limits,
     env_limit,
+    env_room,
     meminfo_limit,
     require_memory,
+    resident_bytes,
 )
 from clsim.errors import ResourceError
 from clsim.validation import Source
@@ -34,7 +37,7 @@ from clsim.validation import Source
 __all__ = [
     "MEMORY_ENV", "MemoryLimit", "RunEstimate", "address_space_limit", "available_memory",
     "available_memory_bytes", "cgroup_limits", "check_run_memory", "env_limit",
-    "estimate_run", "meminfo_limit", "require_memory",
+    "env_room", "estimate_run", "meminfo_limit", "require_memory", "resident_bytes",
 ]
 
 
@@ -50,6 +53,11 @@ class RunEstimate:
 
     def largest_key(self) -> str:
         return max(self.parts.values(), key=lambda part: part[1])[0]
+
+
+COVERAGE = ("The estimate counts the data, the model with its training state and each "
+            "strategy's budget; a strategy without a budget (joint) may keep more, and a "
+            "batch's activations come on top")
 
 
 def estimate_run(scenario: Any, root: str | None, **options: Any) -> RunEstimate | None:
@@ -115,7 +123,7 @@ def check_run_memory(scenario: Any, root: str | None = None, **options: Any) -> 
     raise ResourceError(
         f"not enough memory for this run: it needs about {format_bytes(estimate.total_bytes)} "
         f"({parts}) but {format_bytes(limit.bytes)} is available ({limit.source}); stopped "
-        f"before loading the data: {fix}",
+        f"before loading the data: {fix}. {COVERAGE}",
         source=scenario.source, key_path=key,
         line=Source(scenario.source, scenario.lines).line_of(tuple(key.split("."))),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -30,7 +31,9 @@ from clsim.resources import (
     available_memory,
     cgroup_limits,
     env_limit,
+    env_room,
     meminfo_limit,
+    resident_bytes,
 )
 from clsim.runner import run_scenario
 
@@ -124,9 +127,27 @@ def test_a_bad_env_cap_is_a_config_error_naming_the_variable(text, fragment):
     assert str(info.value).startswith(f"${MEMORY_ENV}: expected ") and fragment in str(info.value)
 
 
+def test_the_env_cap_covers_the_whole_process(tmp_path):
+    """The cap bounds the process, so its room is the cap less the resident memory
+    already held (a 200 MB cap once let a 516 MiB run through: the interpreter and torch
+    were not counted)."""
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmSize:\t 900000 kB\nVmRSS:\t  300000 kB\n")
+    assert resident_bytes(status) == 300000 * 1024
+    room = env_room({MEMORY_ENV: "1GiB"}, status)
+    assert room.bytes == 2**30 - 300000 * 1024
+    assert room.source == (f"${MEMORY_ENV}=1GiB less the 292.97 MB this process already holds "
+                           "(the interpreter, torch, loaded modules)")
+    assert env_room({MEMORY_ENV: "200MB"}, status).bytes == 0  # less than is held: no room
+    assert env_room({}, status) is None
+    status.write_text("Name:\tpython\n")  # no VmRSS: the cap as given
+    assert env_room({MEMORY_ENV: "1GiB"}, status) == MemoryLimit(2**30, f"${MEMORY_ENV}=1GiB")
+
+
 def test_the_tightest_limit_wins(monkeypatch):
     monkeypatch.setenv(MEMORY_ENV, "1 KB")
-    assert available_memory() == MemoryLimit(1024, f"${MEMORY_ENV}=1 KB")
+    found = available_memory()
+    assert found.bytes == 0 and found.source.startswith(f"${MEMORY_ENV}=1 KB less the ")
     monkeypatch.delenv(MEMORY_ENV)
     found = available_memory()
     assert found is not None and found.bytes <= meminfo_limit().bytes
@@ -168,6 +189,7 @@ def test_the_check_runs_before_the_data_is_read(headers_only_mnist, monkeypatch,
     with pytest.raises(ResourceError) as info:
         run_scenario(scenario, tmp_path / "out")
     assert str(info.value).startswith("s.yaml:2: data.dataset: not enough memory for this run")
+    assert str(info.value).endswith("a batch's activations come on top")
     assert not (tmp_path / "out").exists()
     monkeypatch.delenv(MEMORY_ENV)
     with pytest.raises(ConfigError, match="the file is truncated or damaged"):
@@ -181,7 +203,7 @@ def test_clsim_compare_stops_before_any_cell(headers_only_mnist, monkeypatch, tm
     path.write_text(SCENARIO.replace("ROOT", str(headers_only_mnist))
                     + "compare: {budgets: ['1MB'], seeds: [0]}\n", encoding="utf-8")
     monkeypatch.setenv(MEMORY_ENV, "20MiB")
-    with pytest.raises(ResourceError, match=r"20\.00 MB is available"):
+    with pytest.raises(ResourceError, match=r"0 B is available \(\$CLSIM_MEMORY_LIMIT=20MiB less"):
         run_compare(path, tmp_path / "out", executor="inline")
     assert not (tmp_path / "out").exists()
 
@@ -194,15 +216,19 @@ def test_clsim_run_over_the_env_cap_fails_early_with_one_message(shared_data_roo
     assert proc.returncode == 2, proc.stderr
     error = proc.stderr.splitlines()[-1]
     weights = (784 * 100 + 100 + 100 * 10 + 10) * 4
+    held = re.search(r"less the (.+?) this process already holds", error).group(1)
     assert error == (
         f"clsim: error: {path}:2: data.dataset: not enough memory for this run: it needs about "
         f"{format_bytes(2 * MNIST_BYTES + 2 * weights)} (dataset 'mnist', 70000 samples of "
         f"1x28x28 at 1 byte a value with labels: {format_bytes(MNIST_BYTES)}; its copies in the "
         f"stream: {format_bytes(MNIST_BYTES)}; model 'mlp' with gradients and optimizer state: "
         f"{format_bytes(2 * weights)}; strategy state beyond the model (the largest budget): "
-        "0 B) but 20.00 MB is available ($CLSIM_MEMORY_LIMIT=20MiB); stopped before loading "
+        f"0 B) but 0 B is available ($CLSIM_MEMORY_LIMIT=20MiB less the {held} this process "
+        "already holds (the interpreter, torch, loaded modules)); stopped before loading "
         "the data: use a subset of the data (an npz file of fewer samples), a smaller model "
-        "or smaller budgets, or raise $CLSIM_MEMORY_LIMIT"
+        "or smaller budgets, or raise $CLSIM_MEMORY_LIMIT. The estimate counts the data, the "
+        "model with its training state and each strategy's budget; a strategy without a "
+        "budget (joint) may keep more, and a batch's activations come on top"
     )
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()  # no results folder, no event of any experience

@@ -4,7 +4,8 @@ Available memory is the least of: ``MemAvailable`` in /proc/meminfo; the cgroup'
 minus its usage (v2 ``memory.max`` - ``memory.current``, v1 ``memory.limit_in_bytes`` -
 ``memory.usage_in_bytes``); the process's address-space limit (``ulimit -v``) minus what
 it has mapped; and ``$CLSIM_MEMORY_LIMIT`` (a size such as ``"2 GiB"``, read with the
-budget syntax), a cap for runs sharing a machine. A source that does not exist on this
+budget syntax), a cap on the whole process for runs sharing a machine: its room is the
+cap less the process's resident memory. A source that does not exist on this
 system is skipped; with none at all, nothing is checked.
 
 This sits below the loaders, which call :func:`require_memory` before allocating what a
@@ -48,6 +49,35 @@ def env_limit(environ: dict[str, str] | None = None) -> MemoryLimit | None:
         raise ConfigError(f"${MEMORY_ENV}: expected a positive size in bytes, such as "
                           f"'2 GiB' or '500MB'; got {text!r}")
     return MemoryLimit(size.bytes, f"${MEMORY_ENV}={text}")
+
+
+def _status_bytes(status: Path, field: str) -> int | None:
+    """A size field of /proc/self/status (``VmRSS``, ``VmSize``) in bytes, or None."""
+    try:
+        return next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines()
+                    if line.startswith(f"{field}:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def resident_bytes(status: Path = Path("/proc/self/status")) -> int | None:
+    """This process's resident memory (VmRSS): the interpreter, torch and every module
+    and array loaded so far; None where /proc cannot tell."""
+    return _status_bytes(status, "VmRSS")
+
+
+def env_room(environ: dict[str, str] | None = None,
+             status: Path = Path("/proc/self/status")) -> MemoryLimit | None:
+    """``$CLSIM_MEMORY_LIMIT`` caps the whole process, so the room it leaves is the cap
+    less what the process already holds (as a cgroup's room is its limit less its usage)."""
+    cap = env_limit(environ)
+    if cap is None:
+        return None
+    held = resident_bytes(status)
+    if held is None:
+        return cap
+    return MemoryLimit(max(0, cap.bytes - held), f"{cap.source} less the {format_bytes(held)} "
+                       "this process already holds (the interpreter, torch, loaded modules)")
 
 
 def meminfo_limit(path: Path = Path("/proc/meminfo")) -> MemoryLimit | None:
@@ -104,10 +134,8 @@ def address_space_limit(status: Path = Path("/proc/self/status")) -> MemoryLimit
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft == resource.RLIM_INFINITY:
         return None
-    try:
-        mapped = next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines()
-                      if line.startswith("VmSize:"))
-    except (OSError, StopIteration, ValueError, IndexError):
+    mapped = _status_bytes(status, "VmSize")
+    if mapped is None:
         return None
     return MemoryLimit(max(0, soft - mapped), "the address-space limit (ulimit -v) minus what "
                        "the process has mapped")
@@ -115,7 +143,7 @@ def address_space_limit(status: Path = Path("/proc/self/status")) -> MemoryLimit
 
 def available_memory() -> MemoryLimit | None:
     """The tightest of the limits above, or None when none can be read."""
-    limits = [found for found in (env_limit(), meminfo_limit(), address_space_limit())
+    limits = [found for found in (env_room(), meminfo_limit(), address_space_limit())
               if found is not None] + cgroup_limits()
     return min(limits, key=lambda limit: limit.bytes, default=None)
 
