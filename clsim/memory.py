@@ -68,6 +68,13 @@ class Measurement:
         """Bytes of the parts whose name is ``prefix`` or starts with ``prefix.``."""
         return sum(n for k, n in self.parts.items() if k == prefix or k.startswith(prefix + "."))
 
+    def grown_since(self, earlier: Measurement) -> dict[str, tuple[int, int]]:
+        """The parts holding more bytes now than in ``earlier`` (a part it lacked held 0),
+        as part -> (bytes then, bytes now), the largest growth first (then by name)."""
+        grown = {part: (earlier.parts.get(part, 0), nbytes)
+                 for part, nbytes in self.parts.items() if nbytes > earlier.parts.get(part, 0)}
+        return dict(sorted(grown.items(), key=lambda kv: (kv[1][0] - kv[1][1], kv[0])))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "total_bytes": self.total_bytes,
