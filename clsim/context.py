@@ -13,7 +13,7 @@ from torch import nn
 
 from clsim.data.dataset import DataInfo
 from clsim.labels import LabelSpace
-from clsim.memory import model_bytes
+from clsim.memory import measure, model_bytes
 from clsim.seeding import numpy_generator, torch_generator
 from clsim.stream import Experience
 
@@ -35,8 +35,9 @@ class RunContext:
     (a function taking an event name and fields, written to events.jsonl).
 
     Services: ``to_input``, ``features``, ``task_loss`` (the loop's default loss), the
-    plugin's own generators, ``loop_state_bytes`` (what the loop's optimizer will hold,
-    for sizing a store), and for a plugin that owns an experience
+    plugin's own generators, ``held_bytes`` (what the model and each plugin of the
+    strategy hold now) and ``loop_state_bytes`` (what the loop's optimizer will hold),
+    for sizing a store, and for a plugin that owns an experience
     ``new_optimizer`` / ``backward_step`` (the scenario's optimizer and non-finite policy).
     """
 
@@ -54,6 +55,9 @@ class RunContext:
     seen_classes: list[int] = field(default_factory=list)
     log: Callable[..., None] = lambda event, **fields: None
     _trainer: Any = None  # the standard loop (clsim.training.Trainer), set by the engine
+    # the strategy's (name, plugin) pairs in its order, set by the engine: measured by
+    # held_bytes, never handed to a plugin
+    _plugins: list[tuple[str, Any]] = field(default_factory=list, repr=False)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Nothing may be parked on the context: the ledger charges plugin objects, not ctx.
@@ -84,13 +88,33 @@ class RunContext:
         """Bytes of the model's parameters and buffers right now."""
         return model_bytes(self.model)
 
+    def held_bytes(self, also: tuple[str, Any] | None = None) -> dict[str, int]:
+        """Bytes the strategy holds now, by holder, as the ledger measures them:
+        ``"model"``, then every plugin of the strategy under its name in the YAML, in the
+        strategy's order (what the loop's optimizer carries is not here:
+        :meth:`loop_state_bytes`). ``also``, a ``(name, plugin)`` pair, is measured after
+        them when that plugin is not one of the strategy's (a plugin driven by hand outside
+        a run). A store sized from the budget reads it through
+        :func:`clsim.capacity.held_beside`."""
+        plugins = list(self._plugins)
+        if also is not None and self.name_of(also[1]) is None:
+            plugins.append(also)
+        reading = measure(self.model, plugins, skip_types=(RunContext,))
+        return {"model": reading.bytes_of("model"),
+                **{name: reading.bytes_of(name) for name, _ in plugins}}
+
+    def name_of(self, plugin: Any) -> str | None:
+        """``plugin``'s name in the strategy (its key in the YAML), or None when it is not
+        one of the strategy's plugins."""
+        return next((name for name, p in self._plugins if p is plugin), None)
+
     def loop_state_bytes(self) -> int:
         """Bytes of the optimizer state the standard loop will carry through an online
         experience for the model's trainable parameters as they are now (a momentum
         buffer per parameter for SGD with momentum; Adam's two moments and step counts),
         as the ledger charges it at the peak (``loop.optimizer``); 0 offline, for a
         stateless optimizer, and outside a run. A store sized from the budget reserves
-        it (:func:`clsim.capacity.bytes_without_items`)."""
+        it (:func:`clsim.capacity.held_beside`)."""
         return 0 if self._trainer is None else self._trainer.carried_state_bytes()
 
     def to_input(self, x: torch.Tensor) -> torch.Tensor:

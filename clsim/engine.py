@@ -26,7 +26,7 @@ from clsim.interrupts import is_contained
 from clsim.logging.events import EventLog
 from clsim.logging.tensorboard import TensorBoardLogger
 from clsim.loop_types import ExperiencePlan
-from clsim.memory import Ledger, measure, model_bytes
+from clsim.memory import Ledger, Measurement, measure, model_bytes
 from clsim.models.heads import expose_labels
 from clsim.plugin_manager import (
     HookRunner,
@@ -151,11 +151,15 @@ def run_strategy(
         trainer = Trainer(ctx, hooks, scenario.training, torch_generator(seed, "batches"))
         trainer.online = stream.online
         ctx._trainer = trainer
+        ctx._plugins = plugins  # what ctx.held_bytes measures (a store's neighbours)
         del model  # ctx holds it; a resume replaces it with the checkpoint's
         loop = _Loop(scenario, strategy, stream, ctx, hooks, trainer, plugins, outcome,
                      events, tensorboard, progress, where, checkpoint, started)
         try:
             hooks.call("clsim_setup", ctx=ctx)
+            # every plugin has set up: stores sized from the budget see all of them
+            hooks.call("clsim_size_stores", ctx=ctx)
+            loop.at_setup = loop.reading()  # what a strict failure reports growth against
             start = 0
             if checkpoint is not None and checkpoint.resume_from is not None:
                 start = restore(loop, checkpoint.resume_from, checkpoint.path)
@@ -208,6 +212,7 @@ class _Loop:
         self.position = 0  # training samples delivered so far
         self.checkpoint = checkpoint  # saves the state after each experience, when given
         self.started = started  # perf_counter at the start, less the time before a resume
+        self.at_setup: Measurement | None = None  # the reading once every store is sized
 
     def state_dict(self) -> dict[str, Any]:
         """The stream loop's progress, for a checkpoint: the scores so far, the labels met
@@ -359,12 +364,15 @@ class _Loop:
         self.tensorboard.anytime(self.position, accuracy)
         self._check_budget(record, f"after {self.position} training samples")
 
+    def reading(self) -> Measurement:
+        """What the strategy holds now: the model, every plugin object and what the loop
+        itself carries (an online experience's optimizer)."""
+        return measure(self.ctx.model, self.plugins, skip_types=(RunContext,),
+                       held=self.trainer.held())
+
     def _measure(self, experience: int, point: str):
-        """A ledger reading at ``point`` (memory.POINTS): the model, every plugin object and
-        what the loop itself carries (an online experience's optimizer)."""
-        measurement = measure(self.ctx.model, self.plugins, skip_types=(RunContext,),
-                              held=self.trainer.held())
-        return self.outcome.ledger.record(experience, measurement, position=self.position,
+        """A ledger reading at ``point`` (memory.POINTS)."""
+        return self.outcome.ledger.record(experience, self.reading(), position=self.position,
                                           point=point)
 
     def _report_experience(self, exp: Experience, hits: np.ndarray, loss: float, record) -> None:
@@ -396,7 +404,8 @@ class _Loop:
                 f"strategy {self.strategy.name!r} holds {record.measurement.total_bytes} bytes "
                 f"{when}, over its budget of {self.outcome.budget_bytes} bytes "
                 f"({self.outcome.budget}), checked against {checked} (budget_check: {check}); "
-                "largest parts: " + _largest_parts(record.measurement.parts)
+                f"{_grown_parts(record.measurement, self.at_setup)}; largest parts: "
+                + _largest_parts(record.measurement.parts)
             )
 
 
@@ -461,6 +470,19 @@ def escaped_message(exc: BaseException, plugins: list[tuple[str, object]], where
 def _where(strategy: str, where: dict) -> str:
     exp = where.get("experience")
     return f"strategy {strategy!r}" + ("" if exp is None else f", experience {exp}")
+
+
+def _grown_parts(now: Measurement, at_setup: Measurement | None) -> str:
+    """Every part holding more now than once the stores were sized at setup, with its
+    bytes then and now, the largest growth first."""
+    if at_setup is None:
+        return "no reading at setup to compare with"
+    grown = now.grown_since(at_setup)
+    if not grown:
+        return f"no part grew since setup (it held {at_setup.total_bytes} bytes then)"
+    return "grown since setup: " + ", ".join(
+        f"{part} +{after - before} B ({before} -> {after})"
+        for part, (before, after) in grown.items())
 
 
 def _largest_parts(parts: dict[str, int], n: int = 3) -> str:

@@ -27,8 +27,9 @@ Per experience the engine fires, in this order::
 
 After the last experience ``clsim_report`` collects each plugin's own scores.
 
-``clsim_setup`` fires once before the first experience and ``clsim_teardown`` once
-after the last (also when the run fails).
+``clsim_setup`` fires once before the first experience, then ``clsim_size_stores``
+once every plugin has set up, and ``clsim_teardown`` once after the last (also when the
+run fails).
 
 **One loop.** A strategy is hooks over the standard loop, which trains every strategy
 under the scenario's optimizer, non-finite policy and accounting. Only a method whose
@@ -77,6 +78,7 @@ LOOP_HOOKS = (
 
 RUN_ORDER = (
     "clsim_setup",
+    "clsim_size_stores",
     "clsim_before_experience",
     "clsim_train_experience",
     *LOOP_HOOKS,
@@ -97,11 +99,38 @@ RUN_ORDER = (
 def clsim_setup(ctx: RunContext) -> None:
     """Prepare the plugin before the first experience.
 
-    The model is built and ``ctx.budget_bytes`` is known here: a plugin that sizes its
-    memory from the budget (replay capacity, expansion) does so now, and raises
-    :class:`clsim.errors.ConfigError` if the budget cannot hold its minimum.
+    The model is built and ``ctx.budget_bytes`` is known here. Build the plugin's
+    state (rewire the model, allocate what it always holds) and refuse a configuration
+    the plugin cannot run with (:class:`clsim.errors.ConfigError`). A store sized from
+    what the budget leaves waits for ``clsim_size_stores``: the plugins after this one
+    have not set up yet.
 
     :param ctx: the run context.
+    """
+
+
+@hookspec
+def clsim_size_stores(ctx: RunContext) -> None:
+    """Size the stores that fill what the budget leaves (a replay buffer, exemplars).
+
+    Fires once, after ``clsim_setup`` of every plugin and before the first experience
+    (before a checkpoint is restored, when resuming), in plugin order. Every plugin's
+    state of setup is in place, so a store sized here fills what the budget leaves after
+    the whole strategy, whatever the order of its plugins: the model, every plugin as the
+    ledger measures it (this one with the store emptied) and the optimizer state the loop
+    carries at the peak. :func:`clsim.capacity.size_store` measures that, logs it (event
+    ``store_sized``, naming the bytes of every holder) and raises
+    :class:`clsim.errors.ConfigError`, naming the minimum budget, if not even the
+    plugin's minimum fits. State a plugin builds later (in ``clsim_before_experience`` or
+    while training) is not known here: the ledger charges it where it appears.
+
+    Two stores sized from one budget share it first come, first served: the first in
+    plugin order fills what is left, and a later one sees that store full (usually
+    leaving it no room: the ConfigError above). Give all but one a fixed capacity to
+    split a budget. A plugin that re-sizes a store later (MEMO after each new block)
+    measures the same way and sees the other stores as they are then.
+
+    :param ctx: the run context; ``ctx.budget_bytes`` is None without a budget.
     """
 
 

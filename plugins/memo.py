@@ -50,9 +50,10 @@ the flattening, and MEMO degenerates to one small network per task).
 
 Memory. Unless ``capacity`` is given, the exemplar capacity is what the budget leaves
 after the model as it is for the current task (G, every S_i, the grown head), the aux
-head and the plugin's bookkeeping, divided by the bytes of one stored sample and its
-label (:mod:`clsim.capacity`, the rule every store sized from the budget follows); it is
-computed at setup and again after every expansion, and the stored exemplars shrink to it
+head, the plugin's bookkeeping and every other plugin's state, divided by the bytes of one
+stored sample and its label (:mod:`clsim.capacity`, the rule every store sized from the
+budget follows); it is computed once every plugin has set up (``clsim_size_stores``) and
+again after every expansion, and the stored exemplars shrink to it
 (old classes keep a prefix of their herding order). A budget that cannot hold one
 exemplar per seen class next to the blocks is a ConfigError naming the minimum.
 
@@ -82,7 +83,8 @@ Reconstructions (choices the paper leaves open, or that clsim's engine imposes):
   task replaces it.
 * Weight alignment scales weights only, not biases (as the published code).
 * The head keeps rows for seen classes only; other label ids are masked logits.
-* The budget check counts this plugin's own state, not other plugins of the strategy.
+* The budget counts every plugin of the strategy, except with ``parameters_only`` (the
+  paper's arithmetic: G and S only).
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ from clsim_plugins.buffers import ExemplarBuffer, herding_order, label_dtype
 from torch import nn
 
 from clsim.augment import crop_flip
-from clsim.capacity import bytes_without_items, items_that_fit
+from clsim.capacity import Beside, announce, held_beside, items_that_fit
 from clsim.context import RunContext
 from clsim.errors import ConfigError
 from clsim.loop_types import ExperiencePlan, ForwardOutput
@@ -392,6 +394,15 @@ class MemoPlugin:
             shared_parameters=sum(p.numel() for p in shared.parameters()),
             block_parameters=sum(p.numel() for p in block.parameters()),
         )
+        if self.options.capacity is None and ctx.budget_bytes is None:
+            raise ConfigError(
+                "memo needs 'capacity' or a budget for the strategy "
+                "(e.g. budget: '10 models + 2000 exemplars')"
+            )
+
+    def clsim_size_stores(self, ctx: RunContext) -> None:
+        """The exemplar memory for G + S_1, beside the whole strategy; fail at once if the
+        budget cannot hold ``expected_tasks`` blocks."""
         self._check_expected_tasks(ctx)
         self._resize_memory(ctx, "at setup")
 
@@ -513,17 +524,23 @@ class MemoPlugin:
         return ctx.sample_bytes + label
 
     def model_overhead_bytes(self, ctx: RunContext) -> int:
+        """What the budget must hold before exemplars (:meth:`beside_exemplars`), in bytes."""
+        return self.beside_exemplars(ctx).total_bytes
+
+    def beside_exemplars(self, ctx: RunContext) -> Beside:
         """What the budget must hold before exemplars: the paper's G + S parameter bytes
-        (``parameters_only``), else the ledger's model and plugin state (the aux head
-        included) with an empty exemplar store, and the optimizer state the loop carries
-        through an online experience for the model."""
+        (``parameters_only``), else the ledger's model and the state of every plugin of the
+        strategy (this one's aux head included, its exemplar store empty), and the
+        optimizer state the loop carries through an online experience for the model."""
         if self.options.parameters_only:
             features = ctx.model.features
-            return parameter_bytes(features.shared) + parameter_bytes(features.blocks)
+            paper = parameter_bytes(features.shared) + parameter_bytes(features.blocks)
+            return Beside({}, ctx.name_of(self) or "memo",
+                          {"the float parameters of G and S (parameters_only)": paper})
         empty = ExemplarBuffer(0, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes,
                                self.generator)
-        return bytes_without_items(ctx.model, "memo", self, "buffer", empty,
-                                   loop_state=ctx.loop_state_bytes())
+        return held_beside(ctx, "memo", self, "buffer", empty,
+                           loop_state=ctx.loop_state_bytes())
 
     def _resize_memory(self, ctx: RunContext, when: str) -> None:
         """Size the exemplar memory for the model as it is now, or fail naming the minimum."""
@@ -543,9 +560,10 @@ class MemoPlugin:
             self._set_capacity(ctx, asked)
             return
         blocks = f"G and {len(ctx.model.features.blocks)} specialized block(s) {when}"
+        beside = self.beside_exemplars(ctx)
         fit = items_that_fit(
             ctx.budget_bytes,
-            self.model_overhead_bytes(ctx),
+            beside.total_bytes if self.options.parameters_only else beside,
             self._per_sample_bytes(ctx),
             plugin="memo",
             items=f"exemplars (the {asked} asked for)" if asked is not None
@@ -553,9 +571,11 @@ class MemoPlugin:
             at_least=max(n_needed, asked or 0),
             overhead=f"the float parameters of {blocks} (parameters_only)"
             if self.options.parameters_only
-            else f"{blocks}, the heads, the plugin's bookkeeping and the loop's optimizer "
-                 "state",
+            else f"{blocks}, the heads, the plugins' state and the loop's optimizer state",
         )
+        if asked is None:
+            announce(ctx, "buffer", fit, self._per_sample_bytes(ctx), beside,
+                     stored="exemplars", when=when)
         self._set_capacity(ctx, fit if asked is None else asked)
 
     def _set_capacity(self, ctx: RunContext, capacity: int) -> None:

@@ -35,8 +35,9 @@ one label per level (the narrowest integer type that holds every flat id plus an
 "unknown" marker), the level of each sample's true label (uint8), its importance
 (float32), the count of stored samples, and three small counters of the stream (each
 label's first position, samples seen, the estimate of ``N``). Unless ``capacity`` is
-given, the memory holds what the budget leaves after the model and this bookkeeping,
-divided by the bytes of one stored sample with its labels, level and importance.
+given, the memory holds what the budget leaves after the whole strategy once every plugin
+has set up (the model, this bookkeeping, any other plugin's state, the loop's optimizer
+state), divided by the bytes of one stored sample with its labels, level and importance.
 
 **Reconstructed** (the paper fixes the ideas; these details are this implementation's):
 
@@ -79,7 +80,7 @@ import torch
 import torch.nn.functional as F
 from clsim_plugins.buffers import label_dtype
 
-from clsim.capacity import bytes_without_items, items_that_fit
+from clsim.capacity import size_store
 from clsim.context import RunContext
 from clsim.errors import ConfigError
 from clsim.labels import LabelSpace
@@ -319,24 +320,28 @@ class PlFmsPlugin:
     def clsim_setup(self, ctx: RunContext) -> None:
         self.generator = ctx.torch_generator("pl_fms")
         self.first_seen = torch.full((ctx.n_classes,), -1, dtype=torch.int64)
-        capacity = self.options.capacity or self._capacity_from_budget(ctx)
-        self.memory = self._memory(ctx, capacity)
+        if self.options.capacity is not None:
+            self.memory = self._memory(ctx, self.options.capacity)
+        elif ctx.budget_bytes is None:
+            raise ConfigError("pl_fms needs 'capacity' or a budget for the strategy "
+                              "(e.g. budget: 'model + 1000 exemplars')")
+
+    def clsim_size_stores(self, ctx: RunContext) -> None:
+        """The memory fills what the budget leaves beside the whole strategy."""
+        if self.options.capacity is None:
+            self.memory = self._memory(ctx, self._capacity_from_budget(ctx))
 
     def _memory(self, ctx: RunContext, capacity: int) -> HierarchyMemory:
         return HierarchyMemory(capacity, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes,
                                self._labels(ctx).n_levels)
 
     def _capacity_from_budget(self, ctx: RunContext) -> int:
-        if ctx.budget_bytes is None:
-            raise ConfigError("pl_fms needs 'capacity' or a budget for the strategy "
-                              "(e.g. budget: 'model + 1000 exemplars')")
-        overhead = bytes_without_items(ctx.model, "pl_fms", self, "memory",
-                                       self._memory(ctx, 0), loop_state=ctx.loop_state_bytes())
         one = self._memory(ctx, 1)
         per_sample = sum(t.element_size() * t[0].numel()
                          for t in (one.x, one.labels, one.level, one.importance))
-        return items_that_fit(ctx.budget_bytes, overhead, per_sample, plugin="pl_fms",
-                              items="stored sample")
+        return size_store(ctx, "pl_fms", self, "memory", self._memory(ctx, 0), per_sample,
+                          loop_state=ctx.loop_state_bytes(), items="stored sample",
+                          stored="samples")
 
     @staticmethod
     def _labels(ctx: RunContext) -> LabelSpace:

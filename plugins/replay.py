@@ -8,8 +8,10 @@ experience_end`` once per experience with all its samples, so an experience repl
 what earlier ones left (the schedule of Avalanche's ``Replay``); herding (Rebuffi et al.,
 iCaRL, CVPR 2017) rebuilds the memory after each experience with an even share per seen
 class. Unless ``capacity`` is
-given, the buffer holds what the budget leaves after the model and the plugin's own
-bookkeeping, divided by the bytes of one stored sample plus its label.
+given, the buffer holds what the budget leaves after the whole strategy once every plugin
+has set up (the model, this plugin's own bookkeeping, every other plugin's state, the
+loop's optimizer state), divided by the bytes of one stored sample plus its label
+(:mod:`clsim.capacity`; the run's log says what it subtracted).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Literal
 import torch
 from clsim_plugins.buffers import ExemplarBuffer, herding_order, label_dtype
 
-from clsim.capacity import bytes_without_items, items_that_fit
+from clsim.capacity import size_store
 from clsim.context import RunContext
 from clsim.errors import ConfigError
 from clsim.stream import Batch, Experience
@@ -62,29 +64,33 @@ class ReplayPlugin:
         self.buffer: ExemplarBuffer | None = None
         self.class_means: torch.Tensor | None = None
 
-    # -- setup: size the memory from the budget ----------------------------
+    # -- setup: a fixed buffer now, one sized from the budget once all have set up --
 
     def clsim_setup(self, ctx: RunContext) -> None:
-        generator = ctx.torch_generator("replay")
-        if self.options.nme:  # allocated now so that sizing below charges it
+        if self.options.nme:  # allocated now so that sizing charges it
             self.class_means = torch.zeros(ctx.n_classes, ctx.model.feature_dim, device=ctx.device)
-        capacity = self.options.capacity or self._capacity_from_budget(ctx, generator)
-        self.buffer = ExemplarBuffer(
-            capacity, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes, generator
-        )
-
-    def _capacity_from_budget(self, ctx: RunContext, generator: torch.Generator) -> int:
-        if ctx.budget_bytes is None:
+        if self.options.capacity is not None:
+            self.buffer = self._buffer(ctx, self.options.capacity)
+        elif ctx.budget_bytes is None:
             raise ConfigError(
                 "replay needs 'capacity' or a budget for the strategy "
                 "(e.g. budget: 'model + 500 exemplars')"
             )
-        empty = ExemplarBuffer(0, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes, generator)
-        overhead = bytes_without_items(ctx.model, "replay", self, "buffer", empty,
-                                       loop_state=ctx.loop_state_bytes())
+
+    def clsim_size_stores(self, ctx: RunContext) -> None:
+        """The buffer fills what the budget leaves beside the whole strategy."""
+        if self.options.capacity is not None:
+            return
         label_bytes = torch.empty((), dtype=label_dtype(ctx.n_classes)).element_size()
-        return items_that_fit(ctx.budget_bytes, overhead, ctx.sample_bytes + label_bytes,
-                              plugin="replay", items="exemplar")
+        capacity = size_store(ctx, "replay", self, "buffer", self._buffer(ctx, 0),
+                              ctx.sample_bytes + label_bytes, loop_state=ctx.loop_state_bytes(),
+                              items="exemplar", stored="exemplars")
+        self.buffer = self._buffer(ctx, capacity)
+
+    @staticmethod
+    def _buffer(ctx: RunContext, capacity: int) -> ExemplarBuffer:
+        return ExemplarBuffer(capacity, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes,
+                              ctx.torch_generator("replay"))
 
     # -- training: mix memory into every batch, update the memory -----------
 

@@ -100,8 +100,9 @@ samples, labels, expert tags, priorities, occupancy), the loss windows, their fi
 counts, the smoothed losses, the frozen thresholds, the classes of each expert, the
 classes seen, the active expert, the stream position, the hidden-boundary flag and the
 switch log. The buffer's capacity is ``capacity`` if given, else what the budget leaves
-after everything else (with room kept for 64 more logged switches), computed at setup and
-again after each new expert and each expert's first step (:mod:`clsim.capacity`); the
+after everything else the strategy holds (with room kept for 64 more logged switches),
+computed once every plugin has set up (``clsim_size_stores``) and again after each new
+expert and each expert's first step (:mod:`clsim.capacity`); the
 buffer then shrinks, keeping the highest priorities of each class (still a uniform
 sample). If the budget cannot hold the experts and one buffered sample per seen class,
 the run fails with a ConfigError naming the number of experts and the minimum budget.
@@ -177,7 +178,7 @@ import torch.nn.functional as F
 from clsim_plugins.buffers import label_dtype
 from torch import nn
 
-from clsim.capacity import bytes_without_items, items_that_fit
+from clsim.capacity import Beside, announce, held_beside, items_that_fit
 from clsim.context import RunContext
 from clsim.errors import ConfigError, OptionError
 from clsim.loop_types import Trainable
@@ -517,6 +518,10 @@ class TamePlugin:
         self.expert_classes = torch.zeros(0, ctx.n_classes, dtype=torch.bool)
         self._add_expert(ctx, ctx.model)
 
+    def clsim_size_stores(self, ctx: RunContext) -> None:
+        """The selector buffer, beside expert 0 and every plugin of the strategy."""
+        self._size_buffer(ctx)
+
     def clsim_before_experience(self, ctx: RunContext, experience: Experience) -> None:
         # only a hidden-boundary stream shows an experience without its data
         if experience.n_train == 0:
@@ -716,7 +721,8 @@ class TamePlugin:
         n = len(self.experts)
         self.selector = self._build_selector(ctx, n) if n > 1 else None
         self.selector_stale.fill_(n > 1)
-        self._size_buffer(ctx)
+        if self.buffer is not None:  # expert 0 (setup): clsim_size_stores sizes it
+            self._size_buffer(ctx)
         if n > 1:
             ctx.log("tame_new_expert", expert=n - 1, position=int(self.position),
                     buffer_capacity=self.buffer.capacity)
@@ -730,28 +736,34 @@ class TamePlugin:
             capacity = self.options.capacity
         else:
             seen = 1 if self.buffer is None else max(1, int(self.buffer.class_seen.sum()))
+            beside = self._beside(ctx)
+            item_bytes = PriorityBuffer.item_bytes(ctx.sample_bytes, ctx.n_classes)
             fits = items_that_fit(
-                ctx.budget_bytes, self._overhead_bytes(ctx),
-                PriorityBuffer.item_bytes(ctx.sample_bytes, ctx.n_classes),
+                ctx.budget_bytes, beside, item_bytes,
                 plugin="tame", items="buffered sample(s)",
                 at_least=max(seen, self.options.capacity or 0),
                 overhead=f"{len(self.experts)} expert(s) with their optimizer state, the "
-                         "selector and bookkeeping")
+                         "selector, bookkeeping and the other plugins' state")
             capacity = self.options.capacity or fits
+            if self.options.capacity is None and (self.buffer is None
+                                                  or capacity < self.buffer.capacity):
+                announce(ctx, "buffer", capacity, item_bytes, beside,
+                         stored="buffered samples", when=f"with {len(self.experts)} expert(s)")
         if self.buffer is None:
             self.buffer = PriorityBuffer(capacity, ctx.sample_shape, ctx.sample_dtype,
                                          ctx.n_classes)
         elif capacity != self.buffer.capacity:
             self.buffer = self.buffer.resized(min(capacity, self.buffer.capacity))
 
-    def _overhead_bytes(self, ctx: RunContext) -> int:
-        """Bytes held besides the buffer's items: experts, their optimizer state, selector,
-        bookkeeping, an empty buffer and the log reserve."""
+    def _beside(self, ctx: RunContext) -> Beside:
+        """What is held besides the buffer's items: experts, their optimizer state,
+        selector, bookkeeping, an empty buffer, every other plugin's state and the log
+        reserve."""
         empty = PriorityBuffer(0, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes)
         # tame owns every experience (clsim_train_experience): the loop carries no
         # optimizer; the experts' own optimizers are on the plugin, measured here
-        held = bytes_without_items(ctx.model, "tame", self, "buffer", empty, loop_state=0)
-        return held + LOG_RESERVE * _LOG_COLUMNS * 8
+        return held_beside(ctx, "tame", self, "buffer", empty, loop_state=0, reserved={
+            f"{LOG_RESERVE} more logged switches": LOG_RESERVE * _LOG_COLUMNS * 8})
 
     def _refuse_buffer(self, ctx: RunContext, why: str) -> None:
         """The buffer cannot hold one sample of each class seen: say what would."""

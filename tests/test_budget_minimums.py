@@ -4,11 +4,12 @@ The plugins are clsim's own ``clsim.plugins`` entry points (pyproject.toml), so 
 built-in is covered without editing this file (give it a stream or companions in
 ``SETUPS`` if the default class-incremental digits run does not suit it). None is exempt:
 every strategy holds at least its model, so even ``naive`` has a minimum. Below it a plugin
-must either refuse in ``clsim_setup`` stating its minimum in bytes (exactly: one byte less
+must either refuse at setup stating its minimum in bytes (exactly: one byte less
 is refused, the minimum itself passes setup, and a plugin that learns of larger needs
 later refuses again naming a larger minimum, until the run fits), or be reported over
 budget (and, strict, fail naming the bytes held), exactly from one byte below what it
-holds without a budget.
+holds without a budget. A store sized from the budget is sized in ``clsim_size_stores``,
+once every plugin has set up: a refusal there counts as a refusal in setup.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def run(plugin: str, budget: int | str | None, strict: bool = False) -> dict:
 def refusal(plugin: str, outcome: dict) -> int | None:
     """The minimum a plugin stated when it refused its budget in setup, else None."""
     error = outcome["error"] or ""
-    if not error.startswith(f"plugin {plugin!r} failed in clsim_setup"):
+    at_setup = rf"plugin {re.escape(repr(plugin))} failed in clsim_(setup|size_stores)"
+    if not re.match(at_setup, error):
         return None
     match = MINIMUM.search(error)
     assert match, f"{plugin} refused its budget without stating the minimum: {error}"

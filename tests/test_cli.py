@@ -190,6 +190,7 @@ def test_list_order_all_prints_every_hook_in_the_order_a_run_fires_them(tmp_path
     assert proc.stdout.splitlines() == [
         f"naive:  {LOOP}",
         "  clsim_setup              language_head -> replay",  # tryfirst: the head first
+        "  clsim_size_stores        replay",
         "  clsim_plan_experience    joint",
         "  clsim_before_batch       replay",
         "  clsim_after_batch        replay",

@@ -23,6 +23,7 @@ from clsim.stream import Batch
 
 LIFECYCLE = {
     "clsim_setup",
+    "clsim_size_stores",
     "clsim_teardown",
     "clsim_before_experience",
     "clsim_train_experience",

@@ -158,6 +158,13 @@ def experience_of(ctx: RunContext, index: int, classes: tuple[int, ...]) -> Expe
     )
 
 
+def set_up(plugin: MemoPlugin | ReplayPlugin, ctx: RunContext) -> None:
+    """What the engine does before the first experience: every plugin sets up, then the
+    stores sized from the budget are sized."""
+    plugin.clsim_setup(ctx=ctx)
+    plugin.clsim_size_stores(ctx=ctx)
+
+
 def begin(plugin: MemoPlugin, ctx: RunContext, exp: Experience) -> None:
     """What the engine does before training an experience."""
     ctx.seen_classes.extend(c for c in exp.classes if c not in ctx.seen_classes)
@@ -173,7 +180,7 @@ def ten_tasks_without_training(parameters_only: bool) -> tuple[list[int], RunCon
         )
     )
     plugin = MemoPlugin(MemoOptions(parameters_only=parameters_only))
-    plugin.clsim_setup(ctx=ctx)
+    set_up(plugin, ctx)
     capacities = [plugin.buffer.capacity]
     for t in range(10):
         exp = experience_of(ctx, t, tuple(range(10 * t, 10 * t + 10)))
@@ -213,7 +220,7 @@ def test_ledger_mode_counts_slightly_more() -> None:
     assert capacities[1] == 7424  # G + S_1 with a 10-class head
     replay_ctx = cifar_context(PAPER_BUDGET)
     replay = ReplayPlugin(ReplayOptions(selection="herding"))
-    replay.clsim_setup(ctx=replay_ctx)
+    set_up(replay, replay_ctx)
     assert replay.buffer.capacity == 7417
     # the head: 100 classes over 10 x 64 features, and an aux head of 10 new + 1 outputs
     head = ctx.model.head
@@ -279,7 +286,7 @@ def test_old_blocks_are_frozen_and_stay_in_eval_mode() -> None:
     model.train(); the new one is an exact, trainable copy."""
     ctx = digits_context()
     plugin = MemoPlugin(MemoOptions(capacity=40))
-    plugin.clsim_setup(ctx=ctx)
+    set_up(plugin, ctx)
     features = ctx.model.features
     assert isinstance(features, MemoFeatures)
     features.add_block()
@@ -307,7 +314,7 @@ def test_head_grows_copying_old_weights_and_the_aux_head_has_new_plus_one() -> N
     (old classes collapse to label 0), and unseen classes get masked logits."""
     ctx = digits_context(budget=None)
     plugin = MemoPlugin(MemoOptions(capacity=40))
-    plugin.clsim_setup(ctx=ctx)
+    set_up(plugin, ctx)
     exp0 = experience_of(ctx, 0, (3, 7))
     begin(plugin, ctx, exp0)
     head0 = ctx.model.head
@@ -343,7 +350,7 @@ def test_aux_loss_is_cross_entropy_on_the_newest_block() -> None:
     the model between forwards; no aux loss at the first task."""
     ctx = digits_context()
     plugin = MemoPlugin(MemoOptions(capacity=40, aux_weight=0.5, augment=False))
-    plugin.clsim_setup(ctx=ctx)
+    set_up(plugin, ctx)
     exp0 = experience_of(ctx, 0, (0, 1))
     begin(plugin, ctx, exp0)
     x = dataset_of(ctx).x_train[:16]
@@ -378,14 +385,14 @@ def test_augmentation_is_an_input_hook_with_its_own_generator() -> None:
 
     ctx = digits_context()
     plugin = MemoPlugin(MemoOptions(capacity=40))
-    plugin.clsim_setup(ctx=ctx)
+    set_up(plugin, ctx)
     inputs = ctx.to_input(dataset_of(ctx).x_train[:32])
     out = plugin.clsim_inputs(ctx=ctx, inputs=inputs)
     expected = crop_flip(inputs, ctx.torch_generator("memo", "augment"), padding=1)
     assert out.shape == inputs.shape and torch.equal(out, expected)
     assert not torch.equal(out, inputs)
     off = MemoPlugin(MemoOptions(capacity=40, augment=False))
-    off.clsim_setup(ctx=digits_context())
+    set_up(off, digits_context())
     assert off.clsim_inputs(ctx=ctx, inputs=inputs) is None
 
 
@@ -418,7 +425,7 @@ def test_a_budget_that_cannot_hold_the_next_block_names_the_exact_minimum() -> N
     def run_two_tasks(budget: int) -> MemoPlugin:
         ctx = digits_context(budget)
         plugin = MemoPlugin()
-        plugin.clsim_setup(ctx=ctx)
+        set_up(plugin, ctx)
         exp0 = experience_of(ctx, 0, (0, 1))
         begin(plugin, ctx, exp0)
         plugin.clsim_after_experience(ctx=ctx, experience=exp0)
@@ -444,11 +451,11 @@ def test_setup_errors() -> None:
         MemoPlugin().clsim_setup(ctx=digits_context())
     ctx = digits_context(budget=20_000)
     with pytest.raises(ConfigError, match="expected_tasks=10.*at least"):
-        MemoPlugin(MemoOptions(expected_tasks=10)).clsim_setup(ctx=ctx)
-    MemoPlugin(MemoOptions(expected_tasks=2)).clsim_setup(ctx=digits_context(budget=20_000))
+        set_up(MemoPlugin(MemoOptions(expected_tasks=10)), ctx)
+    set_up(MemoPlugin(MemoOptions(expected_tasks=2)), digits_context(budget=20_000))
     ctx = digits_context()
     plugin = MemoPlugin(MemoOptions(capacity=1))
-    plugin.clsim_setup(ctx=ctx)
+    set_up(plugin, ctx)
     with pytest.raises(ConfigError, match="cannot give each of the 2 seen classes"):
         begin(plugin, ctx, experience_of(ctx, 0, (0, 1)))
     hidden = experience_of(ctx, 0, (0, 1))

@@ -57,6 +57,7 @@ def plugin_on_digits(options: PlFmsOptions, *, stream_length: int | None = None)
     ctx = bare_context(model, dataset, labels=stream.labels, batch_size=16)
     plugin = PlFmsPlugin(replace(options, stream_length=stream_length))
     plugin.clsim_setup(ctx=ctx)
+    plugin.clsim_size_stores(ctx=ctx)
     return plugin, ctx, stream
 
 

@@ -34,7 +34,8 @@ SPECIFIED_HOOKS = sorted(
 # where each hook first fires: outside any experience, or in experience 0 (a new hook
 # must be placed in one of the two, which a test below demands; until it is, its message
 # is checked up to the experience)
-OUTSIDE_EXPERIENCES = {"clsim_setup", "clsim_teardown", "clsim_predict", "clsim_report"}
+OUTSIDE_EXPERIENCES = {"clsim_setup", "clsim_size_stores", "clsim_teardown", "clsim_predict",
+                       "clsim_report"}
 IN_EXPERIENCE_0 = {
     "clsim_before_experience", "clsim_train_experience", "clsim_after_experience",
     "clsim_plan_experience", "clsim_trainable", "clsim_before_batch", "clsim_inputs",
