@@ -1,5 +1,6 @@
 """Statistics of a comparison: means with confidence intervals over seeds, the area under
-accuracy-versus-memory (AUC-A, AUC-L), and paired tests between strategies."""
+accuracy-versus-memory (AUC-A, AUC-L) and its mean over the memory range, paired tests
+between strategies, and the ranking they allow."""
 
 from __future__ import annotations
 
@@ -58,6 +59,15 @@ def auc(memory_mb: Sequence[float], accuracy: Sequence[float]) -> float:
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0))
 
 
+def mean_over_memory(memory_mb: Sequence[float], accuracy: Sequence[float]) -> float | None:
+    """:func:`auc` divided by the width of the memory range: the mean accuracy over it,
+    in the accuracy's own unit, so it reads like the accuracies at each budget. None with
+    fewer than two points or a range of zero width (no area to average)."""
+    if len(memory_mb) < 2 or max(memory_mb) - min(memory_mb) <= 0:
+        return None
+    return auc(memory_mb, accuracy) / (max(memory_mb) - min(memory_mb))
+
+
 @dataclass(frozen=True)
 class PairedTest:
     """Strategy a minus strategy b over the same seeds (paired t-test, Holm-adjusted)."""
@@ -105,3 +115,38 @@ def holm(tests: list[PairedTest]) -> list[PairedTest]:
         PairedTest(t.a, t.b, t.mean_difference, t.n, t.p_value, adjusted.get(i))
         for i, t in enumerate(tests)
     ]
+
+
+def rank_groups(
+    means: dict[str, float], tests: list[PairedTest], alpha: float = 0.05
+) -> list[list[str]]:
+    """Strategies ordered by mean (best first; equal means by name), split into groups
+    only where the split is significant.
+
+    A split falls between two neighbours in that order only when every strategy before
+    it beats every strategy after it: for each such pair the Holm-adjusted paired test
+    has p < ``alpha`` and its mean difference favours the better-ranked one. A pair
+    without a p-value (fewer than two common seeds, identical differences) is not
+    significant. So in ``a ≈ b > c`` both a and b beat c significantly, and a and b are
+    not told apart; a chain ``a ≈ b ≈ c`` makes no claim, even when a beats c, because
+    no split separates them from b. Rendered by :func:`ranking_text`.
+    """
+    order = sorted(means, key=lambda s: (-means[s], s))
+    beats: set[tuple[str, str]] = set()
+    for t in tests:
+        if t.significant(alpha) and t.mean_difference != 0:
+            beats.add((t.a, t.b) if t.mean_difference > 0 else (t.b, t.a))
+    groups: list[list[str]] = []
+    for k, name in enumerate(order):
+        split = k > 0 and all(
+            (upper, lower) in beats for upper in order[:k] for lower in order[k:]
+        )
+        if split or not groups:
+            groups.append([])
+        groups[-1].append(name)
+    return groups
+
+
+def ranking_text(groups: list[list[str]]) -> str:
+    """``a ≈ b > c``: '>' between groups of :func:`rank_groups`, '≈' within one."""
+    return " > ".join(" ≈ ".join(group) for group in groups)
