@@ -9,6 +9,7 @@ comparison loses at most the cells that were running.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,8 +23,14 @@ from clsim.config import ScenarioConfig, parse_scenario, read_scenario_text
 from clsim.errors import ConfigError
 from clsim.executors import run_inline, run_process_pool, run_ray, threads_per_cell
 from clsim.grid import CellTask, plan
-from clsim.report import Analysis, write_report
-from clsim.results import check_out_path, open_out_dir, read_json_file, write_json_atomic
+from clsim.report import Analysis, terminal_summary, write_report
+from clsim.results import (
+    check_out_path,
+    open_out_dir,
+    read_json_file,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 EXECUTORS = ("inline", "local", "ray")
 
@@ -34,10 +41,22 @@ class CompareResult:
     analysis: Analysis
     ran: int
     skipped: int
+    resumed: bool = False
 
     @property
     def failed(self) -> list[dict[str, Any]]:
         return self.analysis.failed
+
+
+REPORT_FILES = "report.md, summary.csv, auc.csv, accuracy_vs_memory.png, tensorboard/"
+
+
+def compare_summary(result: CompareResult) -> str:
+    """What ``clsim compare`` prints on stdout: the rounded tables, then what ran and
+    where the report is. Only a resume mentions the finished cells it kept."""
+    kept = f", kept {result.skipped} finished ones" if result.resumed else ""
+    return (f"{terminal_summary(result.analysis)}\n\nran {result.ran} cells{kept}; report: "
+            f"{result.out_dir}/{REPORT_FILES}")
 
 
 def cell_threads(
@@ -94,6 +113,8 @@ def run_compare(
         todo = [t for t in tasks
                 if t.cell_id not in finished
                 or (retry_failed and finished[t.cell_id].get("status") != "ok")]
+        if not os.path.lexists(store.path):  # created like every other results file
+            write_text_atomic(store.path, "")
         store.open()
         try:
             todo = _give_up_crashing(todo, store, marks, retry_failed, finished)
@@ -106,7 +127,8 @@ def run_compare(
         analysis = write_report(out, records, title=f"{scenario.name}: comparison")
     finally:
         lock.release()
-    return CompareResult(out, analysis, ran=len(todo), skipped=len(tasks) - len(todo))
+    return CompareResult(out, analysis, ran=len(todo), skipped=len(tasks) - len(todo),
+                         resumed=resume)
 
 
 # what a cell that killed clsim twice in a row is recorded with

@@ -2,7 +2,14 @@
 
 Writes ``summary.csv`` (one row per cell), ``auc.csv`` (AUC-A and AUC-L per strategy),
 ``report.md`` (tables, ranking at each budget, paired tests, over-budget notes),
-``accuracy_vs_memory.png`` and TensorBoard HParams runs under ``tensorboard/hparams``.
+``accuracy_vs_memory.png`` and TensorBoard HParams runs under ``tensorboard/hparams``;
+:func:`terminal_summary` is the same story rounded for the terminal.
+
+One unit everywhere a person reads: accuracy in %. AUC-A and AUC-L are the area under
+accuracy against memory divided by the width of the memory range (the mean accuracy over
+it, :func:`clsim.stats.mean_over_memory`), so they read in % like the accuracy at each
+budget. A grid of one budget has no range: ``auc.csv`` then holds its header alone and
+the report and terminal say why.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from clsim.budget import format_bytes
+from clsim.colours import strategy_style
 from clsim.logging.tensorboard import open_summary_writer
 from clsim.results import write_atomic, write_text_atomic, writing
-from clsim.stats import MeanCI, auc, mean_ci, paired_tests
+from clsim.stats import MeanCI, mean_ci, mean_over_memory, paired_tests, rank_groups, ranking_text
 
 Record = dict[str, Any]
 SUMMARY_COLUMNS = [
@@ -41,6 +49,30 @@ SUMMARY_COLUMNS = [
     "threads",
     "error",
 ]
+AUC_COLUMNS = [
+    "strategy",
+    "auc_a_pct",
+    "auc_a_pct_ci95",
+    "auc_l_pct",
+    "auc_l_pct_ci95",
+    "seeds",
+    "memory_mb_from",
+    "memory_mb_to",
+]
+AUC_UNIT = (
+    "AUC-A (AUC-L) is the area under average incremental (last) accuracy against memory "
+    "in MB (trapezoid rule over the budgets; MB = 2^20 bytes) divided by the width of the "
+    "memory range, so it is the mean accuracy over that range in %, computed per seed "
+    "that finished every budget, then averaged."
+)
+NO_AUC = ("No AUC: an area under accuracy against memory needs two budgets or more; this "
+          "grid has one (auc.csv holds its header alone).")
+RANKING_RULE = (
+    "Ranked by mean last accuracy. '>' stands between two neighbours only where every "
+    "strategy before it beats every strategy after it (paired t-test on last accuracy "
+    "over common seeds, Holm-adjusted within the budget, p < 0.05, in that direction); "
+    "everywhere else '≈': not told apart."
+)
 
 
 @dataclass
@@ -54,6 +86,11 @@ class Analysis:
     auc_rows: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def has_auc(self) -> bool:
+        """An area needs a memory range: two budgets or more."""
+        return len(self.budgets) >= 2
+
+    @property
     def failed(self) -> list[Record]:
         return [r for r in self.records if r.get("status") != "ok"]
 
@@ -64,6 +101,21 @@ class Analysis:
     def score(self, strategy: str, budget: str, metric: str) -> MeanCI | None:
         values = [r[metric] for r in self.cells.get((strategy, budget), [])]
         return mean_ci(values) if values else None
+
+    def ranking(self, budget: str) -> list[list[str]]:
+        """The strategies scored at ``budget``, grouped by :func:`rank_groups` on last
+        accuracy (empty when none finished there)."""
+        means = {}
+        for s in self.strategies:
+            ci = self.score(s, budget, "final_accuracy")
+            if ci is not None:
+                means[s] = ci.mean
+        return rank_groups(means, paired_tests(self.seed_scores(budget, list(means))))
+
+    def seed_scores(self, budget: str, strategies: list[str]) -> dict[str, dict[int, float]]:
+        """Last accuracy per seed of each of ``strategies`` at ``budget``."""
+        return {s: {r["seed"]: r["final_accuracy"] for r in self.cells.get((s, budget), [])}
+                for s in strategies}
 
 
 def _checked_figure(r: Record) -> str:
@@ -84,12 +136,12 @@ def analyse(records: list[Record]) -> Analysis:
     for r in records:
         if r.get("status") == "ok":
             result.cells.setdefault((r["strategy"], r["budget"]), []).append(r)
-    result.auc_rows = [_auc_row(result, s) for s in strategies]
+    result.auc_rows = [_auc_row(result, s) for s in strategies] if result.has_auc else []
     return result
 
 
 def _auc_row(analysis: Analysis, strategy: str) -> dict[str, Any]:
-    """AUC-A and AUC-L per seed over the budgets that seed completed, then mean and CI."""
+    """AUC-A and AUC-L in % per seed that completed every budget, then mean and CI."""
     per_seed: dict[int, list[Record]] = defaultdict(list)
     for (name, _), cells in analysis.cells.items():
         if name == strategy:
@@ -97,15 +149,20 @@ def _auc_row(analysis: Analysis, strategy: str) -> dict[str, Any]:
                 if r.get("memory_mb") is not None:
                     per_seed[r["seed"]].append(r)
     complete = {seed: rs for seed, rs in per_seed.items() if len(rs) == len(analysis.budgets)}
-    row: dict[str, Any] = {"strategy": strategy, "seeds": len(complete)}
-    for name, metric in (("auc_a", "average_incremental_accuracy"), ("auc_l", "final_accuracy")):
-        values = [
-            auc([r["memory_mb"] for r in rs], [r[metric] for r in rs]) for rs in complete.values()
-        ]
+    mbs = [r["memory_mb"] for rs in complete.values() for r in rs]
+    row: dict[str, Any] = {"strategy": strategy, "seeds": len(complete),
+                           "memory_mb_from": min(mbs, default=None),
+                           "memory_mb_to": max(mbs, default=None)}
+    for name, metric in (("auc_a_pct", "average_incremental_accuracy"),
+                         ("auc_l_pct", "final_accuracy")):
+        per_seed = {seed: mean_over_memory([r["memory_mb"] for r in rs],
+                                           [100.0 * r[metric] for r in rs])
+                    for seed, rs in complete.items()}
+        values = [v for v in per_seed.values() if v is not None]  # None: a range of width 0
         ci = mean_ci(values) if values else None
         row[name] = None if ci is None else ci.mean
         row[f"{name}_ci95"] = None if ci is None else ci.half_width
-        row[f"{name}_per_seed"] = {s: v for s, v in zip(complete, values, strict=True)}
+        row[f"{name}_per_seed"] = per_seed
     return row
 
 
@@ -137,12 +194,13 @@ def summary_csv(analysis: Analysis) -> str:
 
 
 def auc_csv(analysis: Analysis) -> str:
+    """AUC-A and AUC-L in % (mean accuracy over the memory range) with the 95% CI
+    half-width; the header alone when the grid has fewer than two budgets."""
     buffer = io.StringIO()
-    columns = ["strategy", "auc_a", "auc_a_ci95", "auc_l", "auc_l_ci95", "seeds"]
-    writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, AUC_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in analysis.auc_rows:
-        writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+        writer.writerow({k: _csv_value(row.get(k)) for k in AUC_COLUMNS})
     return buffer.getvalue()
 
 
@@ -173,16 +231,21 @@ def report_markdown(analysis: Analysis, title: str) -> str:
         "",
         "## Area under accuracy against memory",
         "",
-        "AUC-A integrates average incremental accuracy and AUC-L last accuracy over memory "
-        "in MB (trapezoid rule over the budgets; MB = 2^20 bytes), per seed, then averaged.",
-        "",
-        "| strategy | AUC-A | AUC-L | seeds |",
-        "|---|---|---|---|",
     ]
-    for row in sorted(analysis.auc_rows, key=lambda r: -(r["auc_a"] or float("-inf"))):
-        a = _fmt(_row_ci(row, "auc_a"), 1.0, ".4g")
-        b = _fmt(_row_ci(row, "auc_l"), 1.0, ".4g")
-        lines.append(f"| {row['strategy']} | {a} | {b} | {row['seeds']} |")
+    if not analysis.has_auc:
+        lines.append(NO_AUC)
+    else:
+        lines += [
+            AUC_UNIT,
+            "",
+            "| strategy | AUC-A (%) | AUC-L (%) | memory range (MB) | seeds |",
+            "|---|---|---|---|---|",
+        ]
+        for row in _auc_rows_ranked(analysis):
+            a = _fmt(_row_ci(row, "auc_a_pct"), 1.0)
+            b = _fmt(_row_ci(row, "auc_l_pct"), 1.0)
+            lines.append(f"| {row['strategy']} | {a} | {b} | {_memory_range(row)} | "
+                         f"{row['seeds']} |")
     for metric, name in (
         ("final_accuracy", "Last accuracy"),
         ("average_incremental_accuracy", "Average incremental accuracy"),
@@ -191,7 +254,7 @@ def report_markdown(analysis: Analysis, title: str) -> str:
         header = (
             "| strategy | "
             + " | ".join(
-                f"{label} ({mb:.2f} MB)" if mb is not None else label
+                f"{label} ({_mb(mb)} MB)" if mb is not None else label
                 for label, mb in analysis.budgets
             )
             + " |"
@@ -204,21 +267,15 @@ def report_markdown(analysis: Analysis, title: str) -> str:
         "",
         "## Ranking and paired tests at each budget",
         "",
-        "Ranked by mean last accuracy. Pairs: paired t-test over common seeds on last "
-        "accuracy, Holm-adjusted within the budget; * marks p < 0.05.",
+        RANKING_RULE + " Pairs below: the mean difference in points of last accuracy; "
+        "* marks p < 0.05.",
         "",
     ]
     for label, _ in analysis.budgets:
-        ranked = sorted(
-            (s for s in analysis.strategies if analysis.score(s, label, "final_accuracy")),
-            key=lambda s: -analysis.score(s, label, "final_accuracy").mean,
-        )
-        lines.append(f"- **{label}**: " + " > ".join(ranked) if ranked else f"- **{label}**: -")
-        scores = {
-            s: {r["seed"]: r["final_accuracy"] for r in analysis.cells.get((s, label), [])}
-            for s in ranked
-        }
-        for t in paired_tests(scores):
+        groups = analysis.ranking(label)
+        lines.append(f"- **{label}**: {ranking_text(groups) or '-'}")
+        ranked = [s for group in groups for s in group]
+        for t in paired_tests(analysis.seed_scores(label, ranked)):
             p = "n/a" if t.p_adjusted is None else f"{t.p_adjusted:.3g}"
             star = " *" if t.significant() else ""
             lines.append(
@@ -258,6 +315,77 @@ def _row_ci(row: dict[str, Any], name: str) -> MeanCI | None:
     return MeanCI(row[name], row[f"{name}_ci95"], row["seeds"])
 
 
+def _auc_rows_ranked(analysis: Analysis) -> list[dict[str, Any]]:
+    """AUC rows, highest AUC-A first (rows without one last)."""
+    return sorted(analysis.auc_rows, key=lambda r: -(r["auc_a_pct"] or float("-inf")))
+
+
+def _memory_range(row: dict[str, Any]) -> str:
+    if row["memory_mb_from"] is None:
+        return "-"
+    return f"{_mb(row['memory_mb_from'])} to {_mb(row['memory_mb_to'])}"
+
+
+def _mb(mb: float | None) -> str:
+    """Memory in MB to three significant digits (a budget of 20 KB is 0.0195)."""
+    return "-" if mb is None else f"{mb:.3g}"
+
+
+# ---------------------------------------------------------------------------
+# the terminal
+# ---------------------------------------------------------------------------
+
+
+def terminal_summary(analysis: Analysis) -> str:
+    """What ``clsim compare`` prints: AUC, accuracy at each budget and the ranking, in %,
+    rounded to one decimal for reading (the exact numbers are in the files)."""
+    seeds = sorted({r["seed"] for r in analysis.records})
+    lines = [
+        f"{len(analysis.records)} cells ({len(analysis.strategies)} strategies x "
+        f"{len(analysis.budgets)} budgets x {len(seeds)} seeds): {len(analysis.failed)} "
+        f"failed, {len(analysis.over_budget)} over budget. Accuracies in %, mean ± 95% CI "
+        "over seeds.",
+        "",
+    ]
+    if analysis.has_auc:
+        rows = [[r["strategy"], _fmt(_row_ci(r, "auc_a_pct"), 1.0, ".1f"),
+                 _fmt(_row_ci(r, "auc_l_pct"), 1.0, ".1f"), _memory_range(r), str(r["seeds"])]
+                for r in _auc_rows_ranked(analysis)]
+        lines += ["AUC: mean accuracy over the memory range (area / range width), %",
+                  _text_table(["strategy", "AUC-A (average)", "AUC-L (last)",
+                               "memory (MB)", "seeds"], rows), ""]
+    else:
+        lines += [NO_AUC, ""]
+    rows = []
+    for label, mb in analysis.budgets:
+        ranked = [s for group in analysis.ranking(label) for s in group]
+        for i, s in enumerate(ranked or ["-"]):
+            rows.append([label if i == 0 else "", _mb(mb) if i == 0 else "", s,
+                         _fmt(analysis.score(s, label, "final_accuracy"), spec=".1f"),
+                         _fmt(analysis.score(s, label, "average_incremental_accuracy"),
+                              spec=".1f")])
+    lines += ["accuracy at each budget, %, best last accuracy first",
+              _text_table(["budget", "memory (MB)", "strategy", "last", "average"], rows), ""]
+    lines += ["ranking by last accuracy: '>' where every strategy before it beats every one",
+              "after it (Holm-adjusted paired t-test, p < 0.05), '≈' where not told apart"]
+    width = max(len(label) for label, _ in analysis.budgets)
+    for label, _ in analysis.budgets:
+        lines.append(f"  {label:<{width}}  {ranking_text(analysis.ranking(label)) or '-'}")
+    return "\n".join(lines)
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell; numbers (cells starting with a digit)
+    right-aligned so decimals line up."""
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if c[:1].isdigit() else c.ljust(w)
+                         for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
 def plot_accuracy_vs_memory(analysis: Analysis, path: Path) -> None:
     """Average and last accuracy against memory, one line per strategy, CI error bars."""
     import matplotlib
@@ -278,7 +406,9 @@ def plot_accuracy_vs_memory(analysis: Analysis, path: Path) -> None:
             xs = [mb for mb, _ in points]
             ys = [ci.mean * 100 for _, ci in points]
             errors = [(ci.half_width or 0.0) * 100 for _, ci in points]
-            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=s)
+            style = strategy_style(s)
+            ax.errorbar(xs, ys, yerr=errors, marker=style.marker, color=style.colour,
+                        capsize=3, label=s)
         ax.set_ylim(0, 100)
         ax.set_xlabel("memory budget (MB, 2^20 bytes)")
         ax.set_title(name)

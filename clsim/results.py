@@ -158,7 +158,7 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as handle:  # from here the handle closes fd
-                os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; results are files like others
+                os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; results are files like others
                 write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -174,8 +174,10 @@ def _umask() -> int:
     return mask
 
 
-# what open() would give a new file: results are shared like any file the user writes
-_FILE_MODE = 0o666 & ~_umask()
+# what open() would give a new file: results are shared like any file the user writes.
+# Every results file gets it: written atomically here, created by open() (TensorBoard's
+# event files), or created empty atomically before appending (cells.jsonl)
+FILE_MODE = 0o666 & ~_umask()
 
 
 def _path_max() -> int:

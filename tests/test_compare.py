@@ -154,7 +154,8 @@ def test_compare_writes_every_report_file(inline_run):
     rows = (out / "summary.csv").read_text().splitlines()
     assert len(rows) == 1 + 8  # header + 2 strategies x 2 budgets x 2 seeds
     auc_rows = (out / "auc.csv").read_text().splitlines()
-    assert auc_rows[0].startswith("strategy,auc_a,auc_a_ci95,auc_l,auc_l_ci95,seeds")
+    assert auc_rows[0].startswith("strategy,auc_a_pct,auc_a_pct_ci95,auc_l_pct,auc_l_pct_ci95,"
+                                  "seeds")
     assert len(auc_rows) == 3
     report = (out / "report.md").read_text()
     for section in (
