@@ -47,9 +47,14 @@ def scenario_path(arg: str) -> Path:
     bundled = bundled_scenarios()
     if arg in bundled:
         return bundled[arg]
+    from clsim.validation import closest
+
+    hint = closest(arg, bundled)
     raise ConfigError(
-        f"no scenario file {arg!r}, and no bundled scenario of that name "
-        f"(bundled: {', '.join(sorted(bundled)) or 'none'})"
+        f"no scenario file {arg!r}, and no bundled scenario of that name"
+        + (f"; did you mean {hint!r}?" if hint else "")
+        + (f" (bundled: {len(bundled)} scenarios, listed by 'clsim list')" if bundled
+           else " (bundled: none)")
     )
 
 
