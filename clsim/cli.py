@@ -88,6 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = run_scenario(
         scenario, out, seed=args.seed, only=args.strategy, progress=not args.no_progress,
         limit=args.limit, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        debug=args.debug,
     )
     print(results_table(result.summary["strategies"]))
     family = family_table(result.summary)
@@ -99,7 +100,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if result.failed:
         names = ", ".join(o.name for o in result.failed)
-        print(f"clsim: error: strategy {names} failed; see summary.json", file=sys.stderr)
+        traced = any("traceback" in result.summary["strategies"][o.name] for o in result.failed)
+        more = " (its 'error', and the 'traceback' that --debug prints)" if traced else ""
+        print(f"clsim: error: strategy {names} failed; see summary.json{more}", file=sys.stderr)
         return 1
     return 0
 
@@ -293,6 +296,10 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------
 
 
+DEBUG_HELP = ("show tracebacks on errors, and a failed strategy's plugin traceback "
+              "(accepted before or after the command)")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # usage errors: one paragraph, exit 2
         self.print_usage(sys.stderr)
@@ -309,12 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"clsim {clsim.__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # every command takes --debug after it too (parents=[common]); SUPPRESS keeps a
+    # command without it from resetting the value given before the command
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=DEBUG_HELP)
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
 
-    run = sub.add_parser("run", help="run every strategy of a scenario and write results")
+    run = sub.add_parser("run", parents=[common],
+                         help="run every strategy of a scenario and write results")
     run.add_argument("scenario", help="a scenario YAML file, or a bundled scenario name")
     run.add_argument(
         "--out", help="results folder (default: runs/NAME-TIMESTAMP); must not already hold results"
@@ -340,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     compare = sub.add_parser(
-        "compare", help="run the scenario's grid of strategies x budgets x seeds and write a report"
+        "compare", parents=[common],
+        help="run the scenario's grid of strategies x budgets x seeds and write a report"
     )
     compare.add_argument(
         "scenario", help="a scenario YAML file with a 'compare' section, or a bundled scenario name"
@@ -374,18 +388,22 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--no-progress", action="store_true", help="no progress bar")
     compare.set_defaults(func=cmd_compare)
 
-    report = sub.add_parser("report", help="rebuild a comparison's report from cells.jsonl")
+    report = sub.add_parser("report", parents=[common],
+                            help="rebuild a comparison's report from cells.jsonl")
     report.add_argument("dir", metavar="DIR", help="the comparison's results folder")
     report.set_defaults(func=cmd_report)
 
     validate = sub.add_parser(
-        "validate", help="check a scenario (config, data files, stream) without training"
+        "validate", parents=[common],
+        help="check a scenario (config, data files, plugins and their hooks, stream) without "
+        "training"
     )
     validate.add_argument("scenario", help="a scenario YAML file, or a bundled scenario name")
     validate.set_defaults(func=cmd_validate)
 
     listing = sub.add_parser(
-        "list", help="registered plugins with their options, models, datasets and bundled scenarios"
+        "list", parents=[common],
+        help="registered plugins with their options, models, datasets and bundled scenarios"
     )
     listing.add_argument(
         "--order", metavar="HOOK",
@@ -395,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("scenario", nargs="?", help="scenario for --order")
     listing.set_defaults(func=cmd_list)
 
-    new = sub.add_parser("new-plugin", help="write a small installable plugin package to edit")
+    new = sub.add_parser("new-plugin", parents=[common],
+                         help="write a small installable plugin package to edit")
     new.add_argument("name", help="plugin name: a Python identifier, e.g. my_strategy")
     new.add_argument("--dir", default=".", help="folder to write the package into (default: .)")
     new.set_defaults(func=cmd_new_plugin)

@@ -11,10 +11,13 @@ arguments, so a misspelt hook is an error at start-up rather than a hook that ne
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import importlib
 import importlib.metadata
 import inspect
+import os
+import sys
 import traceback
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -24,7 +27,7 @@ import pluggy
 from clsim import hookspecs
 from clsim.errors import ClsimError, PluginError, PluginRuntimeError
 from clsim.interrupts import is_contained
-from clsim.text import bounded_str, describe_fault
+from clsim.text import bounded_str, describe_fault, format_traceback, source_line
 from clsim.validation import closest
 
 if TYPE_CHECKING:
@@ -64,9 +67,10 @@ def load_plugin_class(ref: str) -> type:
 
 
 @contextlib.contextmanager
-def plugin_code(fault: str) -> Iterator[None]:
+def plugin_code(fault: str, plugin_class: type | None = None) -> Iterator[None]:
     """Run code a plugin's author wrote (its module, class, constructor): whatever it
-    raises, a BaseException too, is a PluginError starting with ``fault``; a ClsimError
+    raises, a BaseException too, is a PluginError starting with ``fault`` (and ending
+    with the line of ``plugin_class``'s file that raised it, when given); a ClsimError
     passes as it is, and so does the user's own Ctrl-C."""
     try:
         yield
@@ -75,7 +79,57 @@ def plugin_code(fault: str) -> Iterator[None]:
     except BaseException as exc:
         if not is_contained(exc):
             raise
-        raise PluginError(f"{fault}{describe_fault(exc)}") from exc
+        _keep_traceback(exc)
+        raise PluginError(f"{fault}{_located(exc, plugin_class)}") from exc
+
+
+# the tracebacks of plugin faults raised while a run_strategy call is recorded
+_tracebacks: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "clsim_plugin_tracebacks", default=None)
+
+
+@contextlib.contextmanager
+def recorded_tracebacks() -> Iterator[list[str]]:
+    """Collect the traceback of every plugin fault raised inside the block (a hook or a
+    constructor that raised). A failed strategy's error is one line; the runner keeps
+    these beside it (events.jsonl, summary.json, ``--debug``), so the author can see
+    every frame of their code without clsim printing a traceback by default."""
+    found: list[str] = []
+    token = _tracebacks.set(found)
+    try:
+        yield found
+    finally:
+        _tracebacks.reset(token)
+
+
+def _keep_traceback(exc: BaseException) -> None:
+    found = _tracebacks.get()
+    if found is not None:
+        found.append(format_traceback(exc))
+
+
+def fault_location(exc: BaseException, plugin_class: type) -> str | None:
+    """``file:line`` of the innermost frame of ``exc``'s traceback in the source file of
+    ``plugin_class`` (or of a class it inherits from), or None: where the author's own
+    code failed, even when the exception came from deeper (torch, a dict lookup)."""
+    files = set()
+    for cls in getattr(plugin_class, "__mro__", ()):
+        module = sys.modules.get(getattr(cls, "__module__", None) or "")
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str):
+            files.add(os.path.normcase(os.path.abspath(path)))
+    found = None
+    for frame, line in traceback.walk_tb(exc.__traceback__):
+        path = frame.f_code.co_filename
+        if os.path.normcase(os.path.abspath(path)) in files:
+            found = source_line(path, line)
+    return found
+
+
+def _located(exc: BaseException, plugin_class: type | None) -> str:
+    """``Type: message (file.py:42)``: the fault, with where the plugin raised it."""
+    where = None if plugin_class is None else fault_location(exc, plugin_class)
+    return describe_fault(exc) + (f" ({where})" if where else "")
 
 
 def _import_attribute(ref: str) -> Any:
@@ -144,7 +198,7 @@ def _require_a_hook(cls: type, ref: str) -> None:
 def create_plugin(spec: PluginSpec) -> object:
     """An instance of a strategy's plugin from its YAML entry (class and validated
     options); a constructor that raises, or exits, is reported as the plugin's fault."""
-    with plugin_code(f"plugin {spec.name!r} ({spec.ref}) could not be created: "):
+    with plugin_code(f"plugin {spec.name!r} ({spec.ref}) could not be created: ", spec.cls):
         return spec.cls() if spec.options is None else spec.cls(spec.options)
 
 
@@ -358,9 +412,13 @@ class HookRunner:
     def _invoke(self, hook: str, impl: pluggy.HookImpl, kwargs: dict[str, Any]) -> Any:
         try:
             return impl.function(*[kwargs[name] for name in impl.argnames])
-        except ClsimError as exc:
+        except ClsimError as exc:  # a message the plugin wrote for the user: as it is
+            if not isinstance(exc, PluginRuntimeError):  # (a nested hook kept its own)
+                _keep_traceback(exc)
             raise self.fault(impl.plugin_name, hook, str(exc), exc.exit_code) from exc
         except BaseException as exc:  # sys.exit(), a plugin's own KeyboardInterrupt, ... end
             if not is_contained(exc):  # its strategy, not clsim; the user's Ctrl-C does
                 raise
-            raise self.fault(impl.plugin_name, hook, describe_fault(exc)) from exc
+            _keep_traceback(exc)
+            raise self.fault(impl.plugin_name, hook, _located(exc, type(impl.plugin))) \
+                from exc

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import platform
 import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from clsim.lock import FolderLock
 from clsim.logging.console import progress_factory
 from clsim.logging.events import EventLog
 from clsim.logging.tensorboard import TensorBoardLogger
+from clsim.plugin_manager import recorded_tracebacks
 from clsim.results import (
     check_out_path,
     open_out_dir,
@@ -37,7 +37,7 @@ from clsim.results import (
     write_json_atomic,
 )
 from clsim.snapshot import SnapshotError
-from clsim.text import bounded_str, describe_fault, short_repr
+from clsim.text import bounded_str, describe_fault, format_traceback, short_repr
 
 
 @dataclass
@@ -61,6 +61,7 @@ def run_scenario(
     limit: int | None = None,
     checkpoint_every: str | None = None,
     resume: bool = False,
+    debug: bool = False,
 ) -> RunResult:
     """Run the scenario's strategies (or ``only`` those) and write results to ``out_dir``.
 
@@ -69,6 +70,10 @@ def run_scenario(
     With ``checkpoint_every="experience"`` even that one is saved after each experience;
     ``resume`` continues a run in ``out_dir``: finished strategies are kept as written,
     the one in flight continues from its checkpoint, the rest run.
+
+    A failed strategy's record keeps ``error``, one line naming the plugin, hook,
+    experience and the plugin's ``file:line``, and ``traceback``, the plugin's own
+    traceback (also in its ``strategy_failed`` event); ``debug`` prints it to stderr too.
     """
     if resume and out_dir is None:
         raise ConfigError("--resume needs --out: the folder of the run to continue")
@@ -151,7 +156,7 @@ def run_scenario(
                 class_order=list(stream.class_order),
             )
             runs = _Strategies(scenario, dataset, stream, seed, device, events, out_dir, limit,
-                               checkpoint_every, resume, progress)
+                               checkpoint_every, resume, progress, debug)
             return runs.run(names, RunResult(out_dir, summary))
         finally:
             events.close()
@@ -185,6 +190,7 @@ class _Strategies:
     checkpoint_every: str | None
     resume: bool
     progress: bool
+    debug: bool = False
 
     def run(self, names: list[str], result: RunResult) -> RunResult:
         """Every strategy of ``names``; ``run_end`` says whether the run was cut short."""
@@ -212,12 +218,19 @@ class _Strategies:
         if self.checkpoint_every is not None and out_dir is not None:
             checkpoint = _checkpointing(out_dir, number, name, summary, self.limit,
                                         self.resume)
-        outcome = self._outcome(name, checkpoint, make_progress)
+        outcome, trace = self._outcome(name, checkpoint, make_progress)
         if outcome.error:
-            self.events.write("strategy_failed", strategy=name, error=outcome.error)
+            self.events.write("strategy_failed", strategy=name, error=outcome.error,
+                              **({"traceback": trace} if trace else {}))
             print(f"clsim: strategy {name!r} failed: {outcome.error}", file=sys.stderr)
+            if trace and self.debug:
+                print(trace, end="", file=sys.stderr)
         result.outcomes.append(outcome)
-        summary["strategies"][name] = outcome.to_dict()
+        record = outcome.to_dict()
+        if outcome.error and trace:  # right after the one-line error, as the event has it
+            status_and_error = dict(list(record.items())[:2])
+            record = {**status_and_error, "traceback": trace, **record}
+        summary["strategies"][name] = record
         if checkpoint is not None and checkpoint.unavailable:
             summary["strategies"][name]["checkpoint"] = f"unavailable: {checkpoint.unavailable}"
             print(f"clsim: warning: strategy {name!r} ran without checkpoints: "
@@ -228,19 +241,22 @@ class _Strategies:
             checkpoint.discard()
 
     def _outcome(self, name: str, checkpoint: Checkpointing | None,
-                 make_progress) -> StrategyOutcome:
-        """Run one strategy. Whatever it raises fails only it, except a checkpoint that
-        cannot be restored, a results file that cannot be written and the user's
-        Ctrl-C, which stop the run."""
+                 make_progress) -> tuple[StrategyOutcome, str | None]:
+        """Run one strategy: its outcome, and the traceback of what failed it (None when
+        it did not, or when no code of a plugin's raised). Whatever it raises fails only
+        it, except a checkpoint that cannot be restored, a results file that cannot be
+        written and the user's Ctrl-C, which stop the run."""
         tb_dir = None if self.out_dir is None else \
             self.out_dir / "tensorboard" / safe_name(name)
         tensorboard = TensorBoardLogger(tb_dir)
+        tracebacks: list[str] = []
         try:
-            outcome = run_strategy(
-                self.scenario, self.scenario.strategies[name], self.dataset, self.stream,
-                seed=self.seed, device=self.device, events=self.events,
-                tensorboard=tensorboard, progress=make_progress, checkpoint=checkpoint,
-            )
+            with recorded_tracebacks() as tracebacks:  # the engine keeps one line only
+                outcome = run_strategy(
+                    self.scenario, self.scenario.strategies[name], self.dataset, self.stream,
+                    seed=self.seed, device=self.device, events=self.events,
+                    tensorboard=tensorboard, progress=make_progress, checkpoint=checkpoint,
+                )
             self.events.check()  # the engine records a ClsimError as the strategy's own
             tensorboard.check()
         except (SnapshotError, ResultsWriteError):  # not the strategy's fault: stop
@@ -253,22 +269,11 @@ class _Strategies:
             prefix = "internal error: " if isinstance(exc, Exception) else ""
             outcome = StrategyOutcome(
                 name, error=f"{prefix}{describe_fault(exc)} (traceback in events.jsonl)")
-            self.events.write("internal_error", strategy=name, traceback=_traceback(exc))
+            tracebacks = [format_traceback(exc)]
+            self.events.write("internal_error", strategy=name, traceback=tracebacks[0])
         finally:
             tensorboard.close()
-        return outcome
-
-
-def _traceback(exc: BaseException) -> str:
-    """The traceback of ``exc`` for events.jsonl, even when its ``__str__`` raises a
-    BaseException (which the traceback module does not catch)."""
-    try:
-        return "".join(traceback.format_exception(exc))
-    except BaseException as failure:
-        if not is_contained(failure):
-            raise
-        return f"{type(exc).__name__} (its traceback could not be formatted: " \
-               f"{type(failure).__name__})"
+        return outcome, ("\n".join(tracebacks) if outcome.error and tracebacks else None)
 
 
 def _run_end(events: EventLog, result: RunResult, stopped_by: BaseException | None = None,

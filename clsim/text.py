@@ -7,8 +7,10 @@ plugin gave goes through these helpers, so showing it costs the same whatever it
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import reprlib
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +98,35 @@ def describe_fault(exc: BaseException) -> str:
     return text
 
 
+def format_traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` as Python prints it, for events.jsonl, summary.json and
+    ``--debug``; even when its ``__str__`` raises a BaseException (which the traceback
+    module does not catch)."""
+    try:
+        return "".join(traceback.format_exception(exc))
+    except BaseException as failure:
+        if not is_contained(failure):
+            raise
+        return f"{type(exc).__name__} (its traceback could not be formatted: " \
+               f"{type(failure).__name__})"
+
+
 def shown_path(path: str | Path, limit: int = 200) -> str:
     """A path quoted, cut in the middle when it is very long."""
-    shown = str(path)
+    return repr(_cut_path(str(path), limit))
+
+
+def source_line(path: str | Path, line: int, limit: int = 200) -> str:
+    """``path:line`` as editors and terminals open it (the form of a scenario error's
+    ``file:line``): relative to the working folder when inside it, cut like
+    :func:`shown_path`."""
+    shown = Path(path)
+    with contextlib.suppress(OSError, ValueError):  # no working folder, another drive
+        shown = shown.relative_to(Path.cwd())
+    return f"{_cut_path(str(shown), limit)}:{line}"
+
+
+def _cut_path(shown: str, limit: int) -> str:
     if len(shown) > limit:
         shown = shown[: limit // 2] + "..." + shown[-limit // 2 :]
-    return repr(shown)
+    return shown

@@ -1,0 +1,150 @@
+"""What a plugin author meets first, through the CLI as they would meet it: where their
+plugin failed (file:line, the traceback kept and printed with --debug), two packages
+claiming one plugin name, a misspelt hook caught by validate, the scaffold's docstrings,
+and a misspelt scenario name."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+from helpers import DIGITS_SCENARIO, run_cli
+
+from clsim.cli import build_parser, main
+
+RAISES = '''\
+"""A plugin that fails after its first experience."""
+
+
+class Raises:
+    """Looks up a key that is not there."""
+
+    def clsim_after_experience(self, ctx):
+        table = {}
+        return table["missing"]
+'''
+RAISE_LINE = 9  # the line of RAISES that raises
+
+# a strategy failing between two that finish; --limit 20 keeps it to seconds
+THREE_STRATEGIES = DIGITS_SCENARIO.replace(
+    "  naive:\n    plugins: [naive]\n",
+    "  first:\n    plugins: [naive]\n  s:\n    plugins: [naive, 'my_plugin:Raises']\n"
+    "  last:\n    plugins: [naive]\n")
+MESSAGE = ("plugin 'Raises' failed in clsim_after_experience (strategy 's', experience 0): "
+           f"KeyError: 'missing' (my_plugin.py:{RAISE_LINE})")
+
+
+def _failing_run(tmp_path: Path, *flags: str):
+    """``clsim FLAGS...`` run from the plugin's folder, as its author would."""
+    (tmp_path / "my_plugin.py").write_text(RAISES, encoding="utf-8")
+    (tmp_path / "s.yaml").write_text(THREE_STRATEGIES, encoding="utf-8")
+    return run_cli(*flags, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+
+
+def test_a_failing_plugin_is_named_with_its_line_and_its_traceback_is_kept(tmp_path):
+    proc = _failing_run(tmp_path, "run", "s.yaml", "--out", "out", "--no-progress",
+                        "--limit", "20")
+    assert proc.returncode == 1, proc.stderr
+    assert f"clsim: strategy 's' failed: {MESSAGE}\n" in proc.stderr
+    assert "Traceback" not in proc.stderr  # one line unless --debug
+    assert "the 'traceback' that --debug prints" in proc.stderr
+    out = tmp_path / "out"
+    strategies = json.loads((out / "summary.json").read_text())["strategies"]
+    # the strategies before and after it keep their results
+    assert [s["status"] for s in strategies.values()] == ["ok", "failed", "ok"]
+    record = strategies["s"]
+    assert record["error"] == MESSAGE
+    plugin_frame = f'my_plugin.py", line {RAISE_LINE}, in clsim_after_experience'
+    assert plugin_frame in record["traceback"]
+    assert record["traceback"].rstrip().endswith("KeyError: 'missing'")
+    events = [json.loads(line) for line in (out / "events.jsonl").open()]
+    failed = [e for e in events if e["event"] == "strategy_failed"]
+    assert [(e["strategy"], e["error"]) for e in failed] == [("s", MESSAGE)]
+    assert failed[0]["traceback"] == record["traceback"]
+    assert "traceback" not in strategies["first"]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_before_or_after_the_command_prints_the_plugins_traceback(where, tmp_path):
+    command = ["run", "s.yaml", "--out", "out", "--no-progress", "--limit", "20",
+               "--strategy", "s"]
+    argv = ["--debug", *command] if where == "before" else [*command, "--debug"]
+    proc = _failing_run(tmp_path, *argv)
+    assert proc.returncode == 1, proc.stderr
+    assert f"{MESSAGE}\nTraceback (most recent call last):" in proc.stderr
+    assert f'my_plugin.py", line {RAISE_LINE}, in clsim_after_experience' in proc.stderr
+
+
+def test_debug_is_parsed_on_either_side_of_every_command():
+    parse = build_parser().parse_args
+    for command in (["run", "x.yaml"], ["validate", "x.yaml"], ["compare", "x.yaml"],
+                    ["list"], ["report", "d"], ["new-plugin", "p"]):
+        assert parse(command).debug is False
+        assert parse(["--debug", *command]).debug is True
+        assert parse([*command, "--debug"]).debug is True
+
+
+def test_a_constructor_that_raises_is_named_with_its_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "bad_init.py").write_text(
+        "class Plugin:\n    def __init__(self):\n        raise ValueError('no')\n\n"
+        "    def clsim_setup(self):\n        pass\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(
+        DIGITS_SCENARIO.replace("plugins: [naive]", "plugins: ['bad_init:Plugin']"))
+    assert main(["run", "s.yaml", "--out", "out", "--no-progress", "--limit", "20"]) == 1
+    record = json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"]["naive"]
+    assert record["error"] == ("plugin 'Plugin' (bad_init:Plugin) could not be created: "
+                               "ValueError: no (bad_init.py:3)")
+    assert 'bad_init.py", line 3, in __init__' in record["traceback"]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+# -- validate checks the hooks -----------------------------------------------------------
+
+def test_validate_catches_a_misspelt_hook_as_a_run_would(tmp_path, monkeypatch, capsys):
+    (tmp_path / "typo_plugin.py").write_text(
+        "class Typo:\n    def clsim_after_bach(self, batch):\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "s.yaml"
+    path.write_text(DIGITS_SCENARIO.replace("plugins: [naive]",
+                                            "plugins: [naive, 'typo_plugin:Typo']"))
+    check = ("plugin 'Typo' (typo_plugin:Typo) defines 'clsim_after_bach', which is not a "
+             "clsim hook; did you mean 'clsim_after_batch'? (hooks are listed in "
+             "clsim/hookspecs.py)")
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err == f"clsim: error: strategy 'naive': {check}\n"
+    # the same check, from the same code, as a run's start-up
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    capsys.readouterr()
+    record = json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"]
+    assert record["naive"]["error"] == check
+
+
+# -- the scaffold ------------------------------------------------------------------------
+
+def test_the_scaffold_writes_docstrings_to_fill_in_under_any_name(tmp_path, capsys):
+    assert main(["new-plugin", "freeze_after_first", "--dir", str(tmp_path)]) == 0
+    source = (tmp_path / "clsim-freeze_after_first" / "clsim_freeze_after_first" /
+              "plugin.py").read_text()
+    assert "Pull the weights" not in source and "This example pulls" not in source
+    tree = ast.parse(source)
+    plugin = next(node for node in tree.body if isinstance(node, ast.ClassDef)
+                  and node.name == "FreezeAfterFirstPlugin")
+    assert ast.get_docstring(plugin).splitlines()[0] == (
+        "Edit me: one line on what freeze_after_first does ('clsim list' shows this line).")
+    assert ast.get_docstring(tree).startswith("FreezeAfterFirstPlugin: a clsim strategy "
+                                              "plugin. Edit me")
+
+
+# -- scenario names ----------------------------------------------------------------------
+
+def test_a_misspelt_scenario_name_gets_the_closest_and_no_long_list(capsys):
+    assert main(["run", "split_mnst"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clsim: error: no scenario file 'split_mnst', and no bundled "
+                          "scenario of that name; did you mean 'split_mnist'? (bundled: ")
+    assert err.endswith(" scenarios, listed by 'clsim list')\n") and err.count("\n") == 1
+    assert "quickstart" not in err  # the names are not all listed
