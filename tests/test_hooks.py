@@ -20,6 +20,7 @@ from clsim.plugin_manager import (
 )
 from clsim.runner import run_scenario
 from clsim.stream import Batch
+from clsim.text import source_line
 
 LIFECYCLE = {
     "clsim_setup",
@@ -166,9 +167,9 @@ def test_a_raising_plugin_is_named_with_hook_and_experience(tmp_path, monkeypatc
     )
     result = run_scenario(parse_scenario(text), None)
     error = result.outcomes[0].error
-    assert error == (
+    assert error == (  # the innermost line of the plugin's file: in its helper
         "plugin 'Boom' failed in clsim_after_batch (strategy 'naive', experience 0): "
-        "ValueError: boom"
+        f"ValueError: boom ({source_line(tmp_path / 'boom_plugin.py', 8)})"
     )
 
 

@@ -26,6 +26,7 @@ from clsim.config import parse_scenario
 from clsim.executors import run_inline
 from clsim.grid import plan
 from clsim.runner import run_scenario
+from clsim.text import source_line
 
 SPECIFIED_HOOKS = sorted(
     name for name in dir(hookspecs)
@@ -87,7 +88,16 @@ def cell_records(text: str) -> dict[str, dict]:
 
 def expected_message(plugin: str, hook: str, detail: str) -> str:
     where = ", experience 0" if hook in IN_EXPERIENCE_0 else ""
-    return f"plugin {plugin!r} failed in {hook} (strategy 'faulty'{where}): {detail}"
+    return f"plugin {plugin!r} failed in {hook} (strategy 'faulty'{where}): {detail}" \
+        + raised_at(plugin, hook)
+
+
+def raised_at(plugin: str, method: str) -> str:
+    """' (tests/faulty_plugins.py:N)': the line where ``plugin``'s ``method`` raised (the
+    last line of its code), with which the failure message ends."""
+    code = getattr(getattr(faulty_plugins, plugin), method).__code__
+    line = max(line for *_, line in code.co_lines() if line is not None)
+    return f" ({source_line(faulty_plugins.__file__, line)})"
 
 
 @pytest.fixture(autouse=True)
@@ -145,7 +155,8 @@ def test_a_plugin_raising_in_any_hook_fails_only_its_compare_cells(hook, clean_c
         assert record["status"] == "failed"
         assert record["error"].startswith(f"plugin {plugin!r} failed in {hook} "
                                           "(strategy 'faulty'"), record["error"]
-        assert record["error"].endswith(f"RuntimeError: fault in {hook}")
+        assert record["error"].endswith(f"RuntimeError: fault in {hook}"
+                                        + raised_at(plugin, hook))
     others = {cell: r for cell, r in records.items() if r["strategy"] != "faulty"}
     assert others == clean_cells
     assert all(r["status"] == "ok" for r in others.values())
@@ -269,7 +280,8 @@ def test_a_base_exception_in_a_constructor_fails_only_its_strategy(kind, tmp_pat
     strategies = json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"]
     assert [s["status"] for s in strategies.values()] == ["ok", "failed", "ok"]
     assert strategies["faulty"]["error"] == (
-        f"plugin {plugin!r} (faulty_plugins:{plugin}) could not be created: {MESSAGES[kind]}")
+        f"plugin {plugin!r} (faulty_plugins:{plugin}) could not be created: {MESSAGES[kind]}"
+        + raised_at(plugin, "__init__"))
 
 
 def test_a_base_exception_in_a_torch_hook_fails_only_its_strategy(clean_run):
