@@ -179,14 +179,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from clsim.data import dataset_names
     from clsim.models import MODELS
-    from clsim.plugin_manager import available_plugins, load_plugin_class, options_class
+    from clsim.plugin_manager import (
+        clash_message,
+        load_plugin_class,
+        options_class,
+        registered_plugins,
+    )
     from clsim.streams import STREAM_TYPES
     from clsim.validation import document
 
     if args.order:
         return _print_order(args)
     print("plugins (entry-point group 'clsim.plugins'):")
-    for name, ep in available_plugins().items():
+    for name, registrations in registered_plugins().items():
+        if len(registrations) > 1:  # refused in a scenario: say so, and by whom
+            print(f"  {name:<16} CLASH: {clash_message(name, registrations)}")
+            continue
+        ep = registrations[0]
         dist = ep.dist.name if ep.dist else "?"
         try:
             cls = load_plugin_class(name)

@@ -6,6 +6,12 @@ path ``package.module:ClassName``. Its options are a dataclass named by the clas
 attribute ``Options``; the constructor receives one instance of it. Registration fails
 fast: every ``clsim_*`` method must match a spec in :mod:`clsim.hookspecs` by name and
 arguments, so a misspelt hook is an error at start-up rather than a hook that never fires.
+
+A name is one plugin: when two installed distributions register the same name with
+different targets, a scenario naming it is refused (naming both distributions and both
+``module:Class`` targets) rather than silently getting whichever was found first; the
+dotted path of either still works. ``clsim list`` marks such a name, and ``clsim
+new-plugin`` refuses to write a package under a name already registered.
 """
 
 from __future__ import annotations
@@ -38,11 +44,42 @@ HOOK_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("clsim_"))
 
 
 def available_plugins() -> dict[str, importlib.metadata.EntryPoint]:
-    """Plugin name -> entry point, for every installed distribution that declares one."""
-    found: dict[str, importlib.metadata.EntryPoint] = {}
+    """Plugin name -> entry point, for every installed distribution that declares one
+    (the first found of a name that several register: :func:`registered_plugins` has
+    them all, and :func:`load_plugin_class` refuses such a name)."""
+    return {name: eps[0] for name, eps in registered_plugins().items()}
+
+
+def registered_plugins() -> dict[str, list[importlib.metadata.EntryPoint]]:
+    """Plugin name -> its registrations, one per distinct target: more than one is a
+    clash (two packages claiming one name). A distribution found twice on the path is
+    one registration (importlib.metadata keeps the first of each name), and two
+    distributions naming the same ``module:Class`` are no clash."""
+    found: dict[str, list[importlib.metadata.EntryPoint]] = {}
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(ep.name, ep)
+        same_name = found.setdefault(ep.name, [])
+        if all(other.value != ep.value for other in same_name):
+            same_name.append(ep)
     return dict(sorted(found.items()))
+
+
+def clash_message(name: str, registrations: list[importlib.metadata.EntryPoint]) -> str:
+    """Why ``name`` cannot be used as it is: every distribution and target registering
+    it, and how to name the one meant."""
+    claims = [registration(ep) for ep in registrations]
+    listed = ", ".join(claims[:-1]) + f" and {claims[-1]}"
+    return (
+        f"plugin name {name!r} is registered by {len(claims)} installed distributions: "
+        f"{listed}; name the one you mean by its dotted path module:Class in the scenario "
+        f"(e.g. '- {registrations[0].value}: {{...}}' instead of '- {name}: {{...}}'), or "
+        "uninstall the one you do not mean"
+    )
+
+
+def registration(ep: importlib.metadata.EntryPoint) -> str:
+    """``distribution (module:Class)``: who registers a plugin name, and as what."""
+    dist = getattr(ep, "dist", None)
+    return f"{dist.name if dist is not None else 'an unnamed distribution'} ({ep.value})"
 
 
 def load_plugin_class(ref: str) -> type:
@@ -165,7 +202,7 @@ def _import_attribute(ref: str) -> Any:
 def _load_entry_point(ref: str) -> Any:
     """The object a registered plugin's entry point names; a package that fails to load
     (its import raises or exits) is named with the entry point's value."""
-    registry = available_plugins()
+    registry = registered_plugins()
     if ref not in registry:
         hint = closest(ref, registry)
         known = ", ".join(registry) or "none installed"
@@ -174,8 +211,11 @@ def _load_entry_point(ref: str) -> Any:
             + (f"; did you mean {hint!r}?" if hint else "")
             + "; a plugin outside clsim is named as 'package.module:ClassName'"
         )
-    with plugin_code(f"plugin {ref!r} failed to load ({registry[ref].value}): "):
-        return registry[ref].load()  # a broken third-party package must not crash clsim
+    if len(registry[ref]) > 1:
+        raise PluginError(clash_message(ref, registry[ref]))
+    entry_point = registry[ref][0]
+    with plugin_code(f"plugin {ref!r} failed to load ({entry_point.value}): "):
+        return entry_point.load()  # a broken third-party package must not crash clsim
 
 
 def _require_a_hook(cls: type, ref: str) -> None:

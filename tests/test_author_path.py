@@ -102,6 +102,66 @@ def test_a_constructor_that_raises_is_named_with_its_line(tmp_path, monkeypatch,
     assert "Traceback" not in capsys.readouterr().err
 
 
+# -- two packages registering one name ---------------------------------------------------
+
+def _installed(site: Path, dist: str, entry_points: str) -> None:
+    """A distribution as pip leaves it: NAME-0.1.dist-info with METADATA and
+    entry_points.txt, found through the path like any installed package."""
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[clsim.plugins]\n{entry_points}\n")
+
+
+REPLAY_SCENARIO = DIGITS_SCENARIO.replace(
+    "    plugins: [naive]\n",
+    "    budget: 1000000\n    plugins:\n      - REF: {selection: herding}\n")
+
+
+def test_two_packages_registering_one_name_are_refused_naming_both(tmp_path):
+    site = tmp_path / "site"
+    _installed(site, "clsim-replay", "replay = clsim_replay_mod:ReplayPlugin")
+    (site / "clsim_replay_mod.py").write_text(
+        "class ReplayPlugin:\n    \"\"\"Mine.\"\"\"\n\n    def clsim_after_batch(self):\n"
+        "        pass\n")
+    # the same target under one name twice is no clash
+    _installed(site, "naive-again", "naive = clsim_plugins.naive:NaivePlugin")
+    env = {"PYTHONPATH": str(site)}
+    by_name = tmp_path / "by_name.yaml"
+    by_name.write_text(REPLAY_SCENARIO.replace("REF", "replay"))
+    proc = run_cli("validate", str(by_name), env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (f"clsim: error: {by_name}:11: strategies.naive.plugins[0].replay: plugin name "
+            "'replay' is registered by 2 installed distributions: ") in proc.stderr
+    for claim in ("clsim (clsim_plugins.replay:ReplayPlugin)",
+                  "clsim-replay (clsim_replay_mod:ReplayPlugin)",
+                  "name the one you mean by its dotted path module:Class"):
+        assert claim in proc.stderr, proc.stderr
+    # the dotted path of either still works
+    by_path = tmp_path / "by_path.yaml"
+    by_path.write_text(REPLAY_SCENARIO.replace("REF", "clsim_plugins.replay:ReplayPlugin"))
+    proc = run_cli("validate", str(by_path), env=env)
+    assert proc.returncode == 0, proc.stderr
+    listing = run_cli("list", env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert "  replay           CLASH: plugin name 'replay' is registered by 2" in listing.stdout
+    assert "  naive            " in listing.stdout and "naive            CLASH" not in \
+        listing.stdout
+    proc = run_cli("new-plugin", "replay", "--dir", str(tmp_path), env=env)
+    assert proc.returncode == 2 and "already registered" in proc.stderr, proc.stderr
+
+
+def test_new_plugin_refuses_a_registered_name(tmp_path, capsys):
+    assert main(["new-plugin", "replay", "--dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("clsim: error: a plugin named 'replay' is already registered, by clsim "
+                   "(clsim_plugins.replay:ReplayPlugin); a second package registering "
+                   "'replay' would make every scenario naming it ambiguous; choose another "
+                   "name, e.g. 'my_replay' ('clsim list' shows the registered names)\n")
+    assert not (tmp_path / "clsim-replay").exists()
+
+
 # -- validate checks the hooks -----------------------------------------------------------
 
 def test_validate_catches_a_misspelt_hook_as_a_run_would(tmp_path, monkeypatch, capsys):
