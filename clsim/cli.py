@@ -95,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if family:
         print("\n" + family)
     print(
-        f"\nresults: {out}/summary.json, events.jsonl, tensorboard/ "
+        f"\nresults: {out}/summary.json, run.png, events.jsonl, tensorboard/ "
         f"(tensorboard --logdir {out}/tensorboard)"
     )
     if result.failed:
@@ -108,8 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from clsim.compare import run_compare
-    from clsim.report import auc_csv
+    from clsim.compare import compare_summary, run_compare
 
     path = scenario_path(args.scenario)
     out = (
@@ -129,11 +128,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=not args.no_progress,
     )
-    print(auc_csv(result.analysis), end="")
-    print(
-        f"\nran {result.ran} cells, kept {result.skipped} finished ones; report: "
-        f"{out}/report.md, summary.csv, auc.csv, accuracy_vs_memory.png, tensorboard/"
-    )
+    print(compare_summary(result))
+    if result.failed and args.debug:  # a failed cell's traceback, as clsim run --debug
+        for record in result.failed:
+            if record.get("traceback"):
+                print(f"cell {record.get('cell')}:\n{record['traceback']}", file=sys.stderr)
     if result.failed:
         print(
             f"clsim: error: {len(result.failed)} cell(s) failed; see {out}/report.md",

@@ -111,6 +111,7 @@ def _run(task: CellTask) -> dict[str, Any]:
     from clsim.assembly import build_scenario_model, build_stream, resolve_device
     from clsim.engine import run_strategy
     from clsim.memory import model_bytes
+    from clsim.plugin_manager import recorded_tracebacks
 
     torch.set_num_threads(task.threads)
     scenario = _scenario(task.scenario_text, task.source, task.base_dir)
@@ -129,15 +130,18 @@ def _run(task: CellTask) -> dict[str, Any]:
         budget = Budget(bytes=total, text=point.label)
     else:
         budget = point.budget
-    outcome = run_strategy(
-        scenario,
-        dataclasses.replace(strategy, budget=budget),
-        dataset,
-        stream,
-        seed=task.seed,
-        device=resolve_device(scenario.device),
-    )
+    with recorded_tracebacks() as tracebacks:  # the engine keeps a fault's one line only
+        outcome = run_strategy(
+            scenario,
+            dataclasses.replace(strategy, budget=budget),
+            dataset,
+            stream,
+            seed=task.seed,
+            device=resolve_device(scenario.device),
+        )
     result = outcome.to_dict()
+    if outcome.error and tracebacks:  # as clsim run keeps it in summary.json
+        result["traceback"] = tracebacks[-1]
     result["memory_mb"] = None if outcome.budget_bytes is None else outcome.budget_bytes / 2**20
     result["class_order"] = list(stream.class_order)
     result["scenario"] = scenario.name

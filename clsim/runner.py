@@ -36,6 +36,7 @@ from clsim.results import (
     safe_name,
     write_json_atomic,
 )
+from clsim.run_figure import write_run_figure
 from clsim.snapshot import SnapshotError
 from clsim.text import bounded_str, describe_fault, format_traceback, short_repr
 
@@ -157,7 +158,10 @@ def run_scenario(
             )
             runs = _Strategies(scenario, dataset, stream, seed, device, events, out_dir, limit,
                                checkpoint_every, resume, progress, debug)
-            return runs.run(names, RunResult(out_dir, summary))
+            result = runs.run(names, RunResult(out_dir, summary))
+            if out_dir is not None:  # a picture of the run, from summary.json alone
+                write_run_figure(out_dir, result.summary)
+            return result
         finally:
             events.close()
     finally:

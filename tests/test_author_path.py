@@ -208,3 +208,20 @@ def test_a_misspelt_scenario_name_gets_the_closest_and_no_long_list(capsys):
                           "scenario of that name; did you mean 'split_mnist'? (bundled: ")
     assert err.endswith(" scenarios, listed by 'clsim list')\n") and err.count("\n") == 1
     assert "quickstart" not in err  # the names are not all listed
+
+
+def test_a_failing_cell_of_compare_keeps_its_traceback_and_debug_prints_it(tmp_path):
+    """clsim compare records a plugin's fault as clsim run does: the one line in the cell's
+    error, the traceback beside it in cells.jsonl, printed with --debug."""
+    grid = THREE_STRATEGIES.replace("  first:\n    plugins: [naive]\n", "").replace(
+        "  last:\n    plugins: [naive]\n", "") + "compare:\n  budgets: ['1MB']\n  seeds: [0]\n"
+    (tmp_path / "my_plugin.py").write_text(RAISES, encoding="utf-8")
+    (tmp_path / "g.yaml").write_text(grid, encoding="utf-8")
+    proc = run_cli("compare", "g.yaml", "--out", "out", "--no-progress", "--executor",
+                   "inline", "--debug", cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 1, proc.stderr
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "cells.jsonl").open()]
+    assert record["status"] == "failed" and record["error"] == MESSAGE
+    plugin_frame = f'my_plugin.py", line {RAISE_LINE}, in clsim_after_experience'
+    assert plugin_frame in record["traceback"]
+    assert plugin_frame in proc.stderr

@@ -215,13 +215,12 @@ def saved_figures(monkeypatch):
 def test_a_strategy_has_one_colour_in_compare_and_run_figures(grid_run, tmp_path,
                                                               saved_figures):
     from clsim.report import plot_accuracy_vs_memory
-    from clsim.run_figure import write_run_figure
     from clsim.runner import run_scenario
 
     _, result = grid_run
     plot_accuracy_vs_memory(result.analysis, tmp_path / "plot.png")
-    summary = run_scenario(parse_scenario(GRID), tmp_path / "run").summary
-    write_run_figure(tmp_path / "run", summary)
+    run_scenario(parse_scenario(GRID), tmp_path / "run")  # clsim run draws run.png itself
+    assert (tmp_path / "run" / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     compare_colours, run_colours = saved_figures
     for name in ("naive", "replay"):
         assert compare_colours[name] == run_colours[name] == strategy_colour(name)
