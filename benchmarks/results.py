@@ -57,6 +57,7 @@ def run_one(name: str) -> dict:
         subprocess.run(["rm", "-rf", str(out)], check=True)
     argv = command_for(name)
     full = CLSIM + argv[1:] + ["--out", str(out), "--no-progress"]
+    commit = git_commit()  # the code this run imports
     started = time.perf_counter()
     proc = subprocess.run(full, capture_output=True, text=True, cwd=REPO_ROOT)
     record = {
@@ -65,7 +66,7 @@ def run_one(name: str) -> dict:
         "returncode": proc.returncode,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "commit": commit,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "console.txt").write_text(proc.stdout, encoding="utf-8")
@@ -116,20 +117,21 @@ def write_page(names: list[str], jobs: int) -> None:
         "held at the peak (during training) and kept between experiences, against the "
         "budget (see README, \"Memory: measured, not declared\").",
         "",
-        "| scenario | command | time |",
-        "|---|---|---|",
+        "| scenario | command | time | commit |",
+        "|---|---|---|---|",
     ]
     sections = []
-    for name in names:
+    for name in names:  # each run records the commit it ran at
         folder = RUNS / name
         timing_file = folder / "timing.json"
         if not timing_file.exists():
-            parts.append(f"| [{name}](#{name}) | `{shlex.join(command_for(name))}` | not run |")
+            parts.append(f"| [{name}](#{name}) | `{shlex.join(command_for(name))}` | not run | |")
             continue
         timing = json.loads(timing_file.read_text(encoding="utf-8"))
         ok = timing["returncode"] == 0
         shown = f"{timing['wall_seconds']:.0f} s" if ok else f"failed ({timing['returncode']})"
-        parts.append(f"| [{name}](#{name}) | `{timing['command']}` | {shown} |")
+        parts.append(f"| [{name}](#{name}) | `{timing['command']}` | {shown} | "
+                     f"`{timing.get('commit', '?')}` |")
         sections += ["", f"## {name}", "", first_sentence(name), "",
                      f"`{timing['command']}` ({timing['wall_seconds']:.0f} s)", ""]
         report = folder / "report.md"
