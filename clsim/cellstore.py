@@ -104,7 +104,7 @@ class CellStore:
                     handle.truncate(data.rfind(b"\n") + 1)
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                               | os.O_CLOEXEC, 0o644)
+                               | os.O_CLOEXEC, 0o666)
         except OSError as exc:
             raise ResultsWriteError(write_failure(self.path, exc)) from None
 

@@ -104,7 +104,7 @@ class FolderLock:
         """The lock file, opened (created when missing) only if it is a regular file."""
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            fd = os.open(self.path, flags, 0o644)
+            fd = os.open(self.path, flags, 0o666)  # less the umask, as results files
         except OSError as exc:
             raise self._refused(exc) from None
         try:

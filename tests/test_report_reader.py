@@ -183,6 +183,24 @@ def test_every_result_file_gets_the_same_mode(tmp_path):
         assert set(modes.values()) == {oct(0o660)}, modes
 
 
+def test_every_file_of_a_run_gets_the_same_mode(tmp_path):
+    """clsim run's files too (summary.json, run.png, events.jsonl, TensorBoard's), under a
+    umask where os.open(path, 0o644) and open() differ."""
+    path = tmp_path / "run.yaml"
+    path.write_text(GRID, encoding="utf-8")
+    out = tmp_path / "out"
+    script = ("import os, sys; os.umask(0o002); from clsim.cli import main; "
+              "sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", script, "run", str(path), "--out", str(out),
+                           "--no-progress", "--limit", "30"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    modes = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777)
+             for p in out.rglob("*") if p.is_file()}
+    assert {"summary.json", "run.png", "events.jsonl"} <= set(modes)
+    assert set(modes.values()) == {oct(0o664)}, modes
+
+
 def _legend_colours(fig):
     """{label: hex colour} of every legend entry in ``fig``."""
     from matplotlib.colors import to_hex

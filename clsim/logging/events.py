@@ -70,7 +70,7 @@ def _open_for_appending(path: Path) -> int:
         require_file(path, "the run's event log")
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        fd = os.open(path, flags, 0o644)
+        fd = os.open(path, flags, 0o666)  # less the umask, as every results file
     except OSError as exc:
         if os.path.lexists(path):
             require_file(path, "the run's event log")  # a pipe with no reader: ENXIO
