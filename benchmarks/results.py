@@ -97,6 +97,35 @@ def first_sentence(name: str) -> str:
     return text if end < 0 else text[: end + 1]
 
 
+def plugin_reports(summary_path: Path) -> list[str]:
+    """The plain numbers of each plugin's own report (TAME's experts and routing, ...),
+    which the console tables leave out, as one Markdown line per plugin."""
+    if not summary_path.exists():
+        return []
+    strategies = json.loads(summary_path.read_text(encoding="utf-8"))["strategies"]
+    lines = []
+    for strategy, record in strategies.items():
+        for plugin, report in (record.get("plugins") or {}).items():
+            scalars = [f"{key} {_shown(value)}" for key, value in report.items()
+                       if isinstance(value, (int, float, str)) or _short_list(value)]
+            if scalars:
+                lines.append(f"- {strategy}, `{plugin}` report: {'; '.join(scalars)}")
+    return ["", *lines] if lines else []
+
+
+def _short_list(value: object) -> bool:
+    return isinstance(value, list) and len(value) <= 12 and all(
+        isinstance(v, (int, float)) for v in value)
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return str(value)
+
+
 def write_page(names: list[str], jobs: int) -> None:
     """docs/results.md from whatever runs/results holds for ``names``."""
     timings = [json.loads(f.read_text(encoding="utf-8")) for f in RUNS.glob("*/timing.json")]
@@ -142,7 +171,7 @@ def write_page(names: list[str], jobs: int) -> None:
         body = tables_of((folder / "console.txt").read_text(encoding="utf-8"))
         if not ok:
             body += "\n" + (folder / "stderr.txt").read_text(encoding="utf-8").strip()
-        sections += ["```", body, "```"]
+        sections += ["```", body, "```", *plugin_reports(folder / "summary.json")]
     PAGE.parent.mkdir(parents=True, exist_ok=True)
     PAGE.write_text("\n".join(parts + sections) + "\n", encoding="utf-8")
     print(f"wrote {PAGE}")
