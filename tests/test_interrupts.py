@@ -47,6 +47,17 @@ def clsim_with_sigint_ignored(tmp_path, *args: str) -> subprocess.CompletedProce
                           timeout=600, cwd=tmp_path, env=env(tmp_path))
 
 
+def message_seen_from(folder, plugin: str, hook: str, kind: str) -> str:
+    """The failure message as a clsim started in ``folder`` words it: the plugin's file
+    is shown relative to the working folder when inside it, so here as an absolute path."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        return expected_message(plugin, hook, MESSAGES[kind])
+    finally:
+        os.chdir(previous)
+
+
 def write_scenario(tmp_path, plugin: str):
     path = tmp_path / "s.yaml"
     path.write_text(scenario_text(plugin), encoding="utf-8")
@@ -62,8 +73,8 @@ def test_sigint_ignored_a_plugins_keyboard_interrupt_fails_only_its_strategy(tmp
     assert "clsim: error: strategy faulty failed" in proc.stderr
     strategies = json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"]
     assert [s["status"] for s in strategies.values()] == ["ok", "failed", "ok"]
-    assert strategies["faulty"]["error"] == expected_message(
-        PLUGIN, "clsim_after_batch", MESSAGES["KeyboardInterrupt"])
+    assert strategies["faulty"]["error"] == message_seen_from(
+        tmp_path, PLUGIN, "clsim_after_batch", "KeyboardInterrupt")
 
 
 def test_sigint_ignored_pool_workers_fail_only_the_plugins_cells(tmp_path):
@@ -77,7 +88,7 @@ def test_sigint_ignored_pool_workers_fail_only_the_plugins_cells(tmp_path):
     assert "2 cell(s) failed" in proc.stderr and "Traceback" not in proc.stderr
     records = [json.loads(line) for line in (tmp_path / "out" / "cells.jsonl").open()]
     assert len(records) == 6 and len({r["pid"] for r in records}) == 2
-    message = expected_message(PLUGIN, "clsim_after_batch", MESSAGES["KeyboardInterrupt"])
+    message = message_seen_from(tmp_path, PLUGIN, "clsim_after_batch", "KeyboardInterrupt")
     assert sorted((r["strategy"], r["status"], r.get("error")) for r in records) == [
         ("after", "ok", None), ("after", "ok", None), ("before", "ok", None),
         ("before", "ok", None), ("faulty", "failed", message), ("faulty", "failed", message)]
@@ -145,7 +156,7 @@ def test_a_plugins_keyboard_interrupt_on_a_ray_worker_fails_only_its_cells(tmp_p
                           text=True, timeout=600, cwd=tmp_path, env=env(tmp_path))
     assert proc.returncode == 1, proc.stderr
     records = [json.loads(line) for line in (tmp_path / "out" / "cells.jsonl").open()]
-    message = expected_message(PLUGIN, "clsim_after_batch", MESSAGES["KeyboardInterrupt"])
+    message = message_seen_from(tmp_path, PLUGIN, "clsim_after_batch", "KeyboardInterrupt")
     assert sorted((r["strategy"], r["status"], r.get("error")) for r in records) == [
         ("after", "ok", None), ("after", "ok", None), ("before", "ok", None),
         ("before", "ok", None), ("faulty", "failed", message), ("faulty", "failed", message)]
