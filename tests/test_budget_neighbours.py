@@ -206,3 +206,45 @@ def test_grown_since_lists_each_larger_part_with_both_readings() -> None:
     now = Measurement({"model.parameters": 100, "a.x": 12, "a.y": 4, "b.z": 7})
     assert now.grown_since(then) == {"b.z": (0, 7), "a.x": (10, 12)}
     assert then.grown_since(then) == {}
+
+
+USER_PLUGINS = '''\
+class Counter:
+    """Two Python numbers, made in its own setup."""
+
+    def clsim_setup(self):
+        self.seen = 0
+        self.loss_sum = 0.0
+
+
+class Grower:
+    """State that grows after each experience."""
+
+    def clsim_setup(self):
+        self.history = []
+
+    def clsim_after_experience(self):
+        self.history.extend([0.0] * 10)
+'''
+
+
+def test_through_the_cli_a_plugin_beside_replay_fits_and_strict_names_what_grew(tmp_path):
+    """As a user meets it: their plugin file beside the scenario, clsim run from there."""
+    from helpers import run_cli
+
+    strategies = (f"  counted: {{plugins: [{REPLAY}, 'user_plugins:Counter']}}\n"
+                  f"  grows: {{strict: true, plugins: [{REPLAY}, 'user_plugins:Grower']}}\n")
+    (tmp_path / "user_plugins.py").write_text(USER_PLUGINS, encoding="utf-8")
+    (tmp_path / "s.yaml").write_text(SCENARIO.format(strategies=strategies), encoding="utf-8")
+    proc = run_cli("run", "s.yaml", "--out", "out", "--no-progress", cwd=tmp_path,
+                   env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 1, proc.stderr  # 'grows' outgrows its budget under strict
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"]
+    counted, grows = summary["counted"], summary["grows"]
+    assert counted["status"] == "ok" and counted["peak_bytes"] == 49_090
+    assert counted["over_budget"] is False
+    events = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").open()]
+    (sized,) = [e for e in events if e["event"] == "store_sized" and e["strategy"] == "counted"]
+    assert sized["capacity"] == 290 and "16 B by 'Counter'" in sized["message"]
+    assert grows["status"] == "failed"
+    assert "grown since setup: Grower.history" in grows["error"]
