@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import os
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,8 @@ from clsim.budget import Budget
 from clsim.config import ScenarioConfig, parse_scenario
 from clsim.errors import ClsimError, ConfigError
 from clsim.interrupts import is_contained
-from clsim.text import bounded_str, describe_fault
+from clsim.plugin_manager import joined_tracebacks, recorded_tracebacks
+from clsim.text import bounded_str, describe_fault, format_traceback
 
 
 @dataclass(frozen=True)
@@ -94,15 +94,19 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     """Run one cell and return its record; every failure is recorded, never raised."""
     started = time.perf_counter()
     record = task.record(pid=os.getpid())
+    tracebacks: list[str] = []
     try:
-        record.update(_run(task))
+        with recorded_tracebacks() as tracebacks:  # every plugin fault, as clsim run keeps
+            record.update(_run(task))
     except ClsimError as exc:
         record.update(status="failed", error=bounded_str(exc, 4000))
     except BaseException as exc:  # a bug, or a plugin's sys.exit() or own KeyboardInterrupt:
         if not is_contained(exc):  # one cell's fault must not stop the grid (the user's
             raise  # Ctrl-C does)
-        frames = traceback.format_exception(exc)
-        record.update(status="failed", error=describe_fault(exc), traceback="".join(frames[-6:]))
+        record.update(status="failed", error=describe_fault(exc))
+        tracebacks = [*tracebacks, format_traceback(exc)]
+    if record.get("status") == "failed" and tracebacks:
+        record["traceback"] = joined_tracebacks(tracebacks)
     record.setdefault("wall_seconds", round(time.perf_counter() - started, 3))
     return record
 
@@ -111,7 +115,6 @@ def _run(task: CellTask) -> dict[str, Any]:
     from clsim.assembly import build_scenario_model, build_stream, resolve_device
     from clsim.engine import run_strategy
     from clsim.memory import model_bytes
-    from clsim.plugin_manager import recorded_tracebacks
 
     torch.set_num_threads(task.threads)
     scenario = _scenario(task.scenario_text, task.source, task.base_dir)
@@ -130,18 +133,15 @@ def _run(task: CellTask) -> dict[str, Any]:
         budget = Budget(bytes=total, text=point.label)
     else:
         budget = point.budget
-    with recorded_tracebacks() as tracebacks:  # the engine keeps a fault's one line only
-        outcome = run_strategy(
-            scenario,
-            dataclasses.replace(strategy, budget=budget),
-            dataset,
-            stream,
-            seed=task.seed,
-            device=resolve_device(scenario.device),
-        )
+    outcome = run_strategy(
+        scenario,
+        dataclasses.replace(strategy, budget=budget),
+        dataset,
+        stream,
+        seed=task.seed,
+        device=resolve_device(scenario.device),
+    )
     result = outcome.to_dict()
-    if outcome.error and tracebacks:  # as clsim run keeps it in summary.json
-        result["traceback"] = tracebacks[-1]
     result["memory_mb"] = None if outcome.budget_bytes is None else outcome.budget_bytes / 2**20
     result["class_order"] = list(stream.class_order)
     result["scenario"] = scenario.name

@@ -139,6 +139,12 @@ def recorded_tracebacks() -> Iterator[list[str]]:
         _tracebacks.reset(token)
 
 
+def joined_tracebacks(tracebacks: list[str]) -> str:
+    """The tracebacks recorded for one failed strategy or cell, as one text (a fault in
+    clsim_setup, then one in clsim_teardown, are both kept)."""
+    return "\n".join(tracebacks)
+
+
 def _keep_traceback(exc: BaseException) -> None:
     found = _tracebacks.get()
     if found is not None:

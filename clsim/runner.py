@@ -28,7 +28,7 @@ from clsim.lock import FolderLock
 from clsim.logging.console import progress_factory
 from clsim.logging.events import EventLog
 from clsim.logging.tensorboard import TensorBoardLogger
-from clsim.plugin_manager import recorded_tracebacks
+from clsim.plugin_manager import joined_tracebacks, recorded_tracebacks
 from clsim.results import (
     check_out_path,
     open_out_dir,
@@ -277,7 +277,7 @@ class _Strategies:
             self.events.write("internal_error", strategy=name, traceback=tracebacks[0])
         finally:
             tensorboard.close()
-        return outcome, ("\n".join(tracebacks) if outcome.error and tracebacks else None)
+        return outcome, (joined_tracebacks(tracebacks) if outcome.error and tracebacks else None)
 
 
 def _run_end(events: EventLog, result: RunResult, stopped_by: BaseException | None = None,

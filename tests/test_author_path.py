@@ -225,3 +225,39 @@ def test_a_failing_cell_of_compare_keeps_its_traceback_and_debug_prints_it(tmp_p
     plugin_frame = f'my_plugin.py", line {RAISE_LINE}, in clsim_after_experience'
     assert plugin_frame in record["traceback"]
     assert plugin_frame in proc.stderr
+
+
+def test_compare_keeps_a_constructor_faults_traceback_and_every_fault(tmp_path):
+    """A plugin failing as it is created (before the strategy's run), and one failing in
+    two hooks: each cell keeps every traceback, as clsim run does."""
+    plugins = RAISES + '''
+
+class BadInit:
+    def __init__(self):
+        raise ValueError("no")
+
+    def clsim_after_batch(self):
+        pass
+
+
+class TwoFaults:
+    def clsim_setup(self):
+        raise KeyError("first")
+
+    def clsim_teardown(self):
+        raise RuntimeError("second")
+'''
+    grid = THREE_STRATEGIES.replace("  first:\n    plugins: [naive]\n", "").replace(
+        "  last:\n    plugins: [naive]\n", "").replace("my_plugin:Raises", "my_plugin:BadInit")
+    grid += "  two:\n    plugins: [naive, 'my_plugin:TwoFaults']\n"
+    grid += "compare:\n  budgets: ['1MB']\n  seeds: [0]\n"
+    (tmp_path / "my_plugin.py").write_text(plugins, encoding="utf-8")
+    (tmp_path / "g.yaml").write_text(grid, encoding="utf-8")
+    proc = run_cli("compare", "g.yaml", "--out", "out", "--no-progress", "--executor",
+                   "inline", cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 1, proc.stderr
+    records = {r["strategy"]: r for r in
+               (json.loads(line) for line in (tmp_path / "out" / "cells.jsonl").open())}
+    assert 'in __init__\n    raise ValueError("no")' in records["s"]["traceback"]
+    two = records["two"]["traceback"]
+    assert "KeyError: 'first'" in two and "RuntimeError: second" in two
