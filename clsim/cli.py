@@ -90,12 +90,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         limit=args.limit, checkpoint_every=args.checkpoint_every, resume=args.resume,
         debug=args.debug,
     )
+    figure = "run.png, " if (out / "run.png").exists() else ""  # none if no strategy ran
     print(results_table(result.summary["strategies"]))
     family = family_table(result.summary)
     if family:
         print("\n" + family)
     print(
-        f"\nresults: {out}/summary.json, run.png, events.jsonl, tensorboard/ "
+        f"\nresults: {out}/summary.json, {figure}events.jsonl, tensorboard/ "
         f"(tensorboard --logdir {out}/tensorboard)"
     )
     if result.failed:

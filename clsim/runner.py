@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import sys
@@ -159,8 +160,8 @@ def run_scenario(
             runs = _Strategies(scenario, dataset, stream, seed, device, events, out_dir, limit,
                                checkpoint_every, resume, progress, debug)
             result = runs.run(names, RunResult(out_dir, summary))
-            if out_dir is not None:  # a picture of the run, from summary.json alone
-                write_run_figure(out_dir, result.summary)
+            if out_dir is not None:
+                _draw_run_figure(out_dir, result.summary, events)
             return result
         finally:
             events.close()
@@ -278,6 +279,18 @@ class _Strategies:
         finally:
             tensorboard.close()
         return outcome, (joined_tracebacks(tracebacks) if outcome.error and tracebacks else None)
+
+
+def _draw_run_figure(out_dir: Path, summary: dict[str, Any], events: EventLog) -> None:
+    """run.png, from summary.json alone. Every result is written by now, so a figure that
+    cannot be drawn or saved (a full disk, a plotting error) is a warning, not a failure."""
+    try:
+        write_run_figure(out_dir, summary)
+    except Exception as exc:  # noqa: BLE001 - the run's results stand without the picture
+        message = f"run.png not drawn: {describe_fault(exc)}"
+        print(f"clsim: warning: {message}", file=sys.stderr)
+        with contextlib.suppress(ResultsWriteError):
+            events.write("figure_failed", error=message)
 
 
 def _run_end(events: EventLog, result: RunResult, stopped_by: BaseException | None = None,

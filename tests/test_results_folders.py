@@ -252,7 +252,8 @@ def _quickstart_sizes(tmp: Path) -> dict[str, int]:
                                      (reference / "tensorboard" / "naive").iterdir()),
             "tensorboard_all": sum(p.stat().st_size for p in
                                    (reference / "tensorboard").rglob("*") if p.is_file()),
-            "events": (reference / "events.jsonl").stat().st_size}
+            "events": (reference / "events.jsonl").stat().st_size,
+            "figure": (reference / "run.png").stat().st_size}
 
 
 def test_run_on_a_full_disk_names_the_file_and_keeps_the_summary_whole(tmp_path):
@@ -277,6 +278,25 @@ def test_run_on_a_full_disk_names_the_file_and_keeps_the_summary_whole(tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     after = json.loads((out / "summary.json").read_text())["strategies"]
     assert after["naive"] == summary["strategies"]["naive"] and "replay" in after
+
+
+def test_a_figure_that_cannot_be_saved_is_a_warning_and_the_run_succeeds(tmp_path):
+    """run.png is drawn once every result is written: a disk that holds the results but
+    not the picture leaves a finished run, exit 0, a warning and an event."""
+    sizes = _quickstart_sizes(tmp_path)
+    limit = max(sizes["full"], sizes["other"]) + 1
+    assert limit < sizes["figure"], sizes
+    out = tmp_path / "out"
+    proc = _clsim(*QUICKSTART, "--out", str(out), preexec_fn=_limited(limit))
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "clsim: warning: run.png not drawn: " in stderr and "Traceback" not in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["status"] for s in summary["strategies"].values()] == ["ok", "ok"]
+    assert not (out / "run.png").exists() and "run.png" not in stdout
+    assert not list(out.glob(".run.png*"))  # no partial picture left behind
+    events = _records(out / "events.jsonl")
+    assert [e["event"] for e in events][-2:] == ["run_end", "figure_failed"]  # drawn after
 
 
 def test_compare_on_a_full_disk_names_cells_jsonl_and_keeps_whole_records(tmp_path):
