@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -155,10 +155,9 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     the file at ``path`` is always whole, the old one or the new. A failed write (disk
     full) is a :class:`ResultsWriteError` and leaves the old file."""
     with writing(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        fd, tmp = _new_temporary(path)
         try:
             with os.fdopen(fd, "wb") as handle:  # from here the handle closes fd
-                os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; results are files like others
                 write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -168,16 +167,16 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
             raise
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# what open() would give a new file: results are shared like any file the user writes.
-# Every results file gets it: written atomically here, created by open() (TensorBoard's
-# event files), or created empty atomically before appending (cells.jsonl)
-FILE_MODE = 0o666 & ~_umask()
+def _new_temporary(path: Path) -> tuple[int, Path]:
+    """A new file beside ``path``, created 0666 less the umask in force now (as open()
+    and every other results file): mkstemp would make it 0600."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def _path_max() -> int:

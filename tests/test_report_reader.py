@@ -288,3 +288,20 @@ def test_run_figure_copes_with_one_experience_many_and_failed_strategies(tmp_pat
     (tmp_path / "run.png").unlink()
     assert write_run_figure(tmp_path, nothing) is None
     assert not (tmp_path / "run.png").exists()
+
+
+def test_a_results_file_takes_the_umask_in_force_when_it_is_written(tmp_path):
+    """Not the umask of import time: a user who tightens it in a notebook after importing
+    clsim gets private results (events.jsonl is created the same way)."""
+    import os
+
+    from clsim.results import write_text_atomic
+
+    for umask, mode in ((0o077, 0o600), (0o002, 0o664)):
+        previous = os.umask(umask)
+        try:
+            write_text_atomic(tmp_path / f"{umask:o}.txt", "x")
+        finally:
+            os.umask(previous)
+        assert (tmp_path / f"{umask:o}.txt").stat().st_mode & 0o777 == mode
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
