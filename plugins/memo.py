@@ -399,6 +399,8 @@ class MemoPlugin:
                 "memo needs 'capacity' or a budget for the strategy "
                 "(e.g. budget: '10 models + 2000 exemplars')"
             )
+        if self.options.capacity is not None:  # a fixed store is in place before another
+            self._set_capacity(ctx, self.options.capacity)  # plugin sizes from the budget
 
     def clsim_size_stores(self, ctx: RunContext) -> None:
         """The exemplar memory for G + S_1, beside the whole strategy; fail at once if the

@@ -517,6 +517,9 @@ class TamePlugin:
         self.generator = ctx.torch_generator("tame")
         self.expert_classes = torch.zeros(0, ctx.n_classes, dtype=torch.bool)
         self._add_expert(ctx, ctx.model)
+        if self.options.capacity is not None:  # a fixed store is in place before another
+            self.buffer = PriorityBuffer(  # plugin sizes from the budget; checked there
+                self.options.capacity, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes)
 
     def clsim_size_stores(self, ctx: RunContext) -> None:
         """The selector buffer, beside expert 0 and every plugin of the strategy."""

@@ -248,3 +248,23 @@ def test_through_the_cli_a_plugin_beside_replay_fits_and_strict_names_what_grew(
     assert sized["capacity"] == 290 and "16 B by 'Counter'" in sized["message"]
     assert grows["status"] == "failed"
     assert "grown since setup: Grower.history" in grows["error"]
+
+
+def test_a_fixed_store_is_in_place_before_a_neighbour_sizes_from_the_budget(tmp_path):
+    """memo with a fixed capacity holds its store from clsim_setup, as replay and pl_fms
+    do, so replay sizes beside it whichever is listed first. (memo re-checks its blocks
+    before each experience; what replay took first, memo cannot have: first come, first
+    served.)"""
+    store = "{memo: {capacity: 50}}"
+    sized = {}
+    for order in ("replay_first", "store_first"):
+        plugins = f"[{REPLAY}, {store}]" if order == "replay_first" else f"[{store}, {REPLAY}]"
+        lines = f"  s: {{plugins: {plugins}}}\n"
+        out = tmp_path / order
+        run_scenario(parse_scenario(SCENARIO.format(strategies=lines)), out, limit=40)
+        (event,) = [json.loads(line) for line in (out / "events.jsonl").open()
+                    if '"store_sized"' in line and '"plugin": "replay"' in line]
+        sized[order] = event
+    held = [event["held"]["memo"] for event in sized.values()]
+    assert held[0] == held[1] and held[0] >= 50 * ITEM_BYTES  # its 50 items counted
+    assert sized["replay_first"]["capacity"] == sized["store_first"]["capacity"]
