@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -50,11 +51,11 @@ def git_commit() -> str:
                           text=True, cwd=REPO_ROOT).stdout.strip()
 
 
-def run_one(name: str) -> dict:
-    """Run scenario ``name`` into ``runs/results/NAME``; return its timing record."""
+def run_one(name: str, jobs: int) -> dict:
+    """Run scenario ``name`` into ``runs/results/NAME`` (``jobs`` scenarios at once);
+    return its timing record."""
     out = RUNS / name
-    if out.exists():
-        subprocess.run(["rm", "-rf", str(out)], check=True)
+    shutil.rmtree(out, ignore_errors=True)
     argv = command_for(name)
     full = CLSIM + argv[1:] + ["--out", str(out), "--no-progress"]
     commit = git_commit()  # the code this run imports
@@ -67,6 +68,7 @@ def run_one(name: str) -> dict:
         "wall_seconds": round(time.perf_counter() - started, 1),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
+        "jobs": jobs,  # scenarios sharing the machine: the time is theirs too
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "console.txt").write_text(proc.stdout, encoding="utf-8")
@@ -126,10 +128,12 @@ def _shown(value: object) -> str:
     return str(value)
 
 
-def write_page(names: list[str], jobs: int) -> None:
+def write_page(names: list[str], jobs: int, note: str = "") -> None:
     """docs/results.md from whatever runs/results holds for ``names``."""
-    timings = [json.loads(f.read_text(encoding="utf-8")) for f in RUNS.glob("*/timing.json")]
+    timings = [json.loads((RUNS / n / "timing.json").read_text(encoding="utf-8"))
+               for n in names if (RUNS / n / "timing.json").exists()]
     commits = sorted({t.get("commit", "?") for t in timings}) or [git_commit()]
+    shared = sorted({t.get("jobs", 1) for t in timings}) or [jobs]
     parts = [
         "# Results of every bundled scenario",
         "",
@@ -140,11 +144,12 @@ def write_page(names: list[str], jobs: int) -> None:
         "",
         f"Measured at commit {', '.join(f'`{c}`' for c in commits)} on "
         f"{platform.machine()} with {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, Python {platform.python_version()}; {jobs} scenarios ran "
-        "at once, so times are those of a machine shared by that many runs. Columns: final "
+        f"torch {torch.__version__}, Python {platform.python_version()}; "
+        f"{' or '.join(map(str, shared))} scenarios ran at once, so times are those of a "
+        "machine shared by that many runs. Columns: final "
         "accuracy on every class seen; average incremental accuracy; forgetting; the bytes "
         "held at the peak (during training) and kept between experiences, against the "
-        "budget (see README, \"Memory: measured, not declared\").",
+        "budget (see README, \"Memory: measured, not declared\")." + (f" {note}" if note else ""),
         "",
         "| scenario | command | time | commit |",
         "|---|---|---|---|",
@@ -182,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help="scenarios to run (default: every one)")
     parser.add_argument("--jobs", type=int, default=2, help="scenarios run at once")
     parser.add_argument("--page-only", action="store_true", help="rebuild the page only")
+    parser.add_argument("--note", default="", help="a sentence for the page's header (what "
+                        "else loaded the machine, say)")
     args = parser.parse_args(argv)
     every = sorted(bundled_scenarios())
     unknown = sorted(set(args.names) - set(every))
@@ -189,15 +196,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"not bundled scenarios: {', '.join(unknown)}")
     if not every:
         parser.error("no bundled scenarios: install clsim (make venv)")
+    failed: list[str] = []
     if not args.page_only:
         todo = args.names or every
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            records = list(pool.map(run_one, todo))
+        jobs = max(1, args.jobs)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            records = list(pool.map(lambda name: run_one(name, jobs), todo))
         failed = [r["scenario"] for r in records if r["returncode"] != 0]
         if failed:
             print(f"failed: {', '.join(failed)}", file=sys.stderr)
-    write_page(every, args.jobs)
-    return 0
+    write_page(every, args.jobs, args.note)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
