@@ -154,8 +154,8 @@ curve (too few batches, too small a learning rate) has a threshold high enough t
 batches raise it further and the shift is absorbed, not detected. The shipped scenarios
 give every task many more than W batches (split MNIST: about 750 of 16 images).
 
-**Report** (``clsim_report``, under ``metrics.plugins.tame``): experts created, the
-expert sequence, every switch, the detections (stream position in training samples at
+**Report** (``clsim_report``; summary.json ``strategies.<S>.plugins.tame``): experts
+created, the expert sequence, every switch, the detections (stream position in training samples at
 the end of the batch that declared the shift) scored against ``stream.boundaries()``:
 a detection explains a true boundary b when it is the first in ``(b, b + delay_window *
 batch_size]`` (and not past the next boundary), its delay is ``detection - b`` samples
