@@ -1,0 +1,113 @@
+"""LwF: Learning without Forgetting, a distillation regulariser without stored samples.
+
+Li and Hoiem, "Learning without Forgetting", ECCV 2016; TPAMI 40(12), 2017
+(arXiv:1606.09282). The algorithm box, as hooks over the standard loop::
+
+    before task n (n > 0):   theta_o <- a frozen copy of the model          clsim_before_experience
+    for each batch x:        total = task loss + alpha * KD(y_o, y)          clsim_loss
+                             y_o = copy(x), y = model(x) on the old classes' logits
+                             KD  = KL(softmax(y_o / T) || softmax(y / T)), mean over rows
+    after task n:            drop the copy (the next task takes a fresh one) clsim_after_experience
+
+**Reconstructed** (the paper trains a multi-head network with warm-up; this is LwF as
+the class-incremental literature and Avalanche run it, one shared head):
+
+- the "old task outputs" are the logits of the classes seen before the current
+  experience (``ctx.seen_classes`` at its start), as Avalanche's ``LwFPlugin`` restricts
+  the distillation to the previously active units; with no old class the term is absent;
+- KD is the KL divergence between the softened distributions, ``batchmean``, without
+  the ``T^2`` factor (Avalanche's ``LearningWithoutForgetting._distillation_loss``; the
+  paper's cross-entropy form differs from it by the teacher's entropy, a constant);
+- it is computed on every row the loss sees: the stream's samples, and, listed after
+  ``replay``, the memory samples mixed into the batch (Avalanche's ``ReplayPlugin`` with
+  ``LwFPlugin`` distils the mixed mini-batch too), and every view a ``clsim_inputs``
+  stacked (the copy sees exactly ``output.inputs``);
+- the copy runs in the student's mode (batch statistics for BatchNorm when the student
+  trains) without gradients, so on a task's first batch, before any step, the term is
+  exactly 0.0 for a model without dropout (dropout masks are not replayed).
+
+**Defaults**: ``alpha = 1``, ``temperature = 2``, the defaults of Avalanche's
+``LwFPlugin`` (``avalanche.training.plugins.LwFPlugin(alpha=1, temperature=2)``) and the
+temperature continual-learning-baselines uses for split MNIST (its ``experiments/
+split_mnist/lwf.py``, which also schedules alpha per experience; a single alpha here).
+
+**Memory**: while a task after the first trains, the copy of the model (its parameters
+and buffers, exactly the model's bytes) and the old class ids (int64); the ledger's
+``start`` and ``trained`` readings charge them. The copy is dropped at the task's end:
+kept between experiences it would equal the model, retaken at the next start, so holding
+it would charge for nothing the method uses. LwF needs task boundaries: with hidden
+boundaries (one experience) it never distils.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clsim.context import RunContext
+from clsim.loop_types import ForwardOutput
+from clsim.stream import Experience
+
+
+@dataclass
+class LwfOptions:
+    alpha: float = field(
+        default=1.0, metadata={"min": 0, "help": "weight of the distillation term"}
+    )
+    temperature: float = field(
+        default=2.0,
+        metadata={"min": 0, "min_exclusive": True, "help": "softens both distributions"},
+    )
+
+
+class LwfPlugin:
+    """Learning without Forgetting: distil a frozen copy's outputs on the old classes."""
+
+    Options = LwfOptions
+
+    def __init__(self, options: LwfOptions) -> None:
+        self.options = options
+        self.old_model: nn.Module | None = None  # charged in full while a task trains
+        self.old_classes: torch.Tensor | None = None  # int64 ids of the distilled logits
+
+    # -- before task n: freeze a copy of the model ----------------------------
+
+    def clsim_before_experience(self, ctx: RunContext, experience: Experience) -> None:
+        old = [c for c in ctx.seen_classes if c not in experience.classes]
+        if experience.index == 0 or not old:
+            return
+        self.old_model = copy.deepcopy(ctx.model).requires_grad_(False)
+        for p in self.old_model.parameters():
+            p.grad = None  # a deep copy keeps the gradients too; they are no state
+        self.old_classes = torch.tensor(old, dtype=torch.long, device=ctx.device)
+
+    # -- every batch: alpha * KD(copy's outputs, model's outputs) on the old classes --
+
+    def clsim_loss(self, ctx: RunContext, logits: torch.Tensor,
+                   output: ForwardOutput) -> torch.Tensor | None:
+        if self.old_model is None:
+            return None
+        self.old_model.train(ctx.model.training)
+        with torch.no_grad():
+            teacher = self.old_model(output.inputs)
+        return self.options.alpha * distillation(
+            logits[:, self.old_classes], teacher[:, self.old_classes], self.options.temperature
+        )
+
+    # -- after task n: the copy has served ------------------------------------
+
+    def clsim_after_experience(self) -> None:
+        self.old_model = None
+        self.old_classes = None
+
+
+def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(teacher / T) || softmax(student / T)), averaged over rows."""
+    # both sides as log-probabilities: identical logits give exactly 0.0
+    return F.kl_div(F.log_softmax(student / temperature, dim=1),
+                    F.log_softmax(teacher / temperature, dim=1),
+                    reduction="batchmean", log_target=True)
