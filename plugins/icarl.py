@@ -1,0 +1,184 @@
+"""iCaRL: incremental classifier and representation learning.
+
+Rebuffi, Kolesnikov, Sperl and Lampert, "iCaRL: Incremental Classifier and Representation
+Learning", CVPR 2017. METHODS.md section 1 (herding, NME readout, budget conventions).
+
+**The algorithm as hooks over the standard loop**, in the order of the paper's
+Algorithms 2-5 (UPDATEREPRESENTATION, then REDUCE- and CONSTRUCTEXEMPLARSET; Algorithm 1,
+CLASSIFY, at test time):
+
+- ``clsim_before_experience``: keep the previous model (a frozen copy, ``previous``); the
+  classes it knew are the first ``n_old`` of ``ctx.seen_classes`` (``n_old`` is set at
+  each experience's end);
+- ``clsim_plan_experience``: train on the new data plus every exemplar (``plan.extended``);
+- ``clsim_task_loss``: the classification part of the paper's loss, a sigmoid binary
+  cross-entropy on the new classes' outputs with one-hot targets;
+- ``clsim_loss``: the distillation part, a sigmoid binary cross-entropy on the old
+  classes' outputs against ``q = sigmoid(previous(x))``. The paper's single loss is the sum
+  of the two over the seen classes; both are divided by ``N x |seen classes|`` (the mean
+  over the batch's output entries, as the authors' code). The distillation is reported
+  minus the teacher's own entropy ``BCE(q, q)``, a constant in the student: the gradient is
+  the paper's, and the term is exactly 0 when the model equals the previous one;
+- ``clsim_after_experience``: drop the previous model; with ``m = K // classes seen``,
+  shrink every old class's exemplars to their first ``m`` (herding order is prefix-stable)
+  and pick ``m`` herding exemplars for each new class from its training samples, with the
+  updated model's features; then recompute the class means of the exemplars' normalised
+  features (re-normalised);
+- ``clsim_predict``: the nearest mean of exemplars (``nme: false``: the network's own
+  outputs, iCaRL's "hybrid1" ablation).
+
+**Reused, not rewritten**: the exemplar memory, herding and the NME readout are replay's
+(``replay: {selection: herding, nme: true}``), held here as ``memory``, a
+:class:`clsim_plugins.replay.ReplayPlugin` that is not registered as a plugin (none of its
+own hooks fire; iCaRL calls its herding, class-mean and prediction steps at the points
+above). Replay's per-class rebuild and class-mean steps are private methods today
+(``ReplayPlugin._herd``, ``ReplayPlugin._update_class_means``); the primitive
+:func:`clsim_plugins.buffers.herding_order` is public.
+
+**Defaults** (the paper, CIFAR-100): ``K = 2000`` exemplars, sigmoid outputs, 70 epochs,
+batch 128, SGD lr 2.0 divided by 5 at epochs 49 and 63, weight decay 1e-5. Epochs,
+optimizer and batch size are the scenario's ``training`` section; ``capacity`` (K)
+defaults to what the budget leaves, the clsim convention for stores.
+
+**Reconstructed**: the paper's data augmentation of exemplars (flipped copies in the class
+means) is not done; the loss covers the seen classes' outputs only (the authors' code
+took all 100, unseen ones with target 0); the teacher runs in eval mode.
+
+**Memory**: between experiences ``memory`` (K exemplars at their raw dtype and their
+labels, per-class counters, and a ``n_classes x feature_dim`` float32 table of class
+means). While an experience trains, ``previous`` as well (one model's parameters and
+buffers), which the ledger charges at the peak (after ``clsim_before_experience`` and at
+the end of training) and which a budget-sized memory reserves room for.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from clsim_plugins.buffers import label_dtype
+from clsim_plugins.prototypes import require_boundaries, require_flat_labels
+from clsim_plugins.replay import ReplayOptions, ReplayPlugin
+
+from clsim.capacity import size_store
+from clsim.context import RunContext
+from clsim.errors import ConfigError
+from clsim.loop_types import ExperiencePlan, ForwardOutput
+from clsim.stream import Experience
+
+PREVIOUS = "the previous model (held while an experience trains)"
+
+
+@dataclass
+class IcarlOptions:
+    """Options of the icarl plugin (the paper's ``K`` is ``capacity``)."""
+
+    capacity: int | None = field(
+        default=None,
+        metadata={"min": 1, "help": "exemplars kept over all classes (the paper's K, 2000 on "
+                                    "CIFAR-100); default: what the budget leaves"},
+    )
+    nme: bool = field(
+        default=True,
+        metadata={"help": "predict with the nearest mean of exemplars (false: the network)"},
+    )
+
+
+class IcarlPlugin:
+    """iCaRL: herding exemplars, sigmoid distillation, nearest-mean-of-exemplars."""
+
+    Options = IcarlOptions
+
+    def __init__(self, options: IcarlOptions | None = None) -> None:
+        self.options = options or IcarlOptions()
+        self.memory: ReplayPlugin | None = None
+        self.previous: torch.nn.Module | None = None  # only while an experience trains
+        self.n_old = 0  # classes seen before the experience that trains
+
+    # -- setup: a fixed memory now, one sized from the budget once all have set up --
+
+    def clsim_setup(self, ctx: RunContext) -> None:
+        require_flat_labels(ctx, "icarl")
+        if self.options.capacity is None and ctx.budget_bytes is None:
+            raise ConfigError("icarl needs 'capacity' or a budget for the strategy "
+                              "(e.g. budget: 'model + 2000 exemplars')")
+        self.memory = self._memory(ctx, self.options.capacity or 0)
+
+    def clsim_size_stores(self, ctx: RunContext) -> None:
+        """The exemplars fill what the budget leaves beside the whole strategy and the
+        previous model it holds while training."""
+        if self.options.capacity is not None:
+            return
+        label_bytes = torch.empty((), dtype=label_dtype(ctx.n_classes)).element_size()
+        capacity = size_store(ctx, "icarl", self, "memory", self._memory(ctx, 0),
+                              ctx.sample_bytes + label_bytes, loop_state=ctx.loop_state_bytes(),
+                              items="exemplar", stored="exemplars",
+                              reserved={PREVIOUS: ctx.model_bytes()})
+        self.memory = self._memory(ctx, capacity)
+
+    def _memory(self, ctx: RunContext, capacity: int) -> ReplayPlugin:
+        """Replay's herding memory with its NME class means, ``capacity`` exemplars."""
+        memory = ReplayPlugin(ReplayOptions(selection="herding", nme=True, capacity=capacity))
+        memory.clsim_setup(ctx)
+        return memory
+
+    # -- UPDATEREPRESENTATION: previous model, new data + exemplars, BCE + distillation --
+
+    def clsim_before_experience(self, ctx: RunContext, experience: Experience) -> None:
+        require_boundaries(experience, "icarl", "it keeps the previous model and herds "
+                                                "exemplars at each experience's end")
+        if self.memory.buffer:
+            self.previous = copy.deepcopy(ctx.model).eval().requires_grad_(False)
+
+    def clsim_plan_experience(self, plan: ExperiencePlan) -> ExperiencePlan | None:
+        if not self.memory.buffer:
+            return None
+        x, y = self.memory.buffer.stored()
+        return plan.extended(x, y)
+
+    def clsim_task_loss(self, ctx: RunContext, output: ForwardOutput) -> torch.Tensor:
+        """Sigmoid BCE of the new classes' outputs against one-hot targets."""
+        seen = torch.tensor(ctx.seen_classes, device=output.logits.device)
+        new = seen[self.n_old:]
+        targets = (output.targets[:, None] == new[None, :]).to(output.logits.dtype)
+        total = F.binary_cross_entropy_with_logits(output.logits[:, new], targets,
+                                                   reduction="sum")
+        return total / (output.logits.shape[0] * len(seen))
+
+    def clsim_loss(self, ctx: RunContext, output: ForwardOutput) -> torch.Tensor | None:
+        """Sigmoid BCE of the old classes' outputs against the previous model's."""
+        if self.previous is None or self.n_old == 0:
+            return None
+        old = torch.tensor(ctx.seen_classes[: self.n_old], device=output.logits.device)
+        with torch.no_grad():
+            teacher = self.previous(output.inputs)[:, old]
+        return self.distillation(output.logits[:, old], teacher) / (
+            output.logits.shape[0] * len(ctx.seen_classes))
+
+    @staticmethod
+    def distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """Sum of BCE(sigmoid(student), q) - BCE(q, q), q = sigmoid(teacher): the paper's
+        term less the teacher's entropy (a constant), 0 when the two are equal."""
+        q = torch.sigmoid(teacher)
+        return (F.binary_cross_entropy_with_logits(student, q, reduction="sum")
+                - F.binary_cross_entropy_with_logits(teacher, q, reduction="sum"))
+
+    # -- REDUCE- and CONSTRUCTEXEMPLARSET, then the class means -------------------
+
+    def clsim_after_experience(self, ctx: RunContext, experience: Experience) -> None:
+        self.previous = None
+        self.n_old = len(ctx.seen_classes)  # the next experience's old classes
+        self.memory._herd(ctx, experience)
+        self.memory._update_class_means(ctx)
+
+    # -- CLASSIFY: nearest mean of exemplars ----------------------------------------
+
+    def clsim_predict(self, ctx: RunContext, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.options.nme:
+            return None
+        return self.memory.clsim_predict(ctx, x)
+
+    def clsim_teardown(self) -> None:
+        self.previous = None
