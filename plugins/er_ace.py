@@ -59,7 +59,7 @@ def restricted_cross_entropy(logits: torch.Tensor, y: torch.Tensor,
                              classes: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of ``logits`` over the outputs ``classes`` only (sorted class ids,
     holding every label of ``y``): the other outputs are left out of the softmax."""
-    target = torch.searchsorted(classes, y)
+    target = torch.searchsorted(classes, y.contiguous())
     return F.cross_entropy(logits.index_select(1, classes), target)
 
 
