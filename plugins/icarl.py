@@ -31,9 +31,8 @@ CLASSIFY, at test time):
 (``replay: {selection: herding, nme: true}``), held here as ``memory``, a
 :class:`clsim_plugins.replay.ReplayPlugin` that is not registered as a plugin (none of its
 own hooks fire; iCaRL calls its herding, class-mean and prediction steps at the points
-above). Replay's per-class rebuild and class-mean steps are private methods today
-(``ReplayPlugin._herd``, ``ReplayPlugin._update_class_means``); the primitive
-:func:`clsim_plugins.buffers.herding_order` is public.
+above: :meth:`ReplayPlugin.herd`, :meth:`ReplayPlugin.update_class_means` and its
+``clsim_predict``).
 
 **Defaults** (the paper, CIFAR-100): ``K = 2000`` exemplars, sigmoid outputs, 70 epochs,
 batch 128, SGD lr 2.0 divided by 5 at epochs 49 and 63, weight decay 1e-5. Epochs,
@@ -170,8 +169,8 @@ class IcarlPlugin:
     def clsim_after_experience(self, ctx: RunContext, experience: Experience) -> None:
         self.previous = None
         self.n_old = len(ctx.seen_classes)  # the next experience's old classes
-        self.memory._herd(ctx, experience)
-        self.memory._update_class_means(ctx)
+        self.memory.herd(ctx, experience)
+        self.memory.update_class_means(ctx)
 
     # -- CLASSIFY: nearest mean of exemplars ----------------------------------------
 

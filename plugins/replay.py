@@ -120,11 +120,11 @@ class ReplayPlugin:
                 )
             self._add(experience.train_x, experience.train_y)  # in the stream's order
         if self.options.selection == "herding":
-            self._herd(ctx, experience)
+            self.herd(ctx, experience)
         if self.options.nme:
-            self._update_class_means(ctx)
+            self.update_class_means(ctx)
 
-    def _herd(self, ctx: RunContext, experience: Experience) -> None:
+    def herd(self, ctx: RunContext, experience: Experience) -> None:
         """Keep the first m herding picks of every seen class, m = capacity // classes."""
         if not experience.classes:
             raise ConfigError(
@@ -153,7 +153,9 @@ class ReplayPlugin:
 
     # -- evaluation: nearest mean of exemplars --------------------------------
 
-    def _update_class_means(self, ctx: RunContext) -> None:
+    def update_class_means(self, ctx: RunContext) -> None:
+        """The normalised mean of each class's normalised exemplar features (public, like
+        :meth:`herd`: iCaRL runs both on a replay memory of its own)."""
         x, y = self.buffer.stored()
         self.class_means.zero_()
         if len(y) == 0:
