@@ -31,9 +31,11 @@ the class-incremental literature and Avalanche run it, one shared head):
 temperature continual-learning-baselines uses for split MNIST (its ``experiments/
 split_mnist/lwf.py``, which also schedules alpha per experience; a single alpha here).
 
-**Memory**: while a task after the first trains, the copy of the model (its parameters
-and buffers, exactly the model's bytes) and the old class ids (int64); the ledger's
-``start`` and ``trained`` readings charge them. The copy is dropped at the task's end:
+**Memory**: one flag per class (bool), the classes known before the current task (so a
+class that comes back is distilled too), made at setup; while a task after the first
+trains, the copy of the model (its parameters and buffers, exactly the model's bytes) and
+the old class ids (int64), which the ledger's ``start`` and ``trained`` readings charge.
+The copy is dropped at the task's end:
 kept between experiences it would equal the model, retaken at the next start, so holding
 it would charge for nothing the method uses. LwF needs task boundaries: with hidden
 boundaries (one experience) it never distils.
@@ -71,19 +73,25 @@ class LwfPlugin:
 
     def __init__(self, options: LwfOptions) -> None:
         self.options = options
+        self.known: torch.Tensor | None = None  # bool per class: known before this task
         self.old_model: nn.Module | None = None  # charged in full while a task trains
         self.old_classes: torch.Tensor | None = None  # int64 ids of the distilled logits
+
+    def clsim_setup(self, ctx: RunContext) -> None:
+        """One flag per class, made now so a store sized from the budget counts it."""
+        self.known = torch.zeros(ctx.n_classes, dtype=torch.bool, device=ctx.device)
 
     # -- before task n: freeze a copy of the model ----------------------------
 
     def clsim_before_experience(self, ctx: RunContext, experience: Experience) -> None:
-        old = [c for c in ctx.seen_classes if c not in experience.classes]
-        if experience.index == 0 or not old:
+        """The classes to distil are those known before this task (``ctx.seen_classes``
+        already holds this one's; a class that comes back is still an old one)."""
+        if not bool(self.known.any()):
             return
         self.old_model = copy.deepcopy(ctx.model).requires_grad_(False)
         for p in self.old_model.parameters():
             p.grad = None  # a deep copy keeps the gradients too; they are no state
-        self.old_classes = torch.tensor(old, dtype=torch.long, device=ctx.device)
+        self.old_classes = self.known.nonzero().squeeze(1)
 
     # -- every batch: alpha * KD(copy's outputs, model's outputs) on the old classes --
 
@@ -100,9 +108,10 @@ class LwfPlugin:
 
     # -- after task n: the copy has served ------------------------------------
 
-    def clsim_after_experience(self) -> None:
+    def clsim_after_experience(self, ctx: RunContext) -> None:
         self.old_model = None
         self.old_classes = None
+        self.known[torch.tensor(ctx.seen_classes, dtype=torch.long)] = True
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
