@@ -114,9 +114,13 @@ class ErAcePlugin:
         loss = restricted_cross_entropy(logits[:, :n].reshape(-1, width),
                                         targets[:, :n].reshape(-1), present)
         if n < rows:
-            seen = torch.tensor(sorted(ctx.seen_classes), device=logits.device)
+            replayed = targets[:, n:].reshape(-1)
+            # every seen class, and the stored labels too: with hidden boundaries the
+            # engine adds a part's classes to ctx.seen_classes only after it has trained
+            seen = torch.unique(torch.cat([replayed, torch.tensor(
+                ctx.seen_classes, dtype=replayed.dtype, device=replayed.device)]))
             loss = loss + restricted_cross_entropy(logits[:, n:].reshape(-1, width),
-                                                   targets[:, n:].reshape(-1), seen)
+                                                   replayed, seen)
         return loss
 
     def clsim_after_batch(self, batch: Batch) -> None:

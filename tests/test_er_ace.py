@@ -125,3 +125,16 @@ def test_budget_sized_er_ace_fits_and_beats_naive(tmp_path: Path) -> None:
     assert s["status"] == "ok", s["error"]
     assert s["peak_bytes"] <= s["budget_bytes"] < s["peak_bytes"] + 65
     assert s["final_accuracy"] > runs["naive"]["final_accuracy"] + 0.2
+
+
+def test_er_ace_runs_on_a_task_agnostic_stream_with_hidden_boundaries(tmp_path: Path) -> None:
+    """Its home setting: the engine adds a part's classes to ctx.seen_classes only after
+    that part trains, so the replayed rows' classes come from the stored labels too (the
+    second batch used to fail indexing with an empty class list)."""
+    text = SCENARIO.format(strategies="  ace: {plugins: [{er_ace: {capacity: 100}}]}\n")
+    text = text.replace("{type: class_incremental, n_experiences: 5}",
+                        "{type: recurring, n_tasks: 2, sequence: [0, 1, 0]}")
+    text = text.replace("epochs: 3", "epochs: 1")  # online: each sample seen once
+    (s,) = run_scenario(parse_scenario(text), tmp_path).summary["strategies"].values()
+    assert s["status"] == "ok", s["error"]
+    assert s["final_accuracy"] > 0.5
