@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 from clsim_plugins.buffers import ExemplarBuffer, label_dtype
+from clsim_plugins.prototypes import require_boundaries
 
 from clsim.capacity import size_store
 from clsim.context import RunContext
@@ -97,6 +98,11 @@ class AgemPlugin:
     def _memory(ctx: RunContext, capacity: int) -> ExemplarBuffer:
         return ExemplarBuffer(capacity, ctx.sample_shape, ctx.sample_dtype, ctx.n_classes,
                               ctx.torch_generator("agem"))
+
+    def clsim_before_experience(self, experience: Experience) -> None:
+        """Refused before any training, not after a whole hidden-boundary stream."""
+        require_boundaries(experience, "agem", "it stores samples of each experience at "
+                                               "its end")
 
     # -- every update: g_ref on memory, then project g before the step -------------
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from clsim_plugins.agem import AgemPlugin, project
+from helpers import DIGITS_SCENARIO
 
 from clsim.assembly import build_stream, load_scenario_data
 from clsim.config import parse_scenario
@@ -137,3 +138,16 @@ def test_agem_beats_naive_on_class_incremental_digits(tmp_path: Path) -> None:
                      "  agem: {budget: 'model + 300 exemplars', plugins: [agem]}\n")
     assert runs["agem"]["status"] == "ok", runs["agem"]["error"]
     assert runs["agem"]["final_accuracy"] > runs["naive"]["final_accuracy"] + 0.2
+
+
+def test_hidden_boundaries_are_refused_before_any_training(tmp_path) -> None:
+    """A-GEM stores each experience's samples at its end: a stream without ends is
+    refused at its start, not after training through it."""
+    text = DIGITS_SCENARIO.replace(
+        "stream: {type: class_incremental, n_experiences: 5}",
+        "stream: {type: recurring, n_tasks: 2, sequence: [0, 1, 0]}").replace(
+        "plugins: [naive]", "plugins: [{agem: {capacity: 50}}]")
+    (s,) = run_scenario(parse_scenario(text), tmp_path).summary["strategies"].values()
+    assert s["status"] == "failed"
+    assert "agem needs task boundaries (it stores samples of each experience" in s["error"]
+    assert "clsim_before_experience" in s["error"]
