@@ -89,15 +89,20 @@ def test_distillation_is_zero_when_the_model_equals_the_previous_one(shared) -> 
     output = ForwardOutput(x, None, logits, stream[0].train_y[:16])
     term = plugin.clsim_loss(ctx, output)
     assert term.item() == 0.0
-    logits.retain_grad()
-    term.backward()
     old = torch.tensor([0, 1, 2, 3])
-    q = torch.sigmoid(logits[:, old].detach())
-    expected = (torch.sigmoid(logits[:, old].detach()) - q) / (16 * 6)
-    assert torch.allclose(logits.grad[:, old], expected)
+    q = torch.sigmoid(plugin.previous(x)[:, old])
     with torch.no_grad():
-        model.head.bias += 0.5
-    assert plugin.clsim_loss(ctx, ForwardOutput(x, None, model(x), output.targets)).item() > 0
+        model.head.bias += 0.5  # the model moves: the term and its gradient are not 0
+    logits = model(x)
+    logits.retain_grad()
+    term = plugin.clsim_loss(ctx, ForwardOutput(x, None, logits, output.targets))
+    assert term.item() > 0
+    term.backward()
+    # the paper's BCE gradient on the old outputs, over N x seen output entries
+    expected = (torch.sigmoid(logits[:, old].detach()) - q) / (16 * 6)
+    assert expected.abs().max() > 1e-4  # not trivially 0
+    assert torch.allclose(logits.grad[:, old], expected, atol=1e-7)
+    assert torch.all(logits.grad[:, 4:] == 0)  # new and unseen outputs are not distilled
 
 
 @pytest.fixture(scope="module")
