@@ -110,12 +110,17 @@ class IcarlPlugin:
         previous model it holds while training."""
         if self.options.capacity is not None:
             return
+        self.memory = self._memory(ctx, self._budget_capacity(ctx, at_least=1))
+
+    def _budget_capacity(self, ctx: RunContext, at_least: int) -> int:
+        """Exemplars the budget leaves; a ConfigError naming the minimum budget when fewer
+        than ``at_least`` fit."""
         label_bytes = torch.empty((), dtype=label_dtype(ctx.n_classes)).element_size()
-        capacity = size_store(ctx, "icarl", self, "memory", self._memory(ctx, 0),
-                              ctx.sample_bytes + label_bytes, loop_state=ctx.loop_state_bytes(),
-                              items="exemplar", stored="exemplars",
-                              reserved={PREVIOUS: ctx.model_bytes()})
-        self.memory = self._memory(ctx, capacity)
+        return size_store(ctx, "icarl", self, "memory", self._memory(ctx, 0),
+                          ctx.sample_bytes + label_bytes, loop_state=ctx.loop_state_bytes(),
+                          items="exemplars (one per seen class)" if at_least > 1
+                          else "exemplar", stored="exemplars", at_least=at_least,
+                          reserved={PREVIOUS: ctx.model_bytes()})
 
     def _memory(self, ctx: RunContext, capacity: int) -> ReplayPlugin:
         """Replay's herding memory with its NME class means, ``capacity`` exemplars."""
@@ -169,8 +174,20 @@ class IcarlPlugin:
     def clsim_after_experience(self, ctx: RunContext, experience: Experience) -> None:
         self.previous = None
         self.n_old = len(ctx.seen_classes)  # the next experience's old classes
+        self._require_one_per_class(ctx)
         self.memory.herd(ctx, experience)
         self.memory.update_class_means(ctx)
+
+    def _require_one_per_class(self, ctx: RunContext) -> None:
+        """Herding keeps at least one exemplar per seen class: refuse a memory too small,
+        naming the capacity or the budget that would do."""
+        seen, capacity = len(ctx.seen_classes), self.memory.buffer.capacity
+        if capacity >= seen:
+            return
+        if self.options.capacity is not None or ctx.budget_bytes is None:
+            raise ConfigError(f"icarl: a capacity of {capacity} exemplars cannot give each "
+                              f"of the {seen} seen classes one; raise 'capacity'")
+        self._budget_capacity(ctx, at_least=seen)  # raises, naming the minimum budget
 
     # -- CLASSIFY: nearest mean of exemplars ----------------------------------------
 
