@@ -23,8 +23,11 @@ model in eval mode (no dropout, BatchNorm's running statistics):
 - ``fisher: batch`` (default, as Avalanche's ``EWCPlugin.compute_importances``): the
   mean over mini-batches of ``ctx.batch_size`` samples of the squared gradient of each
   mini-batch's mean loss;
-- ``fisher: sample`` (the paper's definition): the mean over samples of the squared
-  per-sample gradient (``torch.func``, ``ctx.batch_size`` samples per vectorised call).
+- ``fisher: sample``: the mean over samples of the squared per-sample gradient of the
+  loss at the true label (``torch.func``, ``ctx.batch_size`` samples per vectorised call):
+  the empirical Fisher, as most implementations compute it; the paper's Fisher takes the
+  expectation over labels drawn from the model's own output distribution, which is not
+  built (once a task is learnt the empirical one shrinks towards 0).
 
 **Defaults**: ``ewc_lambda = 2``: continual-learning-baselines runs permuted MNIST with
 Avalanche's ``ewc_lambda = 1`` (``experiments/permuted_mnist/ewc.py``), and Avalanche's
@@ -75,7 +78,7 @@ class EwcOptions:
     fisher: Literal["batch", "sample"] = field(
         default="batch",
         metadata={"help": "squared gradients of each mini-batch's mean loss (Avalanche), "
-                          "or of each sample's loss (the paper's empirical Fisher)"},
+                          "or of each sample's loss (the empirical Fisher per sample)"},
     )
 
 
