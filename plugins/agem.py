@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from clsim_plugins.buffers import ExemplarBuffer, label_dtype
+from clsim_plugins.buffers import ExemplarBuffer, require_capacity_or_budget, stored_sample_bytes
 from clsim_plugins.prototypes import require_boundaries
 
 from clsim.capacity import size_store
@@ -78,18 +78,15 @@ class AgemPlugin:
     # -- the episodic memory: a fixed capacity now, or what the budget leaves --------
 
     def clsim_setup(self, ctx: RunContext) -> None:
+        require_capacity_or_budget("agem", self.options.capacity, ctx)
         if self.options.capacity is not None:
             self.memory = self._memory(ctx, self.options.capacity)
-        elif ctx.budget_bytes is None:
-            raise ConfigError("agem needs 'capacity' or a budget for the strategy "
-                              "(e.g. budget: 'model + 500 exemplars')")
 
     def clsim_size_stores(self, ctx: RunContext) -> None:
         if self.options.capacity is not None:
             return
-        label_bytes = torch.empty((), dtype=label_dtype(ctx.n_classes)).element_size()
         capacity = size_store(ctx, "agem", self, "memory", self._memory(ctx, 0),
-                              ctx.sample_bytes + label_bytes,
+                              stored_sample_bytes(ctx),
                               loop_state=ctx.loop_state_bytes(), items="memory sample",
                               stored="memory samples")
         self.memory = self._memory(ctx, capacity)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import bisect
 import functools
+from typing import Any
 
 import numpy as np
 import torch
+
+from clsim.errors import ConfigError
 
 # -- torch's generator, word by word ---------------------------------------------------
 #
@@ -80,6 +83,19 @@ def label_dtype(n_classes: int) -> torch.dtype:
     if n_classes <= 32768:
         return torch.int16
     return torch.int32
+
+
+def stored_sample_bytes(ctx: Any) -> int:
+    """Bytes of one stored sample and its label: the item a budget-sized store counts."""
+    return ctx.sample_bytes + torch.empty((), dtype=label_dtype(ctx.n_classes)).element_size()
+
+
+def require_capacity_or_budget(plugin: str, capacity: int | None, ctx: Any,
+                               example: str = "model + 500 exemplars") -> None:
+    """A store needs a fixed ``capacity`` or a budget to be sized from: refuse neither."""
+    if capacity is None and ctx.budget_bytes is None:
+        raise ConfigError(f"{plugin} needs 'capacity' or a budget for the strategy "
+                          f"(e.g. budget: '{example}')")
 
 
 class ExemplarBuffer:

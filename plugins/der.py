@@ -45,11 +45,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from clsim_plugins.buffers import ExemplarBuffer, label_dtype
+from clsim_plugins.buffers import ExemplarBuffer, require_capacity_or_budget, stored_sample_bytes
 
 from clsim.capacity import size_store
 from clsim.context import RunContext
-from clsim.errors import ConfigError
 from clsim.models.heads import active_outputs
 from clsim.stream import Batch
 
@@ -125,17 +124,14 @@ class DerPlugin:
     # -- the memory: a fixed capacity now, or what the budget leaves ----------------
 
     def clsim_setup(self, ctx: RunContext) -> None:
+        require_capacity_or_budget("der", self.options.capacity, ctx)
         if self.options.capacity is not None:
             self.buffer = self._buffer(ctx, self.options.capacity)
-        elif ctx.budget_bytes is None:
-            raise ConfigError("der needs 'capacity' or a budget for the strategy "
-                              "(e.g. budget: 'model + 500 exemplars')")
 
     def clsim_size_stores(self, ctx: RunContext) -> None:
         if self.options.capacity is not None:
             return
-        label_bytes = torch.empty((), dtype=label_dtype(ctx.n_classes)).element_size()
-        item_bytes = ctx.sample_bytes + label_bytes + 4 * ctx.n_classes
+        item_bytes = stored_sample_bytes(ctx) + 4 * ctx.n_classes
         self.buffer = self._buffer(ctx, size_store(
             ctx, "der", self, "buffer", self._buffer(ctx, 0), item_bytes,
             loop_state=ctx.loop_state_bytes(), items="memory sample with its logits",

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from clsim_plugins.buffers import ExemplarBuffer, label_dtype
+from clsim_plugins.buffers import ExemplarBuffer, require_capacity_or_budget, stored_sample_bytes
 
 from clsim.capacity import size_store
 from clsim.context import RunContext
@@ -78,18 +78,15 @@ class ErAcePlugin:
         if ctx.labels is not None and ctx.labels.n_levels > 1:
             raise ConfigError("er_ace masks the logits of one flat label space; this "
                               f"stream has {ctx.labels.n_levels} label levels")
+        require_capacity_or_budget("er_ace", self.options.capacity, ctx)
         if self.options.capacity is not None:
             self.buffer = self._buffer(ctx, self.options.capacity)
-        elif ctx.budget_bytes is None:
-            raise ConfigError("er_ace needs 'capacity' or a budget for the strategy "
-                              "(e.g. budget: 'model + 500 exemplars')")
 
     def clsim_size_stores(self, ctx: RunContext) -> None:
         if self.options.capacity is not None:
             return
-        label_bytes = torch.empty((), dtype=label_dtype(ctx.n_classes)).element_size()
         self.buffer = self._buffer(ctx, size_store(
-            ctx, "er_ace", self, "buffer", self._buffer(ctx, 0), ctx.sample_bytes + label_bytes,
+            ctx, "er_ace", self, "buffer", self._buffer(ctx, 0), stored_sample_bytes(ctx),
             loop_state=ctx.loop_state_bytes(), items="exemplar", stored="exemplars"))
 
     @staticmethod

@@ -51,11 +51,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from clsim_plugins.buffers import ExemplarBuffer, label_dtype
+from clsim_plugins.buffers import ExemplarBuffer, require_capacity_or_budget, stored_sample_bytes
 
 from clsim.capacity import size_store
 from clsim.context import RunContext
-from clsim.errors import ConfigError
 from clsim.loop_types import ExperiencePlan
 from clsim.stream import Experience
 
@@ -85,19 +84,16 @@ class GdumbPlugin:
 
     def clsim_setup(self, ctx: RunContext) -> None:
         self.initial = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+        require_capacity_or_budget("gdumb", self.options.capacity, ctx)
         if self.options.capacity is not None:
             self.buffer = self._buffer(ctx, self.options.capacity)
-        elif ctx.budget_bytes is None:
-            raise ConfigError("gdumb needs 'capacity' or a budget for the strategy "
-                              "(e.g. budget: 'model + 500 exemplars')")
 
     def clsim_size_stores(self, ctx: RunContext) -> None:
         """The memory fills what the budget leaves beside the whole strategy."""
         if self.options.capacity is not None:
             return
-        label_bytes = torch.empty((), dtype=label_dtype(ctx.n_classes)).element_size()
         capacity = size_store(ctx, "gdumb", self, "buffer", self._buffer(ctx, 0),
-                              ctx.sample_bytes + label_bytes, loop_state=ctx.loop_state_bytes(),
+                              stored_sample_bytes(ctx), loop_state=ctx.loop_state_bytes(),
                               items="sample", stored="samples")
         self.buffer = self._buffer(ctx, capacity)
 

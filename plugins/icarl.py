@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from clsim_plugins.buffers import label_dtype
+from clsim_plugins.buffers import require_capacity_or_budget, stored_sample_bytes
 from clsim_plugins.prototypes import require_boundaries, require_flat_labels
 from clsim_plugins.replay import ReplayOptions, ReplayPlugin
 
@@ -100,9 +100,8 @@ class IcarlPlugin:
 
     def clsim_setup(self, ctx: RunContext) -> None:
         require_flat_labels(ctx, "icarl")
-        if self.options.capacity is None and ctx.budget_bytes is None:
-            raise ConfigError("icarl needs 'capacity' or a budget for the strategy "
-                              "(e.g. budget: 'model + 2000 exemplars')")
+        require_capacity_or_budget("icarl", self.options.capacity, ctx,
+                                   "model + 2000 exemplars")
         self.memory = self._memory(ctx, self.options.capacity or 0)
 
     def clsim_size_stores(self, ctx: RunContext) -> None:
@@ -115,9 +114,8 @@ class IcarlPlugin:
     def _budget_capacity(self, ctx: RunContext, at_least: int) -> int:
         """Exemplars the budget leaves; a ConfigError naming the minimum budget when fewer
         than ``at_least`` fit."""
-        label_bytes = torch.empty((), dtype=label_dtype(ctx.n_classes)).element_size()
         return size_store(ctx, "icarl", self, "memory", self._memory(ctx, 0),
-                          ctx.sample_bytes + label_bytes, loop_state=ctx.loop_state_bytes(),
+                          stored_sample_bytes(ctx), loop_state=ctx.loop_state_bytes(),
                           items="exemplars (one per seen class)" if at_least > 1
                           else "exemplar", stored="exemplars", at_least=at_least,
                           reserved={PREVIOUS: ctx.model_bytes()})

@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from clsim_plugins.buffers import ExemplarBuffer, herding_order, label_dtype
+from clsim_plugins.buffers import (
+    ExemplarBuffer,
+    herding_order,
+    require_capacity_or_budget,
+    stored_sample_bytes,
+)
 
 from clsim.capacity import size_store
 from clsim.context import RunContext
@@ -69,21 +74,16 @@ class ReplayPlugin:
     def clsim_setup(self, ctx: RunContext) -> None:
         if self.options.nme:  # allocated now so that sizing charges it
             self.class_means = torch.zeros(ctx.n_classes, ctx.model.feature_dim, device=ctx.device)
+        require_capacity_or_budget("replay", self.options.capacity, ctx)
         if self.options.capacity is not None:
             self.buffer = self._buffer(ctx, self.options.capacity)
-        elif ctx.budget_bytes is None:
-            raise ConfigError(
-                "replay needs 'capacity' or a budget for the strategy "
-                "(e.g. budget: 'model + 500 exemplars')"
-            )
 
     def clsim_size_stores(self, ctx: RunContext) -> None:
         """The buffer fills what the budget leaves beside the whole strategy."""
         if self.options.capacity is not None:
             return
-        label_bytes = torch.empty((), dtype=label_dtype(ctx.n_classes)).element_size()
         capacity = size_store(ctx, "replay", self, "buffer", self._buffer(ctx, 0),
-                              ctx.sample_bytes + label_bytes, loop_state=ctx.loop_state_bytes(),
+                              stored_sample_bytes(ctx), loop_state=ctx.loop_state_bytes(),
                               items="exemplar", stored="exemplars")
         self.buffer = self._buffer(ctx, capacity)
 
