@@ -17,6 +17,9 @@ from clsim.memory import measure, model_bytes
 from clsim.seeding import numpy_generator, torch_generator
 from clsim.stream import Experience
 
+# Logit of another task's output in a multi-headed loss: far below any real logit, finite.
+TASK_MASK_VALUE = -1e4
+
 
 @dataclass(eq=False)
 class RunContext:
@@ -30,7 +33,9 @@ class RunContext:
     space: the model's outputs), ``sample_shape`` / ``sample_dtype`` / ``sample_bytes``
     (one raw sample),
     ``budget_bytes`` (None when the strategy has no budget), ``seen_classes`` (class ids
-    met so far, in order of first appearance), ``experience`` (the current one, or None),
+    met so far, in order of first appearance), ``task_classes`` (when the stream gives task
+    ids: each task met so far and its classes, the outputs of its head), ``experience``
+    (the current one, or None),
     ``epochs`` / ``batch_size`` (the standard loop's settings), ``seed`` and ``log``
     (a function taking an event name and fields, written to events.jsonl).
 
@@ -53,6 +58,7 @@ class RunContext:
     optimizer: torch.optim.Optimizer | None = None
     experience: Experience | None = None
     seen_classes: list[int] = field(default_factory=list)
+    task_classes: dict[int, tuple[int, ...]] = field(default_factory=dict)
     log: Callable[..., None] = lambda event, **fields: None
     _trainer: Any = None  # the standard loop (clsim.training.Trainer), set by the engine
     # the strategy's (name, plugin) pairs in its order, set by the engine: measured by
@@ -130,13 +136,30 @@ class RunContext:
     def numpy_generator(self, *names: str | int) -> np.random.Generator:
         return numpy_generator(self.seed, self.strategy, *names)
 
-    def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def task_loss(self, logits: torch.Tensor, y: torch.Tensor,
+                  task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The standard loop's task loss: cross-entropy over the label space (per level,
-        for hierarchical labels)."""
+        for hierarchical labels). With ``task_ids`` of a stream that gives them, each row's
+        softmax is over its task's outputs only (a multi-headed output layer, as in
+        task-incremental learning); rows of task -1 (e.g. replayed without one) keep all."""
         y = y.to(logits.device, non_blocking=True)
+        if task_ids is not None and self.task_classes:
+            logits = logits.masked_fill(~self.task_outputs(task_ids, logits.shape[1]),
+                                        TASK_MASK_VALUE)
         if self.labels is None:
             return F.cross_entropy(logits, y)
         return self.labels.cross_entropy(logits, y)
+
+    def task_outputs(self, task_ids: torch.Tensor, n_outputs: int) -> torch.Tensor:
+        """``(N, n_outputs)`` bool: the outputs of each row's task (every output for a
+        task id not in ``task_classes``, such as -1)."""
+        table = torch.ones(max(self.task_classes) + 2, n_outputs, dtype=torch.bool)
+        for task, classes in self.task_classes.items():
+            table[task].zero_()
+            table[task, list(classes)] = True
+        rows = task_ids.to(torch.long).cpu()
+        rows = torch.where((rows >= 0) & (rows < len(table) - 1), rows, len(table) - 1)
+        return table[rows].to(self.device, non_blocking=True)
 
     def new_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The scenario's optimizer (``training.optimizer``) over ``params`` (a module,

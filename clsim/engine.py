@@ -216,16 +216,19 @@ class _Loop:
 
     def state_dict(self) -> dict[str, Any]:
         """The stream loop's progress, for a checkpoint: the scores so far, the labels met
-        (in order of first appearance, as plugins read them from ``ctx.seen_classes``),
+        (in order of first appearance, as plugins read them from ``ctx.seen_classes``), the
+        tasks met and their classes (``ctx.task_classes``),
         the training samples delivered and the ledger."""
         return {"record": self.record, "seen": self.seen,
-                "seen_classes": self.ctx.seen_classes, "position": self.position,
+                "seen_classes": self.ctx.seen_classes, "task_classes": self.ctx.task_classes,
+                "position": self.position,
                 "ledger": self.outcome.ledger}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s ``state``."""
         self.record, self.seen = state["record"], state["seen"]
         self.ctx.seen_classes = state["seen_classes"]
+        self.ctx.task_classes = dict(state.get("task_classes", {}))
         self.position = int(state["position"])
         self.outcome.ledger = state["ledger"]
 
@@ -247,6 +250,8 @@ class _Loop:
             self.ctx.experience = told
             if not stream.boundaries_hidden:
                 self._meet(exp.classes)
+            if exp.task_id is not None:  # the task's head: its outputs in the loop's loss
+                self.ctx.task_classes[exp.task_id] = tuple(exp.classes)
             self.events.write("experience_start", strategy=self.strategy.name,
                               experience=exp.index, classes=list(exp.classes),
                               n_train=exp.n_train)

@@ -64,21 +64,25 @@ def estimate_run(scenario: Any, root: str | None, **options: Any) -> RunEstimate
     """The bytes a run of ``scenario`` will hold, before anything is loaded; None when the
     dataset's size cannot be told from its files."""
     from clsim.data.sizes import estimate_dataset
+    from clsim.streams import STREAM_TYPES
 
     size = estimate_dataset(scenario.data.dataset, root=root, **options)
     if size is None:
         return None
     name = scenario.model.name
-    weights = _model_bytes(scenario, size.sample_shape, size.n_classes)
+    stream_type, stream_options = STREAM_TYPES[scenario.stream.type], scenario.stream.options
+    copies = stream_type.copies(stream_options)
+    weights = _model_bytes(scenario, size.sample_shape,
+                           stream_type.outputs(stream_options, size.n_classes))
     state = {"sgd": 1 if scenario.training.optimizer.momentum else 0, "adam": 2, "adamw": 2}
-    copies = 2 + state.get(scenario.training.optimizer.name, 2)  # weights, grads, moments
+    model_copies = 2 + state.get(scenario.training.optimizer.name, 2)  # weights, grads, moments
     budgets = [s.budget.resolve(model_bytes=weights, sample_bytes=size.sample_bytes) - weights
                for s in scenario.strategies.values() if s.budget is not None]
     return RunEstimate({
         f"dataset {size.name!r}, {size.describe()} with labels": ("data.dataset",
                                                                  size.total_bytes),
-        "its copies in the stream": ("data.dataset", size.total_bytes),
-        f"model {name!r} with gradients and optimizer state": ("model", copies * weights),
+        "its copies in the stream": ("data.dataset", copies * size.total_bytes),
+        f"model {name!r} with gradients and optimizer state": ("model", model_copies * weights),
         "strategy state beyond the model (the largest budget)":
             ("strategies", max([0, *budgets])),
     })

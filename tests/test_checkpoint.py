@@ -238,7 +238,7 @@ def _comparable(outcome) -> str:
 # every built-in plugin but avalanche (its own environment) appears in these
 RESUME_SCENARIOS = ["quickstart", "memo_quick", "prd_quick", "analytic_quick",
                     "pl_fms_quick", "fscil_strategies_quick", "lingo_quick", "hle_quick",
-                    "classics_quick"]
+                    "classics_quick", "rotated_quick"]
 
 
 @pytest.mark.parametrize("name", RESUME_SCENARIOS)

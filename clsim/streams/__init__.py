@@ -3,6 +3,7 @@
 from clsim.streams.avalanche import AvalancheStreamOptions, avalanche_stream
 from clsim.streams.class_incremental import ClassIncrementalOptions, class_incremental
 from clsim.streams.common import TIMING_KEYS, StreamType, TimingOptions
+from clsim.streams.domain_incremental import DOMAIN_INCREMENTAL_TYPES
 from clsim.streams.few_shot import FewShotOptions, few_shot
 from clsim.streams.hierarchical import HierarchicalOptions, hierarchical
 from clsim.streams.task_agnostic import TASK_AGNOSTIC_TYPES
@@ -18,6 +19,7 @@ STREAM_TYPES: dict[str, StreamType] = {
         few_shot, FewShotOptions, "a base session, then N-way K-shot sessions"
     ),
     **TASK_AGNOSTIC_TYPES,
+    **DOMAIN_INCREMENTAL_TYPES,
     "avalanche": StreamType(
         avalanche_stream, AvalancheStreamOptions,
         "an Avalanche generator over the dataset (needs avalanche-lib: make venv-avalanche)",

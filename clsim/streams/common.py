@@ -45,10 +45,27 @@ class TimingOptions:
 TIMING_KEYS = ("online", "eval_every", "boundaries")
 
 
+def one_copy(options: object) -> int:
+    """Most streams hold each sample of the dataset once."""
+    return 1
+
+
+def same_labels(options: object, n_classes: int) -> int:
+    """Most streams label samples with the dataset's own classes."""
+    return n_classes
+
+
 @dataclass(frozen=True)
 class StreamType:
-    """A stream builder, pure in (dataset, options, seed), and its options dataclass."""
+    """A stream builder, pure in (dataset, options, seed), and its options dataclass.
+
+    ``copies(options)``: how many copies of the dataset the built stream holds (one per
+    experience for transformed streams), and ``outputs(options, n_classes)`` the size of
+    its label space: both for the memory check before loading.
+    """
 
     build: Callable[..., Stream]
     options: type
     help: str
+    copies: Callable[[object], int] = one_copy
+    outputs: Callable[[object, int], int] = same_labels
