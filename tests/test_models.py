@@ -4,8 +4,10 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import DIGITS_SCENARIO
 from torch import nn
 
+from clsim.config import parse_scenario
 from clsim.errors import ConfigError
 from clsim.models import (
     MODELS,
@@ -197,6 +199,34 @@ def test_mlp_dropout_layers() -> None:
     assert not any(isinstance(m, nn.Dropout) for m in build_model("mlp", (64,), 10).modules())
 
 
+def test_mlp_tanh_activation_replaces_every_relu() -> None:
+    tanh = build_model("mlp", (64,), 10, MLPOptions(hidden=[32, 16], activation="tanh"))
+    assert sum(isinstance(m, nn.Tanh) for m in tanh.modules()) == 2
+    assert not any(isinstance(m, nn.ReLU) for m in tanh.modules())
+    # the default is the ReLU net it always was: same modules, same parameters
+    torch.manual_seed(0)
+    default = build_model("mlp", (64,), 10, MLPOptions(hidden=[32, 16]))
+    torch.manual_seed(0)
+    relu = build_model("mlp", (64,), 10, MLPOptions(hidden=[32, 16], activation="relu"))
+    assert MLPOptions().activation == "relu"
+    assert [type(m) for m in default.features] == [nn.Flatten, nn.Linear, nn.ReLU, nn.Linear,
+                                                   nn.ReLU]
+    assert str(default) == str(relu)
+    assert parameter_count(default) == parameter_count(tanh) == (
+        (64 * 32 + 32) + (32 * 16 + 16) + (16 * 10 + 10))
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(),
+                                                 relu.state_dict().values(), strict=True))
+
+
+def test_mlp_activation_in_a_scenario() -> None:
+    text = DIGITS_SCENARIO.replace("hidden: [32]", "hidden: [8], activation: tanh")
+    assert parse_scenario(text).model.options.activation == "tanh"
+    with pytest.raises(ConfigError) as err:
+        parse_scenario(DIGITS_SCENARIO.replace("hidden: [32]", "hidden: [8], activation: sigmoid"))
+    assert err.value.key_path == "model.activation"
+    assert "expected one of 'relu', 'tanh'; got 'sigmoid'" in str(err.value)
+
+
 def test_resnet_stages_compose_in_order() -> None:
     torch.manual_seed(0)
     model = build_model("resnet20", (3, 32, 32), 10).eval()
@@ -275,6 +305,7 @@ def test_bad_depth_rejected() -> None:
         ("mlp", MLPOptions(hidden=[0]), "'hidden'"),
         ("mlp", MLPOptions(dropout=1.0), "'dropout'"),
         ("mlp", MLPOptions(dropout=-0.1), "'dropout'"),
+        ("mlp", MLPOptions(activation="sigmoid"), "'activation'.*relu, tanh.*'sigmoid'"),
         ("small_cnn", SmallCNNOptions(channels=[]), "'channels'"),
         ("small_cnn", SmallCNNOptions(channels=[16, -1]), "'channels'"),
         ("convnet2", ConvNet2Options(channels=0), "'channels'"),

@@ -2,6 +2,7 @@
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from torch import nn
 
@@ -26,13 +27,21 @@ class MLPOptions:
     )
     dropout: float = field(
         default=0.0,
-        metadata={"help": "dropout probability after each hidden ReLU, in [0, 1)", "min": 0.0,
-                  "max": 1.0, "max_exclusive": True},
+        metadata={"help": "dropout probability after each hidden activation, in [0, 1)",
+                  "min": 0.0, "max": 1.0, "max_exclusive": True},
+    )
+    activation: Literal["relu", "tanh"] = field(
+        default="relu",
+        metadata={"help": "nonlinearity of the hidden layers (continual-learning-baselines' "
+                  "LwF on split MNIST uses tanh)"},
     )
 
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
 def build_mlp(input_shape: tuple[int, ...], n_classes: int, options: MLPOptions) -> ClassifierModel:
-    """Flatten, then ``Linear -> ReLU [-> Dropout]`` per hidden width, then the head.
+    """Flatten, then ``Linear -> activation [-> Dropout]`` per hidden width, then the head.
 
     ``features`` is everything before the last Linear, so ``feature_dim`` is the last
     hidden width (or the flattened input size when ``hidden`` is empty).
@@ -44,6 +53,13 @@ def build_mlp(input_shape: tuple[int, ...], n_classes: int, options: MLPOptions)
             f"Got {options.dropout!r} instead.",
             key_path="dropout",
         )
+    activation = ACTIVATIONS.get(options.activation)
+    if activation is None:
+        raise ModelOptionError(
+            f"The 'activation' option of model 'mlp' must be one of {', '.join(ACTIVATIONS)}. "
+            f"Got {options.activation!r} instead.",
+            key_path="activation",
+        )
     in_features = math.prod(int(s) for s in input_shape)
     if in_features < 1:
         raise ModelOptionError(f"model 'mlp' got an empty input shape {tuple(input_shape)}.")
@@ -51,7 +67,7 @@ def build_mlp(input_shape: tuple[int, ...], n_classes: int, options: MLPOptions)
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for hidden in options.hidden:
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        layers += [nn.Linear(width, hidden), activation()]
         if options.dropout > 0.0:
             layers.append(nn.Dropout(options.dropout))
         width = hidden
