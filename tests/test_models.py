@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import DIGITS_SCENARIO
 from torch import nn
 
@@ -16,11 +17,13 @@ from clsim.models import (
     MLPOptions,
     ModelOptionError,
     ResNetOptions,
+    SlimResNetOptions,
     SmallCNNOptions,
     build_model,
     model_names,
     parameter_count,
 )
+from clsim.models.base import has_feature_head
 from clsim.models.resnet import BasicBlock, ShortcutA
 
 IMAGE_SHAPES = [(1, 28, 28), (3, 32, 32), (1, 8, 8)]
@@ -35,6 +38,7 @@ ALL_SHAPES = {
     "resnet32": IMAGE_SHAPES,
     "resnet44": [(3, 32, 32)],
     "resnet56": [(3, 32, 32)],
+    "slim_resnet18": IMAGE_SHAPES,
 }
 
 
@@ -107,6 +111,77 @@ def test_mlp_count() -> None:
     model = build_model("mlp", (1, 28, 28), 10)
     assert parameter_count(model.features) == (784 * 400 + 400) + (400 * 400 + 400)
     assert parameter_count(model.head) == 400 * 10 + 10
+
+
+def _slim_resnet18_count(c_in: int, nf: int) -> int:
+    """Features of GEM's reduced ResNet-18 counted from its layers: the stem, then per
+    stage a first block (with a 1x1 conv + BN shortcut where the shape changes) and a
+    second block of two conv-BNs."""
+    total = _conv_bn(c_in, nf)
+    channels = nf
+    for stride, out in [(1, nf), (2, 2 * nf), (2, 4 * nf), (2, 8 * nf)]:
+        projection = channels * out + 2 * out if stride != 1 or channels != out else 0
+        total += _conv_bn(channels, out) + _conv_bn(out, out) + projection
+        total += 2 * _conv_bn(out, out)
+        channels = out
+    return total
+
+
+def test_slim_resnet18_count_at_width_20() -> None:
+    model = build_model("slim_resnet18", (3, 32, 32), 10)
+    f = model.features
+    assert _slim_resnet18_count(3, 20) == 1_093_140  # GEM's "1.09M" with its 10-way head
+    assert parameter_count(f) == 1_093_140
+    assert [parameter_count(getattr(f, part)) for part in
+            ("stem", "stage1", "stage2", "stage3", "stage4", "pool")] == [
+        580, 14_560, 51_600, 205_600, 820_800, 0]
+    assert parameter_count(model.head) == 160 * 10 + 10
+    assert parameter_count(model) == 1_094_750
+    # the shortcuts that change the shape are a strided 1x1 conv and a BN, three of them
+    shortcuts = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
+    assert [(c.in_channels, c.out_channels, c.stride) for c in shortcuts] == [
+        (20, 40, (2, 2)), (40, 80, (2, 2)), (80, 160, (2, 2))]
+    assert all(c.bias is None for c in model.modules() if isinstance(c, nn.Conv2d))
+    # other widths and one channel follow the same closed form
+    for c_in, nf in [(1, 20), (3, 8), (1, 1)]:
+        options = SlimResNetOptions(width=nf)
+        small = build_model("slim_resnet18", (c_in, 28, 28), 5, options)
+        assert parameter_count(small.features) == _slim_resnet18_count(c_in, nf)
+        assert small.feature_dim == 8 * nf
+
+
+def test_slim_resnet18_shapes_on_cifar_and_mnist() -> None:
+    torch.manual_seed(0)
+    cifar = build_model("slim_resnet18", (3, 32, 32), 10).eval()
+    assert cifar.feature_dim == 160 and has_feature_head(cifar)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        f = cifar.features
+        h = f.stem(x)
+        sizes = []
+        for stage in (f.stage1, f.stage2, f.stage3, f.stage4):
+            h = stage(h)
+            sizes.append(tuple(h.shape[1:]))
+        # the last map is 4x4: the adaptive pool equals GEM's avg_pool2d(out, 4) here
+        assert sizes == [(20, 32, 32), (40, 16, 16), (80, 8, 8), (160, 4, 4)]
+        torch.testing.assert_close(f.pool(h), F.avg_pool2d(h, 4).flatten(1))
+        assert cifar.features(x).shape == (4, 160)
+        assert cifar(x).shape == (4, 10)
+    mnist = build_model("slim_resnet18", (1, 28, 28), 10)
+    out = mnist(torch.randn(3, 1, 28, 28))  # 28 -> 28, 14, 7, 4: pooled to 1x1 as well
+    assert out.shape == (3, 10) and mnist.features[0][0].in_channels == 1
+    out.sum().backward()
+    assert all(p.grad is not None for p in mnist.parameters())
+
+
+def test_slim_resnet18_options_in_a_scenario() -> None:
+    text = DIGITS_SCENARIO.replace("name: mlp, hidden: [32]", "name: slim_resnet18, width: 4")
+    assert parse_scenario(text).model.options == SlimResNetOptions(width=4)
+    with pytest.raises(ConfigError) as err:
+        parse_scenario(text.replace("width: 4", "width: 0"))
+    assert err.value.key_path == "model.width"
+    with pytest.raises(ModelOptionError, match="'width'.*Got 0 instead"):
+        build_model("slim_resnet18", (3, 32, 32), 10, SlimResNetOptions(width=0))
 
 
 # ------------------------------------------------------------------------ option-A shortcut
@@ -317,7 +392,7 @@ def test_bad_options_rejected(name: str, options: object, match: str) -> None:
 
 
 def test_image_models_reject_flat_inputs() -> None:
-    for name in ("small_cnn", "convnet2", "resnet", "resnet32"):
+    for name in ("small_cnn", "convnet2", "resnet", "resnet32", "slim_resnet18"):
         with pytest.raises(ConfigError, match="channels, height, width"):
             build_model(name, (64,), 10)
     with pytest.raises(ConfigError, match="at least 4x4"):

@@ -23,6 +23,7 @@ from clsim.models.resnet import (
     build_resnet,
     fixed_depth_builder,
 )
+from clsim.models.slim_resnet import SlimResNetOptions, build_slim_resnet18
 
 __all__ = [
     "MODELS",
@@ -34,6 +35,7 @@ __all__ = [
     "ModelSpec",
     "ResNetFeatures",
     "ResNetOptions",
+    "SlimResNetOptions",
     "SmallCNNOptions",
     "build_model",
     "model_names",
@@ -67,6 +69,10 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "resnet": ModelSpec(
         build_resnet, ResNetOptions, "CIFAR ResNet (He et al. 2016), depth 6n+2, option-A"
+    ),
+    "slim_resnet18": ModelSpec(
+        build_slim_resnet18, SlimResNetOptions,
+        "GEM's reduced ResNet-18 (Avalanche's SlimResNet18), width 20, 160-d features"
     ),
 }
 for _depth in RESNET_ALIAS_DEPTHS:
