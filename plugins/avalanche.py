@@ -559,7 +559,10 @@ class AvalanchePlugin:
             strategy.make_optimizer()  # the optimizer follows, by parameter name
         strategy.optimizer.zero_grad(set_to_none=True)
         strategy.loss = None  # reset by Avalanche before every use
-        self.buffer = compact_buffers(list(strategy.plugins), ctx.n_classes, skip=strategy)
+        # buffers live in plugins, and in the strategy itself for those that keep their
+        # own (ER_ACE's and DER's storage_policy)
+        roots = [*strategy.plugins, *filter(None, [getattr(strategy, "storage_policy", None)])]
+        self.buffer = compact_buffers(roots, ctx.n_classes, skip=strategy)
         icarl = getattr(self.methods, "ICaRLPlugin", None)
         if icarl is not None:  # its exemplars are copies already, on the device
             self.buffer.x.extend(icarl.x_memory)

@@ -165,6 +165,7 @@ DIGITS_STRATEGIES = {
     "EWC": {"ewc_lambda": 1.0},
     "GDumb": {"mem_size": 100},
     "ICaRL": {"memory_size": 100},
+    "ER_ACE": {"mem_size": MEM},
 }
 
 
@@ -209,7 +210,7 @@ def test_every_strategy_runs_and_reports_its_exemplars(digits_runs) -> None:
     exemplars = {name: run["plugins"]["RecordingAvalanche"]["exemplars"]
                  for name, run in digits_runs.items()}
     assert exemplars == {"naive": 0, "replay": MEM, "lwf": 0, "ewc": 0, "gdumb": 100,
-                         "icarl": 100}
+                         "icarl": 100, "er_ace": MEM}
 
 
 @pytest.mark.parametrize("name", ["Naive", "Replay", "LwF", "EWC", "GDumb"])
@@ -241,6 +242,15 @@ def test_replay_buffer_is_charged_exactly_its_kept_raw_samples(digits_runs) -> N
     assert records[-1].bytes_of("avalanche") == MEM * (64 + 1 + 1 + 4) + bookkeeping
     ledger = digits_runs["replay"]["ledger"][-1]["parts"]
     assert ledger["RecordingAvalanche.buffer.x"] == MEM * 64  # the engine's ledger agrees
+
+
+def test_a_buffer_the_strategy_keeps_itself_is_compacted_too(digits_runs) -> None:
+    """ER_ACE keeps its class-balanced buffer on the strategy (storage_policy), not in a
+    plugin: it too is copied down to its kept raw samples, so no experience's tensor stays
+    alive through it."""
+    for m in measured("er_ace"):
+        assert m.parts["avalanche.buffer.x"] == MEM * 64
+        assert m.parts["avalanche.buffer.y"] == MEM
 
 
 def test_each_method_is_charged_what_it_keeps(digits_runs, digits_model_bytes) -> None:
