@@ -27,6 +27,7 @@ EPILOG = """examples:
   clsim run my.yaml --out runs/a --resume        continue a stopped run
   clsim compare my.yaml --out runs/s --resume    continue a stopped comparison
   clsim new-plugin my_strategy            start a plugin package from a template
+  clsim reproduce smnist_gdumb            a published configuration against its number
 """
 
 
@@ -151,6 +152,57 @@ def cmd_report(args: argparse.Namespace) -> int:
         f"rebuilt {args.dir}/report.md, summary.csv, auc.csv, accuracy_vs_memory.png from "
         f"{len(analysis.records)} cells"
     )
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from clsim.reproduce import (
+        default_registry,
+        load_targets,
+        markdown_table,
+        run_target,
+        select,
+        skipped_reason,
+        write_report,
+    )
+
+    registry = Path(args.targets) if args.targets else default_registry()
+    targets = load_targets(registry)
+    chosen = select(targets, args.names)
+    if args.list:
+        for t in chosen:
+            spec = t.spec
+            took = f", ~{spec.minutes:g} min" if spec.minutes else ""
+            print(f"  {t.name:24s} {spec.strategy} on {spec.scenario}: published "
+                  f"{spec.published:g} ({spec.device}{took}{', in CI' if spec.ci else ''})")
+        return 0
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs") / f"reproduce-{stamp}"
+    cuda = torch.cuda.is_available()
+    outcomes, skipped = [], {}
+    for target in chosen:
+        why = skipped_reason(target, named=bool(args.names), limit=args.limit, cuda=cuda)
+        if why is not None:
+            skipped[target.name] = why
+            print(f"clsim: {target.name}: skipped, {why}", file=sys.stderr)
+            continue
+        print(f"clsim: reproducing {target.name} ({target.spec.strategy}, seeds "
+              f"{target.spec.seeds}) -> {out / target.name}", file=sys.stderr)
+        outcomes.append(run_target(target, out / target.name, limit=args.limit,
+                                   progress=not args.no_progress))
+        write_report(out, outcomes, skipped)  # after each target: nothing measured is lost
+    table = write_report(out, outcomes, skipped)
+    print(markdown_table(outcomes, skipped), end="")
+    print(f"\nresults: {table}, {out / 'reproduce.json'}")
+    wrong = [o.target.name for o in outcomes if not o.as_expected]
+    if wrong:
+        print(f"clsim: error: {', '.join(wrong)}: the verdict is not the one expected "
+              f"(see {table})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -401,6 +453,23 @@ def build_parser() -> argparse.ArgumentParser:
                             help="rebuild a comparison's report from cells.jsonl")
     report.add_argument("dir", metavar="DIR", help="the comparison's results folder")
     report.set_defaults(func=cmd_report)
+
+    reproduce = sub.add_parser(
+        "reproduce", parents=[common],
+        help="run published configurations and compare with their published numbers")
+    reproduce.add_argument("names", nargs="*", metavar="NAME",
+                           help="targets to run (default: every CPU target of the registry)")
+    reproduce.add_argument("--targets", metavar="FILE",
+                           help="registry of targets (default: the bundled "
+                           "scenarios/reproduce/targets.yaml)")
+    reproduce.add_argument("--out", help="results folder (default: runs/reproduce-TIMESTAMP)")
+    reproduce.add_argument(
+        "--limit", type=_positive_int, metavar="N",
+        help="smoke test: the first N training and test samples of every experience (no "
+        "verdict); runs GPU targets too")
+    reproduce.add_argument("--list", action="store_true", help="list the targets and stop")
+    reproduce.add_argument("--no-progress", action="store_true", help="no progress bars")
+    reproduce.set_defaults(func=cmd_reproduce)
 
     validate = sub.add_parser(
         "validate", parents=[common],

@@ -27,9 +27,11 @@ task's start).
 - the regularised parameters are the model's trainable ones (``requires_grad``) when the
   first task starts; a parameter without a gradient in a step counts ``g = 0``.
 
-**Defaults**: ``c = 1``, ``xi = 0.001``: the paper's split MNIST values, also those of
-continual-learning-baselines' ``experiments/split_mnist/synaptic_intelligence.py``
-(``si_lambda = 1``, ``si_eps = 0.001``; permuted MNIST there uses 10 and 0.1).
+**Defaults**: ``c = 1``, ``xi = 0.001``: the paper's split MNIST values. Avalanche's
+``SynapticIntelligencePlugin`` adds ``(si_lambda / 2) * sum Omega (theta - theta*)^2``, so
+its ``si_lambda`` is ``2c`` here: continual-learning-baselines' split MNIST
+(``si_lambda = 1``, ``eps = 0.1``) is ``c = 0.5, xi = 0.1``, its permuted MNIST
+(``si_lambda = 10``) ``c = 5`` (scenarios/reproduce/).
 
 **Memory**: between experiences Omega and theta* (one float tensor each per regularised
 parameter: 2 x the trainable parameters' bytes); while a task trains also ``w`` (one
