@@ -14,11 +14,9 @@ from torch import nn
 from clsim.data.dataset import DataInfo
 from clsim.labels import LabelSpace
 from clsim.memory import measure, model_bytes
+from clsim.models.heads import MASK_VALUE
 from clsim.seeding import numpy_generator, torch_generator
 from clsim.stream import Experience
-
-# Logit of another task's output in a multi-headed loss: far below any real logit, finite.
-TASK_MASK_VALUE = -1e4
 
 
 @dataclass(eq=False)
@@ -136,30 +134,28 @@ class RunContext:
     def numpy_generator(self, *names: str | int) -> np.random.Generator:
         return numpy_generator(self.seed, self.strategy, *names)
 
-    def task_loss(self, logits: torch.Tensor, y: torch.Tensor,
-                  task_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The standard loop's task loss: cross-entropy over the label space (per level,
-        for hierarchical labels). With ``task_ids`` of a stream that gives them, each row's
-        softmax is over its task's outputs only (a multi-headed output layer, as in
-        task-incremental learning); rows of task -1 (e.g. replayed without one) keep all."""
+        for hierarchical labels). When the stream gives task ids (``task_classes``), each
+        row's softmax is over the outputs of the task its label belongs to: a multi-headed
+        output layer, the same for stream rows, replayed rows and any plugin's use of this
+        loss (a label of no task met keeps every output)."""
         y = y.to(logits.device, non_blocking=True)
-        if task_ids is not None and self.task_classes:
-            logits = logits.masked_fill(~self.task_outputs(task_ids, logits.shape[1]),
-                                        TASK_MASK_VALUE)
+        if self.task_classes:
+            logits = logits.masked_fill(~self._own_head(y, logits.shape[1]), MASK_VALUE)
         if self.labels is None:
             return F.cross_entropy(logits, y)
         return self.labels.cross_entropy(logits, y)
 
-    def task_outputs(self, task_ids: torch.Tensor, n_outputs: int) -> torch.Tensor:
-        """``(N, n_outputs)`` bool: the outputs of each row's task (every output for a
-        task id not in ``task_classes``, such as -1)."""
-        table = torch.ones(max(self.task_classes) + 2, n_outputs, dtype=torch.bool)
-        for task, classes in self.task_classes.items():
-            table[task].zero_()
-            table[task, list(classes)] = True
-        rows = task_ids.to(torch.long).cpu()
-        rows = torch.where((rows >= 0) & (rows < len(table) - 1), rows, len(table) - 1)
-        return table[rows].to(self.device, non_blocking=True)
+    def _own_head(self, y: torch.Tensor, n_outputs: int) -> torch.Tensor:
+        """``(N, n_outputs)`` bool: the outputs of the task each label belongs to."""
+        head_of = torch.ones(n_outputs, n_outputs, dtype=torch.bool)  # row: a label's head
+        for classes in self.task_classes.values():
+            index = torch.tensor(classes, dtype=torch.long)
+            head = torch.zeros(n_outputs, dtype=torch.bool)
+            head[index] = True
+            head_of[index] = head
+        return head_of.to(y.device, non_blocking=True)[y]
 
     def new_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The scenario's optimizer (``training.optimizer``) over ``params`` (a module,

@@ -253,10 +253,7 @@ class Trainer:
             loss = self._scalar(replaced[0][0], "clsim_task_loss", replaced[0][1],
                                 output.logits.device)
         else:
-            task_ids = batch.task_id
-            if task_ids is not None and output.views > 1:
-                task_ids = task_ids.repeat(output.views)
-            loss = ctx.task_loss(output.logits, output.targets, task_ids)
+            loss = ctx.task_loss(output.logits, output.targets)
         if "clsim_loss" in active:
             for plugin, extra in hooks.collect("clsim_loss", ctx=ctx, batch=batch,
                                                logits=output.logits, output=output):

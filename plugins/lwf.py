@@ -143,9 +143,7 @@ class LwfPlugin:
                         output: ForwardOutput) -> torch.Tensor | None:
         if not self.options.task_loss_share:
             return None  # the loop's own task loss, or another plugin's replacement
-        # the loop's default, task ids repeated once per stacked view
-        tasks = None if batch.task_id is None else batch.task_id.repeat(output.views)
-        return ctx.task_loss(output.logits, output.targets, tasks) / max(self.experiences, 1)
+        return ctx.task_loss(output.logits, output.targets) / max(self.experiences, 1)
 
     # -- every batch: alpha_n * KD(copy's outputs, model's outputs) on the old classes --
 

@@ -71,6 +71,15 @@ def test_permute_moves_pixels_the_same_way_in_every_channel():
         assert torch.equal(out[:, c].reshape(2, -1), x[:, c].reshape(2, -1)[:, perm])
 
 
+@pytest.mark.parametrize("shape", [(2, 12), (2, 3, 4)])
+def test_permute_reorders_every_value_of_vectors_and_2d_samples(shape):
+    x = torch.arange(24).reshape(shape)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    out = permute(x, perm)
+    assert out.shape == x.shape
+    assert torch.equal(out.reshape(2, -1), x.reshape(2, -1)[:, perm])
+
+
 def test_keep_first_leaves_the_first_experience_untouched(digits):
     stream = permuted(digits, seed=0, n_experiences=2, keep_first=True)
     assert torch.equal(stream[0].train_x, digits.x_train)
@@ -87,6 +96,19 @@ def test_rotation_by_right_angles_is_exact():
     assert torch.equal(rotate(x, -360), x)
 
 
+def test_rotation_of_a_non_square_image_turns_about_its_centre():
+    """A dot a pixel right of the centre of a 16 x 32 image lands a pixel above it after
+    90 degrees (counter-clockwise), not stretched by the aspect ratio."""
+    x = torch.zeros(1, 1, 16, 32, dtype=torch.uint8)
+    x[0, 0, 7, 20] = 200  # centre (7.5, 15.5): 4.5 right, 0.5 up
+    turned = rotate(x, 90)[0, 0].float()
+    rows, cols = torch.nonzero(turned, as_tuple=True)
+    weights = turned[rows, cols]
+    centre = (float((rows * weights).sum() / weights.sum()),
+              float((cols * weights).sum() / weights.sum()))
+    assert centre == pytest.approx((7.5 - 4.5, 15.5 - 0.5), abs=0.01)
+
+
 def test_rotated_angles_given_or_drawn_from_the_seed(digits):
     given = rotated(digits, seed=0, n_experiences=2, angles=[90, 180])
     assert given.description["angles"] == [90.0, 180.0]
@@ -98,23 +120,21 @@ def test_rotated_angles_given_or_drawn_from_the_seed(digits):
                    max_angle=20).description["angles"] == angles
 
 
-def test_multi_headed_loss_is_cross_entropy_over_the_tasks_outputs(digits):
-    ctx = RunContext(strategy="s", model=nn.Linear(2, 6), device=torch.device("cpu"),
+def test_multi_headed_loss_is_cross_entropy_over_the_outputs_of_the_labels_task(digits):
+    ctx = RunContext(strategy="s", model=nn.Linear(2, 8), device=torch.device("cpu"),
                      data=digits.info(), seed=0, epochs=1, batch_size=4)
-    logits = torch.randn(5, 6)
-    y = torch.tensor([0, 1, 3, 5, 4])
-    tasks = torch.tensor([0, 0, 1, 2, -1])
-    plain = ctx.task_loss(logits, y, tasks)  # no task met: every output counts
-    assert torch.equal(plain, F.cross_entropy(logits, y))
-    ctx.task_classes = {0: (0, 1), 1: (2, 3), 2: (4, 5)}
+    logits = torch.randn(5, 8)
+    y = torch.tensor([0, 1, 3, 5, 7])
+    assert torch.equal(ctx.task_loss(logits, y), F.cross_entropy(logits, y))  # no task met
+    ctx.task_classes = {0: (0, 1), 1: (2, 3), 3: (4, 5)}  # task 2 not met, 6 and 7 in none
     expected = torch.stack([
         F.cross_entropy(logits[0:1, 0:2], y[0:1]),
         F.cross_entropy(logits[1:2, 0:2], y[1:2]),
         F.cross_entropy(logits[2:3, 2:4], y[2:3] - 2),
         F.cross_entropy(logits[3:4, 4:6], y[3:4] - 4),
-        F.cross_entropy(logits[4:5], y[4:5]),  # task -1 (replayed without an id): all
+        F.cross_entropy(logits[4:5], y[4:5]),  # a label of no task met: every output
     ]).mean()
-    torch.testing.assert_close(ctx.task_loss(logits, y, tasks), expected)
+    torch.testing.assert_close(ctx.task_loss(logits, y), expected)
 
 
 SCENARIO = """

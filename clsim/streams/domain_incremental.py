@@ -64,6 +64,8 @@ class DomainOptions(TimingOptions):
 
 @dataclass
 class RotatedOptions(DomainOptions):
+    """The angle of each experience: given, or drawn from the seed in a range."""
+
     angles: list[float] | None = field(
         default=None,
         metadata={"help": "one angle in degrees per experience; default: drawn uniformly "
@@ -74,6 +76,9 @@ class RotatedOptions(DomainOptions):
 
     def check(self) -> None:
         super().check()
+        if self.angles is not None and self.keep_first:
+            raise OptionError("keep_first", "keep_first turns the first experience by 0 "
+                              "degrees; with 'angles' given, make the first angle 0 instead")
         if self.angles is not None and len(self.angles) != self.n_experiences:
             raise OptionError("angles", f"{len(self.angles)} angles given for "
                               f"{self.n_experiences} experiences; give one per experience")
@@ -96,12 +101,12 @@ def permutations(dataset: Dataset, n_experiences: int, seed: int,
 
 
 def permute(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``x`` with each sample's positions reordered by ``perm`` (pixels of images, the same
-    for every channel; features of vectors)."""
-    if x.dim() == 2:
-        return x[:, perm]
-    flat = x.reshape(x.shape[0], x.shape[1], -1)
-    return flat[:, :, perm].reshape(x.shape)
+    """``x`` with each sample's positions reordered by ``perm``: the pixels of images
+    ``(N, C, H, W)``, the same for every channel; every value of other samples."""
+    if x.dim() == 4:
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        return flat[:, :, perm].reshape(x.shape)
+    return x.reshape(x.shape[0], -1)[:, perm].reshape(x.shape)
 
 
 def rotation_angles(n_experiences: int, seed: int, *, keep_first: bool = False,
@@ -126,8 +131,11 @@ def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
         return x.clone()
     theta = math.radians(degrees)
     cos, sin = math.cos(theta), math.sin(theta)
-    # grid_sample reads output (u, v) from input A @ (u, v): the inverse rotation
-    affine = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=torch.float32)
+    height, width = x.shape[-2], x.shape[-1]
+    # grid_sample reads output (u, v) from input A @ (u, v): the inverse rotation, in
+    # coordinates normalised per axis, hence the aspect ratios on a non-square image
+    affine = torch.tensor([[cos, -sin * height / width, 0.0],
+                           [sin * width / height, cos, 0.0]], dtype=torch.float32)
     out = torch.empty_like(x)
     for start in range(0, x.shape[0], _ROTATE_CHUNK):
         chunk = x[start:start + _ROTATE_CHUNK].float()
@@ -168,6 +176,7 @@ def rotated(dataset: Dataset, *, seed: int, n_experiences: int = 10,
 
 
 def _positions(dataset: Dataset) -> int:
+    """Positions a permutation reorders: pixels of (C, H, W) images, else every value."""
     shape = dataset.sample_shape
     return int(np.prod(shape[1:])) if len(shape) == 3 else int(np.prod(shape))
 
