@@ -156,23 +156,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    import time
-
     import torch
 
-    from clsim.reproduce import (
-        default_registry,
-        load_targets,
-        markdown_table,
-        run_target,
-        select,
-        skipped_reason,
-        write_report,
-    )
+    from clsim.reproduce import default_registry, load_targets, markdown_table, run_targets, select
 
     registry = Path(args.targets) if args.targets else default_registry()
-    targets = load_targets(registry)
-    chosen = select(targets, args.names)
+    chosen = select(load_targets(registry), args.names)
     if args.list:
         for t in chosen:
             spec = t.spec
@@ -180,30 +169,22 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             print(f"  {t.name:24s} {spec.strategy} on {spec.scenario}: published "
                   f"{spec.published:g} ({spec.device}{took}{', in CI' if spec.ci else ''})")
         return 0
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) if args.out else Path("runs") / f"reproduce-{stamp}"
-    cuda = torch.cuda.is_available()
-    outcomes, skipped = [], {}
-    for target in chosen:
-        why = skipped_reason(target, named=bool(args.names), limit=args.limit, cuda=cuda)
-        if why is not None:
-            skipped[target.name] = why
-            print(f"clsim: {target.name}: skipped, {why}", file=sys.stderr)
-            continue
-        print(f"clsim: reproducing {target.name} ({target.spec.strategy}, seeds "
-              f"{target.spec.seeds}) -> {out / target.name}", file=sys.stderr)
-        outcomes.append(run_target(target, out / target.name, limit=args.limit,
-                                   progress=not args.no_progress))
-        write_report(out, outcomes, skipped)  # after each target: nothing measured is lost
-    table = write_report(out, outcomes, skipped)
+    out = Path(args.out) if args.out else \
+        Path("runs") / f"reproduce-{time.strftime('%Y%m%d-%H%M%S')}"
+    outcomes, skipped = run_targets(
+        chosen, out, named=bool(args.names), limit=args.limit, progress=not args.no_progress,
+        cuda=torch.cuda.is_available(), say=lambda line: print(f"clsim: {line}", file=sys.stderr))
     print(markdown_table(outcomes, skipped), end="")
-    print(f"\nresults: {table}, {out / 'reproduce.json'}")
-    wrong = [o.target.name for o in outcomes if not o.as_expected]
-    if wrong:
-        print(f"clsim: error: {', '.join(wrong)}: the verdict is not the one expected "
-              f"(see {table})", file=sys.stderr)
-        return 1
-    return 0
+    print(f"\nresults: {out / 'reproduce.md'}, {out / 'reproduce.json'}")
+    failed = [o.target.name for o in outcomes if o.verdict == "failed"]
+    unexpected = [o.target.name for o in outcomes if not o.as_expected and o.verdict != "failed"]
+    if failed:
+        print(f"clsim: error: {', '.join(failed)} failed to run (see the table's notes)",
+              file=sys.stderr)
+    if unexpected:
+        print(f"clsim: error: {', '.join(unexpected)}: the verdict is not the one expected",
+              file=sys.stderr)
+    return 1 if failed or unexpected else 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

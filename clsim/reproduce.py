@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from clsim.config import load_scenario
-from clsim.errors import ConfigError, OptionError
+from clsim.errors import ClsimError, ConfigError, OptionError
+from clsim.results import write_text_atomic
 from clsim.validation import Source, build, closest, load_yaml
 
 REPRODUCED = "reproduced"
@@ -165,9 +168,8 @@ def select(targets: dict[str, Target], names: list[str]) -> list[Target]:
 
 def run_target(target: Target, out_dir: Path, *, limit: int | None = None,
                progress: bool = False) -> Outcome:
-    """Run ``target``'s strategy at each of its seeds into ``out_dir/seed-S``."""
-    import time
-
+    """Run ``target``'s strategy at each of its seeds into ``out_dir/seed-S``; a run that
+    cannot start (missing data, too little memory) is a failed outcome naming why."""
     from clsim.runner import run_scenario
 
     spec = target.spec
@@ -175,9 +177,14 @@ def run_target(target: Target, out_dir: Path, *, limit: int | None = None,
     scores: list[float | None] = []
     error = None
     for seed in spec.seeds:
-        scenario = load_scenario(target.scenario_path)
-        result = run_scenario(scenario, out_dir / f"seed-{seed}", seed=seed,
-                              only=[spec.strategy], progress=progress, limit=limit)
+        try:
+            result = run_scenario(load_scenario(target.scenario_path), out_dir / f"seed-{seed}",
+                                  seed=seed, only=[spec.strategy], progress=progress,
+                                  limit=limit)
+        except ClsimError as exc:
+            scores.append(None)
+            error = str(exc)
+            break
         summary = result.summary["strategies"][spec.strategy]
         value = summary.get(spec.metric)
         scores.append(None if value is None or not math.isfinite(value) else float(value))
@@ -186,13 +193,36 @@ def run_target(target: Target, out_dir: Path, *, limit: int | None = None,
     return Outcome(target, scores, (time.perf_counter() - started) / 60, limit, error)
 
 
+def run_targets(chosen: list[Target], out_dir: Path, *, named: bool, limit: int | None,
+                progress: bool, cuda: bool,
+                say: Callable[[str], None] = lambda line: None) -> tuple[list[Outcome], dict]:
+    """Run every chosen target that is not skipped into ``out_dir/NAME``, rewriting the
+    report after each, so an interruption keeps what was measured. ``out_dir`` must not
+    hold a report already (nothing measured before is overwritten)."""
+    if (out_dir / "reproduce.json").exists():
+        raise ConfigError(f"--out {out_dir} already holds a reproduce run (reproduce.json); "
+                          "choose another folder")
+    outcomes: list[Outcome] = []
+    skipped: dict[str, str] = {}
+    for target in chosen:
+        why = skipped_reason(target, named=named, limit=limit, cuda=cuda)
+        if why is not None:
+            skipped[target.name] = why
+            say(f"{target.name}: skipped, {why}")
+            continue
+        say(f"reproducing {target.name} ({target.spec.strategy}, seeds {target.spec.seeds}) "
+            f"-> {out_dir / target.name}")
+        outcomes.append(run_target(target, out_dir / target.name, limit=limit,
+                                   progress=progress))
+        write_report(out_dir, outcomes, skipped)
+    write_report(out_dir, outcomes, skipped)
+    return outcomes, skipped
+
+
 def skipped_reason(target: Target, *, named: bool, limit: int | None, cuda: bool) -> str | None:
     """Why a target is not run now (a GPU target on a CPU, unless named or limited)."""
     if target.spec.device == "gpu" and not (named or limit is not None or cuda):
-        minutes = target.spec.minutes
-        took = f" (about {minutes:.0f} min on a GPU)" if minutes else ""
-        return (f"marked gpu{took}: run it by name, on a GPU, or with --limit N as a "
-                "smoke test")
+        return "marked gpu: run it by name, on a GPU, or with --limit N as a smoke test"
     return None
 
 
@@ -207,8 +237,9 @@ def markdown_table(outcomes: list[Outcome], skipped: dict[str, str] | None = Non
     rows = [header, "|" + "---|" * 10]
     for o in outcomes:
         spec = o.target.spec
-        seeds = ", ".join(_percent(s) for s in o.scores) if len(o.scores) > 1 else \
-            ", ".join(str(s) for s in spec.seeds)
+        measured = _percent(o.measured)
+        if len(o.scores) > 1:
+            measured += " (" + ", ".join(_percent(v) for v in o.scores) + ")"
         verdict = o.verdict
         if o.limit is None and verdict != "failed" and verdict != spec.expected:
             verdict += f" (expected: {spec.expected})"
@@ -218,8 +249,9 @@ def markdown_table(outcomes: list[Outcome], skipped: dict[str, str] | None = Non
         if o.error:
             note = f"error: {o.error}. " + note
         rows.append(f"| {o.target.name} | {spec.strategy} | {_percent(spec.published)} | "
-                    f"{100 * spec.tolerance:.0f} | {_percent(o.measured)} | {seeds} | "
-                    f"{verdict} | {o.minutes:.1f} | {spec.source} | {_cell(note)} |")
+                    f"{100 * spec.tolerance:.0f} | {measured} | "
+                    f"{', '.join(map(str, spec.seeds))} | {verdict} | {o.minutes:.1f} | "
+                    f"{spec.source} | {_cell(note)} |")
     for name, why in (skipped or {}).items():
         rows.append(f"| {name} | | | | | | skipped: {why} | | | |")
     return "\n".join(rows) + "\n"
@@ -243,8 +275,8 @@ def outcome_record(o: Outcome) -> dict[str, Any]:
 def write_report(out_dir: Path, outcomes: list[Outcome], skipped: dict[str, str]) -> Path:
     """``reproduce.md`` (the table) and ``reproduce.json`` (the records) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "reproduce.json").write_text(json.dumps(
+    write_text_atomic(out_dir / "reproduce.json", json.dumps(
         {"targets": [outcome_record(o) for o in outcomes], "skipped": skipped}, indent=2) + "\n")
     table = out_dir / "reproduce.md"
-    table.write_text("# clsim reproduce\n\n" + markdown_table(outcomes, skipped))
+    write_text_atomic(table, "# clsim reproduce\n\n" + markdown_table(outcomes, skipped))
     return table

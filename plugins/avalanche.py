@@ -560,7 +560,7 @@ class AvalanchePlugin:
         strategy.optimizer.zero_grad(set_to_none=True)
         strategy.loss = None  # reset by Avalanche before every use
         # buffers live in plugins, and in the strategy itself for those that keep their
-        # own (ER_ACE's and DER's storage_policy)
+        # own (ER_ACE's storage_policy; DER's holds logits too and is left whole)
         roots = [*strategy.plugins, *filter(None, [getattr(strategy, "storage_policy", None)])]
         self.buffer = compact_buffers(roots, ctx.n_classes, skip=strategy)
         icarl = getattr(self.methods, "ICaRLPlugin", None)

@@ -56,6 +56,20 @@ def test_ci_target_reproduces_and_stays_at_its_pinned_score(name, shared_data_ro
         f"{name}: {outcome.scores[0]:.4f} moved from the pinned {target.spec.pinned:.4f}")
 
 
+LONG_TARGETS = [n for n, t in TARGETS.items() if not t.spec.ci and t.spec.device == "cpu"]
+
+
+@pytest.mark.parametrize("name", LONG_TARGETS)
+def test_every_long_target_runs_end_to_end_on_a_few_samples(name, shared_data_root, tmp_path,
+                                                            monkeypatch):
+    """The targets too long for the suite still build and train (their plugins' setup
+    included, which validation does not reach) on 30 samples of each experience."""
+    monkeypatch.setenv("CLSIM_DATA", str(shared_data_root))
+    outcome = run_target(TARGETS[name], tmp_path, limit=30)
+    assert outcome.error is None and outcome.scores[0] is not None
+    assert outcome.as_expected and outcome.verdict.startswith("smoke test")
+
+
 def test_gpu_target_runs_as_a_smoke_test_on_cpu(shared_data_root, tmp_path, monkeypatch,
                                                 capsys):
     monkeypatch.setenv("CLSIM_DATA", str(shared_data_root))
@@ -138,6 +152,41 @@ def test_a_bad_registry_names_file_line_and_key(tmp_path, change, key, words):
         load_targets(path)
     message = str(info.value)
     assert message.startswith(f"{path}:") and key in message and words in message
+
+
+def test_a_failed_run_and_an_unexpected_verdict_exit_1_and_keep_every_row(
+        tmp_path, capsys, monkeypatch):
+    """Targets run on: one whose data is missing fails (a row saying why), the next one
+    misses its number (exit 1); the folder then refuses a second run into it."""
+    monkeypatch.delenv("CLSIM_DATA", raising=False)
+    scenarios = Path(__file__).parents[1] / "scenarios"
+    registry = tmp_path / "targets.yaml"
+    registry.write_text(f"""\
+targets:
+  needs_mnist:
+    scenario: {scenarios / "split_mnist.yaml"}
+    strategy: naive
+    published: 0.2
+    source: here
+  too_high:
+    scenario: {scenarios / "quickstart.yaml"}
+    strategy: naive
+    published: 0.99
+    source: here
+""")
+    out = tmp_path / "out"
+    argv = ["reproduce", "--targets", str(registry), "--out", str(out), "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "needs_mnist failed to run" in err
+    assert "too_high: the verdict is not the one expected" in err
+    records = json.loads((out / "reproduce.json").read_text())["targets"]
+    assert [(r["target"], r["verdict"]) for r in records] == [
+        ("needs_mnist", "failed"), ("too_high", NOT_REPRODUCED)]
+    assert "no data root" in records[0]["error"]
+    assert main(argv) == 2
+    assert f"--out {out} already holds a reproduce run" in capsys.readouterr().err
+    assert len(json.loads((out / "reproduce.json").read_text())["targets"]) == 2  # kept
 
 
 def test_cli_names_an_unknown_target_and_a_missing_registry(tmp_path, capsys):
