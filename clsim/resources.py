@@ -81,7 +81,9 @@ def estimate_run(scenario: Any, root: str | None, **options: Any) -> RunEstimate
     return RunEstimate({
         f"dataset {size.name!r}, {size.describe()} with labels": ("data.dataset",
                                                                  size.total_bytes),
-        "its copies in the stream": ("data.dataset", copies * size.total_bytes),
+        # a transformed stream holds one copy per experience: fewer experiences, less
+        "its copies in the stream": ("stream.n_experiences" if copies > 1 else "data.dataset",
+                                     copies * size.total_bytes),
         f"model {name!r} with gradients and optimizer state": ("model", model_copies * weights),
         "strategy state beyond the model (the largest budget)":
             ("strategies", max([0, *budgets])),

@@ -184,5 +184,5 @@ def test_task_ids_restrict_predictions_to_the_task():
 def test_memory_estimate_counts_one_dataset_copy_per_experience():
     permuted_3 = estimate_run(parse_scenario(SCENARIO.replace("SCENARIO", "class")), None)
     parts = list(permuted_3.parts.values())
-    dataset, copies = parts[0][1], parts[1][1]
-    assert copies == 3 * dataset
+    (_, dataset), (key, copies) = parts[0], parts[1]
+    assert copies == 3 * dataset and key == "stream.n_experiences"  # the key a fix changes
