@@ -42,6 +42,10 @@ def test_the_registry_holds_the_published_targets_the_issue_names():
         assert target.scenario_path.is_file() and target.spec.source
         assert 0 < target.spec.published <= 1
     assert CI_TARGETS, "no target guards CI"
+    for name in CI_TARGETS:  # a pinned score must itself pass its verdict
+        spec = TARGETS[name].spec
+        passes = spec.pinned >= spec.published - spec.tolerance
+        assert passes == (spec.expected == REPRODUCED), name
 
 
 @pytest.mark.parametrize("name", CI_TARGETS)
