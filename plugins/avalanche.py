@@ -50,16 +50,22 @@ Avalanche itself; the loss and the gradients by the plugin) and *compacts* every
 exemplar dataset its storage policies hold: Avalanche's buffers are subsets that keep
 the whole experience tensor alive, so each is replaced by a dataset over copies of only
 the kept samples (same order, labels and task labels), labels and task labels as
-tensors of the narrowest integer type. The ledger then charges exactly the kept raw
-samples. Parts: ``<name>.buffer.x`` / ``.y`` / ``.task`` (the kept samples, labels and
-task labels of every compacted buffer, and iCaRL's exemplars), ``<name>.methods.<class>``
+tensors of the narrowest integer type. A buffer that also carries a tensor per sample
+(DER's ``logits``, stored after each experience) is compacted with them: its kept
+logits are copied into one tensor (their dtype, float32, one row a sample) that the
+compact dataset reads back row by row after the task label, as DER's buffer does, so
+DER trains on exactly what it trains on uncompacted. The ledger then charges exactly
+the kept raw samples (and logits). Parts: ``<name>.buffer.x`` / ``.y`` / ``.task`` (the kept
+samples, labels and task labels of every compacted buffer, and iCaRL's exemplars),
+``<name>.buffer.logits`` (DER's kept logits), ``<name>.methods.<class>``
 (each Avalanche plugin of the strategy: reservoir weights, LwF's old model, EWC's saved
 parameters and importances, GDumb's initial model, iCaRL's old model and class means),
 ``<name>.strategy`` (the strategy object: its optimizer's state, counters, names of
-parameters). Python numbers and strings Avalanche keeps (counters, buffer sizes, class
-ids in sets, iCaRL's exemplar labels) are charged 8 bytes a number and flagged
-estimated. A dataset holding more than labels and task labels (DER's logits) is left as
-Avalanche keeps it, and charged as such.
+parameters, the reservoir weights of a buffer it keeps itself, ER_ACE's and DER's).
+Python numbers and strings Avalanche keeps (counters, buffer sizes, class ids in sets,
+iCaRL's exemplar labels) are charged 8 bytes a number and flagged estimated. A dataset
+holding any other attribute, or per-sample values that are not tensors of one shape and
+dtype, is left as Avalanche keeps it, and charged as such.
 
 **Reconstructed or adapted:**
 
@@ -348,32 +354,62 @@ class TensorColumn:
         return int(self.values[index])
 
 
+class RowColumn:
+    """A per-sample tensor attribute (DER's logits) read from the rows of one tensor."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.values = values
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.values[index]
+
+
 @dataclass
 class Exemplars:
-    """The kept samples of every compacted buffer (names the ledger's parts)."""
+    """The kept samples of every compacted buffer (names the ledger's parts); ``logits``:
+    the kept per-sample outputs of buffers that carry them (DER's)."""
 
     x: list[torch.Tensor] = field(default_factory=list)
     y: list[torch.Tensor] = field(default_factory=list)
     task: list[torch.Tensor] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def count(self) -> int:
         return sum(len(x) for x in self.x)
 
 
-def compact_dataset(data: Any, n_classes: int) -> tuple[Any, tuple[torch.Tensor, ...]] | None:
-    """A dataset over copies of ``data``'s samples, labels and task labels only (same
-    order), and its three tensors; None when ``data`` holds more than those (it is then
-    kept as it is)."""
+LABELS = ("targets", "targets_task_labels")
+PER_SAMPLE = ("logits",)  # data attributes a buffer may carry besides LABELS (DER's)
+
+
+def compact_dataset(data: Any, n_classes: int) -> tuple[Any, dict[str, torch.Tensor]] | None:
+    """A dataset over copies of ``data``'s samples, labels, task labels and per-sample
+    tensor attributes (DER's logits) only, in the same order and read back as ``data``
+    reads them, and those tensors by Exemplars field (x, y, task, logits); None when
+    ``data`` holds anything else (it is then kept as it is)."""
     from avalanche.benchmarks.utils.classification_dataset import (
         _make_taskaware_tensor_classification_dataset,
     )
+    from avalanche.benchmarks.utils.data import make_avalanche_dataset
     from avalanche.benchmarks.utils.data_attribute import DataAttribute
     from avalanche.benchmarks.utils.flat_data import FlatData
 
-    if set(getattr(data, "_data_attributes", {})) != {"targets", "targets_task_labels"}:
+    attributes = dict(getattr(data, "_data_attributes", {}))
+    extra = [name for name in attributes if name not in LABELS]
+    if not set(LABELS) <= set(attributes) or not set(extra) <= set(PER_SAMPLE):
         return None
     n = len(data)
+    columns: dict[str, torch.Tensor] = {}
+    for name in extra:
+        values = list(attributes[name])
+        if not all(isinstance(v, torch.Tensor) for v in values) or \
+                len({(v.shape, v.dtype, v.device) for v in values}) != 1:
+            return None
+        columns[name] = torch.stack(values)
     x = torch.stack([data[i][0] for i in range(n)])
     tasks = list(data.targets_task_labels)
     y = torch.tensor(list(data.targets), dtype=label_dtype(n_classes))
@@ -382,7 +418,16 @@ def compact_dataset(data: Any, n_classes: int) -> tuple[Any, tuple[torch.Tensor,
         x, y, targets=FlatData([TensorColumn(y)]),
         task_labels=DataAttribute(FlatData([TensorColumn(task)]), "targets_task_labels"),
     )
-    return compact, (x, y, task)
+    if columns:  # as DER adds its logits: after the labels, read back as rows
+        compact = make_avalanche_dataset(compact, data_attributes=[
+            DataAttribute(FlatData([RowColumn(values)]), name,
+                          use_in_getitem=attributes[name].use_in_getitem)
+            for name, values in columns.items()])
+    if list(compact._data_attributes) != list(attributes) or any(
+            compact._data_attributes[k].use_in_getitem != a.use_in_getitem
+            for k, a in attributes.items()):
+        return None  # its samples would not read back in the same layout
+    return compact, {"x": x, "y": y, "task": task, **columns}
 
 
 _NO_DESCENT = (nn.Module, torch.Tensor, torch.optim.Optimizer, type, str, bytes, int, float,
@@ -413,8 +458,8 @@ def compact_buffers(roots: list[Any], n_classes: int, skip: Any) -> Exemplars:
             result = compact_dataset(data, n_classes) if len(data) else None
             replaced[id(data)] = data if result is None else result[0]
             if result is not None:
-                for part, tensor in zip((kept.x, kept.y, kept.task), result[1], strict=True):
-                    part.append(tensor)
+                for part, tensor in result[1].items():
+                    getattr(kept, part).append(tensor)
         return replaced[id(data)]
 
     stack = list(roots)
@@ -560,7 +605,7 @@ class AvalanchePlugin:
         strategy.optimizer.zero_grad(set_to_none=True)
         strategy.loss = None  # reset by Avalanche before every use
         # buffers live in plugins, and in the strategy itself for those that keep their
-        # own (ER_ACE's storage_policy; DER's holds logits too and is left whole)
+        # own (ER_ACE's storage_policy; DER's, whose logits are compacted with it)
         roots = [*strategy.plugins, *filter(None, [getattr(strategy, "storage_policy", None)])]
         self.buffer = compact_buffers(roots, ctx.n_classes, skip=strategy)
         icarl = getattr(self.methods, "ICaRLPlugin", None)

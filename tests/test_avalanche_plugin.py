@@ -166,6 +166,7 @@ DIGITS_STRATEGIES = {
     "GDumb": {"mem_size": 100},
     "ICaRL": {"memory_size": 100},
     "ER_ACE": {"mem_size": MEM},
+    "DER": {"mem_size": MEM},
 }
 
 
@@ -210,20 +211,30 @@ def test_every_strategy_runs_and_reports_its_exemplars(digits_runs) -> None:
     exemplars = {name: run["plugins"]["RecordingAvalanche"]["exemplars"]
                  for name, run in digits_runs.items()}
     assert exemplars == {"naive": 0, "replay": MEM, "lwf": 0, "ewc": 0, "gdumb": 100,
-                         "icarl": 100, "er_ace": MEM}
+                         "icarl": 100, "er_ace": MEM, "der": MEM}
 
 
-@pytest.mark.parametrize("name", ["Naive", "Replay", "LwF", "EWC", "GDumb"])
+@pytest.mark.parametrize("name", ["Naive", "Replay", "LwF", "EWC", "GDumb", "DER"])
 def test_digits_runs_equal_avalanche_run_directly(digits_runs, name) -> None:
     """Every strategy Avalanche can run on a plain benchmark (iCaRL needs one that lists
     classes per experience), accuracy for accuracy; GDumb's retrained copies come back
-    into clsim's model."""
+    into clsim's model; DER trains on its compacted buffer (samples, labels and logits
+    copied) exactly what it trains on in its own."""
     dataset = load_dataset("digits")
     stream = class_incremental(dataset, seed=0, n_experiences=5)
     direct = run_directly(name, DIGITS_STRATEGIES[name], dataset, stream, hidden=[32],
                           batch_size=64, strategy=name.lower())
     assert np.array_equal(np.array(digits_runs[name.lower()]["accuracy_matrix"]),
                           direct.accuracy())
+
+
+def assert_buffer_keeps(m, logit_bytes: int = 0) -> None:
+    """``m`` charges the plugin's buffer MEM raw samples (64 uint8 values each), MEM uint8
+    labels, MEM uint8 task labels, and ``logit_bytes`` of logits per sample."""
+    assert m.parts["avalanche.buffer.x"] == MEM * 64
+    assert m.parts["avalanche.buffer.y"] == MEM
+    assert m.parts["avalanche.buffer.task"] == MEM
+    assert m.parts.get("avalanche.buffer.logits", 0) == MEM * logit_bytes
 
 
 def test_replay_buffer_is_charged_exactly_its_kept_raw_samples(digits_runs) -> None:
@@ -234,9 +245,7 @@ def test_replay_buffer_is_charged_exactly_its_kept_raw_samples(digits_runs) -> N
     records = measured("replay")
     assert len(records) == 5
     for m in records:
-        assert m.parts["avalanche.buffer.x"] == MEM * 64
-        assert m.parts["avalanche.buffer.y"] == MEM
-        assert m.parts["avalanche.buffer.task"] == MEM
+        assert_buffer_keeps(m)
         assert m.bytes_of("avalanche.methods.ReplayPlugin") == MEM * 4
     bookkeeping = 10 + 10 * 8 + 5 * 8  # after the last experience: 10 classes, 5 experiences
     assert records[-1].bytes_of("avalanche") == MEM * (64 + 1 + 1 + 4) + bookkeeping
@@ -249,8 +258,24 @@ def test_a_buffer_the_strategy_keeps_itself_is_compacted_too(digits_runs) -> Non
     plugin: it too is copied down to its kept raw samples, so no experience's tensor stays
     alive through it."""
     for m in measured("er_ace"):
-        assert m.parts["avalanche.buffer.x"] == MEM * 64
-        assert m.parts["avalanche.buffer.y"] == MEM
+        assert_buffer_keeps(m)
+
+
+def test_ders_buffer_is_compacted_with_its_logits(digits_runs) -> None:
+    """DER's buffer (on the strategy) carries each sample's logits besides its label: it
+    too is copied down to its kept raw samples, labels and task labels, with the logits
+    (10 float32 outputs a sample) charged as their own part; the strategy keeps one
+    float32 reservoir weight per sample besides, so no experience's tensor stays alive
+    through the buffer."""
+    records = measured("der")
+    assert len(records) == 5
+    for m in records:
+        assert_buffer_keeps(m, logit_bytes=10 * 4)
+        assert m.bytes_of("avalanche.strategy") == MEM * 4
+    bookkeeping = 10 + 10 * 8 + 5 * 8  # after the last experience: 10 classes, 5 experiences
+    assert records[-1].bytes_of("avalanche") == MEM * (64 + 1 + 1 + 10 * 4 + 4) + bookkeeping
+    ledger = digits_runs["der"]["ledger"][-1]["parts"]
+    assert ledger["RecordingAvalanche.buffer.logits"] == MEM * 10 * 4  # the engine agrees
 
 
 def test_each_method_is_charged_what_it_keeps(digits_runs, digits_model_bytes) -> None:
