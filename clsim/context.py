@@ -59,6 +59,7 @@ class RunContext:
     task_classes: dict[int, tuple[int, ...]] = field(default_factory=dict)
     log: Callable[..., None] = lambda event, **fields: None
     _trainer: Any = None  # the standard loop (clsim.training.Trainer), set by the engine
+    _heads: Any = None  # (key, label -> head-outputs table) of task_loss, built as tasks come
     # the strategy's (name, plugin) pairs in its order, set by the engine: measured by
     # held_bytes, never handed to a plugin
     _plugins: list[tuple[str, Any]] = field(default_factory=list, repr=False)
@@ -148,14 +149,18 @@ class RunContext:
         return self.labels.cross_entropy(logits, y)
 
     def _own_head(self, y: torch.Tensor, n_outputs: int) -> torch.Tensor:
-        """``(N, n_outputs)`` bool: the outputs of the task each label belongs to."""
-        head_of = torch.ones(n_outputs, n_outputs, dtype=torch.bool)  # row: a label's head
-        for classes in self.task_classes.values():
-            index = torch.tensor(classes, dtype=torch.long)
-            head = torch.zeros(n_outputs, dtype=torch.bool)
-            head[index] = True
-            head_of[index] = head
-        return head_of.to(y.device, non_blocking=True)[y]
+        """``(N, n_outputs)`` bool: the outputs of the task each label belongs to. The
+        label -> head table is built once per set of tasks met, not at every batch."""
+        key = (tuple(self.task_classes.items()), n_outputs, y.device)
+        if self._heads is None or self._heads[0] != key:
+            head_of = torch.ones(n_outputs, n_outputs, dtype=torch.bool)  # row: a label's head
+            for classes in self.task_classes.values():
+                index = torch.tensor(classes, dtype=torch.long)
+                head = torch.zeros(n_outputs, dtype=torch.bool)
+                head[index] = True
+                head_of[index] = head
+            self._heads = (key, head_of.to(y.device))
+        return self._heads[1][y]
 
     def new_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The scenario's optimizer (``training.optimizer``) over ``params`` (a module,

@@ -21,6 +21,20 @@ strategies:
     plugins: [naive]
 """
 
+def digits_scenario(strategies: str, *, hidden: int, epochs: int, batch_size: int, lr: float,
+                    name: str | None = None) -> str:
+    """A split-digits scenario (5 x 2 classes, an MLP of one hidden layer, plain SGD) with
+    ``strategies`` (YAML lines under ``strategies:``); ``name`` adds a name, seed 0 and one
+    thread."""
+    head = f"name: {name}\nseed: 0\nthreads: 1\n" if name else ""
+    return (f"{head}data: {{dataset: digits}}\n"
+            "stream: {type: class_incremental, n_experiences: 5}\n"
+            f"model: {{name: mlp, hidden: [{hidden}]}}\n"
+            f"training: {{epochs: {epochs}, batch_size: {batch_size}, "
+            f"optimizer: {{name: sgd, lr: {lr}}}}}\n"
+            f"strategies:\n{strategies}")
+
+
 # the issue's agreement protocol with Avalanche: split MNIST, 5 x 2 classes, MLP 400-400,
 # SGD lr 0.01, batch 128, one epoch (append the strategies)
 SPLIT_MNIST_PROTOCOL = """\

@@ -8,29 +8,26 @@ from pathlib import Path
 import pytest
 import torch
 from clsim_plugins.agem import AgemPlugin, project
-from helpers import DIGITS_SCENARIO
+from helpers import DIGITS_SCENARIO, digits_scenario
 
 from clsim.assembly import build_stream, load_scenario_data
 from clsim.config import parse_scenario
 from clsim.engine import run_strategy
 from clsim.runner import run_scenario
 
-SCENARIO = """\
-name: agem
-seed: 0
-threads: 1
-data: {{dataset: digits}}
-stream: {{type: class_incremental, n_experiences: 5}}
-model: {{name: mlp, hidden: [64]}}
-training: {{epochs: 3, batch_size: 32, optimizer: {{name: sgd, lr: 0.05}}}}
-strategies:
-{strategies}"""
+
+def scenario_text(strategies: str, epochs: int = 3) -> str:
+    return digits_scenario(strategies, hidden=64, epochs=epochs, batch_size=32,
+                           lr=0.05, name="agem")
+
+
+
 
 SAMPLE_BYTES, LABEL_BYTES = 64, 1  # an 8x8 uint8 digit, a uint8 label
 
 
 def summaries(tmp_path: Path, strategies: str) -> dict:
-    scenario = parse_scenario(SCENARIO.format(strategies=strategies))
+    scenario = parse_scenario(scenario_text(strategies=strategies))
     return run_scenario(scenario, tmp_path).summary["strategies"]
 
 
@@ -94,7 +91,7 @@ def test_in_a_run_every_update_agrees_with_the_memory_gradient(monkeypatch) -> N
     conflicts with the memory gradient; conflicts did occur and were projected, and every
     update that agreed already kept its gradient bit for bit."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    scenario = parse_scenario(SCENARIO.format(
+    scenario = parse_scenario(scenario_text(
         strategies=f"  agem: {{plugins: [{{'{__name__}:RecordingAgem': {{capacity: 200}}}}]}}\n"))
     dataset = load_scenario_data(scenario)
     stream = build_stream(scenario, dataset, scenario.seed)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clsim_plugins.der import DerPlugin, logit_distance
-from helpers import bare_context
+from helpers import bare_context, digits_scenario
 
 from clsim.assembly import build_stream, load_scenario_data
 from clsim.config import parse_scenario
@@ -20,16 +20,13 @@ from clsim.engine import run_strategy
 from clsim.runner import run_scenario
 from clsim.stream import Batch
 
-SCENARIO = """\
-name: der
-seed: 0
-threads: 1
-data: {{dataset: digits}}
-stream: {{type: class_incremental, n_experiences: 5}}
-model: {{name: mlp, hidden: [64]}}
-training: {{epochs: {epochs}, batch_size: 32, optimizer: {{name: sgd, lr: 0.05}}}}
-strategies:
-{strategies}"""
+
+def scenario_text(strategies: str, epochs: int = 3) -> str:
+    return digits_scenario(strategies, hidden=64, epochs=epochs, batch_size=32,
+                           lr=0.05, name="der")
+
+
+
 
 ITEM_BYTES = 64 + 1 + 10 * 4  # an 8x8 uint8 digit, its uint8 label, 10 float32 logits
 
@@ -50,7 +47,7 @@ def test_the_buffer_holds_the_logits_the_model_produced_when_storing(monkeypatch
     """A memory larger than every sample offered keeps them in the order offered; each
     row's logits equal a forward of the model as it was at that batch (a saved copy)."""
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    scenario = parse_scenario(SCENARIO.format(epochs=1, strategies=(
+    scenario = parse_scenario(scenario_text(epochs=1, strategies=(
         f"  der: {{plugins: [{{'{__name__}:RecordingDer': {{capacity: 5000, beta: 0.5}}}}]}}\n")))
     dataset = load_scenario_data(scenario)
     stream = build_stream(scenario, dataset, scenario.seed)
@@ -118,7 +115,7 @@ def test_logits_the_head_did_not_produce_are_left_out_of_the_distance() -> None:
 
 
 def test_a_fixed_memory_is_charged_samples_labels_and_float32_logits(tmp_path: Path) -> None:
-    scenario = parse_scenario(SCENARIO.format(
+    scenario = parse_scenario(scenario_text(
         epochs=1, strategies="  fixed: {plugins: [{der: {capacity: 100}}]}\n"))
     (s,) = run_scenario(scenario, tmp_path).summary["strategies"].values()
     assert s["status"] == "ok", s["error"]
@@ -131,7 +128,7 @@ def test_a_fixed_memory_is_charged_samples_labels_and_float32_logits(tmp_path: P
 def test_budget_sized_der_and_der_plus_plus_fit_and_beat_naive(tmp_path: Path) -> None:
     """Sized from 'model + 300 exemplars': within the budget at the peak with no room for
     one more item (105 bytes); DER and DER++ both end above naive."""
-    scenario = parse_scenario(SCENARIO.format(epochs=3, strategies=(
+    scenario = parse_scenario(scenario_text(epochs=3, strategies=(
         "  naive: {plugins: [naive]}\n"
         "  der: {budget: 'model + 300 exemplars', plugins: [der]}\n"
         "  derpp: {budget: 'model + 300 exemplars', plugins: [{der: {alpha: 0.2, beta: 0.5}}]}\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from clsim_plugins.er_ace import ErAcePlugin
-from helpers import bare_context
+from helpers import bare_context, digits_scenario
 
 from clsim.config import parse_scenario
 from clsim.data import load_dataset
@@ -16,16 +16,13 @@ from clsim.loop_types import ForwardOutput
 from clsim.runner import run_scenario
 from clsim.stream import Batch
 
-SCENARIO = """\
-name: er_ace
-seed: 0
-threads: 1
-data: {{dataset: digits}}
-stream: {{type: class_incremental, n_experiences: 5}}
-model: {{name: mlp, hidden: [64]}}
-training: {{epochs: 3, batch_size: 32, optimizer: {{name: sgd, lr: 0.05}}}}
-strategies:
-{strategies}"""
+
+def scenario_text(strategies: str, epochs: int = 3) -> str:
+    return digits_scenario(strategies, hidden=64, epochs=epochs, batch_size=32,
+                           lr=0.05, name="er_ace")
+
+
+
 
 
 def closed_form_ce(logits: torch.Tensor, y: torch.Tensor, classes: list[int]) -> torch.Tensor:
@@ -106,7 +103,7 @@ def test_memory_rows_follow_the_stream_and_the_reservoir_takes_the_stream_only(p
 
 
 def test_a_fixed_memory_is_charged_its_samples_and_labels(tmp_path: Path) -> None:
-    scenario = parse_scenario(SCENARIO.format(
+    scenario = parse_scenario(scenario_text(
         strategies="  fixed: {plugins: [{er_ace: {capacity: 120}}]}\n"))
     (s,) = run_scenario(scenario, tmp_path).summary["strategies"].values()
     assert s["status"] == "ok", s["error"]
@@ -117,7 +114,7 @@ def test_a_fixed_memory_is_charged_its_samples_and_labels(tmp_path: Path) -> Non
 def test_budget_sized_er_ace_fits_and_beats_naive(tmp_path: Path) -> None:
     """Sized from 'model + 300 exemplars': within the budget at the peak with no room for
     one more sample (65 bytes), and a final accuracy well above naive's."""
-    scenario = parse_scenario(SCENARIO.format(
+    scenario = parse_scenario(scenario_text(
         strategies="  naive: {plugins: [naive]}\n"
                    "  er_ace: {budget: 'model + 300 exemplars', plugins: [er_ace]}\n"))
     runs = run_scenario(scenario, tmp_path).summary["strategies"]
@@ -131,7 +128,7 @@ def test_er_ace_runs_on_a_task_agnostic_stream_with_hidden_boundaries(tmp_path: 
     """Its home setting: the engine adds a part's classes to ctx.seen_classes only after
     that part trains, so the replayed rows' classes come from the stored labels too (the
     second batch used to fail indexing with an empty class list)."""
-    text = SCENARIO.format(strategies="  ace: {plugins: [{er_ace: {capacity: 100}}]}\n")
+    text = scenario_text(strategies="  ace: {plugins: [{er_ace: {capacity: 100}}]}\n")
     text = text.replace("{type: class_incremental, n_experiences: 5}",
                         "{type: recurring, n_tasks: 2, sequence: [0, 1, 0]}")
     text = text.replace("epochs: 3", "epochs: 1")  # online: each sample seen once

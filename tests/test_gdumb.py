@@ -10,6 +10,7 @@ import pytest
 import torch
 from clsim_plugins.buffers import ExemplarBuffer
 from clsim_plugins.gdumb import GdumbOptions, GdumbPlugin
+from helpers import digits_scenario
 
 from clsim.config import parse_scenario
 from clsim.runner import run_scenario
@@ -124,13 +125,7 @@ class Recorder:
 
 
 CAPACITY = 200
-HEAD = (
-    "data: {dataset: digits}\n"
-    "stream: {type: class_incremental, n_experiences: 5}\n"
-    "model: {name: mlp, hidden: [32]}\n"
-    "training: {epochs: 3, batch_size: 16, optimizer: {name: sgd, lr: 0.1}}\n"
-    "strategies:\n"
-)
+HEAD = digits_scenario("", hidden=32, epochs=3, batch_size=16, lr=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from clsim_plugins.buffers import herding_order
 from clsim_plugins.icarl import IcarlOptions, IcarlPlugin
 from clsim_plugins.replay import ReplayOptions, ReplayPlugin
-from helpers import bare_context
+from helpers import bare_context, digits_scenario
 
 from clsim.assembly import build_scenario_model, build_stream, load_scenario_data
 from clsim.config import parse_scenario
@@ -19,13 +19,7 @@ from clsim.loop_types import ForwardOutput
 from clsim.models.heads import expose_labels
 from clsim.runner import run_scenario
 
-HEAD = (
-    "data: {dataset: digits}\n"
-    "stream: {type: class_incremental, n_experiences: 5}\n"
-    "model: {name: mlp, hidden: [32]}\n"
-    "training: {epochs: 3, batch_size: 16, optimizer: {name: sgd, lr: 0.1}}\n"
-    "strategies:\n"
-)
+HEAD = digits_scenario("", hidden=32, epochs=3, batch_size=16, lr=0.1)
 MODEL_BYTES = 9640  # the 64-32-10 MLP, float32
 
 
