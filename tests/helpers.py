@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,14 @@ strategies:
   naive:
     plugins: [naive]
 """
+
+def comparable_outcome(outcome) -> str:
+    """A strategy outcome as JSON without its wall time: equal for runs that computed the
+    same thing (a resumed run against an uninterrupted one)."""
+    record = outcome.to_dict()
+    record.pop("wall_seconds")
+    return json.dumps(record, sort_keys=True)
+
 
 def digits_scenario(strategies: str, *, hidden: int, epochs: int, batch_size: int, lr: float,
                     name: str | None = None) -> str:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
-from helpers import DIGITS_SCENARIO, REPO_ROOT, run_cli
+from helpers import DIGITS_SCENARIO, REPO_ROOT, comparable_outcome, run_cli
 
 from clsim.assembly import build_stream, limit_stream, load_scenario_data
 from clsim.checkpoint import Checkpointing, checkpoint_path, fingerprint, read_checkpoint
@@ -229,12 +229,6 @@ class _KeepEvery(Checkpointing):
             shutil.copy(self.path, self.path.with_suffix(f".{next_experience}.pt"))
 
 
-def _comparable(outcome) -> str:
-    record = outcome.to_dict()
-    record.pop("wall_seconds")
-    return json.dumps(record, sort_keys=True)
-
-
 # every built-in plugin but avalanche (its own environment) appears in these
 RESUME_SCENARIOS = ["quickstart", "memo_quick", "prd_quick", "analytic_quick",
                     "pl_fms_quick", "fscil_strategies_quick", "lingo_quick", "hle_quick",
@@ -260,7 +254,7 @@ def test_resuming_at_a_boundary_gives_the_uninterrupted_metrics(name, tmp_path, 
         resumed = run_strategy(
             scenario, strategy, dataset, stream, seed=scenario.seed, device=device,
             checkpoint=Checkpointing(tmp_path / "again.pt", key, resume_from=payload))
-        assert _comparable(resumed) == _comparable(full), (strategy_name, middle)
+        assert comparable_outcome(resumed) == comparable_outcome(full), (strategy_name, middle)
 
 
 def test_tame_resumes_exactly_on_a_stream_with_boundaries(tmp_path):
@@ -283,7 +277,7 @@ def test_tame_resumes_exactly_on_a_stream_with_boundaries(tmp_path):
                                device=torch.device("cpu"),
                                checkpoint=Checkpointing(tmp_path / "x.pt", key,
                                                         resume_from=payload))
-        assert _comparable(resumed) == _comparable(full)
+        assert comparable_outcome(resumed) == comparable_outcome(full)
 
 
 def test_a_checkpoint_of_another_strategy_or_seed_is_refused(tmp_path):

@@ -6,13 +6,12 @@ end on digits, alone and after replay."""
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 from clsim_plugins.lwf import LwfOptions, LwfPlugin
-from helpers import DIGITS_SCENARIO, bare_context
+from helpers import DIGITS_SCENARIO, bare_context, comparable_outcome
 
 from clsim.assembly import build_stream, load_scenario_data
 from clsim.checkpoint import Checkpointing, fingerprint, read_checkpoint
@@ -273,9 +272,4 @@ def test_the_count_is_charged_and_survives_a_checkpoint_resume(tmp_path) -> None
                            checkpoint=Checkpointing(tmp_path / "again.pt", key,
                                                     resume_from=payload))
 
-    def comparable(outcome) -> str:
-        record = outcome.to_dict()
-        record.pop("wall_seconds")
-        return json.dumps(record, sort_keys=True)
-
-    assert comparable(resumed) == comparable(full)
+    assert comparable_outcome(resumed) == comparable_outcome(full)
