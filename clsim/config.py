@@ -77,13 +77,32 @@ class TrainingConfig:
         default=1, metadata={"min": 1, "max": MAX_EPOCHS, "help": "passes over each experience"}
     )
     batch_size: int = field(default=128, metadata={"min": 1})
-    eval_batch_size: int = field(default=1024, metadata={"min": 1})
+    eval_batch_size: int | Literal["auto"] = field(
+        default="auto",
+        metadata={"help": "test samples per forward pass when evaluating: an integer >= 1, "
+                  "or auto: on the CPU the fastest measured for the model's kind "
+                  "(ModelSpec.eval_batch), 1024 on a GPU"},
+    )
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     nonfinite_loss: Literal["stop", "skip_batch"] = field(
         default="stop",
         metadata={"help": "a NaN or infinite loss: stop the strategy with an error, or "
                   "skip_batch (no backward, no step; counted as metrics.skipped_batches)"},
     )
+    memory_format: Literal["auto", "channels_last", "contiguous"] = field(
+        default="auto",
+        metadata={"help": "layout of the model's 4-D weights and activations: auto "
+                  "(channels_last for a convolutional model on image input on the CPU, "
+                  "where it was measured faster; else contiguous), channels_last or "
+                  "contiguous"},
+    )
+
+    def check(self) -> None:
+        # checked here, not by a bound in the metadata: an int-or-'auto' field that failed
+        # as an int would be answered with the generic "an integer or one of 'auto'"
+        if self.eval_batch_size != "auto" and self.eval_batch_size < 1:
+            raise OptionError("eval_batch_size", "expected 'auto' or an integer >= 1; got "
+                              f"{short_repr(self.eval_batch_size)}")
 
 
 @dataclass

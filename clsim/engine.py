@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clsim.assembly import build_scenario_model
+from clsim.assembly import build_scenario_model, evaluation_batch_size
 from clsim.checkpoint import Checkpointing, restore
 from clsim.config import ScenarioConfig, StrategyConfig
 from clsim.context import RunContext
@@ -126,7 +126,7 @@ def run_strategy(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         # setup: model, plugins (first listed is called first), budget, context
         torch.manual_seed(derive_seed(seed, "model"))
-        model = build_scenario_model(scenario, dataset, stream).to(device)
+        model = build_scenario_model(scenario, dataset, stream, device=device)
         torch.manual_seed(derive_seed(seed, strategy.name, "torch-global"))
         plugins = [(spec.name, create_plugin(spec)) for spec in strategy.plugins]
         where = {"experience": None}
@@ -233,7 +233,8 @@ class _Loop:
         self.outcome.ledger = state["ledger"]
 
     def evaluate(self) -> np.ndarray:
-        return evaluate(self.ctx, self.hooks, self.stream, self.scenario.training.eval_batch_size)
+        batch_size = evaluation_batch_size(self.scenario, self.ctx.device)
+        return evaluate(self.ctx, self.hooks, self.stream, batch_size)
 
     def run(self, start: int = 0) -> None:
         """Train on the shown experiences from number ``start`` (past 0 when resumed)."""

@@ -112,7 +112,12 @@ def run_cell(task: CellTask) -> dict[str, Any]:
 
 
 def _run(task: CellTask) -> dict[str, Any]:
-    from clsim.assembly import build_scenario_model, build_stream, resolve_device
+    from clsim.assembly import (
+        build_scenario_model,
+        build_stream,
+        execution_settings,
+        resolve_device,
+    )
     from clsim.engine import run_strategy
     from clsim.memory import model_bytes
 
@@ -133,16 +138,18 @@ def _run(task: CellTask) -> dict[str, Any]:
         budget = Budget(bytes=total, text=point.label)
     else:
         budget = point.budget
+    device = resolve_device(scenario.device)
     outcome = run_strategy(
         scenario,
         dataclasses.replace(strategy, budget=budget),
         dataset,
         stream,
         seed=task.seed,
-        device=resolve_device(scenario.device),
+        device=device,
     )
     result = outcome.to_dict()
     result["memory_mb"] = None if outcome.budget_bytes is None else outcome.budget_bytes / 2**20
     result["class_order"] = list(stream.class_order)
     result["scenario"] = scenario.name
+    result["execution"] = execution_settings(scenario, dataset.sample_shape, device)
     return result

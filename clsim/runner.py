@@ -13,7 +13,13 @@ from typing import Any
 import torch
 
 import clsim
-from clsim.assembly import build_stream, limit_stream, load_scenario_data, resolve_device
+from clsim.assembly import (
+    build_stream,
+    execution_settings,
+    limit_stream,
+    load_scenario_data,
+    resolve_device,
+)
 from clsim.checkpoint import (
     Checkpointing,
     checkpoint_path,
@@ -131,6 +137,9 @@ def run_scenario(
             "experience_test_sizes": [e.n_test for e in stream],
         },
         "config": scenario.to_dict(),
+        # the auto settings as resolved (a kind's measured eval batch may change between
+        # versions; results differ only by float rounding)
+        "execution": execution_settings(scenario, dataset.sample_shape, device),
         "strategies_requested": names,
         "checkpoint_every": checkpoint_every,
         "environment": {

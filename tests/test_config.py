@@ -18,7 +18,7 @@ def error_of(text: str, source: str = "s.yaml") -> ConfigError:
 def test_the_digits_scenario_is_valid_and_resolves_defaults():
     scenario = parse_scenario(DIGITS_SCENARIO)
     assert scenario.training.optimizer.lr == 0.1
-    assert scenario.training.eval_batch_size == 1024  # a default from TrainingConfig
+    assert scenario.training.eval_batch_size == "auto"  # a default from TrainingConfig
     assert scenario.model.options.hidden == [32]
     assert [p.ref for p in scenario.strategies["naive"].plugins] == ["naive"]
 

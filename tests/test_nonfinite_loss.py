@@ -183,8 +183,8 @@ def test_an_experience_with_every_batch_skipped_is_an_error(this_module):
         ("nonfinite_loss: skip_batches", "s.yaml:6: training.nonfinite_loss: expected one of "
          "'stop', 'skip_batch'; got 'skip_batches' (string) (did you mean 'skip_batch'?)"),
         ("nonfinite_los: stop", "s.yaml:6: training.nonfinite_los: unknown key 'nonfinite_los' "
-         "(known keys: epochs, batch_size, eval_batch_size, optimizer, nonfinite_loss); did you "
-         "mean 'nonfinite_loss'?"),
+         "(known keys: epochs, batch_size, eval_batch_size, optimizer, nonfinite_loss, "
+         "memory_format); did you mean 'nonfinite_loss'?"),
         ("nonfinite_loss: true", "s.yaml:6: training.nonfinite_loss: expected one of 'stop', "
          "'skip_batch'; got True (boolean)"),
     ],
