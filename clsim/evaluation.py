@@ -20,7 +20,9 @@ import torch
 
 from clsim.context import RunContext
 from clsim.digests import row_digests
+from clsim.feature_cache import feature_cache
 from clsim.labels import LabelSpace, correct_predictions
+from clsim.models.base import has_feature_head
 from clsim.models.heads import active_outputs
 from clsim.plugin_manager import HookRunner
 from clsim.stream import Stream
@@ -33,8 +35,13 @@ def predict(
     x: torch.Tensor,
     task_id: int | None,
     classes: tuple[int, ...] | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Class ids for model inputs ``x``: a plugin's ``clsim_predict`` or the logits' argmax.
+
+    A model whose encoder is frozen reads its features from the simulator's feature cache
+    (:mod:`clsim.feature_cache`), computed in calls of ``chunk`` rows (the evaluation
+    batch), so an image's features are computed once however often it is evaluated.
 
     With task ids visible, the argmax is taken over ``classes`` (the task's own) only.
     With several label levels the result is ``(N, n_levels)``: each head's own argmax,
@@ -53,7 +60,7 @@ def predict(
             raise hooks.fault(plugin, "clsim_predict", f"returned {got}; expected integer "
                               f"class ids of shape {expected}")
         return predicted.to(x.device)
-    logits = ctx.model(x)
+    logits = model_logits(ctx.model, x, chunk or len(x))
     if labels.n_levels > 1:
         return level_predictions(logits, labels, active_outputs(ctx.model))
     if task_id is not None and classes is not None:
@@ -61,6 +68,13 @@ def predict(
         mask[:, list(classes)] = 0.0
         logits = logits + mask
     return logits.argmax(dim=1)
+
+
+def model_logits(model: torch.nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``model(x)``; ``head(features)`` from the feature cache when the features are frozen."""
+    if has_feature_head(model) and not any(p.requires_grad for p in model.features.parameters()):
+        return model.head(feature_cache().features(model.features, x, max(1, chunk)))
+    return model(x)
 
 
 def level_predictions(
@@ -162,7 +176,8 @@ def evaluate(
             x_new = exp.test_x if step.new_rows is None else exp.test_x[step.new_rows]
             for start in range(0, len(x_new), batch_size):
                 x = ctx.to_input(x_new[start : start + batch_size])
-                predictions[step.group].append(predict(ctx, hooks, x, exp.task_id, exp.classes))
+                predictions[step.group].append(
+                    predict(ctx, hooks, x, exp.task_id, exp.classes, chunk=batch_size))
             if exp.n_test == 0:
                 continue
             known = torch.cat(predictions[step.group])
