@@ -22,6 +22,7 @@ from clsim.context import RunContext
 from clsim.data import Dataset
 from clsim.errors import BudgetExceededError, ClsimError, TrainingError
 from clsim.evaluation import evaluate, label_counts
+from clsim.feature_cache import CacheCounts, feature_cache
 from clsim.interrupts import is_contained
 from clsim.logging.events import EventLog
 from clsim.logging.tensorboard import TensorBoardLogger
@@ -123,6 +124,7 @@ def run_strategy(
     )
     events = events or EventLog(None)
     tensorboard = tensorboard or TensorBoardLogger(None)
+    cache_before = feature_cache().counts
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         # setup: model, plugins (first listed is called first), budget, context
         torch.manual_seed(derive_seed(seed, "model"))
@@ -170,6 +172,9 @@ def run_strategy(
             loop.run(start)
             outcome.metrics = score(stream, loop.record)
             outcome.metrics.update(trainer.metrics())  # skipped_batches, with skip_batch
+            cached = feature_cache().counts.since(cache_before)
+            if cached != CacheCounts():  # a frozen encoder's features (not charged)
+                outcome.metrics["feature_cache"] = cached.to_dict()
             where["experience"] = None
             reports = plugin_reports(hooks, ctx, stream)
             if reports:

@@ -73,7 +73,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from clsim_plugins.prototypes import fixed_chunk_features, fixed_chunk_outputs
+from clsim_plugins.prototypes import fixed_chunk_features, frozen_outputs
 
 from clsim.context import RunContext
 from clsim.errors import ConfigError
@@ -416,7 +416,7 @@ class AnalyticPlugin:
     def clsim_predict(self, ctx: RunContext, x: torch.Tensor) -> torch.Tensor | None:
         if self.main is None or not bool(self.seen.any()):
             return None  # base phase, or nothing learned yet: the model's own argmax
-        features = fixed_chunk_outputs(ctx.model.features, x, self.options.feature_batch)
+        features = frozen_outputs(ctx.model.features, x, self.options.feature_batch)
         pre = self._project(features)
         scores = self.main.predict(torch.relu(pre))
         if self.compensation is not None:  # kept as wide as the main stream by _learn

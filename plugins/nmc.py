@@ -70,9 +70,9 @@ import torch.nn.functional as F
 from clsim_plugins.prototypes import (
     ClassMeans,
     fixed_chunk_features,
-    fixed_chunk_outputs,
     freeze,
     frozen,
+    frozen_outputs,
     require_backbone,
 )
 
@@ -178,7 +178,7 @@ class NmcPlugin:
         stats = self.class_stats
         if stats is None or not bool(stats.seen.any()):
             return None  # nothing learned yet: the model's own argmax
-        features = fixed_chunk_outputs(ctx.model.features, x, self.options.feature_batch)
+        features = frozen_outputs(ctx.model.features, x, self.options.feature_batch)
         classes = stats.seen.nonzero().squeeze(1)
         return classes[nearest_mean(features, stats.means()[classes], self.options.metric)]
 

@@ -29,6 +29,8 @@ from torch import nn
 
 from clsim.context import RunContext
 from clsim.errors import ConfigError
+from clsim.feature_cache import computed_features, feature_cache
+from clsim.feature_cache import fixed_chunk_outputs as fixed_chunk_outputs  # re-exported
 from clsim.models.heads import MASK_VALUE
 from clsim.stream import Experience
 
@@ -113,26 +115,12 @@ def install_cosine_head(ctx: RunContext, scale: float, plugin: str) -> CosineHea
 # ---------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def fixed_chunk_outputs(
-    forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, chunk: int
-) -> torch.Tensor:
-    """``forward`` of model inputs in calls of exactly ``chunk`` rows (the last zero-padded),
-    so each row's result does not depend on the other rows of the call. The caller sets
-    eval mode (BatchNorm must not use batch statistics)."""
-    parts = []
-    for start in range(0, len(inputs), chunk):
-        part = inputs[start : start + chunk]
-        n = len(part)
-        if n < chunk:
-            part = torch.cat([part, part.new_zeros((chunk - n, *part.shape[1:]))])
-        parts.append(forward(part)[:n])
-    if not parts:  # an empty input: the output's width comes from one (discarded) row
-        return forward(inputs.new_zeros((1, *inputs.shape[1:])))[:0]
-    return torch.cat(parts)
+def input_key(ctx: RunContext) -> tuple:
+    """What ``ctx.to_input`` does to raw samples, as part of a feature cache key."""
+    data = ctx.data
+    return ("to_input", data.scale, data.mean, data.std, str(ctx.device))
 
 
-@torch.no_grad()
 def fixed_chunk_features(
     ctx: RunContext,
     x: torch.Tensor,
@@ -140,21 +128,28 @@ def fixed_chunk_features(
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``forward`` (default ``ctx.model.features``) of raw samples ``x`` in eval mode, in
-    calls of exactly ``chunk`` rows (see :func:`fixed_chunk_outputs`); the mode is restored."""
+    calls of exactly ``chunk`` rows (see :func:`fixed_chunk_outputs`); the mode is restored.
+    A frozen encoder module's features come from the simulator's feature cache
+    (:mod:`clsim.feature_cache`): each distinct sample through it once."""
     model = ctx.model
     forward = forward or model.features
+    if len(x) == 0:
+        return torch.zeros(0, int(getattr(model, "feature_dim", 0)), device=ctx.device)
     was_training = model.training
     model.eval()
     try:
-        parts = [
-            fixed_chunk_outputs(forward, ctx.to_input(x[start : start + chunk]), chunk)
-            for start in range(0, len(x), chunk)
-        ]
+        if isinstance(forward, nn.Module):
+            return feature_cache().features(forward, x, chunk, ctx.to_input, input_key(ctx))
+        return computed_features(forward, x, chunk, ctx.to_input)
     finally:
         model.train(was_training)
-    if not parts:
-        return torch.zeros(0, int(getattr(model, "feature_dim", 0)), device=ctx.device)
-    return torch.cat(parts)
+
+
+def frozen_outputs(encoder: nn.Module, inputs: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``encoder`` of model inputs in calls of ``chunk`` rows, through the feature cache
+    when it is frozen (a prediction at every evaluation point asks again). The caller
+    sets eval mode."""
+    return feature_cache().features(encoder, inputs, chunk)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,285 @@
+"""The simulator's cache of frozen encoders' features: each sample through an encoder once.
+
+Nearest-mean and analytic learners, few-shot prototype methods after their base session,
+and any strategy on a frozen backbone pass the same samples through the same frozen
+encoder at every hook, every evaluation and in every cell of a comparison grid that shares
+it. Here a feature is computed once per process and reused while the encoder's weights,
+the input transform and the call height stay the same.
+
+It is the simulator's cache, not the method's memory: a strategy could equally recompute
+the features, so the ledger does not charge these bytes (README says so). A strategy
+that keeps features does so in its own tensors (a lookup returns a fresh tensor, never a
+view into the cache) and pays for them.
+
+Correctness rests on three facts:
+
+* a row's features depend on the row alone: they are computed in eval mode, in calls of
+  exactly ``chunk`` rows (the last zero-padded: :func:`fixed_chunk_outputs`), so a cached
+  row is bit-identical to a recomputed one, and a run's results do not depend on what
+  the cache held before it (another cell's features, an earlier evaluation's);
+* samples are identified by their bytes (:mod:`clsim.digests`), not by where they sit;
+* an encoder is identified by its class structure and every parameter and buffer's
+  bytes, dtype, shape and strides (a channels-last weight computes otherwise). Parameter
+  digests are kept while a tensor's version counter stands still; buffers are hashed at
+  every lookup, because BatchNorm updates its running statistics without bumping theirs.
+
+Only an encoder without a trainable parameter is cached: features that change at every
+step would only fill memory. The size is bounded (least recently used encoder evicted
+first): ``CLSIM_FEATURE_CACHE`` sets it (``2GB`` by default; ``0`` or ``off`` turns the
+cache off).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from clsim.budget import Budget
+from clsim.digests import DIGEST_BYTES, row_digests
+from clsim.errors import ConfigError
+
+ENV_VAR = "CLSIM_FEATURE_CACHE"
+DEFAULT_MAX_BYTES = 2 * 2**30
+
+
+@torch.no_grad()
+def fixed_chunk_outputs(
+    forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """``forward`` of model inputs in calls of exactly ``chunk`` rows (the last zero-padded),
+    so each row's result does not depend on the other rows of the call. The caller sets
+    eval mode (BatchNorm must not use batch statistics)."""
+    parts = []
+    for start in range(0, len(inputs), chunk):
+        part = inputs[start : start + chunk]
+        n = len(part)
+        if n < chunk:
+            part = torch.cat([part, part.new_zeros((chunk - n, *part.shape[1:]))])
+        parts.append(forward(part)[:n])
+    if not parts:  # an empty input: the output's width comes from one (discarded) row
+        return forward(inputs.new_zeros((1, *inputs.shape[1:])))[:0]
+    return torch.cat(parts)
+
+
+def computed_features(
+    encoder: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    chunk: int,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``encoder(prepare(x))`` in calls of exactly ``chunk`` rows, ``prepare`` applied chunk
+    by chunk (a whole dataset as float input would not fit)."""
+    if prepare is None:
+        return fixed_chunk_outputs(encoder, x, chunk)
+    if len(x) == 0:
+        return fixed_chunk_outputs(encoder, prepare(x), chunk)
+    return torch.cat([fixed_chunk_outputs(encoder, prepare(x[start : start + chunk]), chunk)
+                      for start in range(0, len(x), chunk)])
+
+
+@dataclass(frozen=True)
+class CacheCounts:
+    """Rows through the cache: ``computed`` by the encoder, ``reused`` from the cache, and
+    ``uncached`` (computed and not kept: the cache was full or off)."""
+
+    computed: int = 0
+    reused: int = 0
+    uncached: int = 0
+
+    def since(self, before: CacheCounts) -> CacheCounts:
+        return CacheCounts(self.computed - before.computed, self.reused - before.reused,
+                           self.uncached - before.uncached)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"rows_computed": self.computed, "rows_reused": self.reused,
+                "rows_uncached": self.uncached}
+
+
+class _Table:
+    """The features of one (encoder, transform, chunk, device) key: digest -> row."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+        self.where: dict[bytes, tuple[int, int]] = {}
+        self.nbytes = 0
+
+    def add(self, digests: list[bytes], features: torch.Tensor) -> None:
+        part = len(self.parts)
+        self.parts.append(features)
+        self.nbytes += features.numel() * features.element_size() + len(digests) * (
+            DIGEST_BYTES + 64)  # the dict entry, roughly
+        for row, digest in enumerate(digests):
+            self.where[digest] = (part, row)
+
+    def gather(self, found: list[tuple[int, tuple[int, int]]], out: torch.Tensor) -> None:
+        """Copy the rows ``found`` ((output row, (part, row)) pairs) into ``out``."""
+        by_part: dict[int, tuple[list[int], list[int]]] = {}
+        for out_row, (part, row) in found:
+            rows = by_part.setdefault(part, ([], []))
+            rows[0].append(out_row)
+            rows[1].append(row)
+        for part, (out_rows, rows) in by_part.items():
+            source = self.parts[part]
+            out[torch.tensor(out_rows, device=out.device)] = source[
+                torch.tensor(rows, device=source.device)].to(out.device)
+
+
+class FeatureCache:
+    """Frozen encoders' features by sample bytes; see the module docstring."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes_from_env() if max_bytes is None else int(max_bytes)
+        self._tables: OrderedDict[tuple, _Table] = OrderedDict()
+        self._param_digests: dict[int, tuple[int, int, bytes]] = {}
+        self.counts = CacheCounts()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(table.nbytes for table in self._tables.values())
+
+    def clear(self) -> None:
+        self._tables.clear()
+        self._param_digests.clear()
+
+    @torch.no_grad()
+    def features(
+        self,
+        encoder: nn.Module,
+        x: torch.Tensor,
+        chunk: int,
+        prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        prepare_key: object = None,
+    ) -> torch.Tensor:
+        """``encoder(prepare(x))`` row by row, in calls of ``chunk`` rows; each distinct row
+        computed once while ``encoder`` is frozen. ``prepare`` turns the stored rows into
+        the encoder's input (``ctx.to_input``); ``prepare_key`` must name what it does.
+        The caller puts the encoder in eval mode."""
+        if self.max_bytes <= 0 or _trainable(encoder) or len(x) == 0:
+            out = computed_features(encoder, x, chunk, prepare)
+            if not _trainable(encoder):
+                self._count(uncached=len(x))
+            return out
+        key = (self._encoder_digest(encoder), repr(prepare_key), int(chunk),
+               torch.get_num_threads())
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = _Table()
+        self._tables.move_to_end(key)
+        digests = row_digests(x)
+        found, missing_rows, missing_digests, first = [], [], [], {}
+        for row, digest in enumerate(digests):
+            place = table.where.get(digest)
+            if place is not None:
+                found.append((row, place))
+            elif digest not in first:
+                first[digest] = len(missing_rows)
+                missing_rows.append(row)
+                missing_digests.append(digest)
+        computed = None
+        if missing_rows:
+            index = torch.tensor(missing_rows, device=x.device)
+            computed = computed_features(encoder, x[index], chunk, prepare)
+        template = computed if computed is not None else table.parts[found[0][1][0]]
+        out = template.new_empty((len(x), *template.shape[1:]))
+        if found:
+            table.gather(found, out)
+        if computed is not None:
+            rows = [row for row, digest in enumerate(digests) if digest in first]
+            out[torch.tensor(rows, device=out.device)] = computed[
+                torch.tensor([first[digests[r]] for r in rows], device=computed.device)]
+            kept = self._keep(key, table, missing_digests, computed)
+            self._count(computed=len(missing_rows) if kept else 0,
+                        uncached=0 if kept else len(missing_rows))
+        self._count(reused=len(x) - len(missing_rows))
+        return out
+
+    def _keep(self, key: tuple, table: _Table, digests: list[bytes],
+              features: torch.Tensor) -> bool:
+        """Store ``features``, evicting the least recently used other encoders for room;
+        False when they do not fit."""
+        need = features.numel() * features.element_size()
+        while self.nbytes + need > self.max_bytes and len(self._tables) > 1:
+            oldest = next(iter(self._tables))
+            if oldest == key:
+                break
+            del self._tables[oldest]
+        if self.nbytes + need > self.max_bytes:
+            return False
+        table.add(digests, features.clone())
+        return True
+
+    def _count(self, computed: int = 0, reused: int = 0, uncached: int = 0) -> None:
+        c = self.counts
+        self.counts = CacheCounts(c.computed + computed, c.reused + reused,
+                                  c.uncached + uncached)
+
+    def _encoder_digest(self, encoder: nn.Module) -> bytes:
+        h = hashlib.blake2b(repr(encoder).encode(), digest_size=DIGEST_BYTES)
+        h.update(b"training" if encoder.training else b"eval")
+        for name, p in encoder.named_parameters():
+            h.update(name.encode())
+            h.update(self._param_digest(p))
+        for name, b in encoder.named_buffers():
+            h.update(name.encode())
+            h.update(_tensor_digest(b))
+        return h.digest()
+
+    def _param_digest(self, p: torch.Tensor) -> bytes:
+        known = self._param_digests.get(id(p))
+        stamp = (p.data_ptr(), p._version)
+        if known is not None and known[:2] == stamp:
+            return known[2]
+        digest = _tensor_digest(p)
+        self._param_digests[id(p)] = (*stamp, digest)
+        return digest
+
+
+def _tensor_digest(t: torch.Tensor) -> bytes:
+    h = hashlib.blake2b(f"{t.dtype}{tuple(t.shape)}{t.stride()}{t.device}".encode(),
+                        digest_size=DIGEST_BYTES)
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    h.update(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+    return h.digest()
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def max_bytes_from_env() -> int:
+    """The cache's size from ``CLSIM_FEATURE_CACHE`` (bytes, e.g. ``512MB``; ``0`` or
+    ``off``: no cache); 2 GB when unset."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    if not value:
+        return DEFAULT_MAX_BYTES
+    if value.lower() in ("off", "0", "none", "false"):
+        return 0
+    try:
+        budget = Budget.parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"environment variable {ENV_VAR}={value!r}: {exc}; expected a size "
+                          "such as 512MB or 2GB, or off") from None
+    if budget.models or budget.exemplars:
+        raise ConfigError(f"environment variable {ENV_VAR}={value!r}: expected a size in "
+                          "bytes (e.g. 512MB or 2GB) or off; models and exemplars mean "
+                          "nothing to the feature cache")
+    return budget.bytes
+
+
+_CACHE: FeatureCache | None = None
+
+
+def feature_cache() -> FeatureCache:
+    """This process's cache (a worker of a comparison grid keeps it across its cells)."""
+    global _CACHE
+    if _CACHE is None:
+        _CACHE = FeatureCache()
+    return _CACHE

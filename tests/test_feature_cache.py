@@ -1,0 +1,194 @@
+"""The feature cache of frozen encoders (clsim/feature_cache.py): each sample through a
+frozen encoder once, bit-identical features, nothing charged to the strategy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import clsim.feature_cache as fc
+from clsim.config import parse_scenario
+from clsim.errors import ConfigError
+from clsim.feature_cache import CacheCounts, FeatureCache, fixed_chunk_outputs, max_bytes_from_env
+from clsim.runner import run_scenario
+
+
+def encoder(batch_norm: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Flatten(), nn.Linear(12, 8)] + ([nn.BatchNorm1d(8)] if batch_norm else [])
+    net = nn.Sequential(*layers, nn.ReLU()).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def samples(n: int = 10, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, 4), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def to_input(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255
+
+
+def test_features_are_those_computed_directly_and_each_row_is_computed_once():
+    cache, net, x = FeatureCache(2**20), encoder(), samples()
+    direct = fixed_chunk_outputs(net, to_input(x), 4)
+    first = cache.features(net, x, 4, to_input, "scale 1/255")
+    assert torch.equal(first, direct)
+    assert cache.counts == CacheCounts(computed=10)
+    # the same rows again, shuffled and repeated, in another call: nothing computed
+    order = torch.tensor([3, 3, 9, 0, 5])
+    again = cache.features(net, x[order], 4, to_input, "scale 1/255")
+    assert torch.equal(again, direct[order])
+    assert cache.counts == CacheCounts(computed=10, reused=5)
+    # a copy of the rows elsewhere in memory is the same sample (identity by bytes)
+    cache.features(net, x.clone()[:2], 4, to_input, "scale 1/255")
+    assert cache.counts.computed == 10
+    # what is returned is the caller's: writing to it leaves the cache as it was
+    again.zero_()
+    assert torch.equal(cache.features(net, x[order], 4, to_input, "scale 1/255"),
+                       direct[order])
+
+
+def test_another_chunk_transform_or_weight_is_another_key():
+    cache, net, x = FeatureCache(2**20), encoder(), samples()
+    cache.features(net, x, 4, to_input, "a")
+    cache.features(net, x, 5, to_input, "a")  # call height: rows may round otherwise
+    cache.features(net, x, 4, lambda t: t.float(), "b")  # another input transform
+    assert cache.counts.computed == 30
+    with torch.no_grad():
+        net[1].weight.add_(1.0)  # a parameter changed in place: its version moves
+    changed = cache.features(net, x, 4, to_input, "a")
+    assert cache.counts.computed == 40
+    assert torch.equal(changed, fixed_chunk_outputs(net, to_input(x), 4))
+
+
+def test_batch_norm_statistics_are_part_of_the_key():
+    """BatchNorm updates its running statistics without bumping their version counter:
+    buffers are hashed at every lookup."""
+    cache, net, x = FeatureCache(2**20), encoder(batch_norm=True), samples()
+    cache.features(net, x, 4, to_input, "a")
+    net.train()
+    net(to_input(x))  # running statistics move
+    net.eval()
+    fresh = cache.features(net, x, 4, to_input, "a")
+    assert cache.counts.computed == 20
+    assert torch.equal(fresh, fixed_chunk_outputs(net, to_input(x), 4))
+
+
+def test_trainable_encoders_are_not_cached():
+    cache, net, x = FeatureCache(2**20), encoder(), samples()
+    net[1].weight.requires_grad_(True)
+    out = cache.features(net, x, 4, to_input, "a")
+    assert torch.equal(out, fixed_chunk_outputs(net, to_input(x), 4))
+    assert cache.counts == CacheCounts() and cache.nbytes == 0
+
+
+def test_a_full_cache_computes_without_keeping():
+    cache, net, x = FeatureCache(100), encoder(), samples()  # 10 x 8 floats: 320 bytes
+    out = cache.features(net, x, 4, to_input, "a")
+    assert torch.equal(out, fixed_chunk_outputs(net, to_input(x), 4))
+    assert cache.counts == CacheCounts(uncached=10) and cache.nbytes == 0
+
+
+def test_the_least_recently_used_encoder_makes_room():
+    x = samples()
+    cache = FeatureCache(1000)
+    a, b = encoder(), encoder()
+    with torch.no_grad():
+        b[1].bias.add_(1)
+    cache.features(a, x, 4, to_input, "a")
+    cache.features(b, x, 4, to_input, "a")  # 2 x 320 feature bytes and the digests: full
+    assert cache.counts.computed == 20
+    cache.features(a, x, 4, to_input, "a")
+    assert cache.counts.computed == 30  # a was evicted for b
+
+
+@pytest.mark.parametrize("value, expected", [("", fc.DEFAULT_MAX_BYTES), ("off", 0), ("0", 0),
+                                             ("512MB", 512 * 2**20), ("1.5 GB", 3 * 2**29)])
+def test_size_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv(fc.ENV_VAR, value)
+    assert max_bytes_from_env() == expected
+
+
+@pytest.mark.parametrize("value, says", [("lots", "cannot read 'lots'"),
+                                         ("2 models", "models and exemplars mean nothing")])
+def test_bad_sizes_name_the_variable(monkeypatch, value, says):
+    monkeypatch.setenv(fc.ENV_VAR, value)
+    with pytest.raises(ConfigError, match=fc.ENV_VAR) as info:
+        max_bytes_from_env()
+    assert says in str(info.value)
+
+
+NMC_SCENARIO = """\
+name: nmc_cache
+seed: 0
+threads: 1
+data: {dataset: digits}
+stream: {type: class_incremental, n_experiences: 5}
+model: {name: mlp, hidden: [64]}
+training: {epochs: 1, batch_size: 32}
+strategies:
+  nmc:
+    plugins: [nmc]
+  nmc_again:
+    plugins: [nmc]
+  analytic:
+    plugins:
+      - analytic: {buffer_size: 128}
+"""
+
+
+def strategies(summary: dict) -> dict:
+    out = {}
+    for name, record in summary["strategies"].items():
+        record = dict(record)
+        record.pop("wall_seconds")
+        record.pop("feature_cache", None)
+        out[name] = json.dumps(record, sort_keys=True)
+    return out
+
+
+def test_a_frozen_encoder_sees_each_sample_once_per_process(monkeypatch):
+    """nmc on a frozen random encoder: its first run computes each distinct digit once
+    per call height (1797 digits at nmc's feature_batch; the 451 test digits also at the
+    evaluation batch, read by the model's own head before nmc has a class mean), a second
+    strategy with the same encoder in the same process computes none, and the results,
+    ledger included, are those of a run without the cache."""
+    monkeypatch.setattr(fc, "_CACHE", FeatureCache(2**30))
+    cached = run_scenario(parse_scenario(NMC_SCENARIO), None).summary
+    counts = cached["strategies"]["nmc"]["feature_cache"]
+    assert counts["rows_computed"] == 1797 + 451 and counts["rows_uncached"] == 0
+    assert counts["rows_reused"] > 0  # the test images at the 5 later evaluation points
+    again = cached["strategies"]["nmc_again"]["feature_cache"]
+    assert again["rows_computed"] == 0
+    # analytic trains its encoder on experience 0 first: another encoder, its own rows
+    assert 0 < cached["strategies"]["analytic"]["feature_cache"]["rows_computed"] <= 1797
+    monkeypatch.setattr(fc, "_CACHE", FeatureCache(0))
+    uncached = run_scenario(parse_scenario(NMC_SCENARIO), None).summary
+    assert uncached["strategies"]["nmc"]["feature_cache"]["rows_computed"] == 0
+    assert strategies(cached) == strategies(uncached)
+
+
+def test_evaluation_of_a_frozen_encoder_reads_the_cache(monkeypatch):
+    """A frozen encoder under a trainable head: evaluation computes the features once and
+    gives the logits the model itself gives (the same call height: bit-identical)."""
+    from clsim.evaluation import model_logits
+    from clsim.models import MLPOptions, build_model
+
+    monkeypatch.setattr(fc, "_CACHE", FeatureCache(2**20))
+    torch.manual_seed(0)
+    model = build_model("mlp", (3, 4), 5, MLPOptions(hidden=[16])).eval()
+    for p in model.features.parameters():
+        p.requires_grad_(False)
+    x = to_input(samples(8))
+    assert torch.equal(model_logits(model, x, 8), model(x))
+    model_logits(model, x, 8)
+    assert fc.feature_cache().counts == CacheCounts(computed=8, reused=8)
+    model.features[1].weight.requires_grad_(True)  # trainable again: no cache
+    assert torch.equal(model_logits(model, x, 8), model(x))
+    assert fc.feature_cache().counts == CacheCounts(computed=8, reused=8)
