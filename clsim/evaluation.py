@@ -142,6 +142,17 @@ class EvaluationPlan:
                                torch.tensor(positions, dtype=torch.long)))
         return cls(tuple(steps), len(groups), sum(exp.n_test for exp in stream), predicted)
 
+    @classmethod
+    def every_row(cls, stream: Stream) -> EvaluationPlan:
+        """The evaluation before plans: every experience's test set predicted whole, a
+        repeated image as often as it is tested (the reference of benchmarks/speed.py)."""
+        steps, offset = [], 0
+        for exp in stream:
+            steps.append(_Step(0, None, torch.arange(offset, offset + exp.n_test)))
+            offset += exp.n_test
+        n_rows = sum(exp.n_test for exp in stream)
+        return cls(tuple(steps), 1, n_rows, n_rows)
+
 
 _PLANS: weakref.WeakKeyDictionary[Stream, EvaluationPlan] = weakref.WeakKeyDictionary()
 

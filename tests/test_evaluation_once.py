@@ -77,6 +77,10 @@ def test_each_distinct_image_is_predicted_once_with_the_same_hits(name, shared):
     assert (plan.n_predicted < plan.n_rows) == shared  # an image tested more than once
     reference = every_row_hits(ctx, hooks, stream, batch_size=64)
     counter.rows = 0
+    np.testing.assert_array_equal(
+        evaluate(ctx, hooks, stream, 64, plan=EvaluationPlan.every_row(stream)), reference)
+    assert counter.rows == plan.n_rows  # the plan of the old path predicts every row
+    counter.rows = 0
     hits = evaluate(ctx, hooks, stream, batch_size=64, plan=plan)
     assert counter.rows == plan.n_predicted
     np.testing.assert_array_equal(hits, reference)

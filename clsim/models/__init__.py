@@ -79,8 +79,9 @@ class ModelSpec:
 #
 # Repeats of convnet2 at 32 / 64 gave 1.40 / 1.57 and 1.62 / 1.65, of small_cnn 2.08 /
 # 2.14. The mlp is flat from 128 to 1024 and keeps 1024, the earlier default: its
-# results stay bit-identical to before. The resnet aliases (resnet14 ... resnet56) take resnet20's batch. CUDA was not
-# measured: there ``auto`` keeps 1024 (clsim.assembly.evaluation_batch).
+# results stay bit-identical to before. The resnet aliases (resnet14 ... resnet56) take
+# resnet20's batch. CUDA was not measured: there ``auto`` keeps 1024
+# (clsim.assembly.evaluation_batch).
 
 
 RESNET_ALIAS_DEPTHS = (14, 20, 26, 32, 44, 56)
