@@ -72,7 +72,7 @@ def _load(arg: str):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from clsim.assembly import default_out_dir
-    from clsim.logging.console import family_table, results_table
+    from clsim.logging.console import family_table, feature_cache_note, results_table
     from clsim.runner import run_scenario
 
     if args.resume and not args.out:
@@ -96,6 +96,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     family = family_table(result.summary)
     if family:
         print("\n" + family)
+    cached = feature_cache_note(result.summary["strategies"])
+    if cached:
+        print("\n" + cached)
     print(
         f"\nresults: {out}/summary.json, {figure}events.jsonl, tensorboard/ "
         f"(tensorboard --logdir {out}/tensorboard)"

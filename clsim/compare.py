@@ -55,8 +55,28 @@ def compare_summary(result: CompareResult) -> str:
     """What ``clsim compare`` prints on stdout: the rounded tables, then what ran and
     where the report is. Only a resume mentions the finished cells it kept."""
     kept = f", kept {result.skipped} finished ones" if result.resumed else ""
-    return (f"{terminal_summary(result.analysis)}\n\nran {result.ran} cells{kept}; report: "
-            f"{result.out_dir}/{REPORT_FILES}")
+    cached = feature_cache_by_worker(result.analysis.records)
+    return (f"{terminal_summary(result.analysis)}\n\n{cached + chr(10) if cached else ''}"
+            f"ran {result.ran} cells{kept}; report: {result.out_dir}/{REPORT_FILES}")
+
+
+def feature_cache_by_worker(records: list[dict[str, Any]]) -> str:
+    """Rows of frozen-encoder features each worker process computed and reused (its
+    cache lives as long as the process, across its cells); empty when no cell used it."""
+    workers: dict[Any, list[int]] = {}
+    for record in records:
+        counts = record.get("feature_cache")
+        if counts:
+            row = workers.setdefault(record.get("pid"), [0, 0, 0])
+            row[0] += 1
+            row[1] += counts["rows_computed"]
+            row[2] += counts["rows_reused"]
+    if not workers:
+        return ""
+    lines = [f"  worker {pid}: {cells} cells, {computed} rows computed, {reused} reused"
+             for pid, (cells, computed, reused) in workers.items()]
+    return ("frozen-encoder features (the simulator's cache, per worker process; not charged "
+            "to strategies):\n" + "\n".join(lines))
 
 
 def cell_threads(

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clsim.data.dataset import DataInfo
+from clsim.feature_cache import feature_cache
 from clsim.labels import LabelSpace
 from clsim.memory import measure, model_bytes
 from clsim.models.heads import MASK_VALUE
@@ -180,12 +181,18 @@ class RunContext:
 
     @torch.no_grad()
     def features(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        """``model.features`` of raw samples, in eval mode, batched; the mode is restored."""
+        """``model.features`` of raw samples, in eval mode, batched; the mode is restored.
+        A frozen encoder's features come from the simulator's feature cache, computed in
+        calls of exactly ``batch_size`` rows (:mod:`clsim.feature_cache`)."""
         was_training = self.model.training
         self.model.eval()
         try:
+            encoder = self.model.features
+            if len(x) and not any(p.requires_grad for p in encoder.parameters()):
+                return feature_cache().features(encoder, x, batch_size, self.to_input,
+                                                self.input_key())
             parts = [
-                self.model.features(self.to_input(x[i : i + batch_size]))
+                encoder(self.to_input(x[i : i + batch_size]))
                 for i in range(0, len(x), batch_size)
             ]
         finally:
@@ -193,6 +200,11 @@ class RunContext:
         if not parts:
             return torch.empty(0, getattr(self.model, "feature_dim", 0), device=self.device)
         return torch.cat(parts)
+
+    def input_key(self) -> tuple:
+        """What :meth:`to_input` does to raw samples, for a feature cache key."""
+        data = self.data
+        return ("to_input", data.scale, data.mean, data.std, str(self.device))
 
 
 _FIELDS = frozenset(f.name for f in fields(RunContext))

@@ -115,12 +115,6 @@ def install_cosine_head(ctx: RunContext, scale: float, plugin: str) -> CosineHea
 # ---------------------------------------------------------------------------
 
 
-def input_key(ctx: RunContext) -> tuple:
-    """What ``ctx.to_input`` does to raw samples, as part of a feature cache key."""
-    data = ctx.data
-    return ("to_input", data.scale, data.mean, data.std, str(ctx.device))
-
-
 def fixed_chunk_features(
     ctx: RunContext,
     x: torch.Tensor,
@@ -139,7 +133,7 @@ def fixed_chunk_features(
     model.eval()
     try:
         if isinstance(forward, nn.Module):
-            return feature_cache().features(forward, x, chunk, ctx.to_input, input_key(ctx))
+            return feature_cache().features(forward, x, chunk, ctx.to_input, ctx.input_key())
         return computed_features(forward, x, chunk, ctx.to_input)
     finally:
         model.train(was_training)

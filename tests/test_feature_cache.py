@@ -192,3 +192,24 @@ def test_evaluation_of_a_frozen_encoder_reads_the_cache(monkeypatch):
     model.features[1].weight.requires_grad_(True)  # trainable again: no cache
     assert torch.equal(model_logits(model, x, 8), model(x))
     assert fc.feature_cache().counts == CacheCounts(computed=8, reused=8)
+
+
+def test_the_console_and_compare_say_what_the_cache_did(tmp_path):
+    from helpers import run_cli
+
+    from clsim.compare import feature_cache_by_worker
+
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(NMC_SCENARIO.replace("  analytic:\n    plugins:\n"
+                                             "      - analytic: {buffer_size: 128}\n", ""))
+    result = run_cli("run", str(scenario), "--out", str(tmp_path / "out"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert ("frozen-encoder features (the simulator's cache, not charged to strategies), "
+            "rows: nmc 2248 computed") in result.stdout
+    assert "nmc_again 0 computed" in result.stdout
+    records = [{"pid": 7, "feature_cache": {"rows_computed": 5, "rows_reused": 1}},
+               {"pid": 7, "feature_cache": {"rows_computed": 0, "rows_reused": 6}},
+               {"pid": 8}]
+    assert feature_cache_by_worker(records).endswith(
+        "worker 7: 2 cells, 5 rows computed, 7 reused")
+    assert feature_cache_by_worker([{"pid": 8}]) == ""

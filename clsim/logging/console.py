@@ -100,6 +100,22 @@ def family_table(summary: dict[str, Any]) -> str:
     return "\n\n".join(blocks)
 
 
+def feature_cache_note(strategies: dict[str, dict[str, Any]]) -> str:
+    """What the simulator's feature cache did for each strategy on a frozen encoder (not
+    charged to it: clsim.feature_cache); empty when none used one."""
+    parts = []
+    for name, record in strategies.items():
+        counts = record.get("feature_cache")
+        if counts:
+            uncached = counts.get("rows_uncached", 0)
+            parts.append(f"{name} {counts['rows_computed']} computed, {counts['rows_reused']} "
+                         f"reused" + (f", {uncached} not kept" if uncached else ""))
+    if not parts:
+        return ""
+    return ("frozen-encoder features (the simulator's cache, not charged to strategies), "
+            "rows: " + "; ".join(parts))
+
+
 def _align(rows: Iterable[tuple[str, ...]]) -> str:
     rows = list(rows)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
