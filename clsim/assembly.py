@@ -8,7 +8,7 @@ fault.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,7 @@ def build_scenario_model(scenario: ScenarioConfig, dataset: Dataset,
     """The scenario's model for ``dataset``, with one output per label id of ``stream``
     (a growing head when its label space is masked); a model that cannot be built is a
     ConfigError. With ``device``, the model is moved there in the memory format
-    :func:`memory_format` chooses (the one a run trains in)."""
+    :func:`memory_formats` chooses for training."""
     n_outputs = dataset.n_classes if stream is None else stream.labels.n_classes
     try:
         model = build_model(scenario.model.name, dataset.sample_shape, n_outputs,
@@ -112,56 +112,76 @@ def build_scenario_model(scenario: ScenarioConfig, dataset: Dataset,
     if stream is not None and stream.labels.masked:
         model.head = ActiveHead.replacing(model.head)
     if device is not None:
-        model = model.to(device, memory_format=memory_format(scenario, model,
-                                                             dataset.sample_shape, device))
+        layouts = memory_formats(scenario, model, dataset.sample_shape, device)
+        model = model.to(device, memory_format=layouts.training)
     return model
 
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
-def memory_format(scenario: ScenarioConfig, model: nn.Module, sample_shape: tuple[int, ...],
-                  device: torch.device) -> torch.memory_format:
-    """The layout ``training.memory_format`` asks for, ``auto`` resolved for ``model``.
+@dataclass(frozen=True)
+class Layouts:
+    """The memory formats a run's model computes in: ``training`` (the model's own, set
+    when it is built) and ``evaluation`` (test batches are converted to it; a convolution
+    then computes in it whatever the weights' layout)."""
 
-    ``auto`` is channels_last for a model holding an ``nn.Conv2d`` that reads images
-    (``(C, H, W)`` samples, so 4-D batches) on the CPU, where oneDNN's convolutions run
-    it faster: the CIFAR-10 ConvNet (convnet2, 32 channels) at one thread evaluates 10,000
-    images at batch 64 in 1.4-1.7 s against 3.4-4.1 s in NCHW, and trains a step of 128
-    images 10-20% faster (81-95 ms against 89-119 ms, on a busy 2-core machine); the other
-    conv nets gain alike (clsim/models/__init__.py). Everything else keeps the default
-    (contiguous) layout, CUDA included: channels_last was not measured there, so a GPU run
-    gets it only when the scenario sets it. Only the model is converted: its first
-    convolution returns channels_last activations from a contiguous batch, and converting
-    the batch first (in ``to_input``) was measured no faster. Parameters a plugin creates
-    later (MEMO's new blocks, a grown head) are contiguous; convolutions accept either
-    layout, so that only costs speed.
+    training: torch.memory_format
+    evaluation: torch.memory_format
+
+    def names(self) -> dict[str, str]:
+        return {"training": _layout_name(self.training),
+                "evaluation": _layout_name(self.evaluation)}
+
+
+def memory_formats(scenario: ScenarioConfig, model: nn.Module, sample_shape: tuple[int, ...],
+                   device: torch.device) -> Layouts:
+    """The layouts ``training.memory_format`` asks for, ``auto`` resolved for ``model``.
+
+    ``auto`` evaluates in channels_last a model holding an ``nn.Conv2d`` that reads images
+    (``(C, H, W)`` samples, so 4-D batches) on the CPU, where oneDNN's convolutions run it
+    faster: the CIFAR-10 ConvNet (convnet2, 32 channels) at one thread evaluates 10,000
+    images at batch 32 in 1.3-1.6 s against 7.6-8.4 s in NCHW at the old batch of 1024
+    (clsim/models/__init__.py). Only the test batches are converted, so a logit differs
+    from NCHW's by float rounding (about 1e-7) and an argmax flips only on such a tie.
+    ``auto`` trains in the contiguous layout: a training step in channels_last is only
+    10-20% faster, and rounds otherwise at every step, so the trajectory, like one at
+    another thread count, ends elsewhere (on plugins_split_cifar10's naive run, up to 0.2
+    apart in one accuracy-matrix entry); with ``auto`` a run's results stay those of
+    earlier clsim versions. ``channels_last`` converts the model too (training included;
+    parameters a plugin creates later are contiguous, which only costs speed) and
+    ``contiguous`` converts nothing. CUDA keeps the contiguous layout under ``auto``:
+    channels_last was not measured there.
     """
     setting = scenario.training.memory_format
     if setting != "auto":
-        return MEMORY_FORMATS[setting]
+        return Layouts(MEMORY_FORMATS[setting], MEMORY_FORMATS[setting])
     images = len(sample_shape) == 3
     convolutional = any(isinstance(module, nn.Conv2d) for module in model.modules())
-    if images and convolutional and device.type == "cpu":
-        return torch.channels_last
-    return torch.contiguous_format
+    evaluation = torch.channels_last if images and convolutional and device.type == "cpu" \
+        else torch.contiguous_format
+    return Layouts(torch.contiguous_format, evaluation)
 
 
-def memory_format_name(scenario: ScenarioConfig, sample_shape: tuple[int, ...],
-                       device: torch.device) -> str:
-    """``training.memory_format`` resolved without building the model a run trains: the
-    model is built on the meta device (no weights, no draw from any generator), for
-    summary.json. A model that cannot be built is reported as such by the run itself;
-    here it is contiguous."""
-    if scenario.training.memory_format != "auto":
-        return scenario.training.memory_format
+def memory_format_names(scenario: ScenarioConfig, sample_shape: tuple[int, ...],
+                        device: torch.device) -> dict[str, str]:
+    """``training.memory_format`` resolved (training and evaluation) without building the
+    model a run trains: the model is built on the meta device (no weights, no draw from
+    any generator), for summary.json. A model that cannot be built is reported as such by
+    the run itself; here it is contiguous."""
+    setting = scenario.training.memory_format
+    if setting != "auto":
+        return {"training": setting, "evaluation": setting}
     try:
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             model = build_model(scenario.model.name, sample_shape, 1, scenario.model.options)
     except (ClsimError, RuntimeError, MemoryError, ValueError):
-        return "contiguous"
-    chosen = memory_format(scenario, model, sample_shape, device)
-    return "channels_last" if chosen == torch.channels_last else "contiguous"
+        return {"training": "contiguous", "evaluation": "contiguous"}
+    return memory_formats(scenario, model, sample_shape, device).names()
+
+
+def _layout_name(layout: torch.memory_format) -> str:
+    return "channels_last" if layout == torch.channels_last else "contiguous"
 
 
 def evaluation_batch_size(scenario: ScenarioConfig, device: torch.device | None = None) -> int:
@@ -195,7 +215,7 @@ def execution_settings(scenario: ScenarioConfig, sample_shape: tuple[int, ...],
     """How the scenario's runs execute, its ``auto`` settings resolved (summary.json's
     ``execution``): nothing here changes a result beyond float rounding."""
     batch, origin = evaluation_batch(scenario, device)
-    return {"memory_format": memory_format_name(scenario, sample_shape, device),
+    return {"memory_format": memory_format_names(scenario, sample_shape, device),
             "eval_batch_size": batch, "eval_batch_size_from": origin}
 
 

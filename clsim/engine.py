@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clsim.assembly import build_scenario_model, evaluation_batch_size
+from clsim.assembly import build_scenario_model, evaluation_batch_size, memory_formats
 from clsim.checkpoint import Checkpointing, restore
 from clsim.config import ScenarioConfig, StrategyConfig
 from clsim.context import RunContext
@@ -238,8 +238,10 @@ class _Loop:
         self.outcome.ledger = state["ledger"]
 
     def evaluate(self) -> np.ndarray:
-        batch_size = evaluation_batch_size(self.scenario, self.ctx.device)
-        return evaluate(self.ctx, self.hooks, self.stream, batch_size)
+        ctx = self.ctx
+        batch_size = evaluation_batch_size(self.scenario, ctx.device)
+        layout = memory_formats(self.scenario, ctx.model, ctx.sample_shape, ctx.device)
+        return evaluate(ctx, self.hooks, self.stream, batch_size, layout=layout.evaluation)
 
     def run(self, start: int = 0) -> None:
         """Train on the shown experiences from number ``start`` (past 0 when resumed)."""

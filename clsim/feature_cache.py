@@ -19,7 +19,8 @@ Correctness rests on three facts:
   the cache held before it (another cell's features, an earlier evaluation's);
 * samples are identified by their bytes (:mod:`clsim.digests`), not by where they sit;
 * an encoder is identified by its class structure and every parameter and buffer's
-  bytes, dtype, shape and strides (a channels-last weight computes otherwise). Parameter
+  bytes, dtype, shape and strides (a channels-last weight computes otherwise), and a
+  batch of model inputs by its layout too (a channels-last batch computes otherwise). Parameter
   digests are kept while a tensor's version counter stands still; buffers are hashed at
   every lookup, because BatchNorm updates its running statistics without bumping theirs.
 
@@ -165,6 +166,8 @@ class FeatureCache:
             if not _trainable(encoder):
                 self._count(uncached=len(x))
             return out
+        if prepare is None:  # model inputs: a channels_last batch rounds otherwise
+            prepare_key = (prepare_key, "model input", _layout(x))
         key = (self._encoder_digest(encoder), repr(prepare_key), int(chunk),
                torch.get_num_threads())
         table = self._tables.get(key)
@@ -248,6 +251,13 @@ def _tensor_digest(t: torch.Tensor) -> bytes:
         flat = flat.to(torch.uint8)
     h.update(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
     return h.digest()
+
+
+def _layout(x: torch.Tensor) -> str:
+    if x.dim() == 4 and not x.is_contiguous() \
+            and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "contiguous" if x.is_contiguous() else f"strides {x.stride()}"
 
 
 def _trainable(module: nn.Module) -> bool:

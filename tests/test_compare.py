@@ -179,7 +179,8 @@ def test_records_hold_what_the_report_needs(inline_run):
         assert r["status"] == "ok" and r["threads"] == 1
         assert r["budget_bytes"] == round(r["memory_mb"] * 2**20)
         assert r["peak_bytes"] <= r["budget_bytes"]
-        assert r["execution"]["memory_format"] == "contiguous"  # an mlp, on any device
+        assert r["execution"]["memory_format"] == {  # an mlp, on any device
+            "training": "contiguous", "evaluation": "contiguous"}
         assert r["execution"]["eval_batch_size_from"] in ("model kind mlp", "default for cuda")
     # naive keeps nothing: its accuracy cannot depend on the budget, only on the seed
     naive = {
