@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -61,6 +62,7 @@ class RunContext:
     log: Callable[..., None] = lambda event, **fields: None
     _trainer: Any = None  # the standard loop (clsim.training.Trainer), set by the engine
     _heads: Any = None  # (key, label -> head-outputs table) of task_loss, built as tasks come
+    _meter: Any = None  # the compute meter (clsim.compute.ComputeMeter), set by the engine
     # the strategy's (name, plugin) pairs in its order, set by the engine: measured by
     # held_bytes, never handed to a plugin
     _plugins: list[tuple[str, Any]] = field(default_factory=list, repr=False)
@@ -173,6 +175,15 @@ class RunContext:
         """Backward and step under the scenario's non-finite policy; False when the
         batch was skipped (``training.nonfinite_loss: skip_batch``)."""
         return self._loop("backward_step").backward_step(optimizer, loss)
+
+    def compute_part(self, label: str) -> AbstractContextManager[None]:
+        """A context manager: what the calling plugin computes inside is charged to
+        ``<plugin>.<label>`` in the strategy's compute (``replay.herding``, ``lwf.teacher``)
+        instead of ``<plugin>.<hook>``. Harmless outside a run or with accounting off."""
+        if not isinstance(label, str) or not label or "." in label:
+            raise ValueError(f"ctx.compute_part takes a non-empty name without dots; got "
+                             f"{label!r}")
+        return nullcontext() if self._meter is None else self._meter.plugin_part(label)
 
     def _loop(self, service: str) -> Any:
         if self._trainer is None:

@@ -17,11 +17,12 @@ import torch
 
 from clsim.assembly import build_scenario_model, evaluation_batch_size, memory_formats
 from clsim.checkpoint import Checkpointing, restore
+from clsim.compute import ComputeMeter, check_mode, mode_from_env
 from clsim.config import ScenarioConfig, StrategyConfig
 from clsim.context import RunContext
 from clsim.data import Dataset
 from clsim.errors import BudgetExceededError, ClsimError, TrainingError
-from clsim.evaluation import evaluate, label_counts
+from clsim.evaluation import evaluate, label_counts, plan_of
 from clsim.feature_cache import CacheCounts, feature_cache
 from clsim.interrupts import is_contained
 from clsim.logging.events import EventLog
@@ -60,6 +61,7 @@ class StrategyOutcome:
     ledger: Ledger | None = None
     wall_seconds: float = 0.0
     error: str | None = None
+    compute: ComputeMeter | None = None  # None: compute accounting off
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
     plugins: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
 
@@ -77,6 +79,7 @@ class StrategyOutcome:
             "budget_check": ledger.check,
             "over_budget": ledger.over_budget,
             "memory_estimated": ledger.estimated,
+            "compute": None if self.compute is None else self.compute.to_dict(),
             "wall_seconds": round(self.wall_seconds, 3),
         }
 
@@ -107,6 +110,7 @@ def run_strategy(
     progress: Callable[[str, int], Any] | None = None,
     checkpoint: Checkpointing | None = None,
     keep: bool = False,
+    compute: str | None = None,
 ) -> StrategyOutcome:
     """Train ``strategy`` on ``stream`` and score it.
 
@@ -117,10 +121,14 @@ def run_strategy(
     checkpoint to resume from continues from it after the usual setup. With ``keep``, the
     outcome also holds the final model and the plugin objects (``outcome.model``,
     ``outcome.plugins``), failed runs included, for tests of a plugin's state.
+    ``compute`` is the compute meter's mode (:mod:`clsim.compute`; ``CLSIM_COMPUTE`` when
+    None): what the strategy computed is counted into ``outcome.compute`` unless ``off``.
     """
+    meter = ComputeMeter(mode_from_env() if compute is None else check_mode(compute))
     started = time.perf_counter()
     outcome = StrategyOutcome(
-        strategy.name, budget=None if strategy.budget is None else str(strategy.budget)
+        strategy.name, budget=None if strategy.budget is None else str(strategy.budget),
+        compute=None if meter.mode == "off" else meter,
     )
     events = events or EventLog(None)
     tensorboard = tensorboard or TensorBoardLogger(None)
@@ -133,6 +141,7 @@ def run_strategy(
         plugins = [(spec.name, create_plugin(spec)) for spec in strategy.plugins]
         where = {"experience": None}
         hooks = HookRunner(build_plugin_manager(plugins), lambda: _where(strategy.name, where))
+        hooks.meter = meter  # a plugin's FLOPs inside a hook go to <plugin>.<hook>
         if strategy.budget is not None:
             outcome.budget_bytes = strategy.budget.resolve(
                 model_bytes=model_bytes(model), sample_bytes=dataset.sample_bytes
@@ -150,7 +159,9 @@ def run_strategy(
             labels=stream.labels,
             log=lambda event, **f: events.write(event, strategy=strategy.name, **f),
         )
+        ctx._meter = meter
         trainer = Trainer(ctx, hooks, scenario.training, torch_generator(seed, "batches"))
+        trainer.meter = meter
         trainer.online = stream.online
         ctx._trainer = trainer
         ctx._plugins = plugins  # what ctx.held_bytes measures (a store's neighbours)
@@ -158,27 +169,29 @@ def run_strategy(
         loop = _Loop(scenario, strategy, stream, ctx, hooks, trainer, plugins, outcome,
                      events, tensorboard, progress, where, checkpoint, started)
         try:
-            hooks.call("clsim_setup", ctx=ctx)
-            # every plugin has set up: stores sized from the budget see all of them
-            hooks.call("clsim_size_stores", ctx=ctx)
-            loop.at_setup = loop.reading()  # what a strict failure reports growth against
-            start = 0
-            if checkpoint is not None and checkpoint.resume_from is not None:
-                start = restore(loop, checkpoint.resume_from, checkpoint.path)
-                started -= checkpoint.resume_from["wall_seconds"]  # time before the kill
-                loop.started = started
-                checkpoint.resume_from = None  # restored: free it
-                events.write("strategy_resumed", strategy=strategy.name, experience=start)
-            loop.run(start)
-            outcome.metrics = score(stream, loop.record)
-            outcome.metrics.update(trainer.metrics())  # skipped_batches, with skip_batch
-            cached = feature_cache().counts.since(cache_before)
-            if cached != CacheCounts():  # a frozen encoder's features (not charged)
-                outcome.metrics["feature_cache"] = cached.to_dict()
-            where["experience"] = None
-            reports = plugin_reports(hooks, ctx, stream)
-            if reports:
-                outcome.metrics["plugins"] = reports
+            with meter.active():  # FLOPs counted (clsim.compute)
+                hooks.call("clsim_setup", ctx=ctx)
+                # every plugin has set up: stores sized from the budget see all of them
+                hooks.call("clsim_size_stores", ctx=ctx)
+                loop.at_setup = loop.reading()  # what a strict failure reports growth against
+                start = 0
+                if checkpoint is not None and checkpoint.resume_from is not None:
+                    start = restore(loop, checkpoint.resume_from, checkpoint.path)
+                    started -= checkpoint.resume_from["wall_seconds"]  # time before the kill
+                    loop.started = started
+                    checkpoint.resume_from = None  # restored: free it
+                    events.write("strategy_resumed", strategy=strategy.name, experience=start)
+                loop.run(start)
+                outcome.metrics = score(stream, loop.record)
+                outcome.metrics.update(trainer.metrics())  # skipped_batches, with skip_batch
+                cached = feature_cache().counts.since(cache_before)
+                if cached != CacheCounts():  # a frozen encoder's features (not charged)
+                    outcome.metrics["feature_cache"] = cached.to_dict()
+                where["experience"] = None
+                meter.begin("report")
+                reports = plugin_reports(hooks, ctx, stream)
+                if reports:
+                    outcome.metrics["plugins"] = reports
         except SnapshotError:  # a checkpoint that cannot be restored: not the strategy's fault
             raise
         except ClsimError as exc:
@@ -189,6 +202,7 @@ def run_strategy(
             outcome.error = escaped_message(exc, plugins, _where(strategy.name, where))
         finally:
             where["experience"] = None
+            meter.finish()
             outcome.wall_seconds = time.perf_counter() - started
             ctx._trainer = None
             try:  # a failing teardown must not hide the error that ended the run
@@ -227,7 +241,8 @@ class _Loop:
         return {"record": self.record, "seen": self.seen,
                 "seen_classes": self.ctx.seen_classes, "task_classes": self.ctx.task_classes,
                 "position": self.position,
-                "ledger": self.outcome.ledger}
+                "ledger": self.outcome.ledger,
+                "compute": self.ctx._meter.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s ``state``."""
@@ -236,12 +251,17 @@ class _Loop:
         self.ctx.task_classes = dict(state.get("task_classes", {}))
         self.position = int(state["position"])
         self.outcome.ledger = state["ledger"]
+        if "compute" in state:  # a checkpoint written before compute accounting has none
+            self.ctx._meter.load_state_dict(state["compute"])
 
     def evaluate(self) -> np.ndarray:
         ctx = self.ctx
         batch_size = evaluation_batch_size(self.scenario, ctx.device)
         layout = memory_formats(self.scenario, ctx.model, ctx.sample_shape, ctx.device)
-        return evaluate(ctx, self.hooks, self.stream, batch_size, layout=layout.evaluation)
+        with ctx._meter.evaluating():
+            hits = evaluate(ctx, self.hooks, self.stream, batch_size, layout=layout.evaluation)
+        ctx._meter.evaluation_rows(plan_of(self.stream).n_predicted)
+        return hits
 
     def run(self, start: int = 0) -> None:
         """Train on the shown experiences from number ``start`` (past 0 when resumed)."""
@@ -252,6 +272,7 @@ class _Loop:
         total = sum(exp.n_train for exp in shown)
         for number, exp in enumerate(shown[start:], start):
             self.where["experience"] = exp.index
+            self.ctx._meter.begin("experience", exp.index)
             # the hooks never see test data; with hidden boundaries not even the training
             # data: samples arrive part by part, and nothing about what is to come is shown
             told = training_view(exp, hidden=stream.boundaries_hidden)

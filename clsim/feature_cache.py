@@ -41,9 +41,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from clsim import compute
 from clsim.budget import Budget
 from clsim.digests import DIGEST_BYTES, row_digests
 from clsim.errors import ConfigError
+from clsim.flops import flops_of
 
 ENV_VAR = "CLSIM_FEATURE_CACHE"
 DEFAULT_MAX_BYTES = 2 * 2**30
@@ -160,7 +162,22 @@ class FeatureCache:
         """``encoder(prepare(x))`` row by row, in calls of ``chunk`` rows; each distinct row
         computed once while ``encoder`` is frozen. ``prepare`` turns the stored rows into
         the encoder's input (``ctx.to_input``); ``prepare_key`` must name what it does.
-        The caller puts the encoder in eval mode."""
+        The caller puts the encoder in eval mode.
+
+        While a strategy's compute is counted, a frozen encoder's rows are charged to it as
+        if it computed every one of them (:func:`charge_as_computed`), whether the cache
+        served them or not."""
+        meter = compute.current()
+        if meter is not None and meter.counting and len(x) and not _trainable(encoder):
+            with meter.paused():
+                out = self._features(encoder, x, chunk, prepare, prepare_key)
+            charge_as_computed(meter, encoder, x, prepare)
+            return out
+        return self._features(encoder, x, chunk, prepare, prepare_key)
+
+    def _features(self, encoder: nn.Module, x: torch.Tensor, chunk: int,
+                  prepare: Callable[[torch.Tensor], torch.Tensor] | None,
+                  prepare_key: object) -> torch.Tensor:
         if self.max_bytes <= 0 or _trainable(encoder) or len(x) == 0:
             out = computed_features(encoder, x, chunk, prepare)
             if not _trainable(encoder):
@@ -262,6 +279,31 @@ def _layout(x: torch.Tensor) -> str:
 
 def _trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
+
+
+# FLOPs of one row through a frozen encoder, by the encoder's structure and the row's shape
+_ROW_FLOPS: dict[tuple, int] = {}
+
+
+def charge_as_computed(meter: compute.ComputeMeter, encoder: nn.Module, x: torch.Tensor,
+                       prepare: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+    """Charge ``meter`` the FLOPs of ``encoder`` on every row of ``x``: rows x the FLOPs
+    of one row. The cache is the simulator's (module docstring): a strategy is charged
+    what it would compute without it, so its count does not depend on what the cache held
+    (another cell's features, an earlier evaluation's). A counted op's FLOPs grow linearly
+    with the rows of a call (matrix products, convolutions, attention all do), so one row,
+    counted once per encoder structure and input shape, gives them exactly; the padding
+    of a fixed-height call is the simulator's too and is not charged."""
+    row = x[:1] if prepare is None else prepare(x[:1])
+    key = (type(encoder), tuple((name, tuple(p.shape), p.dtype)
+                                for name, p in encoder.named_parameters()),
+           tuple(row.shape), row.dtype, str(row.device))
+    per_row = _ROW_FLOPS.get(key)
+    if per_row is None:
+        with meter.paused():
+            _, per_row = flops_of(lambda: encoder(row))
+        _ROW_FLOPS[key] = per_row
+    meter.charge(per_row * len(x))
 
 
 def max_bytes_from_env() -> int:

@@ -363,6 +363,7 @@ class HookRunner:
     def __init__(self, pm: ClsimPluginManager, where: Callable[[], str] = lambda: "") -> None:
         self.pm = pm
         self.where = where
+        self.meter: Any = None  # the compute meter: a hook's FLOPs go to <plugin>.<hook>
         self._impls = {  # in call order: pluggy keeps the list last-called-first
             name: list(reversed(getattr(pm.hook, name).get_hookimpls())) for name in HOOK_NAMES
         }
@@ -457,6 +458,9 @@ class HookRunner:
 
     def _invoke(self, hook: str, impl: pluggy.HookImpl, kwargs: dict[str, Any]) -> Any:
         try:
+            if self.meter is not None and self.meter.counting:
+                with self.meter.hook(impl.plugin_name, hook):
+                    return impl.function(*[kwargs[name] for name in impl.argnames])
             return impl.function(*[kwargs[name] for name in impl.argnames])
         except ClsimError as exc:  # a message the plugin wrote for the user: as it is
             if not isinstance(exc, PluginRuntimeError):  # (a nested hook kept its own)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from clsim.compute import TRAINING_BACKWARD, TRAINING_FORWARD, ComputeMeter
 from clsim.config import OptimizerConfig, TrainingConfig
 from clsim.context import RunContext
 from clsim.errors import TrainingError
@@ -71,6 +72,7 @@ class Trainer:
         self.generator = generator
         self.progress = progress  # a tqdm-like object with update(n), or None
         self.online = False  # the engine sets it: optimizers then carry over between parts
+        self.meter = ComputeMeter("off")  # the engine sets the run's (clsim.compute)
         self._last_optimizer: tuple[list[nn.Parameter], torch.optim.Optimizer] | None = None
         self.skipped_batches = 0  # batches discarded for a non-finite loss (skip_batch)
         self._experience_batches = [0, 0]  # [trained, skipped] since the experience began
@@ -159,6 +161,8 @@ class Trainer:
         active = self._active_hooks()  # looked up once: the batch loop is the hot path
         mean_loss = float("nan")
         model.train(not plan.eval_mode)
+        meter = self.meter
+        memo = meter.memo()  # a step's FLOPs by signature, within this plan
         for epoch in range(plan.epochs):
             order = torch.randperm(n, generator=self.generator) if shuffle else None
             loss_sum = torch.zeros((), device=ctx.device)
@@ -170,30 +174,39 @@ class Trainer:
                     order[start : start + batch_size]
                 batch = Batch(x[index], y[index], None if task_ids is None else task_ids[index])
                 # plugins may replace the batch (replay mixes memory samples in)
+                signature = (tuple(batch.x.shape), task_ids is None)
                 if "clsim_before_batch" in active:
-                    batch = hooks.chain("clsim_before_batch", "batch", batch, Batch, ctx=ctx)
+                    with memo.region(("before_batch", signature)):
+                        batch = hooks.chain("clsim_before_batch", "batch", batch, Batch,
+                                            ctx=ctx)
+                    signature += (tuple(batch.x.shape), batch.n_stream, batch.task_id is None)
                 expose_labels(model, batch.y)  # a growing head switches on new classes
                 # forward: the task loss (or a plugin's replacement) plus every extra term
-                output = self.forward(batch, active)
-                loss = self._total_loss(batch, output, active)
+                with memo.region(("forward", signature)), meter.named(TRAINING_FORWARD):
+                    output = self.forward(batch, active)
+                    loss = self._total_loss(batch, output, active)
+                meter.training_rows(int(output.inputs.shape[0]))
                 if skip_nonfinite and not bool(torch.isfinite(loss)):
                     # discarded as if never drawn: no backward, no step, no after_* hooks
                     self._skip(loss, epoch, step)
                     if self.progress is not None:
                         self.progress.update(1)
                     continue
-                # backward and update
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if "clsim_after_backward" in active:
-                    hooks.call("clsim_after_backward", ctx=ctx, batch=batch, loss=loss)
-                optimizer.step()
-                if "clsim_after_update" in active:
-                    hooks.call("clsim_after_update", ctx=ctx, batch=batch)
-                loss = loss.detach()
-                if "clsim_after_batch" in active:
-                    hooks.call("clsim_after_batch", ctx=ctx, batch=batch,
-                               logits=output.logits.detach(), loss=loss, output=output)
+                with memo.region(("backward", signature)):
+                    # backward and update
+                    optimizer.zero_grad(set_to_none=True)
+                    with meter.named(TRAINING_BACKWARD):
+                        loss.backward()
+                    if "clsim_after_backward" in active:
+                        hooks.call("clsim_after_backward", ctx=ctx, batch=batch, loss=loss)
+                    optimizer.step()
+                    if "clsim_after_update" in active:
+                        hooks.call("clsim_after_update", ctx=ctx, batch=batch)
+                    loss = loss.detach()
+                    if "clsim_after_batch" in active:
+                        hooks.call("clsim_after_batch", ctx=ctx, batch=batch,
+                                   logits=output.logits.detach(), loss=loss, output=output)
+                meter.optimizer_step()
                 loss_sum += loss
                 trained += 1
                 self._experience_batches[0] += 1
@@ -281,8 +294,10 @@ class Trainer:
             self._skip(loss, None, self._experience_batches[0] + self._experience_batches[1] + 1)
             return False
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with self.meter.named(TRAINING_BACKWARD):
+            loss.backward()
         optimizer.step()
+        self.meter.optimizer_step()
         self._experience_batches[0] += 1
         return True
 

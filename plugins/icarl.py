@@ -154,7 +154,7 @@ class IcarlPlugin:
         if self.previous is None or self.n_old == 0:
             return None
         old = torch.tensor(ctx.seen_classes[: self.n_old], device=output.logits.device)
-        with torch.no_grad():
+        with torch.no_grad(), ctx.compute_part("teacher"):  # charged as icarl.teacher
             teacher = self.previous(output.inputs)[:, old]
         return self.distillation(output.logits[:, old], teacher) / (
             output.logits.shape[0] * len(ctx.seen_classes))

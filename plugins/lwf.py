@@ -152,7 +152,7 @@ class LwfPlugin:
         if self.old_model is None:
             return None
         self.old_model.train(ctx.model.training)
-        with torch.no_grad():
+        with torch.no_grad(), ctx.compute_part("teacher"):  # charged as lwf.teacher
             teacher = self.old_model(output.inputs)
         return self.alpha() * distillation(
             logits[:, self.old_classes], teacher[:, self.old_classes], self.options.temperature

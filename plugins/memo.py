@@ -507,7 +507,8 @@ class MemoPlugin:
             samples = experience.train_x[experience.train_y == c]
             if c in experience.classes and len(samples):
                 if self.options.selection == "herding":
-                    order = herding_order(ctx.features(samples), per_class).cpu()
+                    with ctx.compute_part("herding"):  # charged as memo.herding
+                        order = herding_order(ctx.features(samples), per_class).cpu()
                 else:
                     order = torch.randperm(len(samples), generator=self.generator)[:per_class]
                 picked = samples[order]

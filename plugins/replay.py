@@ -144,7 +144,8 @@ class ReplayPlugin:
         for c in ctx.seen_classes:
             if c in experience.classes:
                 samples = experience.train_x[experience.train_y == c]
-                order = herding_order(ctx.features(samples), per_class)
+                with ctx.compute_part("herding"):  # charged as replay.herding
+                    order = herding_order(ctx.features(samples), per_class)
                 keep_x.append(samples[order])
             else:  # stored in herding order already: shrinking keeps the prefix
                 keep_x.append(old_x[old_y == c][:per_class])

@@ -1,0 +1,355 @@
+"""The compute meter: what a strategy computed, counted, part by part and experience by
+experience.
+
+FLOPs are counted as torch dispatches each op (:mod:`clsim.flops`), never taken from a
+formula a plugin declares, and charged to the part of the run that is current, named the
+way the memory ledger names what a strategy holds:
+
+* ``training.forward`` / ``training.backward``: the standard loop's model forward (with
+  the loss) and backward pass; ``evaluation.forward``: predictions on the test sets;
+* ``<plugin>.<hook>``: whatever a plugin computes inside one of its hooks (a teacher's
+  forward in ``clsim_loss``, features in ``clsim_after_experience``), and
+  ``<plugin>.<label>`` for a sub-part the plugin names with ``ctx.compute_part(label)``
+  (``replay.herding``, ``lwf.teacher``).
+
+Besides FLOPs: optimizer steps (the loop's and ``ctx.backward_step``'s), samples forwarded
+(model input rows of the loop's training steps, replayed rows and extra views included;
+test rows predicted), and process CPU seconds and wall seconds of each experience.
+
+**Memoised training steps.** Counting dispatches every op through Python, far too slow to
+keep on for every step. A step's FLOPs are a function of the shapes it meets, and within
+one plan of the loop (one ``Trainer.fit``: one experience, or one part of an online
+experience) the model's structure, its trainable set and the plugins' state that decides
+what they compute stay put. So the first step of each signature (the batch's shapes before
+and after ``clsim_before_batch``) is counted under the mode, and later steps with that
+signature are charged the same counts without it. Where that assumption fails (a plugin
+whose work depends on something other than those shapes, e.g. on the labels in a batch),
+the counts are wrong: ``CLSIM_COMPUTE=every_step`` counts every step instead, and
+tests/test_compute.py checks both give the same counts for the built-in strategies it
+runs. Work outside the loop's steps (setup, hooks around an experience, an experience a
+plugin trains itself, evaluation, reports) is always counted op by op.
+
+**Features the simulator's cache serves** (:mod:`clsim.feature_cache`) are charged as if
+the strategy computed them: rows x the encoder's FLOPs per row. The cache is the
+simulator's, so a count must not depend on what it held: a cell counts the same first or
+last in its worker.
+
+``CLSIM_COMPUTE`` picks the mode: ``on`` (default: memoised steps), ``every_step``, or
+``off`` (nothing counted, no ``compute`` in summary.json).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+from clsim.errors import ConfigError
+from clsim.flops import COUNTED_OPS, FlopCounter
+
+ENV_VAR = "CLSIM_COMPUTE"
+MODES = ("on", "every_step", "off")
+
+TRAINING_FORWARD = "training.forward"
+TRAINING_BACKWARD = "training.backward"
+EVALUATION_FORWARD = "evaluation.forward"
+OUTSIDE = "run"  # FLOPs outside any named part (a torch hook between hook calls)
+
+CLOCK_KEYS = ("cpu_seconds", "wall_seconds")
+"""Fields of :meth:`ComputeMeter.to_dict` (totals and rows) that are clock readings, not
+counts: they differ between two runs of the same strategy."""
+
+
+def mode_from_env() -> str:
+    """The meter's mode from ``CLSIM_COMPUTE`` (``on`` when unset)."""
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    return check_mode(value or "on", f"environment variable {ENV_VAR}")
+
+
+def check_mode(mode: str, where: str = "compute mode") -> str:
+    """``mode`` if it is one of :data:`MODES`, else a ConfigError naming ``where``."""
+    if mode not in MODES:
+        raise ConfigError(f"{where}={mode!r}: expected one of {', '.join(MODES)} (on: "
+                          "count memoised training steps; every_step: count every step; "
+                          "off: no compute accounting)")
+    return mode
+
+
+@dataclass
+class ComputeRow:
+    """What one stage of a run computed: ``setup`` (before the first experience: setup
+    hooks and the evaluation of the untrained model), one experience (its hooks, training,
+    the evaluation after it), or ``report`` (after the last)."""
+
+    stage: str
+    experience: int | None = None
+    flops: dict[str, int] = field(default_factory=dict)  # part -> FLOPs
+    optimizer_steps: int = 0
+    training_samples: int = 0  # model input rows of the loop's steps
+    evaluation_samples: int = 0  # test rows predicted
+    evaluation_flops: int = 0  # FLOPs while predicting (every part)
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "experience": self.experience,
+            "flops": sum(self.flops.values()),
+            "parts": dict(sorted(self.flops.items())),
+            "optimizer_steps": self.optimizer_steps,
+            "samples_forwarded": {"training": self.training_samples,
+                                  "evaluation": self.evaluation_samples},
+            "evaluation_flops": self.evaluation_flops,
+            "inference_flops_per_sample": _per(self.evaluation_flops, self.evaluation_samples),
+            "cpu_seconds": round(self.cpu_seconds, 3),
+            "wall_seconds": round(self.wall_seconds, 3),
+        }
+
+
+class ComputeMeter:
+    """Counts one strategy's run; the engine creates it and keeps it current while the
+    strategy runs (:func:`current`)."""
+
+    def __init__(self, mode: str = "on") -> None:
+        self.mode = check_mode(mode)
+        self.part = OUTSIDE
+        self.plugin: str | None = None  # the plugin whose hook is running
+        self.rows: list[ComputeRow] = []
+        self._counter = FlopCounter(self.charge)
+        self._entered = False  # the counter is on the dispatch stack
+        self._evaluating = False
+        self._capture: list[dict[str, int]] = []  # steps being memoised, innermost last
+        self._clock: tuple[float, float] | None = None
+        self.begin("setup")
+
+    # -- stages ----------------------------------------------------------------
+
+    @property
+    def row(self) -> ComputeRow:
+        return self.rows[-1]
+
+    def begin(self, stage: str, experience: int | None = None) -> None:
+        """Close the current row (its clocks) and open one for ``stage``."""
+        self._close_clock()
+        self.rows.append(ComputeRow(stage, experience))
+        self._clock = (time.process_time(), time.perf_counter())
+
+    def finish(self) -> None:
+        """Stop the clocks of the current row (the run is over)."""
+        self._close_clock()
+
+    def _close_clock(self) -> None:
+        if self._clock is not None and self.rows:
+            cpu, wall = self._clock
+            self.row.cpu_seconds += time.process_time() - cpu
+            self.row.wall_seconds += time.perf_counter() - wall
+        self._clock = None
+
+    # -- counting --------------------------------------------------------------
+
+    @property
+    def counting(self) -> bool:
+        """Whether ops dispatched now are counted (False: paused, or accounting off)."""
+        return self._entered
+
+    def charge(self, flops: int) -> None:
+        """Add ``flops`` to the current part (the FLOP counter's callback)."""
+        if not flops:
+            return
+        parts = self.row.flops
+        parts[self.part] = parts.get(self.part, 0) + flops
+        if self._evaluating:
+            self.row.evaluation_flops += flops
+        for captured in self._capture:
+            captured[self.part] = captured.get(self.part, 0) + flops
+
+    @contextmanager
+    def active(self) -> Iterator[ComputeMeter]:
+        """Count everything dispatched inside (the engine wraps a strategy's run), with
+        this meter current for the feature cache and ``ctx.compute_part``."""
+        previous = _CURRENT.meter
+        _CURRENT.meter = self
+        try:
+            if self.mode == "off":
+                yield self
+                return
+            self._counter.__enter__()
+            self._entered = True
+            try:
+                yield self
+            finally:
+                if self._entered:
+                    self._entered = False
+                    self._counter.__exit__(None, None, None)
+        finally:
+            _CURRENT.meter = previous
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Nothing dispatched inside is counted (the caller charges what it knows)."""
+        if not self._entered:
+            yield
+            return
+        self._entered = False
+        self._counter.__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            self._counter.__enter__()
+            self._entered = True
+
+    @contextmanager
+    def named(self, part: str, plugin: str | None = None) -> Iterator[None]:
+        """Charge what is computed inside to ``part`` (``plugin``: whose code runs)."""
+        before, before_plugin = self.part, self.plugin
+        self.part = part
+        if plugin is not None:
+            self.plugin = plugin
+        try:
+            yield
+        finally:
+            self.part, self.plugin = before, before_plugin
+
+    def hook(self, plugin: str, hook: str):
+        """The part of a plugin's hook call (``replay.clsim_after_experience``); nothing to
+        name while the counter is paused."""
+        if not self._entered:
+            return nullcontext()
+        return self.named(f"{plugin}.{hook}", plugin)
+
+    def plugin_part(self, label: str):
+        """A sub-part a plugin names inside its hook: ``<plugin>.<label>``."""
+        if not self._entered:
+            return nullcontext()
+        owner = self.plugin or OUTSIDE
+        return self.named(f"{owner}.{label}", self.plugin)
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Predictions on the test sets: ``evaluation.forward`` unless a hook names its
+        own part, every FLOP also counted as inference."""
+        was = self._evaluating
+        self._evaluating = True
+        try:
+            with self.named(EVALUATION_FORWARD):
+                yield
+        finally:
+            self._evaluating = was
+
+    def memo(self) -> StepMemo:
+        """A memo of step counts for one plan of the loop (module docstring)."""
+        return StepMemo(self)
+
+    # -- counts that need no dispatch ------------------------------------------
+
+    def add_parts(self, parts: dict[str, int]) -> None:
+        row = self.row.flops
+        for part, flops in parts.items():
+            row[part] = row.get(part, 0) + flops
+        for captured in self._capture:
+            for part, flops in parts.items():
+                captured[part] = captured.get(part, 0) + flops
+
+    def optimizer_step(self) -> None:
+        self.row.optimizer_steps += 1
+
+    def training_rows(self, n: int) -> None:
+        self.row.training_samples += n
+
+    def evaluation_rows(self, n: int) -> None:
+        self.row.evaluation_samples += n
+
+    # -- results ---------------------------------------------------------------
+
+    def totals(self) -> dict[str, int]:
+        parts: dict[str, int] = {}
+        for row in self.rows:
+            for part, flops in row.flops.items():
+                parts[part] = parts.get(part, 0) + flops
+        return dict(sorted(parts.items()))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rows so far, for a checkpoint (a resumed run continues them)."""
+        return {"rows": [dict(vars(row), flops=dict(row.flops)) for row in self.rows]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = [ComputeRow(**row) for row in state["rows"]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """``compute`` of a strategy in summary.json."""
+        rows = [row.to_dict() for row in self.rows]
+        last = next((r for r in reversed(self.rows) if r.evaluation_samples), None)
+        flops = self.totals()
+        return {
+            "mode": self.mode,
+            "flops_total": sum(flops.values()),
+            "parts": flops,
+            "steps": sum(r.optimizer_steps for r in self.rows),
+            "samples_forwarded": {
+                "training": sum(r.training_samples for r in self.rows),
+                "evaluation": sum(r.evaluation_samples for r in self.rows),
+            },
+            # per test sample, at the last evaluation: what the final model costs to use
+            "inference_flops_per_sample": None if last is None
+            else _per(last.evaluation_flops, last.evaluation_samples),
+            "cpu_seconds": round(sum(r.cpu_seconds for r in self.rows), 3),
+            "wall_seconds": round(sum(r.wall_seconds for r in self.rows), 3),
+            "rows": rows,
+            "counted": "FLOPs of torch's matrix products, convolutions and attention "
+                       "(forward and backward), counted per op; other ops (elementwise, "
+                       "norms, the optimizer's update) count 0",
+            "counted_ops": list(COUNTED_OPS),
+            "estimated": "memoised training steps: each signature's first step counted, "
+                         "the rest charged the same" if self.mode == "on" else None,
+        }
+
+
+class StepMemo:
+    """Counts of the loop's steps by signature, within one plan (see the module
+    docstring): the first step of a signature runs under the counter and its counts are
+    kept; later ones run with the counter paused and are charged the kept counts."""
+
+    def __init__(self, meter: ComputeMeter) -> None:
+        self.meter = meter
+        self.known: dict[tuple, dict[str, int]] = {}
+
+    @contextmanager
+    def region(self, signature: tuple) -> Iterator[None]:
+        meter = self.meter
+        if not meter._entered:  # off, or inside a region already paused
+            yield
+            return
+        known = None if meter.mode == "every_step" else self.known.get(signature)
+        if known is not None:
+            with meter.paused():
+                yield
+            meter.add_parts(known)
+            return
+        captured: dict[str, int] = {}
+        meter._capture.append(captured)
+        try:
+            yield
+        finally:
+            meter._capture.remove(captured)
+        self.known[signature] = captured
+
+
+class _Current(threading.local):
+    meter: ComputeMeter | None = None
+
+
+_CURRENT = _Current()
+
+
+def current() -> ComputeMeter | None:
+    """The meter of the strategy running in this thread, or None."""
+    return _CURRENT.meter
+
+
+def _per(flops: int, samples: int) -> float | None:
+    return None if samples == 0 else flops / samples
