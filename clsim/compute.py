@@ -19,12 +19,14 @@ test rows predicted), and process CPU seconds and wall seconds of each experienc
 **Memoised training steps.** Counting dispatches every op through Python, far too slow to
 keep on for every step. A step's FLOPs are a function of the shapes it meets, and within
 one plan of the loop (one ``Trainer.fit``: one experience, or one part of an online
-experience) the model's structure, its trainable set and the plugins' state that decides
-what they compute stay put. So the first step of each signature (the batch's shapes before
-and after ``clsim_before_batch``) is counted under the mode, and later steps with that
-signature are charged the same counts without it. Where that assumption fails (a plugin
-whose work depends on something other than those shapes, e.g. on the labels in a batch),
-the counts are wrong: ``CLSIM_COMPUTE=every_step`` counts every step instead, and
+experience) the model's structure and its trainable set stay put. What a plugin computes
+in a step may also depend on how much it holds (DER forwards memory samples once its
+buffer is not empty, and as many as it holds up to a batch), so a step's signature is the
+batch's shapes before and after ``clsim_before_batch`` and the sizes of what the plugins
+hold (:func:`state_sizes`). The first step of each signature is counted under the mode,
+and later steps with that signature are charged the same counts without it. Where that
+assumption fails (a plugin whose work depends on something else, e.g. on the labels in a
+batch), the counts are wrong: ``CLSIM_COMPUTE=every_step`` counts every step instead, and
 tests/test_compute.py checks both give the same counts for the built-in strategies it
 runs. Work outside the loop's steps (setup, hooks around an experience, an experience a
 plugin trains itself, evaluation, reports) is always counted op by op.
@@ -48,6 +50,9 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import Tensor
+from torch.nn import Module
+
 from clsim.errors import ConfigError
 from clsim.flops import COUNTED_OPS, FlopCounter
 
@@ -62,6 +67,18 @@ OUTSIDE = "run"  # FLOPs outside any named part (a torch hook between hook calls
 CLOCK_KEYS = ("cpu_seconds", "wall_seconds")
 """Fields of :meth:`ComputeMeter.to_dict` (totals and rows) that are clock readings, not
 counts: they differ between two runs of the same strategy."""
+
+
+def without_clocks(record: dict[str, Any]) -> dict[str, Any]:
+    """A strategy's record (``StrategyOutcome.to_dict``, a summary.json entry) without the
+    compute meter's clock readings: what two runs that computed the same thing share."""
+    compute = record.get("compute")
+    if not isinstance(compute, dict):
+        return record
+    rows = [{k: v for k, v in row.items() if k not in CLOCK_KEYS}
+            for row in compute.get("rows", [])]
+    kept = {k: v for k, v in compute.items() if k not in CLOCK_KEYS}
+    return {**record, "compute": {**kept, "rows": rows}}
 
 
 def mode_from_env() -> str:
@@ -318,6 +335,11 @@ class StepMemo:
         self.meter = meter
         self.known: dict[tuple, dict[str, int]] = {}
 
+    @property
+    def active(self) -> bool:
+        """Whether signatures matter (counting memoised steps); else skip computing them."""
+        return self.meter.mode == "on" and self.meter.counting
+
     @contextmanager
     def region(self, signature: tuple) -> Iterator[None]:
         meter = self.meter
@@ -337,6 +359,23 @@ class StepMemo:
         finally:
             meter._capture.remove(captured)
         self.known[signature] = captured
+
+
+def state_sizes(plugins: list[tuple[str, Any]]) -> tuple:
+    """How much each plugin holds, cheaply: the ``len()`` of every attribute that has one
+    and the shape of every tensor attribute (modules and strings left out). Part of a
+    step's signature: a buffer filling, or a store growing, changes it."""
+    sizes: list[object] = []
+    for _, plugin in plugins:
+        for value in getattr(plugin, "__dict__", {}).values():
+            if isinstance(value, Tensor):
+                sizes.append(tuple(value.shape))
+            elif hasattr(type(value), "__len__") and not isinstance(value, str | bytes | Module):
+                try:
+                    sizes.append(len(value))
+                except Exception:  # noqa: BLE001 - a plugin's __len__ that fails: no size
+                    sizes.append(None)
+    return tuple(sizes)
 
 
 class _Current(threading.local):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clsim.compute import TRAINING_BACKWARD, TRAINING_FORWARD, ComputeMeter
+from clsim.compute import TRAINING_BACKWARD, TRAINING_FORWARD, ComputeMeter, state_sizes
 from clsim.config import OptimizerConfig, TrainingConfig
 from clsim.context import RunContext
 from clsim.errors import TrainingError
@@ -174,7 +174,8 @@ class Trainer:
                     order[start : start + batch_size]
                 batch = Batch(x[index], y[index], None if task_ids is None else task_ids[index])
                 # plugins may replace the batch (replay mixes memory samples in)
-                signature = (tuple(batch.x.shape), task_ids is None)
+                signature = (tuple(batch.x.shape), task_ids is None,
+                             state_sizes(ctx._plugins) if memo.active else ())
                 if "clsim_before_batch" in active:
                     with memo.region(("before_batch", signature)):
                         batch = hooks.chain("clsim_before_batch", "batch", batch, Batch,

@@ -1,0 +1,247 @@
+"""The compute meter counts what a strategy computes, exactly where it can be worked out
+by hand: an MLP's forward and backward FLOPs, a frozen backbone's, a teacher's forward and
+herding's feature pass under their own names; memoised steps count what counting every
+step counts; the same run counts the same; bad settings are refused clearly.
+
+On split digits (8x8 inputs, 5 x 2 classes) with an MLP 64-32-10, one matrix product per
+linear layer: a forward pass of N rows costs 2N(64*32 + 32*10) FLOPs. Backward computes a
+weight's gradient (2N*in*out) for every trainable layer, and an input's gradient (the
+same again) only where that input needs one: never for the first layer, whose input is
+data, nor below a frozen layer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clsim.assembly import build_stream, load_scenario_data
+from clsim.compute import ComputeMeter, check_mode, mode_from_env, without_clocks
+from clsim.config import parse_scenario
+from clsim.context import RunContext
+from clsim.engine import run_strategy
+from clsim.errors import ConfigError
+from clsim.evaluation import plan_of
+from clsim.flops import flops_of
+
+IN, HIDDEN, OUT = 64, 32, 10
+FORWARD_PER_ROW = 2 * (IN * HIDDEN + HIDDEN * OUT)
+
+SCENARIO = f"""
+name: compute
+seed: 0
+threads: 1
+data: {{dataset: digits}}
+stream: {{type: class_incremental, n_experiences: 5}}
+model: {{name: mlp, hidden: [{HIDDEN}]}}
+training: {{epochs: 2, batch_size: 64, optimizer: {{name: sgd, lr: 0.1, momentum: 0.9}}}}
+strategies:
+  naive: {{plugins: [naive]}}
+  frozen: {{plugins: ["test_compute:FreezeBackbone"]}}
+  herding: {{plugins: [{{replay: {{selection: herding, capacity: 100}}}}]}}
+  reservoir: {{plugins: [{{replay: {{capacity: 100}}}}]}}
+  lwf: {{plugins: [lwf]}}
+  der: {{budget: 'model + 300 exemplars', plugins: [der]}}
+  agem: {{budget: 'model + 300 exemplars', plugins: [agem]}}
+  er_ace: {{budget: 'model + 300 exemplars', plugins: [er_ace]}}
+  ewc: {{plugins: [ewc]}}
+  icarl: {{budget: 'model + 300 exemplars', plugins: [icarl]}}
+  nmc: {{plugins: [nmc]}}
+"""
+
+
+class FreezeBackbone:
+    """Freezes the encoder at setup: only the head trains."""
+
+    def clsim_setup(self, ctx: RunContext) -> None:
+        ctx.model.features.requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def setting():
+    torch.set_num_threads(1)
+    scenario = parse_scenario(SCENARIO)
+    dataset = load_scenario_data(scenario)
+    return scenario, dataset, build_stream(scenario, dataset, scenario.seed)
+
+
+def run(setting, name: str, mode: str = "on", online: bool = False) -> dict:
+    scenario, dataset, stream = setting
+    outcome = run_strategy(scenario, scenario.strategies[name], dataset, stream,
+                           seed=scenario.seed, device=torch.device("cpu"), compute=mode)
+    assert outcome.error is None, outcome.error
+    return outcome.to_dict()["compute"]
+
+
+def n_train(setting) -> int:
+    return sum(exp.n_train for exp in setting[2])
+
+
+def n_steps(setting, epochs: int = 2, batch: int = 64) -> int:
+    return epochs * sum(-(-exp.n_train // batch) for exp in setting[2])
+
+
+def evaluation_flops(setting, per_row: int = FORWARD_PER_ROW) -> int:
+    """The untrained model's evaluation and one after each experience, every test row."""
+    stream = setting[2]
+    return (len(stream) + 1) * plan_of(stream).n_predicted * per_row
+
+
+def test_an_mlp_costs_its_closed_form(setting):
+    compute = run(setting, "naive")
+    rows = 2 * n_train(setting)  # two epochs
+    assert compute["parts"] == {
+        "training.forward": rows * FORWARD_PER_ROW,
+        # first layer: weight gradient only; head: weight and input gradients
+        "training.backward": rows * (2 * IN * HIDDEN + 4 * HIDDEN * OUT),
+        "evaluation.forward": evaluation_flops(setting),
+    }
+    assert compute["flops_total"] == sum(compute["parts"].values())
+    assert compute["steps"] == n_steps(setting)
+    stream = setting[2]
+    assert compute["samples_forwarded"] == {
+        "training": rows, "evaluation": (len(stream) + 1) * plan_of(stream).n_predicted}
+    assert compute["inference_flops_per_sample"] == FORWARD_PER_ROW
+    experiences = [row for row in compute["rows"] if row["stage"] == "experience"]
+    assert [row["experience"] for row in experiences] == list(range(len(stream)))
+    for row, exp in zip(experiences, stream, strict=True):
+        assert row["parts"]["training.forward"] == 2 * exp.n_train * FORWARD_PER_ROW
+        assert row["optimizer_steps"] == 2 * -(-exp.n_train // 64)
+        assert row["cpu_seconds"] >= 0 and row["wall_seconds"] >= 0
+    assert "mm" in compute["counted_ops"] and "convolution" in compute["counted_ops"]
+
+
+def test_the_counter_sees_what_autograd_computes():
+    """The rule the closed forms rest on, on a bare module: no gradient matrix product for
+    a frozen layer, none for an input that needs no gradient."""
+    layers = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    x = torch.randn(11, 5)
+    out, forward = flops_of(lambda: layers(x))
+    assert forward == 2 * 11 * (5 * 7 + 7 * 3)
+    _, backward = flops_of(lambda: out.sum().backward())
+    assert backward == 2 * 11 * 5 * 7 + 4 * 11 * 7 * 3
+    layers[0].requires_grad_(False)
+    out = layers(x)
+    _, backward = flops_of(lambda: out.sum().backward())
+    assert backward == 2 * 11 * 7 * 3  # the head's weight gradient alone
+
+
+def test_a_frozen_backbone_is_charged_its_forward_only(setting):
+    compute = run(setting, "frozen")
+    rows = 2 * n_train(setting)
+    assert compute["parts"]["training.forward"] == rows * FORWARD_PER_ROW
+    # the head's weight gradient; its input (frozen features) needs none
+    assert compute["parts"]["training.backward"] == rows * 2 * HIDDEN * OUT
+    # evaluation reads the frozen features from the simulator's cache: charged as computed
+    assert compute["parts"]["evaluation.forward"] == evaluation_flops(setting)
+
+
+def test_the_feature_cache_does_not_change_a_count(setting, monkeypatch):
+    """Features the cache serves are charged as if computed: on or off, warm or cold, the
+    count is the same (a compare cell counts the same first or last in its worker)."""
+    warm = run(setting, "nmc")
+    again = run(setting, "nmc")  # every feature served from the cache now
+    monkeypatch.setattr("clsim.feature_cache._CACHE", None)
+    monkeypatch.setenv("CLSIM_FEATURE_CACHE", "off")
+    off = run(setting, "nmc")
+    assert without_clocks({"compute": warm}) == without_clocks({"compute": again}) \
+        == without_clocks({"compute": off})
+    assert warm["parts"]["nmc.clsim_train_experience"] > 0
+
+
+def test_herding_and_a_teacher_have_parts_of_their_own(setting):
+    herding = run(setting, "herding")
+    # herding runs the experience's samples through the encoder once (64 -> 32)
+    assert herding["parts"]["replay.herding"] == n_train(setting) * 2 * IN * HIDDEN
+    assert "replay.clsim_after_experience" not in herding["parts"]
+    lwf = run(setting, "lwf")
+    later = sum(exp.n_train for exp in setting[2][1:])  # no teacher in the first experience
+    assert lwf["parts"]["lwf.teacher"] == 2 * later * FORWARD_PER_ROW
+    assert lwf["rows"][1]["parts"].get("lwf.teacher", 0) == 0  # experience 0
+    icarl = run(setting, "icarl")
+    assert icarl["parts"]["icarl.teacher"] > 0
+    # iCaRL herds with replay's code in its own hook: the part is named by the plugin
+    assert icarl["parts"]["icarl.herding"] == n_train(setting) * 2 * IN * HIDDEN
+
+
+@pytest.mark.parametrize("name", ["naive", "reservoir", "herding", "lwf", "der", "agem",
+                                  "er_ace", "ewc", "icarl", "frozen"])
+def test_memoised_steps_count_what_counting_every_step_counts(setting, name):
+    """The memo's assumption (a step's FLOPs follow from its shapes within one plan),
+    checked on the built-in strategies: replayed rows, a teacher, A-GEM's reference
+    gradient, DER's stored logits, EWC's penalty."""
+    memoised, every = run(setting, name, "on"), run(setting, name, "every_step")
+    for compute in (memoised, every):
+        compute.pop("mode")
+        compute.pop("estimated")
+    assert without_clocks({"compute": memoised}) == without_clocks({"compute": every})
+
+
+@pytest.mark.parametrize("name", ["reservoir", "der", "memo", "prd", "si"])
+def test_memoised_steps_hold_on_an_online_stream(setting, name):
+    """Online: many short plans (one per part between anytime evaluations), a buffer
+    filling while the stream goes by, MEMO's blocks and PRD's teacher."""
+    scenario, dataset, _ = setting
+    extra = ("  memo: {budget: '8 models + 300 exemplars', plugins: [memo]}\n"
+             "  prd: {plugins: [prd]}\n  si: {plugins: [si]}\n")
+    online = parse_scenario(SCENARIO.replace(
+        "n_experiences: 5}", "n_experiences: 5, online: true, eval_every: 100}").replace(
+        "epochs: 2", "epochs: 1") + extra)
+    stream = build_stream(online, dataset, online.seed)
+    counts = []
+    for mode in ("on", "every_step"):
+        outcome = run_strategy(online, online.strategies[name], dataset, stream, seed=0,
+                               device=torch.device("cpu"), compute=mode)
+        assert outcome.error is None, outcome.error
+        compute = without_clocks(outcome.to_dict())["compute"]
+        compute.pop("mode"), compute.pop("estimated")
+        counts.append(compute)
+    assert counts[0] == counts[1]
+    # parts cut at every 100 samples: at least one step more per cut than offline
+    assert counts[0]["steps"] >= sum(-(-exp.n_train // 64) for exp in stream)
+
+
+def test_the_same_run_counts_the_same(setting):
+    first, second = run(setting, "der"), run(setting, "der")
+    assert without_clocks({"compute": first}) == without_clocks({"compute": second})
+
+
+def test_off_counts_nothing(setting):
+    scenario, dataset, stream = setting
+    outcome = run_strategy(scenario, scenario.strategies["naive"], dataset, stream,
+                           seed=0, device=torch.device("cpu"), compute="off")
+    assert outcome.to_dict()["compute"] is None
+
+
+def test_bad_settings_are_named(monkeypatch, setting):
+    monkeypatch.setenv("CLSIM_COMPUTE", "sometimes")
+    with pytest.raises(ConfigError, match=r"CLSIM_COMPUTE='sometimes'.*on, every_step, off"):
+        mode_from_env()
+    monkeypatch.setenv("CLSIM_COMPUTE", "Every_Step")
+    assert mode_from_env() == "every_step"
+    with pytest.raises(ConfigError, match="expected one of on, every_step, off"):
+        check_mode("memo")
+    scenario, dataset, stream = setting
+    with pytest.raises(ConfigError, match="'always'"):
+        run_strategy(scenario, scenario.strategies["naive"], dataset, stream, seed=0,
+                     device=torch.device("cpu"), compute="always")
+    ctx = RunContext("s", torch.nn.Linear(1, 1), torch.device("cpu"), None, 0, 1, 1)
+    for bad in ("", "a.b", 3):
+        with pytest.raises(ValueError, match="compute_part takes a non-empty name"):
+            ctx.compute_part(bad)
+    with ctx.compute_part("fine"):  # outside a run: nothing to charge, no error
+        pass
+
+
+def test_a_meter_names_parts_inside_hooks():
+    meter = ComputeMeter()
+    layer = torch.nn.Linear(4, 4)
+    with meter.active():
+        with meter.hook("replay", "clsim_after_experience"):
+            layer(torch.ones(2, 4))
+            with meter.plugin_part("herding"):
+                layer(torch.ones(3, 4))
+        layer(torch.ones(1, 4))
+    meter.finish()
+    assert meter.totals() == {"replay.clsim_after_experience": 2 * 2 * 16,
+                              "replay.herding": 2 * 3 * 16, "run": 2 * 16}
