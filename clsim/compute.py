@@ -138,7 +138,9 @@ class ComputeMeter:
         self.plugin: str | None = None  # the plugin whose hook is running
         self.rows: list[ComputeRow] = []
         self._counter = FlopCounter(self.charge)
+        self._armed = False  # inside active(), accounting on: regions may count
         self._entered = False  # the counter is on the dispatch stack
+        self._suppressed = False  # inside a memoised step: its counts are known
         self._evaluating = False
         self._capture: list[dict[str, int]] = []  # steps being memoised, innermost last
         self._clock: tuple[float, float] | None = None
@@ -171,7 +173,8 @@ class ComputeMeter:
 
     @property
     def counting(self) -> bool:
-        """Whether ops dispatched now are counted (False: paused, or accounting off)."""
+        """Whether ops dispatched now are counted: inside a counted region (a hook call, a
+        step being counted, a prediction), not in a memoised step, accounting on."""
         return self._entered
 
     def charge(self, flops: int) -> None:
@@ -187,38 +190,56 @@ class ComputeMeter:
 
     @contextmanager
     def active(self) -> Iterator[ComputeMeter]:
-        """Count everything dispatched inside (the engine wraps a strategy's run), with
-        this meter current for the feature cache and ``ctx.compute_part``."""
+        """Arm the meter for a strategy's run (the engine wraps it) and make it current
+        for the feature cache and ``ctx.compute_part``.
+
+        Armed, it counts only inside counted regions (:meth:`counted`): every hook call,
+        each step the memo counts, each prediction. The counter is not kept on the
+        dispatch stack in between, because then every op of the loop's own bookkeeping
+        (batch indexing, loss sums, the ledger) would go through Python too."""
         previous = _CURRENT.meter
         _CURRENT.meter = self
+        self._armed = self.mode != "off"
         try:
-            if self.mode == "off":
-                yield self
-                return
-            self._counter.__enter__()
-            self._entered = True
-            try:
-                yield self
-            finally:
-                if self._entered:
-                    self._entered = False
-                    self._counter.__exit__(None, None, None)
+            yield self
         finally:
+            self._armed = False
+            if self._entered:  # an exception left a region open
+                self._entered = False
+                self._counter.__exit__(None, None, None)
             _CURRENT.meter = previous
 
     @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Nothing dispatched inside is counted (the caller charges what it knows)."""
-        if not self._entered:
+    def counted(self) -> Iterator[None]:
+        """Count what is dispatched inside (a no-op when already counting, in a memoised
+        step or unarmed)."""
+        if self._entered or self._suppressed or not self._armed:
             yield
             return
-        self._entered = False
-        self._counter.__exit__(None, None, None)
+        self._counter.__enter__()
+        self._entered = True
         try:
             yield
         finally:
-            self._counter.__enter__()
-            self._entered = True
+            self._entered = False
+            self._counter.__exit__(None, None, None)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Nothing dispatched inside is counted, hook calls included (the caller charges
+        what it knows)."""
+        was_entered, was_suppressed = self._entered, self._suppressed
+        if was_entered:
+            self._entered = False
+            self._counter.__exit__(None, None, None)
+        self._suppressed = True
+        try:
+            yield
+        finally:
+            self._suppressed = was_suppressed
+            if was_entered:
+                self._counter.__enter__()
+                self._entered = True
 
     @contextmanager
     def named(self, part: str, plugin: str | None = None) -> Iterator[None]:
@@ -232,16 +253,21 @@ class ComputeMeter:
         finally:
             self.part, self.plugin = before, before_plugin
 
-    def hook(self, plugin: str, hook: str):
-        """The part of a plugin's hook call (``replay.clsim_after_experience``); nothing to
-        name while the counter is paused."""
-        if not self._entered:
-            return nullcontext()
-        return self.named(f"{plugin}.{hook}", plugin)
+    @contextmanager
+    def hook(self, plugin: str, hook: str) -> Iterator[None]:
+        """A plugin's hook call, counted and charged to ``<plugin>.<hook>``."""
+        with self.counted(), self.named(f"{plugin}.{hook}", plugin):
+            yield
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to count or name now (unarmed, or in a memoised step): hook calls skip
+        the meter altogether."""
+        return self._suppressed or not self._armed
 
     def plugin_part(self, label: str):
         """A sub-part a plugin names inside its hook: ``<plugin>.<label>``."""
-        if not self._entered:
+        if self.idle:
             return nullcontext()
         owner = self.plugin or OUTSIDE
         return self.named(f"{owner}.{label}", self.plugin)
@@ -338,12 +364,12 @@ class StepMemo:
     @property
     def active(self) -> bool:
         """Whether signatures matter (counting memoised steps); else skip computing them."""
-        return self.meter.mode == "on" and self.meter.counting
+        return self.meter.mode == "on" and not self.meter.idle
 
     @contextmanager
     def region(self, signature: tuple) -> Iterator[None]:
         meter = self.meter
-        if not meter._entered:  # off, or inside a region already paused
+        if meter.idle:  # off, or inside a region already paused
             yield
             return
         known = None if meter.mode == "every_step" else self.known.get(signature)
@@ -355,7 +381,8 @@ class StepMemo:
         captured: dict[str, int] = {}
         meter._capture.append(captured)
         try:
-            yield
+            with meter.counted():
+                yield
         finally:
             meter._capture.remove(captured)
         self.known[signature] = captured
@@ -388,6 +415,12 @@ _CURRENT = _Current()
 def current() -> ComputeMeter | None:
     """The meter of the strategy running in this thread, or None."""
     return _CURRENT.meter
+
+
+def counted():
+    """The current meter's :meth:`ComputeMeter.counted` region (nothing outside a run)."""
+    meter = _CURRENT.meter
+    return nullcontext() if meter is None else meter.counted()
 
 
 def _per(flops: int, samples: int) -> float | None:

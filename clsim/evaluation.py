@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from clsim.compute import counted
 from clsim.context import RunContext
 from clsim.digests import row_digests
 from clsim.feature_cache import feature_cache
@@ -191,8 +192,9 @@ def evaluate(
                 x = ctx.to_input(x_new[start : start + batch_size])
                 if x.dim() == 4:
                     x = x.contiguous(memory_format=layout)
-                predictions[step.group].append(
-                    predict(ctx, hooks, x, exp.task_id, exp.classes, chunk=batch_size))
+                with counted():  # the strategy's inference FLOPs (clsim.compute)
+                    predictions[step.group].append(
+                        predict(ctx, hooks, x, exp.task_id, exp.classes, chunk=batch_size))
             if exp.n_test == 0:
                 continue
             known = torch.cat(predictions[step.group])

@@ -458,7 +458,7 @@ class HookRunner:
 
     def _invoke(self, hook: str, impl: pluggy.HookImpl, kwargs: dict[str, Any]) -> Any:
         try:
-            if self.meter is not None and self.meter.counting:
+            if self.meter is not None and not self.meter.idle:
                 with self.meter.hook(impl.plugin_name, hook):
                     return impl.function(*[kwargs[name] for name in impl.argnames])
             return impl.function(*[kwargs[name] for name in impl.argnames])

@@ -241,7 +241,11 @@ def test_a_meter_names_parts_inside_hooks():
             layer(torch.ones(2, 4))
             with meter.plugin_part("herding"):
                 layer(torch.ones(3, 4))
-        layer(torch.ones(1, 4))
+        layer(torch.ones(5, 4))  # outside a counted region: the engine's own work
+        with meter.counted():
+            layer(torch.ones(1, 4))
+        with meter.paused(), meter.hook("replay", "clsim_after_batch"):
+            layer(torch.ones(7, 4))  # a memoised step: charged by the memo, not counted
     meter.finish()
     assert meter.totals() == {"replay.clsim_after_experience": 2 * 2 * 16,
                               "replay.herding": 2 * 3 * 16, "run": 2 * 16}
