@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import clsim.feature_cache as fc
+from clsim.compute import without_clocks as no_compute_clocks
 from clsim.config import parse_scenario
 from clsim.errors import ConfigError
 from clsim.feature_cache import CacheCounts, FeatureCache, fixed_chunk_outputs, max_bytes_from_env
@@ -146,7 +147,7 @@ strategies:
 def strategies(summary: dict) -> dict:
     out = {}
     for name, record in summary["strategies"].items():
-        record = dict(record)
+        record = dict(no_compute_clocks(record))
         record.pop("wall_seconds")
         record.pop("feature_cache", None)
         out[name] = json.dumps(record, sort_keys=True)

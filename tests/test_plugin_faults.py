@@ -22,6 +22,7 @@ from helpers import DIGITS_SCENARIO, REPO_ROOT, run_cli
 from clsim import hookspecs, interrupts
 from clsim.cli import main
 from clsim.compare import run_compare
+from clsim.compute import without_clocks as no_compute_clocks
 from clsim.config import parse_scenario
 from clsim.executors import run_inline
 from clsim.grid import plan
@@ -73,11 +74,11 @@ def scenario_text(plugin: str | None) -> str:
 
 def plain(outcome) -> dict:
     """An outcome as summary.json holds it, without the wall-clock time."""
-    return {k: v for k, v in outcome.to_dict().items() if k != "wall_seconds"}
+    return {k: v for k, v in no_compute_clocks(outcome.to_dict()).items() if k != "wall_seconds"}
 
 
 def without_clocks(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in ("pid", "wall_seconds")}
+    return {k: v for k, v in no_compute_clocks(record).items() if k not in ("pid", "wall_seconds")}
 
 
 def cell_records(text: str) -> dict[str, dict]:
