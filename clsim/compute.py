@@ -143,6 +143,9 @@ class ComputeMeter:
         self._suppressed = False  # inside a memoised step: its counts are known
         self._evaluating = False
         self._capture: list[dict[str, int]] = []  # steps being memoised, innermost last
+        # regions of the loop's steps (before_batch, forward, backward) counted op by op
+        # and charged from the memo: how much of the count is memoised
+        self.regions = {"counted": 0, "memoised": 0}
         self._clock: tuple[float, float] | None = None
         self.begin("setup")
 
@@ -318,10 +321,12 @@ class ComputeMeter:
 
     def state_dict(self) -> dict[str, Any]:
         """The rows so far, for a checkpoint (a resumed run continues them)."""
-        return {"rows": [dict(vars(row), flops=dict(row.flops)) for row in self.rows]}
+        return {"rows": [dict(vars(row), flops=dict(row.flops)) for row in self.rows],
+                "regions": dict(self.regions)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows = [ComputeRow(**row) for row in state["rows"]]
+        self.regions = dict(state["regions"])
 
     def to_dict(self) -> dict[str, Any]:
         """``compute`` of a strategy in summary.json."""
@@ -343,6 +348,9 @@ class ComputeMeter:
             "cpu_seconds": round(sum(r.cpu_seconds for r in self.rows), 3),
             "wall_seconds": round(sum(r.wall_seconds for r in self.rows), 3),
             "rows": rows,
+            # the loop's step regions (before_batch, forward, backward) counted op by op
+            # and charged from the memo
+            "step_regions": dict(self.regions),
             "counted": "FLOPs of torch's matrix products, convolutions and attention "
                        "(forward and backward), counted per op; other ops (elementwise, "
                        "norms, the optimizer's update) count 0",
@@ -377,6 +385,7 @@ class StepMemo:
             with meter.paused():
                 yield
             meter.add_parts(known)
+            meter.regions["memoised"] += 1
             return
         captured: dict[str, int] = {}
         meter._capture.append(captured)
@@ -386,6 +395,7 @@ class StepMemo:
         finally:
             meter._capture.remove(captured)
         self.known[signature] = captured
+        meter.regions["counted"] += 1
 
 
 def state_sizes(plugins: list[tuple[str, Any]]) -> tuple:

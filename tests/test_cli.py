@@ -57,9 +57,13 @@ def test_quickstart_results_folder(quickstart_run):
         "ledger",
         "peak_bytes",
         "over_budget",
+        "compute",
         "wall_seconds",
     ):
         assert key in replay
+    # what the strategy computed, counted (clsim.compute): training, replay's work, tests
+    assert replay["compute"]["flops_total"] == sum(replay["compute"]["parts"].values()) > 0
+    assert replay["compute"]["steps"] > 0
     assert replay["budget_bytes"] == 48 * 1024
     assert replay["peak_bytes"] <= replay["budget_bytes"] and not replay["over_budget"]
     assert len(replay["accuracy_matrix"]) == 5

@@ -102,6 +102,10 @@ def test_an_mlp_costs_its_closed_form(setting):
     assert compute["samples_forwarded"] == {
         "training": rows, "evaluation": (len(stream) + 1) * plan_of(stream).n_predicted}
     assert compute["inference_flops_per_sample"] == FORWARD_PER_ROW
+    # each experience counts two signatures (a full batch, the last shorter one) of two
+    # regions (forward, backward; naive has no clsim_before_batch); the rest is memoised
+    assert compute["step_regions"] == {"counted": 2 * 2 * 5,
+                                       "memoised": 2 * (n_steps(setting) - 2 * 5)}
     experiences = [row for row in compute["rows"] if row["stage"] == "experience"]
     assert [row["experience"] for row in experiences] == list(range(len(stream)))
     for row, exp in zip(experiences, stream, strict=True):
@@ -172,9 +176,10 @@ def test_memoised_steps_count_what_counting_every_step_counts(setting, name):
     gradient, DER's stored logits, EWC's penalty."""
     memoised, every = run(setting, name, "on"), run(setting, name, "every_step")
     for compute in (memoised, every):
-        compute.pop("mode")
-        compute.pop("estimated")
+        compute.pop("mode"), compute.pop("estimated")
+        regions = compute.pop("step_regions")
     assert without_clocks({"compute": memoised}) == without_clocks({"compute": every})
+    assert regions["memoised"] == 0 and memoised.get("step_regions") is None
 
 
 @pytest.mark.parametrize("name", ["reservoir", "der", "memo", "prd", "si"])
@@ -194,7 +199,7 @@ def test_memoised_steps_hold_on_an_online_stream(setting, name):
                                device=torch.device("cpu"), compute=mode)
         assert outcome.error is None, outcome.error
         compute = without_clocks(outcome.to_dict())["compute"]
-        compute.pop("mode"), compute.pop("estimated")
+        compute.pop("mode"), compute.pop("estimated"), compute.pop("step_regions")
         counts.append(compute)
     assert counts[0] == counts[1]
     # parts cut at every 100 samples: at least one step more per cut than offline
