@@ -47,6 +47,7 @@ strategies:
   ewc: {{plugins: [ewc]}}
   icarl: {{budget: 'model + 300 exemplars', plugins: [icarl]}}
   nmc: {{plugins: [nmc]}}
+  memo: {{budget: '8 models + 300 exemplars', plugins: [memo]}}
 """
 
 
@@ -187,8 +188,7 @@ def test_memoised_steps_hold_on_an_online_stream(setting, name):
     """Online: many short plans (one per part between anytime evaluations), a buffer
     filling while the stream goes by, MEMO's blocks and PRD's teacher."""
     scenario, dataset, _ = setting
-    extra = ("  memo: {budget: '8 models + 300 exemplars', plugins: [memo]}\n"
-             "  prd: {plugins: [prd]}\n  si: {plugins: [si]}\n")
+    extra = "  prd: {plugins: [prd]}\n  si: {plugins: [si]}\n"
     online = parse_scenario(SCENARIO.replace(
         "n_experiences: 5}", "n_experiences: 5, online: true, eval_every: 100}").replace(
         "epochs: 2", "epochs: 1") + extra)
@@ -204,6 +204,17 @@ def test_memoised_steps_hold_on_an_online_stream(setting, name):
     assert counts[0] == counts[1]
     # parts cut at every 100 samples: at least one step more per cut than offline
     assert counts[0]["steps"] >= sum(-(-exp.n_train // 64) for exp in stream)
+
+
+def test_memo_costs_more_per_test_sample_as_its_blocks_grow(setting):
+    """Inference per test sample, row by row: MEMO adds a block per experience, and every
+    prediction runs through all of them."""
+    compute = run(setting, "memo")
+    per_sample = [row["inference_flops_per_sample"] for row in compute["rows"]
+                  if row["stage"] == "experience"]
+    assert all(a < b for a, b in zip(per_sample, per_sample[1:], strict=False))
+    assert compute["inference_flops_per_sample"] == per_sample[-1]
+    assert compute["parts"]["memo.herding"] > 0
 
 
 def test_the_same_run_counts_the_same(setting):
