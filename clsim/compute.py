@@ -19,7 +19,9 @@ test rows predicted), and process CPU seconds and wall seconds of each experienc
 **Memoised training steps.** Counting dispatches every op through Python, far too slow to
 keep on for every step. A step's FLOPs are a function of the shapes it meets, and within
 one plan of the loop (one ``Trainer.fit``: one experience, or one part of an online
-experience) the model's structure and its trainable set stay put. What a plugin computes
+experience) the model's structure and its trainable set stay put; an online experience's
+parts share their counts when the model's structure, its trainable set and its mode are
+the same (:func:`structure_key`), as they usually are. What a plugin computes
 in a step may also depend on how much it holds (DER forwards memory samples once its
 buffer is not empty, and as many as it holds up to a batch), so a step's signature is the
 batch's shapes before and after ``clsim_before_batch`` and the sizes of what the plugins
@@ -146,6 +148,7 @@ class ComputeMeter:
         # regions of the loop's steps (before_batch, forward, backward) counted op by op
         # and charged from the memo: how much of the count is memoised
         self.regions = {"counted": 0, "memoised": 0}
+        self._memos: dict[tuple, dict[tuple, dict[str, int]]] = {}  # by plan scope
         self._clock: tuple[float, float] | None = None
         self.begin("setup")
 
@@ -158,6 +161,7 @@ class ComputeMeter:
     def begin(self, stage: str, experience: int | None = None) -> None:
         """Close the current row (its clocks) and open one for ``stage``."""
         self._close_clock()
+        self._memos.clear()  # plugins' state may change between experiences
         self.rows.append(ComputeRow(stage, experience))
         self._clock = (time.process_time(), time.perf_counter())
 
@@ -287,9 +291,10 @@ class ComputeMeter:
         finally:
             self._evaluating = was
 
-    def memo(self) -> StepMemo:
-        """A memo of step counts for one plan of the loop (module docstring)."""
-        return StepMemo(self)
+    def memo(self, scope: tuple = ()) -> StepMemo:
+        """A memo of step counts for one plan of the loop, shared with the experience's
+        earlier plans of the same ``scope`` (:func:`structure_key`; module docstring)."""
+        return StepMemo(self, self._memos.setdefault(scope, {}))
 
     # -- counts that need no dispatch ------------------------------------------
 
@@ -365,9 +370,10 @@ class StepMemo:
     docstring): the first step of a signature runs under the counter and its counts are
     kept; later ones run with the counter paused and are charged the kept counts."""
 
-    def __init__(self, meter: ComputeMeter) -> None:
+    def __init__(self, meter: ComputeMeter, known: dict[tuple, dict[str, int]] | None = None
+                 ) -> None:
         self.meter = meter
-        self.known: dict[tuple, dict[str, int]] = {}
+        self.known: dict[tuple, dict[str, int]] = {} if known is None else known
 
     @property
     def active(self) -> bool:
@@ -396,6 +402,14 @@ class StepMemo:
             meter._capture.remove(captured)
         self.known[signature] = captured
         meter.regions["counted"] += 1
+
+
+def structure_key(model: Module, trained: list[Tensor]) -> tuple:
+    """What a plan's steps compute follows from, besides the batch: the model's parameter
+    shapes and which require a gradient, the shapes of what the optimizer trains, and the
+    model's mode (BatchNorm and dropout)."""
+    return (tuple((tuple(p.shape), p.requires_grad) for p in model.parameters()),
+            tuple(tuple(p.shape) for p in trained), model.training)
 
 
 def state_sizes(plugins: list[tuple[str, Any]]) -> tuple:

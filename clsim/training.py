@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from clsim.compute import TRAINING_BACKWARD, TRAINING_FORWARD, ComputeMeter, state_sizes
+from clsim.compute import (
+    TRAINING_BACKWARD,
+    TRAINING_FORWARD,
+    ComputeMeter,
+    state_sizes,
+    structure_key,
+)
 from clsim.config import OptimizerConfig, TrainingConfig
 from clsim.context import RunContext
 from clsim.errors import TrainingError
@@ -31,6 +37,16 @@ from clsim.stream import Batch
 # With ``training.nonfinite_loss: skip_batch`` every batch's loss is read before its
 # backward pass instead (one synchronisation per batch: the price of skipping exactly).
 CHECK_EVERY = 50
+
+# The regions of a step memoised apart (clsim.compute) and the hooks that run in each: a
+# region's signature holds the sizes of what those hooks' plugins hold, so a buffer that
+# replay fills in clsim_after_batch does not make every forward pass count again.
+_REGION_HOOKS = {
+    "before_batch": ("clsim_before_batch",),
+    "forward": ("clsim_inputs", "clsim_forward", "clsim_task_loss", "clsim_loss"),
+    "after_backward": ("clsim_after_backward",),
+    "after": ("clsim_after_update", "clsim_after_batch"),
+}
 
 
 def make_optimizer(
@@ -162,7 +178,14 @@ class Trainer:
         mean_loss = float("nan")
         model.train(not plan.eval_mode)
         meter = self.meter
-        memo = meter.memo()  # a step's FLOPs by signature, within this plan
+        memo = meter.memo() if meter.idle else meter.memo(structure_key(
+            model, [p for group in optimizer.param_groups for p in group["params"]]))
+        # whose state a region's signature reads: the plugins whose hooks run in it
+        owners = {region: self._plugins_of(active, hooks_of)
+                  for region, hooks_of in _REGION_HOOKS.items()} if memo.active else {}
+
+        def held(region: str) -> tuple:
+            return state_sizes(owners[region]) if memo.active else ()
         for epoch in range(plan.epochs):
             order = torch.randperm(n, generator=self.generator) if shuffle else None
             loss_sum = torch.zeros((), device=ctx.device)
@@ -174,15 +197,15 @@ class Trainer:
                     order[start : start + batch_size]
                 batch = Batch(x[index], y[index], None if task_ids is None else task_ids[index])
                 # plugins may replace the batch (replay mixes memory samples in)
-                signature = (tuple(batch.x.shape), task_ids is None,
-                             state_sizes(ctx._plugins) if memo.active else ())
+                signature = (tuple(batch.x.shape), task_ids is None)
                 if "clsim_before_batch" in active:
-                    with memo.region(("before_batch", signature)):
+                    with memo.region(("before_batch", signature, held("before_batch"))):
                         batch = hooks.chain("clsim_before_batch", "batch", batch, Batch,
                                             ctx=ctx)
                     signature += (tuple(batch.x.shape), batch.n_stream, batch.task_id is None)
                 expose_labels(model, batch.y)  # a growing head switches on new classes
                 # forward: the task loss (or a plugin's replacement) plus every extra term
+                signature += held("forward")  # the backward pass follows from the forward
                 with memo.region(("forward", signature)), meter.named(TRAINING_FORWARD):
                     output = self.forward(batch, active)
                     loss = self._total_loss(batch, output, active)
@@ -193,20 +216,25 @@ class Trainer:
                     if self.progress is not None:
                         self.progress.update(1)
                     continue
+                # backward and update
                 with memo.region(("backward", signature)):
-                    # backward and update
                     optimizer.zero_grad(set_to_none=True)
                     with meter.named(TRAINING_BACKWARD):
                         loss.backward()
-                    if "clsim_after_backward" in active:
+                if "clsim_after_backward" in active:
+                    with memo.region(("after_backward", signature, held("after_backward"))):
                         hooks.call("clsim_after_backward", ctx=ctx, batch=batch, loss=loss)
+                with memo.region(("step", signature)):
                     optimizer.step()
-                    if "clsim_after_update" in active:
-                        hooks.call("clsim_after_update", ctx=ctx, batch=batch)
-                    loss = loss.detach()
-                    if "clsim_after_batch" in active:
-                        hooks.call("clsim_after_batch", ctx=ctx, batch=batch,
-                                   logits=output.logits.detach(), loss=loss, output=output)
+                loss = loss.detach()
+                if "clsim_after_update" in active or "clsim_after_batch" in active:
+                    with memo.region(("after", signature, held("after"))):
+                        if "clsim_after_update" in active:
+                            hooks.call("clsim_after_update", ctx=ctx, batch=batch)
+                        if "clsim_after_batch" in active:
+                            hooks.call("clsim_after_batch", ctx=ctx, batch=batch,
+                                       logits=output.logits.detach(), loss=loss,
+                                       output=output)
                 meter.optimizer_step()
                 loss_sum += loss
                 trained += 1
@@ -311,6 +339,12 @@ class Trainer:
         if has_feature_head(self.ctx.model):
             active.add("split_forward")
         return frozenset(active)
+
+    def _plugins_of(self, active: frozenset[str], hooks: tuple[str, ...]
+                    ) -> list[tuple[str, Any]]:
+        """The strategy's ``(name, plugin)`` pairs implementing any of ``hooks``."""
+        names = {name for hook in hooks if hook in active for name in self.hooks.order(hook)}
+        return [(name, plugin) for name, plugin in self.ctx._plugins if name in names]
 
     def _plugin_trainables(self) -> list[Trainable]:
         if not self.hooks.implemented("clsim_trainable"):
