@@ -30,8 +30,9 @@ and later steps with that signature are charged the same counts without it. Wher
 assumption fails (a plugin whose work depends on something else, e.g. on the labels in a
 batch), the counts are wrong: ``CLSIM_COMPUTE=every_step`` counts every step instead, and
 tests/test_compute.py checks both give the same counts for the built-in strategies it
-runs. Work outside the loop's steps (setup, hooks around an experience, an experience a
-plugin trains itself, evaluation, reports) is always counted op by op.
+runs. A plugin that trains an experience itself marks its steps with ``ctx.compute_step(...)``
+to have them memoised the same way (TAME does); everything else outside the loop's steps
+(setup, hooks around an experience, evaluation, reports) is counted op by op.
 
 **Features the simulator's cache serves** (:mod:`clsim.feature_cache`) are charged as if
 the strategy computed them: rows x the encoder's FLOPs per row. The cache is the
@@ -290,6 +291,16 @@ class ComputeMeter:
                 yield
         finally:
             self._evaluating = was
+
+    def plugin_step(self, signature: tuple):
+        """A step of a plugin's own training loop (an experience it trains itself),
+        memoised as the loop's are, by ``signature`` within the experience (module
+        docstring). The plugin vouches that the step's FLOPs follow from ``signature``;
+        ``CLSIM_COMPUTE=every_step`` checks it."""
+        if self.idle:
+            return nullcontext()
+        # by the part too: counts captured in one hook must not be charged to another's
+        return self.memo(("plugin", self.plugin, self.part)).region(signature)
 
     def memo(self, scope: tuple = ()) -> StepMemo:
         """A memo of step counts for one plan of the loop, shared with the experience's

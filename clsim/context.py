@@ -185,6 +185,14 @@ class RunContext:
                              f"{label!r}")
         return nullcontext() if self._meter is None else self._meter.plugin_part(label)
 
+    def compute_step(self, *signature: Any) -> AbstractContextManager[None]:
+        """A context manager around one step of a plugin's own training loop: the first
+        step of each ``signature`` (hashable values from which the step's FLOPs follow:
+        input shapes, which module) in an experience is counted, later ones are charged
+        the same, as the standard loop's steps are (:mod:`clsim.compute`;
+        ``CLSIM_COMPUTE=every_step`` counts every step, to check the signature)."""
+        return nullcontext() if self._meter is None else self._meter.plugin_step(signature)
+
     def _loop(self, service: str) -> Any:
         if self._trainer is None:
             raise RuntimeError(f"ctx.{service} is only available while a run is in progress")

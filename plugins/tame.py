@@ -563,7 +563,8 @@ class TamePlugin:
         o = self.options
         inputs = ctx.to_input(xb)
         y = yb.to(ctx.device, torch.long)
-        losses = self._losses(inputs, y)
+        with ctx.compute_step("losses", tuple(inputs.shape), self._sizes()):  # memoised
+            losses = self._losses(inputs, y)
         start = int(self.position)
         self.position += len(yb)
         if held is not None:  # a shift was declared on the previous batch: choose on this one
@@ -652,6 +653,11 @@ class TamePlugin:
         expert.train(was)
         return loss.float().cpu()
 
+    def _sizes(self) -> tuple[int, ...]:
+        """Each expert's parameter count: with the batch's shape, what a step's FLOPs
+        follow from (``ctx.compute_step``)."""
+        return tuple(_size(expert) for expert in self.experts)
+
     def _losses(self, inputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Every expert's loss on the batch (:meth:`_expert_loss`)."""
         return torch.stack([self._expert_loss(i, inputs, y) for i in range(len(self.experts))])
@@ -667,7 +673,8 @@ class TamePlugin:
         for p, state in zip(params, self.optimizer_state[index], strict=False):
             optimizer.state[p] = state
         masks = self._masks(expert) if bool(self.pruned[index]) else None
-        stepped = ctx.backward_step(optimizer, self._loss(expert, inputs, y))
+        with ctx.compute_step("train", index, tuple(inputs.shape), self._sizes()[index]):
+            stepped = ctx.backward_step(optimizer, self._loss(expert, inputs, y))
         expert.zero_grad(set_to_none=True)  # gradients are not state to keep
         if not stepped:
             return False
@@ -803,9 +810,11 @@ class TamePlugin:
             order = torch.randperm(len(targets), generator=self.generator)
             for start in range(0, len(order), batch_size):
                 index = order[start : start + batch_size]
-                logits = module(ctx.to_input(x[index]))
-                loss = F.cross_entropy(logits, targets[index.to(targets.device)])
-                if ctx.backward_step(optimizer, loss) and masks:
+                with ctx.compute_step("fit", _size(module), tuple(x[index].shape)):
+                    logits = module(ctx.to_input(x[index]))
+                    loss = F.cross_entropy(logits, targets[index.to(targets.device)])
+                    stepped = ctx.backward_step(optimizer, loss)
+                if stepped and masks:
                     with torch.no_grad():
                         for p, mask in masks:
                             p.mul_(mask)
@@ -947,3 +956,9 @@ class TamePlugin:
             "buffer": {"capacity": self.buffer.capacity, "stored": len(self.buffer),
                        "per_class": self.buffer.per_class()},
         }
+
+
+def _size(module: nn.Module) -> tuple[int, bool]:
+    """A module's parameter count and whether it trains (``ctx.compute_step`` signatures)."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), any(p.requires_grad for p in params)

@@ -265,3 +265,26 @@ def test_a_meter_names_parts_inside_hooks():
     meter.finish()
     assert meter.totals() == {"replay.clsim_after_experience": 2 * 2 * 16,
                               "replay.herding": 2 * 3 * 16, "run": 2 * 16}
+
+
+def test_a_plugin_that_trains_itself_memoises_its_own_steps():
+    """TAME owns its experiences and marks its steps with ``ctx.compute_step``: memoised,
+    they count what counting every step counts."""
+    from helpers import REPO_ROOT
+
+    from clsim.config import load_scenario
+
+    scenario = load_scenario(REPO_ROOT / "scenarios" / "tame_quick.yaml")
+    dataset = load_scenario_data(scenario)
+    stream = build_stream(scenario, dataset, scenario.seed)
+    counts = []
+    for mode in ("on", "every_step"):
+        outcome = run_strategy(scenario, scenario.strategies["tame"], dataset, stream,
+                               seed=scenario.seed, device=torch.device("cpu"), compute=mode)
+        assert outcome.error is None, outcome.error
+        compute = without_clocks(outcome.to_dict())["compute"]
+        compute.pop("mode"), compute.pop("estimated")
+        counts.append((compute.pop("step_regions"), compute))
+    assert counts[0][1] == counts[1][1]
+    assert counts[0][0]["memoised"] > 10 * counts[0][0]["counted"]
+    assert counts[0][1]["parts"]["training.backward"] > 0
