@@ -38,6 +38,10 @@ external library's strategy) implements ``clsim_train_experience``, and a strate
 hold one such plugin, with no other plugin implementing the loop's hooks
 (:data:`LOOP_HOOKS`): those would never fire, so the pair is refused at start-up.
 
+**Compute is counted where it happens.** FLOPs a plugin computes inside a hook are
+charged to ``<plugin>.<hook>`` in the strategy's compute (``clsim.compute``), or to
+``<plugin>.<label>`` inside ``with ctx.compute_part(label)``.
+
 **No test data while training.** Training hooks receive experiences without their test
 samples (not even a view of them), and ``ctx.data`` describes the dataset without holding
 it; test inputs reach a plugin only in ``clsim_predict``, and ``clsim_report`` reads the

@@ -307,7 +307,7 @@ class PrdPlugin:
         _set_rng_state(ctx.device, rng)
         try:
             self.old_encoder.train(ctx.model.features.training)
-            with torch.no_grad():
+            with torch.no_grad(), ctx.compute_part("teacher"):  # charged as prd.teacher
                 features = self.old_encoder(output.inputs)
                 if self.old_head is None:  # task by task, as the student's are computed
                     scores = torch.cat([features @ F.normalize(old, dim=1).T

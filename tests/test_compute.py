@@ -48,6 +48,7 @@ strategies:
   icarl: {{budget: 'model + 300 exemplars', plugins: [icarl]}}
   nmc: {{plugins: [nmc]}}
   memo: {{budget: '8 models + 300 exemplars', plugins: [memo]}}
+  prd: {{plugins: [prd]}}
 """
 
 
@@ -165,6 +166,8 @@ def test_herding_and_a_teacher_have_parts_of_their_own(setting):
     assert lwf["rows"][1]["parts"].get("lwf.teacher", 0) == 0  # experience 0
     icarl = run(setting, "icarl")
     assert icarl["parts"]["icarl.teacher"] > 0
+    prd = run(setting, "prd")  # the old encoder's forward, in clsim_forward
+    assert prd["parts"]["prd.teacher"] > 0 and "prd.clsim_forward" not in prd["parts"]
     # iCaRL herds with replay's code in its own hook: the part is named by the plugin
     assert icarl["parts"]["icarl.herding"] == n_train(setting) * 2 * IN * HIDDEN
 
@@ -188,7 +191,7 @@ def test_memoised_steps_hold_on_an_online_stream(setting, name):
     """Online: many short plans (one per part between anytime evaluations), a buffer
     filling while the stream goes by, MEMO's blocks and PRD's teacher."""
     scenario, dataset, _ = setting
-    extra = "  prd: {plugins: [prd]}\n  si: {plugins: [si]}\n"
+    extra = "  si: {plugins: [si]}\n"
     online = parse_scenario(SCENARIO.replace(
         "n_experiences: 5}", "n_experiences: 5, online: true, eval_every: 100}").replace(
         "epochs: 2", "epochs: 1") + extra)
