@@ -511,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     track_user_interrupts()  # the user's Ctrl-C stops clsim; a plugin's KeyboardInterrupt not
     try:
+        if args.func in (cmd_run, cmd_compare, cmd_reproduce):
+            from clsim.compute import mode_from_env
+
+            mode_from_env()  # a bad CLSIM_COMPUTE stops here, before any strategy runs
         return args.func(args)
     except ClsimError as exc:
         if args.debug:

@@ -252,6 +252,23 @@ def test_bad_settings_are_named(monkeypatch, setting):
         pass
 
 
+def test_a_bad_clsim_compute_stops_clsim_run_before_anything_runs(monkeypatch, tmp_path,
+                                                                  capsys):
+    from helpers import REPO_ROOT
+
+    from clsim.cli import main
+
+    monkeypatch.setenv("CLSIM_COMPUTE", "bogus")
+    out = tmp_path / "out"
+    code = main(["run", str(REPO_ROOT / "scenarios" / "quickstart.yaml"), "--out", str(out),
+                 "--no-progress"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith(
+        "clsim: error: environment variable CLSIM_COMPUTE='bogus': expected one of on, "
+        "every_step, off")
+    assert not out.exists()
+
+
 def test_a_meter_names_parts_inside_hooks():
     meter = ComputeMeter()
     layer = torch.nn.Linear(4, 4)
