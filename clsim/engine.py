@@ -241,6 +241,7 @@ class _Loop:
         ctx = self.ctx
         batch_size = evaluation_batch_size(self.scenario, ctx.device)
         layout = memory_formats(self.scenario, ctx.model, ctx.sample_shape, ctx.device)
+        feature_cache().forget_weights()  # an edit through .data bumps no version counter
         return evaluate(ctx, self.hooks, self.stream, batch_size, layout=layout.evaluation)
 
     def run(self, start: int = 0) -> None:
@@ -263,6 +264,7 @@ class _Loop:
             self.events.write("experience_start", strategy=self.strategy.name,
                               experience=exp.index, classes=list(exp.classes),
                               n_train=exp.n_train)
+            feature_cache().forget_weights()
             self.hooks.call("clsim_before_experience", ctx=self.ctx, experience=told)
             self._check_budget(self._measure(exp.index, "start"),
                                f"after clsim_before_experience of experience {exp.index}")
