@@ -511,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     track_user_interrupts()  # the user's Ctrl-C stops clsim; a plugin's KeyboardInterrupt not
     try:
+        from clsim.feature_cache import max_bytes_from_env
+
+        max_bytes_from_env()  # a bad CLSIM_FEATURE_CACHE is refused before anything is written
         if args.func in (cmd_run, cmd_compare, cmd_reproduce):
             from clsim.compute import mode_from_env
 

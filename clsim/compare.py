@@ -67,14 +67,16 @@ def feature_cache_by_worker(records: list[dict[str, Any]]) -> str:
     for record in records:
         counts = record.get("feature_cache")
         if counts:
-            row = workers.setdefault(record.get("pid"), [0, 0, 0])
+            row = workers.setdefault(record.get("pid"), [0, 0, 0, 0])
             row[0] += 1
             row[1] += counts["rows_computed"]
             row[2] += counts["rows_reused"]
+            row[3] += counts.get("rows_uncached", 0)
     if not workers:
         return ""
     lines = [f"  worker {pid}: {cells} cells, {computed} rows computed, {reused} reused"
-             for pid, (cells, computed, reused) in workers.items()]
+             + (f", {uncached} not kept" if uncached else "")
+             for pid, (cells, computed, reused, uncached) in workers.items()]
     return ("frozen-encoder features (the simulator's cache, per worker process; not charged "
             "to strategies):\n" + "\n".join(lines))
 

@@ -91,9 +91,9 @@ class TrainingConfig:
     )
     memory_format: Literal["auto", "channels_last", "contiguous"] = field(
         default="auto",
-        metadata={"help": "layout of the model's 4-D weights and activations: auto "
-                  "(channels_last for a convolutional model on image input on the CPU, "
-                  "where it was measured faster; else contiguous), channels_last or "
+        metadata={"help": "layout a conv model computes in: auto (on the CPU, test batches "
+                  "of images in channels_last, measured faster, and training contiguous, "
+                  "so results stay as they were), channels_last (training too) or "
                   "contiguous"},
     )
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clsim.data.dataset import DataInfo
-from clsim.feature_cache import feature_cache
+from clsim.feature_cache import feature_cache, is_frozen
 from clsim.labels import LabelSpace
 from clsim.memory import measure, model_bytes
 from clsim.models.heads import MASK_VALUE
@@ -202,14 +202,15 @@ class RunContext:
     def features(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """``model.features`` of raw samples, in eval mode, batched; the mode is restored.
         A frozen encoder's features come from the simulator's feature cache, computed in
-        calls of exactly ``batch_size`` rows (:mod:`clsim.feature_cache`)."""
+        calls of ``min(batch_size, len(x))`` rows, the last one zero-padded (so a few
+        shots are not padded to a whole batch; :mod:`clsim.feature_cache`)."""
         was_training = self.model.training
         self.model.eval()
         try:
             encoder = self.model.features
-            if len(x) and not any(p.requires_grad for p in encoder.parameters()):
-                return feature_cache().features(encoder, x, batch_size, self.to_input,
-                                                self.input_key())
+            if len(x) and is_frozen(encoder):
+                return feature_cache().features(encoder, x, min(batch_size, len(x)),
+                                                self.to_input, self.input_key())
             parts = [
                 encoder(self.to_input(x[i : i + batch_size]))
                 for i in range(0, len(x), batch_size)

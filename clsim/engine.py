@@ -258,6 +258,7 @@ class _Loop:
         ctx = self.ctx
         batch_size = evaluation_batch_size(self.scenario, ctx.device)
         layout = memory_formats(self.scenario, ctx.model, ctx.sample_shape, ctx.device)
+        feature_cache().forget_weights()  # an edit through .data bumps no version counter
         with ctx._meter.evaluating():
             hits = evaluate(ctx, self.hooks, self.stream, batch_size, layout=layout.evaluation)
         ctx._meter.evaluation_rows(plan_of(self.stream).n_predicted)
@@ -284,6 +285,7 @@ class _Loop:
             self.events.write("experience_start", strategy=self.strategy.name,
                               experience=exp.index, classes=list(exp.classes),
                               n_train=exp.n_train)
+            feature_cache().forget_weights()
             self.hooks.call("clsim_before_experience", ctx=self.ctx, experience=told)
             self._check_budget(self._measure(exp.index, "start"),
                                f"after clsim_before_experience of experience {exp.index}")

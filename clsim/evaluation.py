@@ -21,7 +21,7 @@ import torch
 from clsim.compute import counted
 from clsim.context import RunContext
 from clsim.digests import row_digests
-from clsim.feature_cache import feature_cache
+from clsim.feature_cache import feature_cache, is_frozen
 from clsim.labels import LabelSpace, correct_predictions
 from clsim.models.base import has_feature_head
 from clsim.models.heads import active_outputs
@@ -36,13 +36,12 @@ def predict(
     x: torch.Tensor,
     task_id: int | None,
     classes: tuple[int, ...] | None = None,
-    chunk: int | None = None,
 ) -> torch.Tensor:
     """Class ids for model inputs ``x``: a plugin's ``clsim_predict`` or the logits' argmax.
 
     A model whose encoder is frozen reads its features from the simulator's feature cache
-    (:mod:`clsim.feature_cache`), computed in calls of ``chunk`` rows (the evaluation
-    batch), so an image's features are computed once however often it is evaluated.
+    (:mod:`clsim.feature_cache`), so an image's features are computed once however often
+    it is evaluated.
 
     With task ids visible, the argmax is taken over ``classes`` (the task's own) only.
     With several label levels the result is ``(N, n_levels)``: each head's own argmax,
@@ -61,7 +60,7 @@ def predict(
             raise hooks.fault(plugin, "clsim_predict", f"returned {got}; expected integer "
                               f"class ids of shape {expected}")
         return predicted.to(x.device)
-    logits = model_logits(ctx.model, x, chunk or len(x))
+    logits = model_logits(ctx.model, x)
     if labels.n_levels > 1:
         return level_predictions(logits, labels, active_outputs(ctx.model))
     if task_id is not None and classes is not None:
@@ -71,10 +70,12 @@ def predict(
     return logits.argmax(dim=1)
 
 
-def model_logits(model: torch.nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``model(x)``; ``head(features)`` from the feature cache when the features are frozen."""
-    if has_feature_head(model) and not any(p.requires_grad for p in model.features.parameters()):
-        return model.head(feature_cache().features(model.features, x, max(1, chunk)))
+def model_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``; ``head(features)`` from the feature cache when the features are
+    frozen, computed in a call of ``len(x)`` rows: the call ``model(x)`` makes, so the
+    logits are bit-identical to it."""
+    if len(x) and has_feature_head(model) and is_frozen(model.features):
+        return model.head(feature_cache().features(model.features, x, len(x)))
     return model(x)
 
 
@@ -194,7 +195,7 @@ def evaluate(
                     x = x.contiguous(memory_format=layout)
                 with counted():  # the strategy's inference FLOPs (clsim.compute)
                     predictions[step.group].append(
-                        predict(ctx, hooks, x, exp.task_id, exp.classes, chunk=batch_size))
+                        predict(ctx, hooks, x, exp.task_id, exp.classes))
             if exp.n_test == 0:
                 continue
             known = torch.cat(predictions[step.group])

@@ -18,22 +18,30 @@ Correctness rests on three facts:
   row is bit-identical to a recomputed one, and a run's results do not depend on what
   the cache held before it (another cell's features, an earlier evaluation's);
 * samples are identified by their bytes (:mod:`clsim.digests`), not by where they sit;
-* an encoder is identified by its class structure and every parameter and buffer's
-  bytes, dtype, shape and strides (a channels-last weight computes otherwise), and a
-  batch of model inputs by its layout too (a channels-last batch computes otherwise). Parameter
-  digests are kept while a tensor's version counter stands still; buffers are hashed at
-  every lookup, because BatchNorm updates its running statistics without bumping theirs.
+* an encoder is identified by its structure (``repr``, every module's plain settings
+  and non-buffer tensors), every parameter and buffer's bytes, dtype, shape and strides (a
+  channels-last weight computes otherwise), and the autocast and TF32 switches; a batch
+  of model inputs by its layout too (a channels-last batch computes otherwise).
+  Buffers are hashed at every lookup, because BatchNorm updates its running statistics
+  without bumping their version counter. A parameter's digest is kept while it is the
+  same tensor at the same version, and forgotten at every experience start and every
+  evaluation (:meth:`FeatureCache.forget_weights`): an edit through ``.data``, which no
+  version counter sees, is missed only by a lookup in the same phase.
 
-Only an encoder without a trainable parameter is cached: features that change at every
-step would only fill memory. The size is bounded (least recently used encoder evicted
-first): ``CLSIM_FEATURE_CACHE`` sets it (``2GB`` by default; ``0`` or ``off`` turns the
-cache off).
+Only a frozen encoder (:func:`is_frozen`: no trainable parameter, every module in eval
+mode, no forward hook) is cached: features that change at every step would only fill
+memory, batch statistics break the row independence, and a hook's effect cannot be keyed.
+The size is bounded (least recently used encoder evicted first): ``CLSIM_FEATURE_CACHE``
+sets it (``2GB`` by default; ``0`` or ``off`` turns the cache off). Plugins call
+:func:`feature_cache` when they need it and never keep the cache object: the ledger would
+then charge them the whole cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,8 +70,12 @@ def fixed_chunk_outputs(
     for start in range(0, len(inputs), chunk):
         part = inputs[start : start + chunk]
         n = len(part)
-        if n < chunk:
-            part = torch.cat([part, part.new_zeros((chunk - n, *part.shape[1:]))])
+        if n < chunk:  # padded in the batch's own layout: a layout computes otherwise
+            padded = part.new_zeros((chunk, *part.shape[1:]))
+            if part.dim() == 4:
+                padded = padded.contiguous(memory_format=_memory_format(part))
+            padded[:n] = part
+            part = padded
         parts.append(forward(part)[:n])
     if not parts:  # an empty input: the output's width comes from one (discarded) row
         return forward(inputs.new_zeros((1, *inputs.shape[1:])))[:0]
@@ -105,18 +117,24 @@ class CacheCounts:
 
 
 class _Table:
-    """The features of one (encoder, transform, chunk, device) key: digest -> row."""
+    """The features of one (encoder, transform, chunk, ...) key: digest -> row."""
+
+    ENTRY_BYTES = DIGEST_BYTES + 64  # a dict entry and its key, roughly
 
     def __init__(self) -> None:
         self.parts: list[torch.Tensor] = []
         self.where: dict[bytes, tuple[int, int]] = {}
         self.nbytes = 0
 
+    @classmethod
+    def cost(cls, features: torch.Tensor) -> int:
+        """Bytes :meth:`add` will count for ``features``."""
+        return features.numel() * features.element_size() + len(features) * cls.ENTRY_BYTES
+
     def add(self, digests: list[bytes], features: torch.Tensor) -> None:
         part = len(self.parts)
         self.parts.append(features)
-        self.nbytes += features.numel() * features.element_size() + len(digests) * (
-            DIGEST_BYTES + 64)  # the dict entry, roughly
+        self.nbytes += self.cost(features)
         for row, digest in enumerate(digests):
             self.where[digest] = (part, row)
 
@@ -139,7 +157,7 @@ class FeatureCache:
     def __init__(self, max_bytes: int | None = None) -> None:
         self.max_bytes = max_bytes_from_env() if max_bytes is None else int(max_bytes)
         self._tables: OrderedDict[tuple, _Table] = OrderedDict()
-        self._param_digests: dict[int, tuple[int, int, bytes]] = {}
+        self._param_digests: dict[int, tuple[weakref.ref, int, int, bytes]] = {}
         self.counts = CacheCounts()
 
     @property
@@ -148,6 +166,11 @@ class FeatureCache:
 
     def clear(self) -> None:
         self._tables.clear()
+        self._param_digests.clear()
+
+    def forget_weights(self) -> None:
+        """Hash every parameter again at its next lookup (the engine calls this at every
+        experience start and evaluation)."""
         self._param_digests.clear()
 
     @torch.no_grad()
@@ -160,15 +183,15 @@ class FeatureCache:
         prepare_key: object = None,
     ) -> torch.Tensor:
         """``encoder(prepare(x))`` row by row, in calls of ``chunk`` rows; each distinct row
-        computed once while ``encoder`` is frozen. ``prepare`` turns the stored rows into
-        the encoder's input (``ctx.to_input``); ``prepare_key`` must name what it does.
-        The caller puts the encoder in eval mode.
+        computed once while ``encoder`` is frozen (:func:`is_frozen`). ``prepare`` turns
+        the stored rows into the encoder's input (``ctx.to_input``); ``prepare_key`` must
+        name what it does. The caller puts the encoder in eval mode.
 
         While a strategy's compute is counted, a frozen encoder's rows are charged to it as
         if it computed every one of them (:func:`charge_as_computed`), whether the cache
         served them or not."""
         meter = compute.current()
-        if meter is not None and meter.counting and len(x) and not _trainable(encoder):
+        if meter is not None and meter.counting and len(x) and is_frozen(encoder):
             with meter.paused():
                 out = self._features(encoder, x, chunk, prepare, prepare_key)
             charge_as_computed(meter, encoder, x, prepare)
@@ -178,19 +201,16 @@ class FeatureCache:
     def _features(self, encoder: nn.Module, x: torch.Tensor, chunk: int,
                   prepare: Callable[[torch.Tensor], torch.Tensor] | None,
                   prepare_key: object) -> torch.Tensor:
-        if self.max_bytes <= 0 or _trainable(encoder) or len(x) == 0:
-            out = computed_features(encoder, x, chunk, prepare)
-            if not _trainable(encoder):
+        frozen = is_frozen(encoder)
+        if self.max_bytes <= 0 or not frozen or len(x) == 0:
+            if frozen:
                 self._count(uncached=len(x))
-            return out
+            return computed_features(encoder, x, chunk, prepare)
         if prepare is None:  # model inputs: a channels_last batch rounds otherwise
             prepare_key = (prepare_key, "model input", _layout(x))
-        key = (self._encoder_digest(encoder), repr(prepare_key), int(chunk),
-               torch.get_num_threads())
-        table = self._tables.get(key)
-        if table is None:
-            table = self._tables[key] = _Table()
-        self._tables.move_to_end(key)
+        key = (self._encoder_digest(encoder), repr(prepare_key), int(chunk), str(x.device),
+               _numerics())
+        table = self._tables.get(key) or _Table()
         digests = row_digests(x)
         found, missing_rows, missing_digests, first = [], [], [], {}
         for row, digest in enumerate(digests):
@@ -216,22 +236,24 @@ class FeatureCache:
             kept = self._keep(key, table, missing_digests, computed)
             self._count(computed=len(missing_rows) if kept else 0,
                         uncached=0 if kept else len(missing_rows))
+        elif key in self._tables:
+            self._tables.move_to_end(key)
         self._count(reused=len(x) - len(missing_rows))
         return out
 
     def _keep(self, key: tuple, table: _Table, digests: list[bytes],
               features: torch.Tensor) -> bool:
-        """Store ``features``, evicting the least recently used other encoders for room;
-        False when they do not fit."""
-        need = features.numel() * features.element_size()
-        while self.nbytes + need > self.max_bytes and len(self._tables) > 1:
-            oldest = next(iter(self._tables))
-            if oldest == key:
-                break
-            del self._tables[oldest]
+        """Store ``features`` in ``table`` (registered under ``key`` if new), evicting the
+        least recently used other tables for room; False when they do not fit."""
+        need = _Table.cost(features)
+        others = [k for k in self._tables if k != key]
+        while self.nbytes + need > self.max_bytes and others:
+            del self._tables[others.pop(0)]
         if self.nbytes + need > self.max_bytes:
             return False
         table.add(digests, features.clone())
+        self._tables[key] = table
+        self._tables.move_to_end(key)
         return True
 
     def _count(self, computed: int = 0, reused: int = 0, uncached: int = 0) -> None:
@@ -241,7 +263,14 @@ class FeatureCache:
 
     def _encoder_digest(self, encoder: nn.Module) -> bytes:
         h = hashlib.blake2b(repr(encoder).encode(), digest_size=DIGEST_BYTES)
-        h.update(b"training" if encoder.training else b"eval")
+        for module in encoder.modules():
+            for name, value in sorted(vars(module).items()):
+                if name.startswith("_") or name == "training":
+                    continue
+                if isinstance(value, torch.Tensor):
+                    h.update(name.encode() + _tensor_digest(value))
+                elif isinstance(value, bool | int | float | str | tuple | type(None)):
+                    h.update(f"{name}={value!r}".encode())
         for name, p in encoder.named_parameters():
             h.update(name.encode())
             h.update(self._param_digest(p))
@@ -252,11 +281,10 @@ class FeatureCache:
 
     def _param_digest(self, p: torch.Tensor) -> bytes:
         known = self._param_digests.get(id(p))
-        stamp = (p.data_ptr(), p._version)
-        if known is not None and known[:2] == stamp:
-            return known[2]
+        if known is not None and known[0]() is p and known[1:3] == (p.data_ptr(), p._version):
+            return known[3]
         digest = _tensor_digest(p)
-        self._param_digests[id(p)] = (*stamp, digest)
+        self._param_digests[id(p)] = (weakref.ref(p), p.data_ptr(), p._version, digest)
         return digest
 
 
@@ -270,15 +298,35 @@ def _tensor_digest(t: torch.Tensor) -> bytes:
     return h.digest()
 
 
-def _layout(x: torch.Tensor) -> str:
+def _numerics() -> tuple:
+    """The switches that change how the same weights compute: autocast per device type
+    and its dtype, and TF32 matrix products."""
+    autocast = tuple((kind, torch.is_autocast_enabled(kind), str(torch.get_autocast_dtype(kind)))
+                     for kind in ("cpu", "cuda"))
+    return (autocast, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.get_num_threads())
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 4 and not x.is_contiguous() \
             and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _layout(x: torch.Tensor) -> str:
+    if _memory_format(x) == torch.channels_last:
         return "channels_last"
     return "contiguous" if x.is_contiguous() else f"strides {x.stride()}"
 
 
-def _trainable(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
+def is_frozen(module: nn.Module) -> bool:
+    """Whether ``module``'s features are a fixed function of its input: no trainable
+    parameter, every module in eval mode, no forward hook (which no key can see)."""
+    for m in module.modules():
+        if m.training or m._forward_hooks or m._forward_pre_hooks:
+            return False
+    return not any(p.requires_grad for p in module.parameters())
 
 
 # FLOPs of one row through a frozen encoder, by the encoder's structure and the row's shape
@@ -308,21 +356,20 @@ def charge_as_computed(meter: compute.ComputeMeter, encoder: nn.Module, x: torch
 
 def max_bytes_from_env() -> int:
     """The cache's size from ``CLSIM_FEATURE_CACHE`` (bytes, e.g. ``512MB``; ``0`` or
-    ``off``: no cache); 2 GB when unset."""
+    ``off``: no cache); 2 GB when unset. A bad value is a ConfigError naming the variable
+    (the CLI checks it before any command writes anything)."""
     value = os.environ.get(ENV_VAR, "").strip()
     if not value:
         return DEFAULT_MAX_BYTES
     if value.lower() in ("off", "0", "none", "false"):
         return 0
+    expected = "expected a size in bytes such as 512MB or 2GB (binary units), or off"
     try:
         budget = Budget.parse(value)
-    except ValueError as exc:
-        raise ConfigError(f"environment variable {ENV_VAR}={value!r}: {exc}; expected a size "
-                          "such as 512MB or 2GB, or off") from None
-    if budget.models or budget.exemplars:
-        raise ConfigError(f"environment variable {ENV_VAR}={value!r}: expected a size in "
-                          "bytes (e.g. 512MB or 2GB) or off; models and exemplars mean "
-                          "nothing to the feature cache")
+    except ValueError:
+        budget = None
+    if budget is None or budget.models or budget.exemplars:
+        raise ConfigError(f"environment variable {ENV_VAR}={value!r}: {expected}")
     return budget.bytes
 
 

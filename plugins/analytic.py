@@ -61,7 +61,8 @@ Reconstructed or adapted (the public record leaves these open for this setting):
   height (a 1-row call against a 500-row one), which moved W off the joint solution by
   about 1e-7 with online parts of one sample. With every call the same height a sample's
   features are bit-identical however the stream was cut, so the invariance holds to
-  float64 rounding for any parts. Predictions use the same fixed-height calls.
+  float64 rounding for any parts. Predictions read a test batch's features in one call
+  of its own height, through the simulator's feature cache.
 * A label never seen gets no prediction: its (zero) column is excluded from the argmax.
   Prediction is class-incremental: task ids, where visible, are not used.
 """
@@ -416,7 +417,7 @@ class AnalyticPlugin:
     def clsim_predict(self, ctx: RunContext, x: torch.Tensor) -> torch.Tensor | None:
         if self.main is None or not bool(self.seen.any()):
             return None  # base phase, or nothing learned yet: the model's own argmax
-        features = frozen_outputs(ctx.model.features, x, self.options.feature_batch)
+        features = frozen_outputs(ctx.model.features, x)
         pre = self._project(features)
         scores = self.main.predict(torch.relu(pre))
         if self.compensation is not None:  # kept as wide as the main stream by _learn

@@ -22,8 +22,10 @@ is ``sum / count``, so after the same samples in any order and any batching the 
 agree to float64 rounding (about 1e-16 relative) and the predictions are the same. For
 that the features themselves must not depend on the batching: they are computed in eval
 mode in calls of exactly ``feature_batch`` rows, the last one zero-padded (a CPU matrix
-product may round a row differently when the call has another height); predictions use
-the same fixed-height calls.
+product may round a row differently when the call has another height). Predictions read
+the test batch's features in one call of its own height, through the simulator's feature
+cache (an image is computed once for all evaluation points, and its call height does not
+change between them).
 
 Prediction: among the classes with at least one sample, the nearest mean, by cosine
 (``metric: cosine``, the default) or by Euclidean distance (``metric: euclidean``).
@@ -178,7 +180,7 @@ class NmcPlugin:
         stats = self.class_stats
         if stats is None or not bool(stats.seen.any()):
             return None  # nothing learned yet: the model's own argmax
-        features = frozen_outputs(ctx.model.features, x, self.options.feature_batch)
+        features = frozen_outputs(ctx.model.features, x)
         classes = stats.seen.nonzero().squeeze(1)
         return classes[nearest_mean(features, stats.means()[classes], self.options.metric)]
 

@@ -139,11 +139,15 @@ def fixed_chunk_features(
         model.train(was_training)
 
 
-def frozen_outputs(encoder: nn.Module, inputs: torch.Tensor, chunk: int) -> torch.Tensor:
-    """``encoder`` of model inputs in calls of ``chunk`` rows, through the feature cache
-    when it is frozen (a prediction at every evaluation point asks again). The caller
-    sets eval mode."""
-    return feature_cache().features(encoder, inputs, chunk)
+def frozen_outputs(encoder: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``encoder`` of a batch of model inputs (an evaluation's), through the feature cache
+    when it is frozen: every evaluation point asks for the same test images again. One
+    call of ``len(inputs)`` rows, the call the evaluation batch makes anyway, so the
+    evaluation's batches are not padded to ``feature_batch`` (8 times the work at a conv
+    net's evaluation batch of 32); an image keeps its call height at every evaluation
+    point, so its features do not change. The caller sets eval mode."""
+    return feature_cache().features(encoder, inputs, len(inputs)) if len(inputs) \
+        else fixed_chunk_outputs(encoder, inputs, 1)
 
 
 # ---------------------------------------------------------------------------
