@@ -53,6 +53,11 @@ class StrategyOutcome:
     summary.json); the engine adds no reference to the dataset or the stream.
     """
 
+    # fields that measure the process that ran the strategy, not the strategy: identical
+    # runs differ in them (the feature cache's counts depend on what the process computed
+    # before, e.g. an earlier cell of the same compare worker)
+    PROCESS_MEASUREMENTS = ("wall_seconds", "feature_cache")
+
     name: str
     metrics: dict[str, Any] = field(default_factory=dict)
     budget: str | None = None

@@ -22,12 +22,18 @@ strategies:
     plugins: [naive]
 """
 
+def without_measurements(record: dict) -> dict:
+    """A strategy's summary record without what measures the process rather than the
+    strategy (wall time, the feature cache's counts: StrategyOutcome.PROCESS_MEASUREMENTS)."""
+    from clsim.engine import StrategyOutcome
+
+    return {k: v for k, v in record.items() if k not in StrategyOutcome.PROCESS_MEASUREMENTS}
+
+
 def comparable_outcome(outcome) -> str:
-    """A strategy outcome as JSON without its wall time: equal for runs that computed the
-    same thing (a resumed run against an uninterrupted one)."""
-    record = outcome.to_dict()
-    record.pop("wall_seconds")
-    return json.dumps(record, sort_keys=True)
+    """A strategy outcome as JSON without its process measurements: equal for runs that
+    computed the same thing (a resumed run against an uninterrupted one)."""
+    return json.dumps(without_measurements(outcome.to_dict()), sort_keys=True)
 
 
 def digits_scenario(strategies: str, *, hidden: int, epochs: int, batch_size: int, lr: float,

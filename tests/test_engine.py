@@ -10,6 +10,7 @@ from helpers import DIGITS_SCENARIO
 
 from clsim.assembly import resolve_device
 from clsim.config import load_scenario, parse_scenario
+from clsim.engine import StrategyOutcome
 from clsim.errors import ConfigError
 from clsim.runner import run_scenario
 
@@ -29,7 +30,7 @@ THREE_STRATEGIES = (
 def metrics_json(summary: dict) -> str:
     """The summary without wall-clock fields, serialised exactly as summary.json is."""
     strategies = {
-        name: {k: v for k, v in s.items() if k != "wall_seconds"}
+        name: {k: v for k, v in s.items() if k not in StrategyOutcome.PROCESS_MEASUREMENTS}
         for name, s in summary["strategies"].items()
     }
     return json.dumps({**summary, "strategies": strategies}, indent=2)

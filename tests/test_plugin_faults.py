@@ -17,7 +17,7 @@ from pathlib import Path
 
 import faulty_plugins
 import pytest
-from helpers import DIGITS_SCENARIO, REPO_ROOT, run_cli
+from helpers import DIGITS_SCENARIO, REPO_ROOT, run_cli, without_measurements
 
 from clsim import hookspecs, interrupts
 from clsim.cli import main
@@ -73,11 +73,11 @@ def scenario_text(plugin: str | None) -> str:
 
 def plain(outcome) -> dict:
     """An outcome as summary.json holds it, without the wall-clock time."""
-    return {k: v for k, v in outcome.to_dict().items() if k != "wall_seconds"}
+    return without_measurements(outcome.to_dict())
 
 
 def without_clocks(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in ("pid", "wall_seconds")}
+    return {k: v for k, v in without_measurements(record).items() if k != "pid"}
 
 
 def cell_records(text: str) -> dict[str, dict]:
