@@ -38,6 +38,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, NoReturn
 
+import cifar10_data  # benchmarks/, the script's folder
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,6 @@ import yaml
 from clsim.assembly import build_scenario_model, build_stream, evaluation_batch_size
 from clsim.config import ScenarioConfig, parse_scenario
 from clsim.data import Dataset, load_dataset
-from clsim.errors import ClsimError
 from clsim.seeding import derive_seed
 
 BUDGETS = ["model + 1MB", "model + 4MB", "model + 16MB"]
@@ -86,22 +86,7 @@ def parse_args() -> argparse.Namespace:
 
 def fail(message: str) -> NoReturn:
     """A setup error (no data, a failed compare run): one line on stderr, exit status 2."""
-    print(f"frozen_features.py: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def load_cifar10(data_root: str | None) -> Dataset:
-    """CIFAR-10, or exit 2 saying which path was tried."""
-    hint = "set CLSIM_DATA (or pass --data-root) to the folder holding cifar10/"
-    if not data_root:
-        fail(f"CIFAR-10 not found: no data root; {hint}")
-    folder = Path(data_root).expanduser() / "cifar10"
-    if not folder.is_dir():
-        fail(f"CIFAR-10 not found: {folder} does not exist; {hint}")
-    try:
-        return load_dataset("cifar10", root=str(Path(data_root).expanduser()))
-    except ClsimError as exc:
-        fail(f"CIFAR-10 could not be read: {exc}; {hint}")
+    cifar10_data.fail("frozen_features.py", message)
 
 
 # -----------------------------------------------------------------------------
@@ -311,7 +296,7 @@ def report_accuracy(cells: list[dict[str, Any]]) -> bool:
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(1)
-    dataset = load_cifar10(args.data_root)
+    dataset = cifar10_data.load_cifar10(args.data_root, "frozen_features.py")
     holder = None if args.out else tempfile.TemporaryDirectory(prefix="clsim-frozen-")
     folder = (args.out or Path(holder.name)).resolve()
     folder.mkdir(parents=True, exist_ok=True)

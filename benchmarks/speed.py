@@ -39,8 +39,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+import cifar10_data  # benchmarks/, the script's folder
 import torch
 import torch.nn.functional as F
 import yaml
@@ -53,13 +54,11 @@ from clsim.assembly import (
     build_scenario_model,
     build_stream,
     limit_stream,
-    load_scenario_data,
     memory_format_names,
 )
 from clsim.config import ScenarioConfig, parse_scenario
 from clsim.data import Dataset
 from clsim.engine import run_strategy
-from clsim.errors import ClsimError
 from clsim.evaluation import EvaluationPlan
 from clsim.feature_cache import FeatureCache, feature_cache
 from clsim.models import build_model
@@ -109,12 +108,6 @@ def parse_args() -> argparse.Namespace:
     if args.repeats < 1 or args.threads < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--repeats, --threads and --limit must be >= 1")
     return args
-
-
-def fail(message: str) -> NoReturn:
-    """A setup error (no data): one line on stderr, exit status 2."""
-    print(f"speed.py: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 # -----------------------------------------------------------------------------
@@ -452,24 +445,10 @@ def print_details(summaries: list[dict[str, Any]]) -> None:
                   f"passes, {cur.get('rows_reused', 0)} reused")
 
 
-def load_cifar10(args: argparse.Namespace) -> Dataset:
-    """CIFAR-10 as the scenarios read it, or exit 2 saying which path was tried."""
-    hint = "set CLSIM_DATA (or pass --data-root) to the folder holding cifar10/"
-    if not args.data_root:
-        fail(f"CIFAR-10 not found: no data root; {hint}")
-    folder = Path(args.data_root).expanduser() / "cifar10"
-    if not folder.is_dir():
-        fail(f"CIFAR-10 not found: {folder} does not exist; {hint}")
-    try:
-        return load_scenario_data(scenario_variant(*ROWS[0], args.data_root, previous=False))
-    except ClsimError as exc:
-        fail(f"CIFAR-10 could not be read: {exc}; {hint}")
-
-
 def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    dataset = load_cifar10(args)
+    dataset = cifar10_data.load_cifar10(args.data_root, "speed.py")
     rows = [row for row in ROWS if row[0] in args.scenarios]
     print(f"issue 21 speed: previous path (NCHW, eval batch 1024, every test row, no feature "
           f"cache) vs current (as shipped), {len(rows)} rows")

@@ -17,7 +17,7 @@ import torch
 
 from clsim.assembly import build_scenario_model, evaluation_batch_size, memory_formats
 from clsim.checkpoint import Checkpointing, restore
-from clsim.compute import ComputeMeter, check_mode, mode_from_env
+from clsim.compute import ComputeMeter, check_mode, mode_from_env, without_clocks
 from clsim.config import ScenarioConfig, StrategyConfig
 from clsim.context import RunContext
 from clsim.data import Dataset
@@ -53,6 +53,19 @@ class StrategyOutcome:
     by their names in the YAML, in its order. Neither is part of :meth:`to_dict` (nor of
     summary.json); the engine adds no reference to the dataset or the stream.
     """
+
+    # fields that measure the process that ran the strategy, not the strategy: identical
+    # runs differ in them (the feature cache's counts depend on what the process computed
+    # before, e.g. an earlier cell of the same compare worker)
+    PROCESS_MEASUREMENTS = ("wall_seconds", "feature_cache")
+
+    @classmethod
+    def comparable(cls, record: dict[str, Any]) -> dict[str, Any]:
+        """``record`` (:meth:`to_dict`, a summary.json entry) without the process's
+        measurements and the compute meter's clocks: what two runs that computed the same
+        thing share (a resumed run and an uninterrupted one, two executors)."""
+        kept = {k: v for k, v in record.items() if k not in cls.PROCESS_MEASUREMENTS}
+        return without_clocks(kept)
 
     name: str
     metrics: dict[str, Any] = field(default_factory=dict)

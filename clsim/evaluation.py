@@ -112,7 +112,7 @@ class EvaluationPlan:
     the argmax), so inputs are grouped by ``(task_id, classes)`` (all in one group when
     task ids are hidden) and identified by their bytes within a group. The experiences
     are walked in order and each one predicts only its inputs its group has not met, in
-    batches cut as before: a stream whose test sets are disjoint (class-incremental) is
+    batches cut as before: a stream whose test sets repeat no image (class-incremental) is
     predicted in exactly the batches it always was. Rows of a later experience that are
     partly new go in shorter batches, which a CPU may round differently (about 1e-7 of a
     logit): a tie that close can flip an argmax.

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from clsim.compute import without_clocks
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DIGITS_SCENARIO = """\
@@ -24,13 +22,19 @@ strategies:
     plugins: [naive]
 """
 
+def without_measurements(record: dict) -> dict:
+    """A strategy's summary record without what measures the process rather than the
+    strategy (wall time, the feature cache's counts, the compute meter's clocks:
+    StrategyOutcome.comparable)."""
+    from clsim.engine import StrategyOutcome
+
+    return StrategyOutcome.comparable(record)
+
+
 def comparable_outcome(outcome) -> str:
-    """A strategy outcome as JSON without its wall time and its compute meter's clocks:
-    equal for runs that computed the same thing (a resumed run against an uninterrupted
-    one)."""
-    record = without_clocks(outcome.to_dict())
-    record.pop("wall_seconds")
-    return json.dumps(record, sort_keys=True)
+    """A strategy outcome as JSON without its process measurements: equal for runs that
+    computed the same thing (a resumed run against an uninterrupted one)."""
+    return json.dumps(without_measurements(outcome.to_dict()), sort_keys=True)
 
 
 def digits_scenario(strategies: str, *, hidden: int, epochs: int, batch_size: int, lr: float,

@@ -18,12 +18,11 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
-from helpers import DIGITS_SCENARIO, REPO_ROOT, comparable_outcome, run_cli
+from helpers import DIGITS_SCENARIO, REPO_ROOT, comparable_outcome, run_cli, without_measurements
 
 from clsim.assembly import build_stream, limit_stream, load_scenario_data
 from clsim.checkpoint import Checkpointing, checkpoint_path, fingerprint, read_checkpoint
 from clsim.cli import main
-from clsim.compute import without_clocks as no_compute_clocks
 from clsim.config import load_scenario
 from clsim.engine import run_strategy
 from clsim.seeding import torch_generator
@@ -313,10 +312,8 @@ KILL_SCENARIO = DIGITS_SCENARIO.replace("epochs: 1", "epochs: 5").replace(
 
 def _metrics(out: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
-    for name, record in summary["strategies"].items():
-        summary["strategies"][name] = record = no_compute_clocks(record)
-        record.pop("wall_seconds")
-    return summary["strategies"]
+    return {name: without_measurements(record)
+            for name, record in summary["strategies"].items()}
 
 
 def _events(out: Path, whole_lines: bool = False) -> list[dict]:
@@ -497,11 +494,9 @@ def test_an_interrupted_run_resumes_plugins_that_reach_each_other(tmp_path, monk
 
     saved.write_bytes(good)
     resumed = run_scenario(scenario, out, resume=True)
-    ours, theirs = (no_compute_clocks(r.summary["strategies"]["naive"])
-                    for r in (resumed, whole))
-    for record in (ours, theirs):
-        record.pop("wall_seconds")
-    assert ours == theirs  # the hook kept counting into the restored Counter
+    ours, theirs = (r.summary["strategies"]["naive"] for r in (resumed, whole))
+    assert without_measurements(ours) == without_measurements(theirs)  # the hook kept
+    # counting into the restored Counter
     assert not (out / "checkpoints").exists()
 
 

@@ -9,8 +9,8 @@ import torch
 from helpers import DIGITS_SCENARIO
 
 from clsim.assembly import resolve_device
-from clsim.compute import without_clocks as no_compute_clocks
 from clsim.config import load_scenario, parse_scenario
+from clsim.engine import StrategyOutcome
 from clsim.errors import ConfigError
 from clsim.runner import run_scenario
 
@@ -30,7 +30,7 @@ THREE_STRATEGIES = (
 def metrics_json(summary: dict) -> str:
     """The summary without wall-clock fields, serialised exactly as summary.json is."""
     strategies = {
-        name: {k: v for k, v in no_compute_clocks(s).items() if k != "wall_seconds"}
+        name: StrategyOutcome.comparable(s)
         for name, s in summary["strategies"].items()
     }
     return json.dumps({**summary, "strategies": strategies}, indent=2)

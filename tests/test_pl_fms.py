@@ -18,10 +18,9 @@ from clsim_plugins.pl_fms import (
     hierarchy_targets,
     parents_of,
 )
-from helpers import bare_context
+from helpers import bare_context, without_measurements
 
 from clsim.assembly import build_scenario_model, build_stream
-from clsim.compute import without_clocks as no_compute_clocks
 from clsim.config import parse_scenario
 from clsim.data import load_dataset
 from clsim.errors import ConfigError
@@ -359,9 +358,7 @@ def test_same_seed_same_metrics() -> None:
     def run(seed: int) -> dict:
         scenario = quick(**{"seed: 0": f"seed: {seed}"})
         summary = run_scenario(scenario, None, only=["pl_fms"], limit=150).summary
-        strategy = dict(no_compute_clocks(summary["strategies"]["pl_fms"]))
-        strategy.pop("wall_seconds")
-        return strategy
+        return without_measurements(summary["strategies"]["pl_fms"])
 
     first = run(0)
     assert first["status"] == "ok", first["error"]

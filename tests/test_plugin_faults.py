@@ -17,12 +17,11 @@ from pathlib import Path
 
 import faulty_plugins
 import pytest
-from helpers import DIGITS_SCENARIO, REPO_ROOT, run_cli
+from helpers import DIGITS_SCENARIO, REPO_ROOT, run_cli, without_measurements
 
 from clsim import hookspecs, interrupts
 from clsim.cli import main
 from clsim.compare import run_compare
-from clsim.compute import without_clocks as no_compute_clocks
 from clsim.config import parse_scenario
 from clsim.executors import run_inline
 from clsim.grid import plan
@@ -74,11 +73,11 @@ def scenario_text(plugin: str | None) -> str:
 
 def plain(outcome) -> dict:
     """An outcome as summary.json holds it, without the wall-clock time."""
-    return {k: v for k, v in no_compute_clocks(outcome.to_dict()).items() if k != "wall_seconds"}
+    return without_measurements(outcome.to_dict())
 
 
 def without_clocks(record: dict) -> dict:
-    return {k: v for k, v in no_compute_clocks(record).items() if k not in ("pid", "wall_seconds")}
+    return {k: v for k, v in without_measurements(record).items() if k != "pid"}
 
 
 def cell_records(text: str) -> dict[str, dict]:
@@ -174,7 +173,7 @@ def test_sys_exit_in_a_plugin_is_blamed_on_the_plugin(clean_run, tmp_path):
     strategies = json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"]
     assert [o.error for o in result.outcomes] == [None, message, None]
     assert strategies["faulty"]["error"] == message
-    assert {n: {k: v for k, v in no_compute_clocks(strategies[n]).items() if k != "wall_seconds"}
+    assert {n: without_measurements(strategies[n])
             for n in ("before", "after")} == clean_run
 
 
@@ -245,7 +244,7 @@ def test_a_base_exception_in_a_hook_fails_only_its_strategy(kind, clean_run, tmp
     strategies = json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"]
     assert strategies["faulty"]["error"] == expected_message(plugin, "clsim_after_batch",
                                                              MESSAGES[kind])
-    assert {n: {k: v for k, v in no_compute_clocks(strategies[n]).items() if k != "wall_seconds"}
+    assert {n: without_measurements(strategies[n])
             for n in ("before", "after")} == clean_run
 
 

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from clsim_plugins.prd import TEACHER, PrdOptions, PrdPlugin, supcon_loss
-from helpers import bare_context
+from helpers import bare_context, without_measurements
 
-from clsim.compute import without_clocks as no_compute_clocks
 from clsim.config import OptimizerConfig, TrainingConfig, parse_scenario
 from clsim.context import RunContext
 from clsim.data import load_dataset
@@ -581,9 +580,7 @@ def test_quick_scenario_runs_naive_and_prd_on_digits() -> None:
 def test_same_seed_same_metrics() -> None:
     def run(seed: int) -> dict:
         outcome = run_scenario(parse_scenario(scenario(seed=seed)), None).summary
-        strategy = dict(no_compute_clocks(outcome["strategies"]["prd"]))
-        strategy.pop("wall_seconds")
-        return strategy
+        return without_measurements(outcome["strategies"]["prd"])
 
     first = run(0)
     assert first["status"] == "ok", first["error"]

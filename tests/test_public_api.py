@@ -14,9 +14,9 @@ import torch
 from clsim_plugins.analytic import AnalyticPlugin, ridge_solution
 from clsim_plugins.prototypes import fixed_chunk_outputs
 from clsim_plugins.replay import ReplayPlugin
+from helpers import without_measurements
 
 from clsim.assembly import build_stream, load_scenario_data, resolve_device
-from clsim.compute import without_clocks as no_compute_clocks
 from clsim.config import parse_scenario
 from clsim.engine import run_strategy
 
@@ -95,8 +95,7 @@ def test_keeping_changes_nothing_serialised_and_holds_no_data() -> None:
     kept = run_kept("er", experiences=2)[0]
     plain = run_kept("er", experiences=2, keep=False)[0]
     assert plain.model is None and plain.plugins == {}
-    a, b = no_compute_clocks(kept.to_dict()), no_compute_clocks(plain.to_dict())
-    a.pop("wall_seconds"), b.pop("wall_seconds")
+    a, b = without_measurements(kept.to_dict()), without_measurements(plain.to_dict())
     assert a == b
     json.dumps(a, allow_nan=False)  # plain data, as summary.json writes it
     assert "model" not in a

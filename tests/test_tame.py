@@ -25,9 +25,9 @@ from clsim_plugins.tame import (
     score_detections,
     threshold,
 )
+from helpers import without_measurements
 from torch import nn
 
-from clsim.compute import without_clocks as no_compute_clocks
 from clsim.config import parse_scenario
 from clsim.errors import ConfigError
 from clsim.runner import run_scenario
@@ -211,11 +211,7 @@ def test_pruning_can_be_disabled(blobs) -> None:
 
 def test_same_seed_same_results(blobs, recurring) -> None:
     again = run(recurring_yaml(blobs))["strategies"]["tame"]
-    first = dict(no_compute_clocks(recurring["strategies"]["tame"]))
-    again = dict(no_compute_clocks(again))
-    first.pop("wall_seconds")
-    again.pop("wall_seconds")
-    assert again == first
+    assert without_measurements(again) == without_measurements(recurring["strategies"]["tame"])
 
 
 def test_budget_too_small_for_a_second_expert_names_the_minimum(blobs) -> None:
