@@ -352,6 +352,9 @@ class ComputeMeter:
         return {
             "mode": self.mode,
             "flops_total": sum(flops.values()),
+            # what the strategy computed to learn: everything but the test predictions
+            # (what a compute budget bounds, and the compute axis of a comparison)
+            "learning_flops": sum(flops.values()) - sum(r.evaluation_flops for r in self.rows),
             "parts": flops,
             "steps": sum(r.optimizer_steps for r in self.rows),
             "samples_forwarded": {
