@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from clsim.compute_budget import ComputeBudget
+
 _UNITS = {"b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30}
 _MAX_BYTES = 2**50  # 1 PiB: anything larger is a typo, not a budget
 _TERM = re.compile(
@@ -98,33 +100,73 @@ def format_bytes(n: int | None) -> str:
 
 @dataclass(frozen=True)
 class BudgetPoint:
-    """One point of a comparison's budget axis.
+    """One point of a comparison's budget axis: a memory budget, a compute budget
+    (:mod:`clsim.compute_budget`), or both.
 
-    A plain budget resolves ``model`` against each strategy's own model. ``{aligned:
+    A plain memory budget resolves ``model`` against each strategy's own model. ``{aligned:
     BUDGET}`` is the memory-aligned protocol of MEMO (Zhou et al., ICLR 2023): ``model``
     means the scenario's *reference* model, so every strategy gets the same total bytes,
-    and what a strategy does not spend on its own model is left for exemplars.
+    and what a strategy does not spend on its own model is left for exemplars. A point
+    without a memory budget leaves each strategy its own (the scenario's ``budget``).
     """
 
-    budget: Budget
+    budget: Budget | None
     aligned: bool = False
+    compute: ComputeBudget | None = None
 
-    description = "a budget (see 'budget'), or a mapping {aligned: BUDGET}"
+    description = ("a memory budget (see 'budget'), a compute budget ('2 TFLOP', '5000 "
+                   "steps', '1.0 passes'), or a mapping with 'memory' or 'aligned' and/or "
+                   "'compute'")
 
     @classmethod
     def parse(cls, value: object) -> BudgetPoint:
         if isinstance(value, dict):
-            if set(value) != {"aligned"}:
-                keys = ", ".join(map(str, value))
-                raise ValueError(f"a budget point mapping takes the one key 'aligned'; got {keys}")
-            return cls(Budget.parse(value["aligned"]), aligned=True)
+            unknown = [str(key) for key in value if key not in ("aligned", "memory", "compute")]
+            if unknown:
+                raise ValueError(f"unknown key {', '.join(map(repr, unknown))} in a budget point "
+                                 "(known keys: memory, aligned, compute)")
+            if not value or {"aligned", "memory"} <= set(value):
+                raise ValueError("a budget point mapping takes 'memory' or 'aligned' (a memory "
+                                 "budget; not both) and/or 'compute' (a compute budget); got "
+                                 f"{', '.join(map(str, value)) or 'none'}")
+            memory = value.get("aligned", value.get("memory"))
+            return cls(None if memory is None else Budget.parse(memory),
+                       aligned="aligned" in value,
+                       compute=None if "compute" not in value
+                       else ComputeBudget.parse(value["compute"]))
+        if isinstance(value, str) and _looks_like_compute(value):
+            return cls(None, compute=ComputeBudget.parse(value))
         return cls(Budget.parse(value))
 
     @property
     def label(self) -> str:
-        return f"aligned: {self.budget.text}" if self.aligned else self.budget.text
+        parts = [] if self.budget is None else \
+            [f"aligned: {self.budget.text}" if self.aligned else self.budget.text]
+        if self.compute is not None:
+            parts.append(self.compute.text)
+        return ", ".join(parts)
+
+    def to_plain(self) -> str | dict[str, str]:
+        """The point as the YAML gave it (for the resolved scenario)."""
+        if self.compute is None and not self.aligned and self.budget is not None:
+            return self.budget.text
+        plain = {} if self.budget is None else \
+            {"aligned" if self.aligned else "memory": self.budget.text}
+        if self.compute is not None:
+            plain["compute"] = self.compute.text
+        return plain
 
     def resolve(self, *, model_bytes: int, reference_model_bytes: int, sample_bytes: int) -> int:
-        """Total bytes for a strategy whose own model takes ``model_bytes``."""
+        """Total bytes for a strategy whose own model takes ``model_bytes`` (a point with a
+        memory budget only)."""
+        assert self.budget is not None
         models = reference_model_bytes if self.aligned else model_bytes
         return self.budget.resolve(model_bytes=models, sample_bytes=sample_bytes)
+
+
+def _looks_like_compute(text: str) -> bool:
+    """Whether a budget point string names compute (a FLOP, step or pass unit)."""
+    return _COMPUTE_UNIT.search(text.strip().lower()) is not None
+
+
+_COMPUTE_UNIT = re.compile(r"(flops?|steps?|pass|passes)$")

@@ -22,6 +22,7 @@ from clsim.bounds import (
     THREADS_MAX,
 )
 from clsim.budget import Budget, BudgetPoint
+from clsim.compute_budget import ComputeBudget
 from clsim.data.registry import dataset_names
 from clsim.errors import ClsimError, ConfigError, OptionError
 from clsim.files import require_file
@@ -110,7 +111,8 @@ class CompareConfig:
     """The grid of ``clsim compare``: every strategy x every budget x every seed."""
 
     budgets: list[BudgetPoint] = field(
-        metadata={"min_items": 1, "help": "budget axis: budgets or {aligned: BUDGET}"}
+        metadata={"min_items": 1, "help": "budget axis: memory budgets, compute budgets, "
+                  "{aligned: BUDGET}, or {memory: BUDGET, compute: COMPUTE_BUDGET}"}
     )
     seeds: list[int] = field(
         default_factory=lambda: [0],
@@ -123,7 +125,7 @@ class CompareConfig:
 
     def check(self) -> None:
         for index, point in enumerate(self.budgets):
-            _check_not_zero(point.budget, f"budgets[{index}]")
+            _check_not_zero(point.budget, f"budgets[{index}]")  # None: the strategy's own
         labels = [b.label for b in self.budgets]
         repeated = sorted({b for b in labels if labels.count(b) > 1})
         if repeated:
@@ -149,6 +151,8 @@ class StrategyConfig:
     budget: Budget | None = None
     strict: bool = False
     budget_check: Literal["peak", "between"] = "peak"
+    compute_budget: ComputeBudget | None = None
+    compute_share: Literal["proportional", "even"] = "proportional"
 
 
 @dataclass
@@ -197,6 +201,16 @@ class _ScenarioFields:
                   "(during training included: a teacher, the optimizer an online "
                   "experience carries), or between, the bytes kept between experiences"},
     )
+    compute_budget: ComputeBudget | None = field(
+        default=None,
+        metadata={"help": "default compute budget of every strategy ('2 TFLOP', '5000 "
+                  "steps', '1.0 passes')"},
+    )
+    compute_share: Literal["proportional", "even"] = field(
+        default="proportional",
+        metadata={"help": "how a compute budget is shared among the experiences: "
+                  "proportional to their training samples, or even"},
+    )
     compare: CompareConfig | None = field(
         default=None, metadata={"help": "the grid for 'clsim compare'"}
     )
@@ -234,6 +248,7 @@ class _StrategyFields:
     budget: Budget | None = None
     strict: bool | None = None
     budget_check: Literal["peak", "between"] | None = None
+    compute_budget: ComputeBudget | None = None
 
     def check(self) -> None:
         _check_not_zero(self.budget, "budget")
@@ -280,6 +295,9 @@ class ScenarioConfig:
                     "budget": None if s.budget is None else str(s.budget),
                     "strict": s.strict,
                     "budget_check": s.budget_check,
+                    "compute_budget": None if s.compute_budget is None
+                    else str(s.compute_budget),
+                    "compute_share": s.compute_share,
                     "plugins": [{p.ref: _plain(p.options)} for p in s.plugins],
                 }
                 for s in self.strategies.values()
@@ -287,10 +305,7 @@ class ScenarioConfig:
             "compare": None
             if self.compare is None
             else {
-                "budgets": [
-                    {"aligned": b.budget.text} if b.aligned else b.budget.text
-                    for b in self.compare.budgets
-                ],
+                "budgets": [b.to_plain() for b in self.compare.budgets],
                 "seeds": self.compare.seeds,
                 "strategies": self.compare.strategies,
             },
@@ -445,6 +460,9 @@ def _strategies(top: _ScenarioFields, src: Source) -> dict[str, StrategyConfig]:
             strict=top.strict if fields.strict is None else fields.strict,
             budget_check=top.budget_check if fields.budget_check is None
             else fields.budget_check,
+            compute_budget=fields.compute_budget if fields.compute_budget is not None
+            else top.compute_budget,
+            compute_share=top.compute_share,
         )
     return out
 

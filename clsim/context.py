@@ -32,7 +32,10 @@ class RunContext:
     :class:`~clsim.labels.LabelSpace`: levels of class ids), ``n_classes`` (size of the label
     space: the model's outputs), ``sample_shape`` / ``sample_dtype`` / ``sample_bytes``
     (one raw sample),
-    ``budget_bytes`` (None when the strategy has no budget), ``seen_classes`` (class ids
+    ``budget_bytes`` (None when the strategy has no budget), ``compute_budget`` (its
+    compute budget resolved for the stream, a :class:`~clsim.compute_budget.ComputeAllowance`
+    with ``kind``, ``total`` and each experience's ``shares``; None without one; the
+    standard loop keeps to it), ``seen_classes`` (class ids
     met so far, in order of first appearance), ``task_classes`` (when the stream gives task
     ids: each task met so far and its classes, the outputs of its head), ``experience``
     (the current one, or None),
@@ -54,6 +57,7 @@ class RunContext:
     epochs: int
     batch_size: int
     budget_bytes: int | None = None
+    compute_budget: Any = None  # clsim.compute_budget.ComputeAllowance, set by the engine
     labels: LabelSpace | None = None
     optimizer: torch.optim.Optimizer | None = None
     experience: Experience | None = None

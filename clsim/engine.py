@@ -18,10 +18,11 @@ import torch
 from clsim.assembly import build_scenario_model, evaluation_batch_size, memory_formats
 from clsim.checkpoint import Checkpointing, restore
 from clsim.compute import ComputeMeter, check_mode, mode_from_env, without_clocks
+from clsim.compute_budget import ComputeAllowance, allowance_for
 from clsim.config import ScenarioConfig, StrategyConfig
 from clsim.context import RunContext
 from clsim.data import Dataset
-from clsim.errors import BudgetExceededError, ClsimError, TrainingError
+from clsim.errors import BudgetExceededError, ClsimError, ConfigError, TrainingError
 from clsim.evaluation import evaluate, label_counts, plan_of
 from clsim.feature_cache import CacheCounts, feature_cache
 from clsim.interrupts import is_contained
@@ -75,6 +76,7 @@ class StrategyOutcome:
     wall_seconds: float = 0.0
     error: str | None = None
     compute: ComputeMeter | None = None  # None: compute accounting off
+    compute_allowance: ComputeAllowance | None = None  # a compute budget, resolved
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
     plugins: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
 
@@ -92,7 +94,10 @@ class StrategyOutcome:
             "budget_check": ledger.check,
             "over_budget": ledger.over_budget,
             "memory_estimated": ledger.estimated,
-            "compute": None if self.compute is None else self.compute.to_dict(),
+            "compute": None if self.compute is None else {
+                **self.compute.to_dict(),
+                "budget": None if self.compute_allowance is None
+                else self.compute_allowance.to_dict()},
             "wall_seconds": round(self.wall_seconds, 3),
         }
 
@@ -173,6 +178,15 @@ def run_strategy(
             log=lambda event, **f: events.write(event, strategy=strategy.name, **f),
         )
         ctx._meter = meter
+        if strategy.compute_budget is not None:  # learnt in setup, as the memory budget
+            if meter.mode == "off":
+                raise ConfigError(f"strategy {strategy.name!r} has a compute budget "
+                                  f"({strategy.compute_budget}), which needs compute "
+                                  "accounting: unset CLSIM_COMPUTE=off")
+            ctx.compute_budget = allowance_for(strategy.compute_budget, strategy.compute_share,
+                                               ctx.model, stream.seen_by_strategy(),
+                                               ctx.to_input)
+            outcome.compute_allowance = ctx.compute_budget
         trainer = Trainer(ctx, hooks, scenario.training, torch_generator(seed, "batches"))
         trainer.meter = meter
         trainer.online = stream.online
@@ -255,7 +269,9 @@ class _Loop:
                 "seen_classes": self.ctx.seen_classes, "task_classes": self.ctx.task_classes,
                 "position": self.position,
                 "ledger": self.outcome.ledger,
-                "compute": self.ctx._meter.state_dict()}
+                "compute": self.ctx._meter.state_dict(),
+                "compute_budget": None if self.ctx.compute_budget is None
+                else self.ctx.compute_budget.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s ``state``."""
@@ -266,6 +282,8 @@ class _Loop:
         self.outcome.ledger = state["ledger"]
         if "compute" in state:  # a checkpoint written before compute accounting has none
             self.ctx._meter.load_state_dict(state["compute"])
+        if self.ctx.compute_budget is not None and state.get("compute_budget") is not None:
+            self.ctx.compute_budget.load_state_dict(state["compute_budget"])
 
     def evaluate(self) -> np.ndarray:
         ctx = self.ctx
@@ -287,6 +305,8 @@ class _Loop:
         for number, exp in enumerate(shown[start:], start):
             self.where["experience"] = exp.index
             self.ctx._meter.begin("experience", exp.index)
+            if self.ctx.compute_budget is not None:  # the experience's share opens
+                self.ctx.compute_budget.begin_experience(number, exp.index, self.ctx._meter)
             # the hooks never see test data; with hidden boundaries not even the training
             # data: samples arrive part by part, and nothing about what is to come is shown
             told = training_view(exp, hidden=stream.boundaries_hidden)
@@ -305,6 +325,7 @@ class _Loop:
             loss = self._train(exp, total, len(shown))
             self.ctx.experience = told
             self.hooks.call("clsim_after_experience", ctx=self.ctx, experience=told)
+            self._check_compute(exp.index)
             record = self._measure(exp.index, "end")
             hits = self.evaluate()
             if not stream.boundaries_hidden:
@@ -444,6 +465,22 @@ class _Loop:
                                     record.measurement.parts)
         self._check_budget(record, f"after experience {exp.index}")
 
+    def _check_compute(self, experience: int) -> None:
+        """Close the experience's compute share; a strict strategy over it fails."""
+        allowance = self.ctx.compute_budget
+        if allowance is None:
+            return
+        spending = allowance.end_experience(self.ctx._meter)
+        self.events.write("compute_share", strategy=self.strategy.name, **spending.to_dict())
+        if spending.over and self.strategy.strict:
+            unit = "optimizer steps" if allowance.kind == "steps" else "FLOPs"
+            raise BudgetExceededError(
+                f"strategy {self.strategy.name!r} spent {spending.spent} {unit} learning "
+                f"experience {experience}, over its share of {spending.share} "
+                f"(compute budget {allowance.budget}, shared {allowance.share_rule}); the "
+                "standard loop stops at its share, so the excess is work outside its steps: "
+                f"by part, {_largest_parts(self.ctx._meter.row.flops)}")
+
     def _check_budget(self, record, when: str) -> None:
         if record.over_budget and self.strategy.strict:
             check = self.outcome.ledger.check
@@ -538,3 +575,8 @@ def _largest_parts(parts: dict[str, int], n: int = 3) -> str:
     top = sorted(parts.items(), key=lambda kv: -kv[1])[:n]
     return ", ".join(f"{name} {nbytes} B" for name, nbytes in top)
 
+
+def _largest_parts(parts: dict[str, int], n: int = 3) -> str:
+    """The ``n`` parts with the most FLOPs, for a message."""
+    largest = sorted(parts.items(), key=lambda item: -item[1])[:n]
+    return ", ".join(f"{name} {flops:,}" for name, flops in largest) or "none"

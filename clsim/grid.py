@@ -129,7 +129,9 @@ def _run(task: CellTask) -> dict[str, Any]:
     # the reference model of the aligned protocol is the scenario's model
     reference = build_scenario_model(scenario, dataset, stream)
     strategy = scenario.strategies[task.strategy]
-    if point.aligned:
+    if point.budget is None:  # a compute point: each strategy keeps its memory budget
+        budget = strategy.budget
+    elif point.aligned:
         total = point.resolve(
             model_bytes=0,
             reference_model_bytes=model_bytes(reference),
@@ -138,10 +140,11 @@ def _run(task: CellTask) -> dict[str, Any]:
         budget = Budget(bytes=total, text=point.label)
     else:
         budget = point.budget
+    compute_budget = strategy.compute_budget if point.compute is None else point.compute
     device = resolve_device(scenario.device)
     outcome = run_strategy(
         scenario,
-        dataclasses.replace(strategy, budget=budget),
+        dataclasses.replace(strategy, budget=budget, compute_budget=compute_budget),
         dataset,
         stream,
         seed=task.seed,
@@ -149,6 +152,9 @@ def _run(task: CellTask) -> dict[str, Any]:
     )
     result = outcome.to_dict()
     result["memory_mb"] = None if outcome.budget_bytes is None else outcome.budget_bytes / 2**20
+    # the cell's budget is the point's label (the report's axis); the memory budget apart
+    result["memory_budget"], result["budget"] = result["budget"], point.label
+    result["compute_budget"] = None if compute_budget is None else compute_budget.text
     result["class_order"] = list(stream.class_order)
     result["scenario"] = scenario.name
     result["execution"] = execution_settings(scenario, dataset.sample_shape, device)

@@ -186,6 +186,10 @@ class Trainer:
 
         def held(region: str) -> tuple:
             return state_sizes(owners[region]) if memo.active else ()
+        allowance = ctx.compute_budget  # the compute budget's share of this experience
+        if allowance is not None:
+            allowance.begin_fit()
+        per_epoch, stopped = -(-n // batch_size), False
         for epoch in range(plan.epochs):
             order = torch.randperm(n, generator=self.generator) if shuffle else None
             loss_sum = torch.zeros((), device=ctx.device)
@@ -193,6 +197,15 @@ class Trainer:
             trained = 0
             for start in range(0, n, batch_size):
                 step = start // batch_size + 1
+                if allowance is not None and \
+                        not allowance.allows_step(meter, min(batch_size, n - start)):
+                    # the share is spent: the rest of the plan is cut, as in budgeted CL
+                    cut = per_epoch - step + 1 + (plan.epochs - epoch - 1) * per_epoch
+                    allowance.cut(cut, epoch, step)
+                    if self.progress is not None:
+                        self.progress.update(cut)
+                    stopped = True
+                    break
                 index = slice(start, start + batch_size) if order is None else \
                     order[start : start + batch_size]
                 batch = Batch(x[index], y[index], None if task_ids is None else task_ids[index])
@@ -236,6 +249,8 @@ class Trainer:
                                        logits=output.logits.detach(), loss=loss,
                                        output=output)
                 meter.optimizer_step()
+                if allowance is not None:
+                    allowance.stepped()
                 loss_sum += loss
                 trained += 1
                 self._experience_batches[0] += 1
@@ -245,6 +260,12 @@ class Trainer:
                 if step % CHECK_EVERY == 0 or start + batch_size >= n:
                     self._check_finite(loss_sum, window, epoch, step)
                     window.clear()
+            if stopped:
+                if window:  # the losses of the cut epoch's last steps are checked too
+                    self._check_finite(loss_sum, window, epoch, step - 1)
+                if trained:
+                    mean_loss = float(loss_sum) / trained
+                break
             mean_loss = float(loss_sum) / max(1, trained)
         ctx.optimizer = None
         # gradients are not state to keep between experiences (plugins' parameters too)

@@ -109,7 +109,7 @@ def test_budget_points():
         )
         == 999
     )
-    with pytest.raises(ValueError, match="one key 'aligned'"):
+    with pytest.raises(ValueError, match="unknown key 'aligend' in a budget point"):
         BudgetPoint.parse({"aligend": "1MB"})
 
 
