@@ -229,10 +229,11 @@ class _KeepEvery(Checkpointing):
             shutil.copy(self.path, self.path.with_suffix(f".{next_experience}.pt"))
 
 
-# every built-in plugin but avalanche (its own environment) appears in these
+# every built-in plugin but avalanche (its own environment) appears in these;
+# compute_sweep_quick resumes under a compute budget
 RESUME_SCENARIOS = ["quickstart", "memo_quick", "prd_quick", "analytic_quick",
                     "pl_fms_quick", "fscil_strategies_quick", "lingo_quick", "hle_quick",
-                    "classics_quick", "rotated_quick"]
+                    "classics_quick", "rotated_quick", "compute_sweep_quick"]
 
 
 @pytest.mark.parametrize("name", RESUME_SCENARIOS)
