@@ -143,9 +143,12 @@ class ComputeMeter:
         self._counter = FlopCounter(self.charge)
         self._armed = False  # inside active(), accounting on: regions may count
         self._entered = False  # the counter is on the dispatch stack
-        self._suppressed = False  # inside a memoised step: its counts are known
+        self._suppressed = False  # paused: the caller charges what it knows
+        self._replaying = False  # inside a memoised step: its counts are known
         self._evaluating = False
-        self._capture: list[dict[str, int]] = []  # steps being memoised, innermost last
+        # steps being memoised, innermost last: a FLOP goes to the innermost only (a
+        # nested step is memoised, and charged, on its own)
+        self._capture: list[dict[str, int]] = []
         # regions of the loop's steps (before_batch, forward, backward) counted op by op
         # and charged from the memo: how much of the count is memoised
         self.regions = {"counted": 0, "memoised": 0}
@@ -193,7 +196,8 @@ class ComputeMeter:
         parts[self.part] = parts.get(self.part, 0) + flops
         if self._evaluating:
             self.row.evaluation_flops += flops
-        for captured in self._capture:
+        if self._capture:
+            captured = self._capture[-1]
             captured[self.part] = captured.get(self.part, 0) + flops
 
     @contextmanager
@@ -220,8 +224,8 @@ class ComputeMeter:
     @contextmanager
     def counted(self) -> Iterator[None]:
         """Count what is dispatched inside (a no-op when already counting, in a memoised
-        step or unarmed)."""
-        if self._entered or self._suppressed or not self._armed:
+        step, paused or unarmed)."""
+        if self._entered or self._suppressed or self._replaying or not self._armed:
             yield
             return
         self._counter.__enter__()
@@ -250,6 +254,38 @@ class ComputeMeter:
                 self._entered = True
 
     @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """A memoised step whose counts are known: nothing inside is counted, but parts
+        are still named and a nested step (``ctx.compute_step``) is still memoised, and
+        charged, on its own (its count is not in the enclosing step's)."""
+        was_entered, was_replaying = self._entered, self._replaying
+        if was_entered:
+            self._entered = False
+            self._counter.__exit__(None, None, None)
+        self._replaying = True
+        try:
+            yield
+        finally:
+            self._replaying = was_replaying
+            if was_entered:
+                self._counter.__enter__()
+                self._entered = True
+
+    @contextmanager
+    def recording(self, captured: dict[str, int]) -> Iterator[None]:
+        """A step being memoised: count what is dispatched inside (even inside a replayed
+        step that encloses it) into ``captured``, nested steps left out."""
+        was_replaying = self._replaying
+        self._replaying = False
+        self._capture.append(captured)
+        try:
+            with self.counted():
+                yield
+        finally:
+            self._capture.pop()
+            self._replaying = was_replaying
+
+    @contextmanager
     def named(self, part: str, plugin: str | None = None) -> Iterator[None]:
         """Charge what is computed inside to ``part`` (``plugin``: whose code runs)."""
         before, before_plugin = self.part, self.plugin
@@ -269,8 +305,8 @@ class ComputeMeter:
 
     @property
     def idle(self) -> bool:
-        """Nothing to count or name now (unarmed, or in a memoised step): hook calls skip
-        the meter altogether."""
+        """Nothing to count or name now (unarmed, or paused): hook calls skip the meter
+        altogether. A memoised step is not idle: a step nested in it may count."""
         return self._suppressed or not self._armed
 
     def plugin_part(self, label: str):
@@ -296,7 +332,10 @@ class ComputeMeter:
         """A step of a plugin's own training loop (an experience it trains itself),
         memoised as the loop's are, by ``signature`` within the experience (module
         docstring). The plugin vouches that the step's FLOPs follow from ``signature``;
-        ``CLSIM_COMPUTE=every_step`` checks it."""
+        ``CLSIM_COMPUTE=every_step`` checks it. Inside a step of the loop (a hook in a
+        batch), it is memoised on its own: work whose size the loop's signature cannot
+        know (a random number of rows) is charged right whether that step is counted or
+        charged from the memo."""
         if self.idle:
             return nullcontext()
         # by the part too: counts captured in one hook must not be charged to another's
@@ -310,12 +349,11 @@ class ComputeMeter:
     # -- counts that need no dispatch ------------------------------------------
 
     def add_parts(self, parts: dict[str, int]) -> None:
+        """Charge a memoised step's counts (to the row only: no enclosing step being
+        memoised holds a nested step's count)."""
         row = self.row.flops
         for part, flops in parts.items():
             row[part] = row.get(part, 0) + flops
-        for captured in self._capture:
-            for part, flops in parts.items():
-                captured[part] = captured.get(part, 0) + flops
 
     def optimizer_step(self) -> None:
         self.row.optimizer_steps += 1
@@ -402,18 +440,14 @@ class StepMemo:
             return
         known = None if meter.mode == "every_step" else self.known.get(signature)
         if known is not None:
-            with meter.paused():
+            with meter.replaying():
                 yield
             meter.add_parts(known)
             meter.regions["memoised"] += 1
             return
         captured: dict[str, int] = {}
-        meter._capture.append(captured)
-        try:
-            with meter.counted():
-                yield
-        finally:
-            meter._capture.remove(captured)
+        with meter.recording(captured):
+            yield
         self.known[signature] = captured
         meter.regions["counted"] += 1
 

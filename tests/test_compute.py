@@ -49,6 +49,11 @@ strategies:
   nmc: {{plugins: [nmc]}}
   memo: {{budget: '8 models + 300 exemplars', plugins: [memo]}}
   prd: {{plugins: [prd]}}
+  si: {{plugins: [{{si: {{c: 0.01, xi: 0.1}}}}]}}
+  pl_fms: {{budget: 'model + 300 exemplars', plugins: [pl_fms]}}
+  pl_fms_all_in: {{budget: 'model + 300 exemplars',
+                  plugins: [{{pl_fms: {{flexible_sampling: false}}}}]}}
+  gdumb: {{budget: 'model + 300 exemplars', plugins: [gdumb]}}
 """
 
 
@@ -172,18 +177,51 @@ def test_herding_and_a_teacher_have_parts_of_their_own(setting):
     assert icarl["parts"]["icarl.herding"] == n_train(setting) * 2 * IN * HIDDEN
 
 
+def same_counts(on: dict, every: dict) -> None:
+    """``on`` (memoised) and ``every`` (every step counted) count the same, and the memo
+    was used: some step region of the memoised run was charged from it."""
+    regions = [compute.pop("step_regions") for compute in (on, every)]
+    for compute in (on, every):
+        compute.pop("mode"), compute.pop("estimated")
+    assert without_clocks({"compute": on}) == without_clocks({"compute": every})
+    assert regions[0]["memoised"] > 0, regions[0]
+    assert regions[1]["memoised"] == 0, regions[1]
+
+
 @pytest.mark.parametrize("name", ["naive", "reservoir", "herding", "lwf", "der", "agem",
-                                  "er_ace", "ewc", "icarl", "frozen"])
+                                  "er_ace", "ewc", "icarl", "frozen", "memo", "prd", "si",
+                                  "pl_fms", "pl_fms_all_in", "gdumb"])
 def test_memoised_steps_count_what_counting_every_step_counts(setting, name):
     """The memo's assumption (a step's FLOPs follow from its shapes within one plan),
     checked on the built-in strategies: replayed rows, a teacher, A-GEM's reference
-    gradient, DER's stored logits, EWC's penalty."""
-    memoised, every = run(setting, name, "on"), run(setting, name, "every_step")
-    for compute in (memoised, every):
-        compute.pop("mode"), compute.pop("estimated")
-        regions = compute.pop("step_regions")
-    assert without_clocks({"compute": memoised}) == without_clocks({"compute": every})
-    assert regions["memoised"] == 0 and memoised.get("step_regions") is None
+    gradient, DER's stored logits, EWC's penalty, PL-FMS's random share of replayed rows
+    and its per-sample losses, MEMO's blocks."""
+    same_counts(run(setting, name, "on"), run(setting, name, "every_step"))
+
+
+@pytest.mark.parametrize(("file", "name"), [
+    ("fscil_strategies_quick", "fast_slow"), ("fscil_strategies_quick", "prototype_fscil"),
+    ("fscil_strategies_quick", "nmc"), ("analytic_quick", "analytic"),
+    ("pl_fms_quick", "pl_fms"), ("memo_quick", "memo"), ("prd_quick", "prd"),
+    ("classics_quick", "si"),
+])
+def test_memoised_steps_hold_on_the_quick_scenarios(file, name):
+    """The same on the shipped quick scenarios of strategies the split-digits setting
+    does not cover (few-shot sessions, hierarchical labels), on a shortened stream."""
+    from helpers import REPO_ROOT
+
+    from clsim.config import load_scenario
+
+    scenario = load_scenario(REPO_ROOT / "scenarios" / f"{file}.yaml")
+    dataset = load_scenario_data(scenario)
+    stream = build_stream(scenario, dataset, scenario.seed)[:3]
+    counts = []
+    for mode in ("on", "every_step"):
+        outcome = run_strategy(scenario, scenario.strategies[name], dataset, stream,
+                               seed=scenario.seed, device=torch.device("cpu"), compute=mode)
+        assert outcome.error is None, outcome.error
+        counts.append(outcome.to_dict()["compute"])
+    same_counts(*counts)
 
 
 @pytest.mark.parametrize("name", ["reservoir", "der", "memo", "prd", "si"])
@@ -191,10 +229,9 @@ def test_memoised_steps_hold_on_an_online_stream(setting, name):
     """Online: many short plans (one per part between anytime evaluations), a buffer
     filling while the stream goes by, MEMO's blocks and PRD's teacher."""
     scenario, dataset, _ = setting
-    extra = "  si: {plugins: [si]}\n"
     online = parse_scenario(SCENARIO.replace(
         "n_experiences: 5}", "n_experiences: 5, online: true, eval_every: 100}").replace(
-        "epochs: 2", "epochs: 1") + extra)
+        "epochs: 2", "epochs: 1"))
     stream = build_stream(online, dataset, online.seed)
     counts = []
     for mode in ("on", "every_step"):
@@ -308,3 +345,22 @@ def test_a_plugin_that_trains_itself_memoises_its_own_steps():
     assert counts[0][1] == counts[1][1]
     assert counts[0][0]["memoised"] > 10 * counts[0][0]["counted"]
     assert counts[0][1]["parts"]["training.backward"] > 0
+
+
+@pytest.mark.parametrize("mode", ["on", "every_step"])
+def test_a_step_nested_in_a_memoised_step_is_charged_on_its_own(mode):
+    """A loop step charged from the memo still runs a nested ``plugin_step``: its rows,
+    unknown to the loop's signature, are charged right either way."""
+    meter = ComputeMeter(mode)
+    layer = torch.nn.Linear(4, 4)
+    memo = meter.memo(("loop",))
+    with meter.active():
+        for rows in (1, 2, 3, 2):  # one loop signature, the nested rows drawn at random
+            with memo.region(("before_batch",)), meter.hook("p", "clsim_before_batch"):
+                layer(torch.ones(5, 4))  # the hook's own work, the same every step
+                with meter.plugin_step(("losses", rows)):
+                    layer(torch.ones(rows, 4))
+    meter.finish()
+    assert meter.totals() == {"p.clsim_before_batch": 2 * 16 * (4 * 5 + 1 + 2 + 3 + 2)}
+    if mode == "on":  # the loop's step counted once, the nested one per distinct size
+        assert meter.regions == {"counted": 1 + 3, "memoised": 3 + 1}
