@@ -31,7 +31,11 @@ assumption fails (a plugin whose work depends on something else, e.g. on the lab
 batch), the counts are wrong: ``CLSIM_COMPUTE=every_step`` counts every step instead, and
 tests/test_compute.py checks both give the same counts for the built-in strategies it
 runs. A plugin that trains an experience itself marks its steps with ``ctx.compute_step(...)``
-to have them memoised the same way (TAME does); everything else outside the loop's steps
+to have them memoised the same way (TAME does), and a plugin whose work inside a loop
+step depends on something the step's signature cannot know marks that work the same way:
+a ``ctx.compute_step`` nested in a memoised step is memoised, and charged, on its own
+(PL-FMS's per-sample losses, over a number of replayed rows drawn at random in
+``clsim_before_batch``); everything else outside the loop's steps
 (setup, hooks around an experience, evaluation, reports) is counted op by op.
 
 **Features the simulator's cache serves** (:mod:`clsim.feature_cache`) are charged as if
