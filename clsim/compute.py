@@ -465,20 +465,56 @@ def structure_key(model: Module, trained: list[Tensor]) -> tuple:
 
 
 def state_sizes(plugins: list[tuple[str, Any]]) -> tuple:
-    """How much each plugin holds, cheaply: the ``len()`` of every attribute that has one
-    and the shape of every tensor attribute (modules and strings left out). Part of a
-    step's signature: a buffer filling, or a store growing, changes it."""
+    """How much each plugin holds, cheaply: for every attribute, its value if it is a
+    number (an int, float or bool: a counter, a switch), the shape of a tensor or array,
+    the ``len()`` of a sized object, and one level further into dicts, lists and tuples
+    (up to :data:`_SIZE_ITEMS` items) and into objects without a length (a buffer's own
+    counters, an options object); modules, strings and ``None`` left out. Part of a
+    step's signature: a buffer filling, a store growing, a counter moving changes it
+    (a value that changes every step makes every step count: correct, only slower)."""
     sizes: list[object] = []
     for _, plugin in plugins:
-        for value in getattr(plugin, "__dict__", {}).values():
-            if isinstance(value, Tensor):
-                sizes.append(tuple(value.shape))
-            elif hasattr(type(value), "__len__") and not isinstance(value, str | bytes | Module):
-                try:
-                    sizes.append(len(value))
-                except Exception:  # noqa: BLE001 - a plugin's __len__ that fails: no size
-                    sizes.append(None)
+        state = getattr(plugin, "__dict__", None)
+        if state:
+            sizes.append(tuple(_size(value, 1) for value in state.values()))
     return tuple(sizes)
+
+
+_SIZE_ITEMS = 64
+"""The most items of a container :func:`state_sizes` reads one by one (a longer one: its
+length alone)."""
+
+_NUMBERS = (int, float)  # bool is an int
+
+
+def _size(value: object, depth: int) -> object:
+    """What :func:`state_sizes` reads of ``value``, ``depth`` more levels down."""
+    if isinstance(value, Tensor):
+        return value.shape
+    if isinstance(value, _NUMBERS):
+        return value
+    if value is None or isinstance(value, str | bytes | Module):
+        return None
+    if isinstance(value, dict):
+        values = value.values()
+    elif isinstance(value, list | tuple):
+        values = value
+    else:
+        shape = getattr(value, "shape", None)  # a numpy array
+        if isinstance(shape, tuple):
+            return shape
+        if hasattr(type(value), "__len__"):
+            try:
+                return len(value)  # type: ignore[arg-type]
+            except Exception:  # noqa: BLE001 - a plugin's __len__ that fails: no size
+                return None
+        state = getattr(value, "__dict__", None)
+        if depth <= 0 or not state:
+            return None
+        return tuple(_size(item, depth - 1) for item in state.values())
+    if depth <= 0 or len(values) > _SIZE_ITEMS:
+        return len(values)
+    return tuple(_size(item, depth - 1) for item in values)
 
 
 class _Current(threading.local):

@@ -51,8 +51,6 @@ strategies:
   prd: {{plugins: [prd]}}
   si: {{plugins: [{{si: {{c: 0.01, xi: 0.1}}}}]}}
   pl_fms: {{budget: 'model + 300 exemplars', plugins: [pl_fms]}}
-  pl_fms_all_in: {{budget: 'model + 300 exemplars',
-                  plugins: [{{pl_fms: {{flexible_sampling: false}}}}]}}
   gdumb: {{budget: 'model + 300 exemplars', plugins: [gdumb]}}
 """
 
@@ -190,7 +188,7 @@ def same_counts(on: dict, every: dict) -> None:
 
 @pytest.mark.parametrize("name", ["naive", "reservoir", "herding", "lwf", "der", "agem",
                                   "er_ace", "ewc", "icarl", "frozen", "memo", "prd", "si",
-                                  "pl_fms", "pl_fms_all_in", "gdumb"])
+                                  "pl_fms", "gdumb"])
 def test_memoised_steps_count_what_counting_every_step_counts(setting, name):
     """The memo's assumption (a step's FLOPs follow from its shapes within one plan),
     checked on the built-in strategies: replayed rows, a teacher, A-GEM's reference
@@ -364,3 +362,32 @@ def test_a_step_nested_in_a_memoised_step_is_charged_on_its_own(mode):
     assert meter.totals() == {"p.clsim_before_batch": 2 * 16 * (4 * 5 + 1 + 2 + 3 + 2)}
     if mode == "on":  # the loop's step counted once, the nested one per distinct size
         assert meter.regions == {"counted": 1 + 3, "memoised": 3 + 1}
+
+
+def test_state_sizes_read_what_a_plugin_holds():
+    """Numbers, tensor shapes, lengths, one level into containers and into objects
+    without a length: what a step's FLOPs may follow from."""
+    from types import SimpleNamespace
+
+    from clsim.compute import state_sizes
+
+    class Holder:
+        def __init__(self) -> None:
+            self.steps, self.scale, self.on = 3, 0.5, True
+            self.store = {"a": torch.zeros(2, 3), "b": [torch.zeros(4)]}
+            self.counters = SimpleNamespace(seen=7, rows=torch.zeros(5))
+            self.name, self.layer, self.nothing = "x", torch.nn.Linear(2, 2), None
+            self.many = list(range(100))
+
+    holder = Holder()
+    before = state_sizes([("h", holder)])
+    assert before == (((3, 0.5, True, ((2, 3), 1), (7, (5,)), None, None, None, 100)),)
+    for change in (lambda h: setattr(h, "steps", 4),
+                   lambda h: h.store.__setitem__("a", torch.zeros(3, 3)),
+                   lambda h: setattr(h.counters, "seen", 8),
+                   lambda h: h.store["b"].append(torch.zeros(1)),
+                   lambda h: setattr(h, "on", False)):
+        changed = Holder()
+        change(changed)
+        assert state_sizes([("h", changed)]) != before
+    assert state_sizes([("h", object())]) == ()
