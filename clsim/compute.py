@@ -35,8 +35,11 @@ to have them memoised the same way (TAME does), and a plugin whose work inside a
 step depends on something the step's signature cannot know marks that work the same way:
 a ``ctx.compute_step`` nested in a memoised step is memoised, and charged, on its own
 (PL-FMS's per-sample losses, over a number of replayed rows drawn at random in
-``clsim_before_batch``); everything else outside the loop's steps
-(setup, hooks around an experience, evaluation, reports) is counted op by op.
+``clsim_before_batch``). **Predictions** are memoised the same way within one
+evaluation, where the model and the plugins stay put: a batch's FLOPs follow from its
+shape and task (``prediction_regions``; TAME marks the experts it routes rows to with
+``ctx.compute_step``). Everything else (setup, hooks around an experience, reports) is
+counted op by op.
 
 **Features the simulator's cache serves** (:mod:`clsim.feature_cache`) are charged as if
 the strategy computed them: rows x the encoder's FLOPs per row. The cache is the
@@ -156,6 +159,8 @@ class ComputeMeter:
         # regions of the loop's steps (before_batch, forward, backward) counted op by op
         # and charged from the memo: how much of the count is memoised
         self.regions = {"counted": 0, "memoised": 0}
+        # prediction batches of the evaluations, counted op by op and charged from the memo
+        self.prediction_regions = {"counted": 0, "memoised": 0}
         self._memos: dict[tuple, dict[tuple, dict[str, int]]] = {}  # by plan scope
         self._clock: tuple[float, float] | None = None
         self.begin("setup")
@@ -350,6 +355,13 @@ class ComputeMeter:
         earlier plans of the same ``scope`` (:func:`structure_key`; module docstring)."""
         return StepMemo(self, self._memos.setdefault(scope, {}))
 
+    def prediction_memo(self) -> StepMemo:
+        """A memo of one evaluation's prediction batches, by signature (the batch's shape
+        and task): within one evaluation the model and the plugins stay put, so a batch's
+        FLOPs follow from its shape (module docstring). Work that depends on the batch's
+        content (TAME routing rows to experts) is marked with ``ctx.compute_step``."""
+        return StepMemo(self, {}, self.prediction_regions)
+
     # -- counts that need no dispatch ------------------------------------------
 
     def add_parts(self, parts: dict[str, int]) -> None:
@@ -358,6 +370,8 @@ class ComputeMeter:
         row = self.row.flops
         for part, flops in parts.items():
             row[part] = row.get(part, 0) + flops
+        if self._evaluating:
+            self.row.evaluation_flops += sum(parts.values())
 
     def optimizer_step(self) -> None:
         self.row.optimizer_steps += 1
@@ -380,11 +394,14 @@ class ComputeMeter:
     def state_dict(self) -> dict[str, Any]:
         """The rows so far, for a checkpoint (a resumed run continues them)."""
         return {"rows": [dict(vars(row), flops=dict(row.flops)) for row in self.rows],
-                "regions": dict(self.regions)}
+                "regions": dict(self.regions),
+                "prediction_regions": dict(self.prediction_regions)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows = [ComputeRow(**row) for row in state["rows"]]
         self.regions = dict(state["regions"])
+        self.prediction_regions = dict(state.get("prediction_regions",
+                                                 {"counted": 0, "memoised": 0}))
 
     def to_dict(self) -> dict[str, Any]:
         """``compute`` of a strategy in summary.json."""
@@ -412,12 +429,15 @@ class ComputeMeter:
             # the loop's step regions (before_batch, forward, backward) counted op by op
             # and charged from the memo
             "step_regions": dict(self.regions),
+            # the evaluations' prediction batches counted op by op and charged from the memo
+            "prediction_regions": dict(self.prediction_regions),
             "counted": "FLOPs of torch's matrix products, convolutions and attention "
                        "(forward and backward), counted per op; other ops (elementwise, "
                        "norms, the optimizer's update) count 0",
             "counted_ops": list(COUNTED_OPS),
-            "estimated": "memoised training steps: each signature's first step counted, "
-                         "the rest charged the same" if self.mode == "on" else None,
+            "estimated": "memoised training steps and prediction batches: each "
+                         "signature's first counted, the rest charged the same"
+                         if self.mode == "on" else None,
         }
 
 
@@ -426,10 +446,12 @@ class StepMemo:
     docstring): the first step of a signature runs under the counter and its counts are
     kept; later ones run with the counter paused and are charged the kept counts."""
 
-    def __init__(self, meter: ComputeMeter, known: dict[tuple, dict[str, int]] | None = None
-                 ) -> None:
+    def __init__(self, meter: ComputeMeter, known: dict[tuple, dict[str, int]] | None = None,
+                 tally: dict[str, int] | None = None) -> None:
         self.meter = meter
         self.known: dict[tuple, dict[str, int]] = {} if known is None else known
+        # where the regions counted and memoised are tallied: the meter's step regions
+        self.tally = meter.regions if tally is None else tally
 
     @property
     def active(self) -> bool:
@@ -447,13 +469,13 @@ class StepMemo:
             with meter.replaying():
                 yield
             meter.add_parts(known)
-            meter.regions["memoised"] += 1
+            self.tally["memoised"] += 1
             return
         captured: dict[str, int] = {}
         with meter.recording(captured):
             yield
         self.known[signature] = captured
-        meter.regions["counted"] += 1
+        self.tally["counted"] += 1
 
 
 def structure_key(model: Module, trained: list[Tensor]) -> tuple:

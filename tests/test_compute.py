@@ -111,6 +111,12 @@ def test_an_mlp_costs_its_closed_form(setting):
     # regions (forward, backward, step; naive has no hook in a step); the rest is memoised
     assert compute["step_regions"] == {"counted": 3 * 2 * 5,
                                        "memoised": 3 * (n_steps(setting) - 2 * 5)}
+    # each evaluation (6) predicts every test set in one batch: a size met before in the
+    # same evaluation is charged from the memo
+    sizes = [exp.n_test for exp in stream]
+    assert compute["prediction_regions"] == {
+        "counted": 6 * len(set(sizes)), "memoised": 6 * (len(sizes) - len(set(sizes)))}
+    assert compute["prediction_regions"]["memoised"] > 0
     experiences = [row for row in compute["rows"] if row["stage"] == "experience"]
     assert [row["experience"] for row in experiences] == list(range(len(stream)))
     for row, exp in zip(experiences, stream, strict=True):
@@ -178,17 +184,19 @@ def test_herding_and_a_teacher_have_parts_of_their_own(setting):
 def same_counts(on: dict, every: dict) -> None:
     """``on`` (memoised) and ``every`` (every step counted) count the same, and the memo
     was used: some step region of the memoised run was charged from it."""
-    regions = [compute.pop("step_regions") for compute in (on, every)]
+    regions = [(compute.pop("step_regions"), compute.pop("prediction_regions"))
+               for compute in (on, every)]
     for compute in (on, every):
         compute.pop("mode"), compute.pop("estimated")
     assert without_clocks({"compute": on}) == without_clocks({"compute": every})
-    assert regions[0]["memoised"] > 0, regions[0]
-    assert regions[1]["memoised"] == 0, regions[1]
+    (steps, predictions), (every_steps, every_predictions) = regions
+    assert steps["memoised"] + predictions["memoised"] > 0, regions[0]
+    assert every_steps["memoised"] == every_predictions["memoised"] == 0, regions[1]
 
 
 @pytest.mark.parametrize("name", ["naive", "reservoir", "herding", "lwf", "der", "agem",
                                   "er_ace", "ewc", "icarl", "frozen", "memo", "prd", "si",
-                                  "pl_fms", "gdumb"])
+                                  "pl_fms", "gdumb", "nmc"])
 def test_memoised_steps_count_what_counting_every_step_counts(setting, name):
     """The memo's assumption (a step's FLOPs follow from its shapes within one plan),
     checked on the built-in strategies: replayed rows, a teacher, A-GEM's reference
@@ -236,10 +244,8 @@ def test_memoised_steps_hold_on_an_online_stream(setting, name):
         outcome = run_strategy(online, online.strategies[name], dataset, stream, seed=0,
                                device=torch.device("cpu"), compute=mode)
         assert outcome.error is None, outcome.error
-        compute = without_clocks(outcome.to_dict())["compute"]
-        compute.pop("mode"), compute.pop("estimated"), compute.pop("step_regions")
-        counts.append(compute)
-    assert counts[0] == counts[1]
+        counts.append(outcome.to_dict()["compute"])
+    same_counts(*counts)
     # parts cut at every 100 samples: at least one step more per cut than offline
     assert counts[0]["steps"] >= sum(-(-exp.n_train // 64) for exp in stream)
 
@@ -337,12 +343,12 @@ def test_a_plugin_that_trains_itself_memoises_its_own_steps():
         outcome = run_strategy(scenario, scenario.strategies["tame"], dataset, stream,
                                seed=scenario.seed, device=torch.device("cpu"), compute=mode)
         assert outcome.error is None, outcome.error
-        compute = without_clocks(outcome.to_dict())["compute"]
-        compute.pop("mode"), compute.pop("estimated")
-        counts.append((compute.pop("step_regions"), compute))
-    assert counts[0][1] == counts[1][1]
-    assert counts[0][0]["memoised"] > 10 * counts[0][0]["counted"]
-    assert counts[0][1]["parts"]["training.backward"] > 0
+        counts.append(outcome.to_dict()["compute"])
+    regions = counts[0]["step_regions"]
+    same_counts(*counts)
+    assert regions["memoised"] > 10 * regions["counted"]
+    assert counts[0]["parts"]["training.backward"] > 0
+    assert counts[0]["parts"]["tame.clsim_predict"] > 0
 
 
 @pytest.mark.parametrize("mode", ["on", "every_step"])
