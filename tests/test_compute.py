@@ -126,6 +126,42 @@ def test_an_mlp_costs_its_closed_form(setting):
     assert "mm" in compute["counted_ops"] and "convolution" in compute["counted_ops"]
 
 
+def test_a_small_cnn_costs_its_closed_form(setting):
+    """small_cnn on the 8x8 digits, channels [4, 8]: a 3x3 convolution (padding 1) costs
+    2 * Cout * Cin * 3 * 3 * Hout * Wout per row forward; 8x8 -> pool -> 4x4 -> pool ->
+    global pool -> the head (8 -> 10). Backward: every conv's weight gradient (its forward
+    again), the second conv's input gradient (the first's input is data), the head's two;
+    BatchNorm, pooling and ReLU count 0."""
+    scenario, dataset, _ = setting
+    cnn = parse_scenario(SCENARIO.replace(f"{{name: mlp, hidden: [{HIDDEN}]}}",
+                                          "{name: small_cnn, channels: [4, 8]}")
+                         .replace("epochs: 2", "epochs: 1"))
+    stream = build_stream(cnn, dataset, cnn.seed)[:2]
+    outcome = run_strategy(cnn, cnn.strategies["naive"], dataset, stream, seed=0,
+                           device=torch.device("cpu"), compute="on")
+    assert outcome.error is None, outcome.error
+    compute = outcome.to_dict()["compute"]
+    conv1, conv2, head = 2 * 4 * 1 * 9 * 8 * 8, 2 * 8 * 4 * 9 * 4 * 4, 2 * 8 * 10
+    rows = sum(exp.n_train for exp in stream)
+    assert compute["parts"] == {
+        "training.forward": rows * (conv1 + conv2 + head),
+        "training.backward": rows * (conv1 + 2 * conv2 + 2 * head),
+        "evaluation.forward": 3 * plan_of(stream).n_predicted * (conv1 + conv2 + head),
+    }
+    assert compute["inference_flops_per_sample"] == conv1 + conv2 + head
+
+
+def test_a_convolution_costs_its_closed_form():
+    """On a bare convolution, stride 2: Hout = Wout = 5 for a 9x9 input, padding 1."""
+    conv = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1)
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    out, forward = flops_of(lambda: conv(x))
+    assert out.shape == (2, 6, 5, 5)
+    assert forward == 2 * 2 * 6 * 3 * 3 * 3 * 5 * 5
+    _, backward = flops_of(lambda: out.sum().backward())
+    assert backward == 2 * forward  # the weight's gradient and the input's
+
+
 def test_the_counter_sees_what_autograd_computes():
     """The rule the closed forms rest on, on a bare module: no gradient matrix product for
     a frozen layer, none for an input that needs no gradient."""
