@@ -31,8 +31,15 @@ assumption fails (a plugin whose work depends on something else, e.g. on the lab
 batch), the counts are wrong: ``CLSIM_COMPUTE=every_step`` counts every step instead, and
 tests/test_compute.py checks both give the same counts for the built-in strategies it
 runs. A plugin that trains an experience itself marks its steps with ``ctx.compute_step(...)``
-to have them memoised the same way (TAME does); everything else outside the loop's steps
-(setup, hooks around an experience, evaluation, reports) is counted op by op.
+to have them memoised the same way (TAME does), and a plugin whose work inside a loop
+step depends on something the step's signature cannot know marks that work the same way:
+a ``ctx.compute_step`` nested in a memoised step is memoised, and charged, on its own
+(PL-FMS's per-sample losses, over a number of replayed rows drawn at random in
+``clsim_before_batch``). **Predictions** are memoised the same way within one
+evaluation, where the model and the plugins stay put: a batch's FLOPs follow from its
+shape and task (``prediction_regions``; TAME marks the experts it routes rows to with
+``ctx.compute_step``). Everything else (setup, hooks around an experience, reports) is
+counted op by op.
 
 **Features the simulator's cache serves** (:mod:`clsim.feature_cache`) are charged as if
 the strategy computed them: rows x the encoder's FLOPs per row. The cache is the
@@ -143,12 +150,17 @@ class ComputeMeter:
         self._counter = FlopCounter(self.charge)
         self._armed = False  # inside active(), accounting on: regions may count
         self._entered = False  # the counter is on the dispatch stack
-        self._suppressed = False  # inside a memoised step: its counts are known
+        self._suppressed = False  # paused: the caller charges what it knows
+        self._replaying = False  # inside a memoised step: its counts are known
         self._evaluating = False
-        self._capture: list[dict[str, int]] = []  # steps being memoised, innermost last
+        # steps being memoised, innermost last: a FLOP goes to the innermost only (a
+        # nested step is memoised, and charged, on its own)
+        self._capture: list[dict[str, int]] = []
         # regions of the loop's steps (before_batch, forward, backward) counted op by op
         # and charged from the memo: how much of the count is memoised
         self.regions = {"counted": 0, "memoised": 0}
+        # prediction batches of the evaluations, counted op by op and charged from the memo
+        self.prediction_regions = {"counted": 0, "memoised": 0}
         self._memos: dict[tuple, dict[tuple, dict[str, int]]] = {}  # by plan scope
         self._clock: tuple[float, float] | None = None
         self.begin("setup")
@@ -193,7 +205,8 @@ class ComputeMeter:
         parts[self.part] = parts.get(self.part, 0) + flops
         if self._evaluating:
             self.row.evaluation_flops += flops
-        for captured in self._capture:
+        if self._capture:
+            captured = self._capture[-1]
             captured[self.part] = captured.get(self.part, 0) + flops
 
     @contextmanager
@@ -220,8 +233,8 @@ class ComputeMeter:
     @contextmanager
     def counted(self) -> Iterator[None]:
         """Count what is dispatched inside (a no-op when already counting, in a memoised
-        step or unarmed)."""
-        if self._entered or self._suppressed or not self._armed:
+        step, paused or unarmed)."""
+        if self._entered or self._suppressed or self._replaying or not self._armed:
             yield
             return
         self._counter.__enter__()
@@ -250,6 +263,38 @@ class ComputeMeter:
                 self._entered = True
 
     @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """A memoised step whose counts are known: nothing inside is counted, but parts
+        are still named and a nested step (``ctx.compute_step``) is still memoised, and
+        charged, on its own (its count is not in the enclosing step's)."""
+        was_entered, was_replaying = self._entered, self._replaying
+        if was_entered:
+            self._entered = False
+            self._counter.__exit__(None, None, None)
+        self._replaying = True
+        try:
+            yield
+        finally:
+            self._replaying = was_replaying
+            if was_entered:
+                self._counter.__enter__()
+                self._entered = True
+
+    @contextmanager
+    def recording(self, captured: dict[str, int]) -> Iterator[None]:
+        """A step being memoised: count what is dispatched inside (even inside a replayed
+        step that encloses it) into ``captured``, nested steps left out."""
+        was_replaying = self._replaying
+        self._replaying = False
+        self._capture.append(captured)
+        try:
+            with self.counted():
+                yield
+        finally:
+            self._capture.pop()
+            self._replaying = was_replaying
+
+    @contextmanager
     def named(self, part: str, plugin: str | None = None) -> Iterator[None]:
         """Charge what is computed inside to ``part`` (``plugin``: whose code runs)."""
         before, before_plugin = self.part, self.plugin
@@ -269,8 +314,8 @@ class ComputeMeter:
 
     @property
     def idle(self) -> bool:
-        """Nothing to count or name now (unarmed, or in a memoised step): hook calls skip
-        the meter altogether."""
+        """Nothing to count or name now (unarmed, or paused): hook calls skip the meter
+        altogether. A memoised step is not idle: a step nested in it may count."""
         return self._suppressed or not self._armed
 
     def plugin_part(self, label: str):
@@ -296,7 +341,10 @@ class ComputeMeter:
         """A step of a plugin's own training loop (an experience it trains itself),
         memoised as the loop's are, by ``signature`` within the experience (module
         docstring). The plugin vouches that the step's FLOPs follow from ``signature``;
-        ``CLSIM_COMPUTE=every_step`` checks it."""
+        ``CLSIM_COMPUTE=every_step`` checks it. Inside a step of the loop (a hook in a
+        batch), it is memoised on its own: work whose size the loop's signature cannot
+        know (a random number of rows) is charged right whether that step is counted or
+        charged from the memo."""
         if self.idle:
             return nullcontext()
         # by the part too: counts captured in one hook must not be charged to another's
@@ -307,15 +355,23 @@ class ComputeMeter:
         earlier plans of the same ``scope`` (:func:`structure_key`; module docstring)."""
         return StepMemo(self, self._memos.setdefault(scope, {}))
 
+    def prediction_memo(self) -> StepMemo:
+        """A memo of one evaluation's prediction batches, by signature (the batch's shape
+        and task): within one evaluation the model and the plugins stay put, so a batch's
+        FLOPs follow from its shape (module docstring). Work that depends on the batch's
+        content (TAME routing rows to experts) is marked with ``ctx.compute_step``."""
+        return StepMemo(self, {}, self.prediction_regions)
+
     # -- counts that need no dispatch ------------------------------------------
 
     def add_parts(self, parts: dict[str, int]) -> None:
+        """Charge a memoised step's counts (to the row only: no enclosing step being
+        memoised holds a nested step's count)."""
         row = self.row.flops
         for part, flops in parts.items():
             row[part] = row.get(part, 0) + flops
-        for captured in self._capture:
-            for part, flops in parts.items():
-                captured[part] = captured.get(part, 0) + flops
+        if self._evaluating:
+            self.row.evaluation_flops += sum(parts.values())
 
     def optimizer_step(self) -> None:
         self.row.optimizer_steps += 1
@@ -338,11 +394,14 @@ class ComputeMeter:
     def state_dict(self) -> dict[str, Any]:
         """The rows so far, for a checkpoint (a resumed run continues them)."""
         return {"rows": [dict(vars(row), flops=dict(row.flops)) for row in self.rows],
-                "regions": dict(self.regions)}
+                "regions": dict(self.regions),
+                "prediction_regions": dict(self.prediction_regions)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows = [ComputeRow(**row) for row in state["rows"]]
         self.regions = dict(state["regions"])
+        self.prediction_regions = dict(state.get("prediction_regions",
+                                                 {"counted": 0, "memoised": 0}))
 
     def to_dict(self) -> dict[str, Any]:
         """``compute`` of a strategy in summary.json."""
@@ -370,12 +429,15 @@ class ComputeMeter:
             # the loop's step regions (before_batch, forward, backward) counted op by op
             # and charged from the memo
             "step_regions": dict(self.regions),
+            # the evaluations' prediction batches counted op by op and charged from the memo
+            "prediction_regions": dict(self.prediction_regions),
             "counted": "FLOPs of torch's matrix products, convolutions and attention "
                        "(forward and backward), counted per op; other ops (elementwise, "
                        "norms, the optimizer's update) count 0",
             "counted_ops": list(COUNTED_OPS),
-            "estimated": "memoised training steps: each signature's first step counted, "
-                         "the rest charged the same" if self.mode == "on" else None,
+            "estimated": "memoised training steps and prediction batches: each "
+                         "signature's first counted, the rest charged the same"
+                         if self.mode == "on" else None,
         }
 
 
@@ -384,10 +446,12 @@ class StepMemo:
     docstring): the first step of a signature runs under the counter and its counts are
     kept; later ones run with the counter paused and are charged the kept counts."""
 
-    def __init__(self, meter: ComputeMeter, known: dict[tuple, dict[str, int]] | None = None
-                 ) -> None:
+    def __init__(self, meter: ComputeMeter, known: dict[tuple, dict[str, int]] | None = None,
+                 tally: dict[str, int] | None = None) -> None:
         self.meter = meter
         self.known: dict[tuple, dict[str, int]] = {} if known is None else known
+        # where the regions counted and memoised are tallied: the meter's step regions
+        self.tally = meter.regions if tally is None else tally
 
     @property
     def active(self) -> bool:
@@ -402,20 +466,16 @@ class StepMemo:
             return
         known = None if meter.mode == "every_step" else self.known.get(signature)
         if known is not None:
-            with meter.paused():
+            with meter.replaying():
                 yield
             meter.add_parts(known)
-            meter.regions["memoised"] += 1
+            self.tally["memoised"] += 1
             return
         captured: dict[str, int] = {}
-        meter._capture.append(captured)
-        try:
-            with meter.counted():
-                yield
-        finally:
-            meter._capture.remove(captured)
+        with meter.recording(captured):
+            yield
         self.known[signature] = captured
-        meter.regions["counted"] += 1
+        self.tally["counted"] += 1
 
 
 def structure_key(model: Module, trained: list[Tensor]) -> tuple:
@@ -427,20 +487,56 @@ def structure_key(model: Module, trained: list[Tensor]) -> tuple:
 
 
 def state_sizes(plugins: list[tuple[str, Any]]) -> tuple:
-    """How much each plugin holds, cheaply: the ``len()`` of every attribute that has one
-    and the shape of every tensor attribute (modules and strings left out). Part of a
-    step's signature: a buffer filling, or a store growing, changes it."""
+    """How much each plugin holds, cheaply: for every attribute, its value if it is a
+    number (an int, float or bool: a counter, a switch), the shape of a tensor or array,
+    the ``len()`` of a sized object, and one level further into dicts, lists and tuples
+    (up to :data:`_SIZE_ITEMS` items) and into objects without a length (a buffer's own
+    counters, an options object); modules, strings and ``None`` left out. Part of a
+    step's signature: a buffer filling, a store growing, a counter moving changes it
+    (a value that changes every step makes every step count: correct, only slower)."""
     sizes: list[object] = []
     for _, plugin in plugins:
-        for value in getattr(plugin, "__dict__", {}).values():
-            if isinstance(value, Tensor):
-                sizes.append(tuple(value.shape))
-            elif hasattr(type(value), "__len__") and not isinstance(value, str | bytes | Module):
-                try:
-                    sizes.append(len(value))
-                except Exception:  # noqa: BLE001 - a plugin's __len__ that fails: no size
-                    sizes.append(None)
+        state = getattr(plugin, "__dict__", None)
+        if state:
+            sizes.append(tuple(_size(value, 1) for value in state.values()))
     return tuple(sizes)
+
+
+_SIZE_ITEMS = 64
+"""The most items of a container :func:`state_sizes` reads one by one (a longer one: its
+length alone)."""
+
+_NUMBERS = (int, float)  # bool is an int
+
+
+def _size(value: object, depth: int) -> object:
+    """What :func:`state_sizes` reads of ``value``, ``depth`` more levels down."""
+    if isinstance(value, Tensor):
+        return value.shape
+    if isinstance(value, _NUMBERS):
+        return value
+    if value is None or isinstance(value, str | bytes | Module):
+        return None
+    if isinstance(value, dict):
+        values = value.values()
+    elif isinstance(value, list | tuple):
+        values = value
+    else:
+        shape = getattr(value, "shape", None)  # a numpy array
+        if isinstance(shape, tuple):
+            return shape
+        if hasattr(type(value), "__len__"):
+            try:
+                return len(value)  # type: ignore[arg-type]
+            except Exception:  # noqa: BLE001 - a plugin's __len__ that fails: no size
+                return None
+        state = getattr(value, "__dict__", None)
+        if depth <= 0 or not state:
+            return None
+        return tuple(_size(item, depth - 1) for item in state.values())
+    if depth <= 0 or len(values) > _SIZE_ITEMS:
+        return len(values)
+    return tuple(_size(item, depth - 1) for item in values)
 
 
 class _Current(threading.local):

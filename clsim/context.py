@@ -194,7 +194,9 @@ class RunContext:
         step of each ``signature`` (hashable values from which the step's FLOPs follow:
         input shapes, which module) in an experience is counted, later ones are charged
         the same, as the standard loop's steps are (:mod:`clsim.compute`;
-        ``CLSIM_COMPUTE=every_step`` counts every step, to check the signature)."""
+        ``CLSIM_COMPUTE=every_step`` counts every step, to check the signature). Inside a
+        hook of the standard loop's batch it marks work whose FLOPs the loop's signature
+        cannot know (a random number of rows): memoised and charged on its own."""
         return nullcontext() if self._meter is None else self._meter.plugin_step(signature)
 
     def _loop(self, service: str) -> Any:

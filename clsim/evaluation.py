@@ -13,12 +13,13 @@ same images under other labels, and all their hits are counted from the same pre
 from __future__ import annotations
 
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from clsim.compute import counted
+from clsim.compute import current
 from clsim.context import RunContext
 from clsim.digests import row_digests
 from clsim.feature_cache import feature_cache, is_frozen
@@ -186,6 +187,9 @@ def evaluate(
     n_labels = stream.labels.n_classes
     hits = np.zeros((len(stream), n_labels), dtype=np.int64)
     predictions: list[list[torch.Tensor]] = [[] for _ in range(plan.n_groups)]
+    # the strategy's inference FLOPs (clsim.compute): a batch's follow from its shape
+    meter = current()
+    memo = None if meter is None else meter.prediction_memo()
     try:
         for j, (exp, step) in enumerate(zip(stream, plan.steps, strict=True)):
             x_new = exp.test_x if step.new_rows is None else exp.test_x[step.new_rows]
@@ -193,7 +197,8 @@ def evaluate(
                 x = ctx.to_input(x_new[start : start + batch_size])
                 if x.dim() == 4:
                     x = x.contiguous(memory_format=layout)
-                with counted():  # the strategy's inference FLOPs (clsim.compute)
+                with nullcontext() if memo is None else memo.region(
+                        (tuple(x.shape), exp.task_id)):
                     predictions[step.group].append(
                         predict(ctx, hooks, x, exp.task_id, exp.classes))
             if exp.n_test == 0:

@@ -329,8 +329,11 @@ def is_frozen(module: nn.Module) -> bool:
     return not any(p.requires_grad for p in module.parameters())
 
 
-# FLOPs of one row through a frozen encoder, by the encoder's structure and the row's shape
-_ROW_FLOPS: dict[tuple, int] = {}
+# FLOPs of one row through a frozen encoder: per encoder module (two encoders of one type
+# and parameter shapes may still compute differently: a convolution's stride), then by its
+# parameters' shapes and the row's shape, dtype and device; dropped with the module
+_ROW_FLOPS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = \
+    weakref.WeakKeyDictionary()
 
 
 def charge_as_computed(meter: compute.ComputeMeter, encoder: nn.Module, x: torch.Tensor,
@@ -343,14 +346,16 @@ def charge_as_computed(meter: compute.ComputeMeter, encoder: nn.Module, x: torch
     counted once per encoder structure and input shape, gives them exactly; the padding
     of a fixed-height call is the simulator's too and is not charged."""
     row = x[:1] if prepare is None else prepare(x[:1])
-    key = (type(encoder), tuple((name, tuple(p.shape), p.dtype)
-                                for name, p in encoder.named_parameters()),
+    key = (tuple((name, tuple(p.shape), p.dtype) for name, p in encoder.named_parameters()),
            tuple(row.shape), row.dtype, str(row.device))
-    per_row = _ROW_FLOPS.get(key)
+    known = _ROW_FLOPS.get(encoder)
+    if known is None:
+        known = _ROW_FLOPS[encoder] = {}
+    per_row = known.get(key)
     if per_row is None:
         with meter.paused():
             _, per_row = flops_of(lambda: encoder(row))
-        _ROW_FLOPS[key] = per_row
+        known[key] = per_row
     meter.charge(per_row * len(x))
 
 

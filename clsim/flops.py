@@ -44,6 +44,9 @@ _QUERIES = frozenset({
     torch.ops.aten.sym_numel.default,
     torch.ops.aten.dim.default,
     torch.ops.prim.layout.default,
+    # newer torch asks this instead of is_contiguous (absent before it)
+    *((torch.ops.aten.sym_is_contiguous.default,)
+      if hasattr(torch.ops.aten, "sym_is_contiguous") else ()),
 })
 
 COUNTED_OPS: tuple[str, ...] = tuple(sorted(

@@ -454,10 +454,14 @@ class PlFmsPlugin:
         """Per stored sample: cross-entropy on its stored labels, weight 1 at its own
         level and ``pseudo_weight`` at the others (eval mode, no gradient)."""
         labels, model = self._labels(ctx), ctx.model
+        x = self.memory.x[slots]
         was_training = model.training
         model.eval()
+        # memoised on its own: how many rows are replayed is drawn at random, which the
+        # loop's step signature (taken before clsim_before_batch) cannot know
         try:
-            logits = model(ctx.to_input(self.memory.x[slots]))
+            with ctx.compute_step("sample_losses", tuple(x.shape)):
+                logits = model(ctx.to_input(x))
         finally:
             model.train(was_training)
         rows = self.memory.label_rows(slots).to(logits.device)

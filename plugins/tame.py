@@ -883,7 +883,10 @@ class TamePlugin:
         for index in routes.unique().tolist():
             rows = routes == index
             if bool(self.expert_classes[index].any()):
-                predicted[rows] = self.expert_predict(index, x[rows])
+                chosen = x[rows]  # how many rows the selector routes here: memoised apart
+                with ctx.compute_step("predict", index, tuple(chosen.shape),
+                                      _size(self.experts[index])):
+                    predicted[rows] = self.expert_predict(index, chosen)
         return predicted
 
     # -- report ----------------------------------------------------------------

@@ -49,6 +49,9 @@ strategies:
   nmc: {{plugins: [nmc]}}
   memo: {{budget: '8 models + 300 exemplars', plugins: [memo]}}
   prd: {{plugins: [prd]}}
+  si: {{plugins: [{{si: {{c: 0.01, xi: 0.1}}}}]}}
+  pl_fms: {{budget: 'model + 300 exemplars', plugins: [pl_fms]}}
+  gdumb: {{budget: 'model + 300 exemplars', plugins: [gdumb]}}
 """
 
 
@@ -108,6 +111,12 @@ def test_an_mlp_costs_its_closed_form(setting):
     # regions (forward, backward, step; naive has no hook in a step); the rest is memoised
     assert compute["step_regions"] == {"counted": 3 * 2 * 5,
                                        "memoised": 3 * (n_steps(setting) - 2 * 5)}
+    # each evaluation (6) predicts every test set in one batch: a size met before in the
+    # same evaluation is charged from the memo
+    sizes = [exp.n_test for exp in stream]
+    assert compute["prediction_regions"] == {
+        "counted": 6 * len(set(sizes)), "memoised": 6 * (len(sizes) - len(set(sizes)))}
+    assert compute["prediction_regions"]["memoised"] > 0
     experiences = [row for row in compute["rows"] if row["stage"] == "experience"]
     assert [row["experience"] for row in experiences] == list(range(len(stream)))
     for row, exp in zip(experiences, stream, strict=True):
@@ -115,6 +124,42 @@ def test_an_mlp_costs_its_closed_form(setting):
         assert row["optimizer_steps"] == 2 * -(-exp.n_train // 64)
         assert row["cpu_seconds"] >= 0 and row["wall_seconds"] >= 0
     assert "mm" in compute["counted_ops"] and "convolution" in compute["counted_ops"]
+
+
+def test_a_small_cnn_costs_its_closed_form(setting):
+    """small_cnn on the 8x8 digits, channels [4, 8]: a 3x3 convolution (padding 1) costs
+    2 * Cout * Cin * 3 * 3 * Hout * Wout per row forward; 8x8 -> pool -> 4x4 -> pool ->
+    global pool -> the head (8 -> 10). Backward: every conv's weight gradient (its forward
+    again), the second conv's input gradient (the first's input is data), the head's two;
+    BatchNorm, pooling and ReLU count 0."""
+    scenario, dataset, _ = setting
+    cnn = parse_scenario(SCENARIO.replace(f"{{name: mlp, hidden: [{HIDDEN}]}}",
+                                          "{name: small_cnn, channels: [4, 8]}")
+                         .replace("epochs: 2", "epochs: 1"))
+    stream = build_stream(cnn, dataset, cnn.seed)[:2]
+    outcome = run_strategy(cnn, cnn.strategies["naive"], dataset, stream, seed=0,
+                           device=torch.device("cpu"), compute="on")
+    assert outcome.error is None, outcome.error
+    compute = outcome.to_dict()["compute"]
+    conv1, conv2, head = 2 * 4 * 1 * 9 * 8 * 8, 2 * 8 * 4 * 9 * 4 * 4, 2 * 8 * 10
+    rows = sum(exp.n_train for exp in stream)
+    assert compute["parts"] == {
+        "training.forward": rows * (conv1 + conv2 + head),
+        "training.backward": rows * (conv1 + 2 * conv2 + 2 * head),
+        "evaluation.forward": 3 * plan_of(stream).n_predicted * (conv1 + conv2 + head),
+    }
+    assert compute["inference_flops_per_sample"] == conv1 + conv2 + head
+
+
+def test_a_convolution_costs_its_closed_form():
+    """On a bare convolution, stride 2: Hout = Wout = 5 for a 9x9 input, padding 1."""
+    conv = torch.nn.Conv2d(3, 6, 3, stride=2, padding=1)
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    out, forward = flops_of(lambda: conv(x))
+    assert out.shape == (2, 6, 5, 5)
+    assert forward == 2 * 2 * 6 * 3 * 3 * 3 * 5 * 5
+    _, backward = flops_of(lambda: out.sum().backward())
+    assert backward == 2 * forward  # the weight's gradient and the input's
 
 
 def test_the_counter_sees_what_autograd_computes():
@@ -172,18 +217,53 @@ def test_herding_and_a_teacher_have_parts_of_their_own(setting):
     assert icarl["parts"]["icarl.herding"] == n_train(setting) * 2 * IN * HIDDEN
 
 
+def same_counts(on: dict, every: dict) -> None:
+    """``on`` (memoised) and ``every`` (every step counted) count the same, and the memo
+    was used: some step region of the memoised run was charged from it."""
+    regions = [(compute.pop("step_regions"), compute.pop("prediction_regions"))
+               for compute in (on, every)]
+    for compute in (on, every):
+        compute.pop("mode"), compute.pop("estimated")
+    assert without_clocks({"compute": on}) == without_clocks({"compute": every})
+    (steps, predictions), (every_steps, every_predictions) = regions
+    assert steps["memoised"] + predictions["memoised"] > 0, regions[0]
+    assert every_steps["memoised"] == every_predictions["memoised"] == 0, regions[1]
+
+
 @pytest.mark.parametrize("name", ["naive", "reservoir", "herding", "lwf", "der", "agem",
-                                  "er_ace", "ewc", "icarl", "frozen"])
+                                  "er_ace", "ewc", "icarl", "frozen", "memo", "prd", "si",
+                                  "pl_fms", "gdumb", "nmc"])
 def test_memoised_steps_count_what_counting_every_step_counts(setting, name):
     """The memo's assumption (a step's FLOPs follow from its shapes within one plan),
     checked on the built-in strategies: replayed rows, a teacher, A-GEM's reference
-    gradient, DER's stored logits, EWC's penalty."""
-    memoised, every = run(setting, name, "on"), run(setting, name, "every_step")
-    for compute in (memoised, every):
-        compute.pop("mode"), compute.pop("estimated")
-        regions = compute.pop("step_regions")
-    assert without_clocks({"compute": memoised}) == without_clocks({"compute": every})
-    assert regions["memoised"] == 0 and memoised.get("step_regions") is None
+    gradient, DER's stored logits, EWC's penalty, PL-FMS's random share of replayed rows
+    and its per-sample losses, MEMO's blocks."""
+    same_counts(run(setting, name, "on"), run(setting, name, "every_step"))
+
+
+@pytest.mark.parametrize(("file", "name"), [
+    ("fscil_strategies_quick", "fast_slow"), ("fscil_strategies_quick", "prototype_fscil"),
+    ("fscil_strategies_quick", "nmc"), ("analytic_quick", "analytic"),
+    ("pl_fms_quick", "pl_fms"), ("memo_quick", "memo"), ("prd_quick", "prd"),
+    ("classics_quick", "si"),
+])
+def test_memoised_steps_hold_on_the_quick_scenarios(file, name):
+    """The same on the shipped quick scenarios of strategies the split-digits setting
+    does not cover (few-shot sessions, hierarchical labels), on a shortened stream."""
+    from helpers import REPO_ROOT
+
+    from clsim.config import load_scenario
+
+    scenario = load_scenario(REPO_ROOT / "scenarios" / f"{file}.yaml")
+    dataset = load_scenario_data(scenario)
+    stream = build_stream(scenario, dataset, scenario.seed)[:3]
+    counts = []
+    for mode in ("on", "every_step"):
+        outcome = run_strategy(scenario, scenario.strategies[name], dataset, stream,
+                               seed=scenario.seed, device=torch.device("cpu"), compute=mode)
+        assert outcome.error is None, outcome.error
+        counts.append(outcome.to_dict()["compute"])
+    same_counts(*counts)
 
 
 @pytest.mark.parametrize("name", ["reservoir", "der", "memo", "prd", "si"])
@@ -191,20 +271,17 @@ def test_memoised_steps_hold_on_an_online_stream(setting, name):
     """Online: many short plans (one per part between anytime evaluations), a buffer
     filling while the stream goes by, MEMO's blocks and PRD's teacher."""
     scenario, dataset, _ = setting
-    extra = "  si: {plugins: [si]}\n"
     online = parse_scenario(SCENARIO.replace(
         "n_experiences: 5}", "n_experiences: 5, online: true, eval_every: 100}").replace(
-        "epochs: 2", "epochs: 1") + extra)
+        "epochs: 2", "epochs: 1"))
     stream = build_stream(online, dataset, online.seed)
     counts = []
     for mode in ("on", "every_step"):
         outcome = run_strategy(online, online.strategies[name], dataset, stream, seed=0,
                                device=torch.device("cpu"), compute=mode)
         assert outcome.error is None, outcome.error
-        compute = without_clocks(outcome.to_dict())["compute"]
-        compute.pop("mode"), compute.pop("estimated"), compute.pop("step_regions")
-        counts.append(compute)
-    assert counts[0] == counts[1]
+        counts.append(outcome.to_dict()["compute"])
+    same_counts(*counts)
     # parts cut at every 100 samples: at least one step more per cut than offline
     assert counts[0]["steps"] >= sum(-(-exp.n_train // 64) for exp in stream)
 
@@ -302,9 +379,57 @@ def test_a_plugin_that_trains_itself_memoises_its_own_steps():
         outcome = run_strategy(scenario, scenario.strategies["tame"], dataset, stream,
                                seed=scenario.seed, device=torch.device("cpu"), compute=mode)
         assert outcome.error is None, outcome.error
-        compute = without_clocks(outcome.to_dict())["compute"]
-        compute.pop("mode"), compute.pop("estimated")
-        counts.append((compute.pop("step_regions"), compute))
-    assert counts[0][1] == counts[1][1]
-    assert counts[0][0]["memoised"] > 10 * counts[0][0]["counted"]
-    assert counts[0][1]["parts"]["training.backward"] > 0
+        counts.append(outcome.to_dict()["compute"])
+    regions = counts[0]["step_regions"]
+    same_counts(*counts)
+    assert regions["memoised"] > 10 * regions["counted"]
+    assert counts[0]["parts"]["training.backward"] > 0
+    assert counts[0]["parts"]["tame.clsim_predict"] > 0
+
+
+@pytest.mark.parametrize("mode", ["on", "every_step"])
+def test_a_step_nested_in_a_memoised_step_is_charged_on_its_own(mode):
+    """A loop step charged from the memo still runs a nested ``plugin_step``: its rows,
+    unknown to the loop's signature, are charged right either way."""
+    meter = ComputeMeter(mode)
+    layer = torch.nn.Linear(4, 4)
+    memo = meter.memo(("loop",))
+    with meter.active():
+        for rows in (1, 2, 3, 2):  # one loop signature, the nested rows drawn at random
+            with memo.region(("before_batch",)), meter.hook("p", "clsim_before_batch"):
+                layer(torch.ones(5, 4))  # the hook's own work, the same every step
+                with meter.plugin_step(("losses", rows)):
+                    layer(torch.ones(rows, 4))
+    meter.finish()
+    assert meter.totals() == {"p.clsim_before_batch": 2 * 16 * (4 * 5 + 1 + 2 + 3 + 2)}
+    if mode == "on":  # the loop's step counted once, the nested one per distinct size
+        assert meter.regions == {"counted": 1 + 3, "memoised": 3 + 1}
+
+
+def test_state_sizes_read_what_a_plugin_holds():
+    """Numbers, tensor shapes, lengths, one level into containers and into objects
+    without a length: what a step's FLOPs may follow from."""
+    from types import SimpleNamespace
+
+    from clsim.compute import state_sizes
+
+    class Holder:
+        def __init__(self) -> None:
+            self.steps, self.scale, self.on = 3, 0.5, True
+            self.store = {"a": torch.zeros(2, 3), "b": [torch.zeros(4)]}
+            self.counters = SimpleNamespace(seen=7, rows=torch.zeros(5))
+            self.name, self.layer, self.nothing = "x", torch.nn.Linear(2, 2), None
+            self.many = list(range(100))
+
+    holder = Holder()
+    before = state_sizes([("h", holder)])
+    assert before == (((3, 0.5, True, ((2, 3), 1), (7, (5,)), None, None, None, 100)),)
+    for change in (lambda h: setattr(h, "steps", 4),
+                   lambda h: h.store.__setitem__("a", torch.zeros(3, 3)),
+                   lambda h: setattr(h.counters, "seen", 8),
+                   lambda h: h.store["b"].append(torch.zeros(1)),
+                   lambda h: setattr(h, "on", False)):
+        changed = Holder()
+        change(changed)
+        assert state_sizes([("h", changed)]) != before
+    assert state_sizes([("h", object())]) == ()
