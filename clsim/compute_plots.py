@@ -117,13 +117,19 @@ def _number_points(ax, points: list[tuple[float, float, int]], colour: str) -> N
 
 
 def _log_axis(axis, set_scale) -> None:
-    """A log scale with ticks written as plain numbers (0.5, 2, 300), not 2x10^0."""
-    from matplotlib.ticker import FuncFormatter, LogFormatter
+    """A log scale with ticks written as plain numbers (0.5, 2, 300), not 2x10^0; the
+    minor ticks labelled too when the data span less than two decades (else they would
+    crowd). Call it once the data are drawn."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     set_scale("log")
-    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    # minor ticks labelled only over a narrow range (matplotlib's thresholds)
-    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    plain = FuncFormatter(lambda value, _: f"{value:.3g}")
+    axis.set_major_formatter(plain)
+    low, high = axis.get_view_interval()
+    narrow = low > 0 and math.log10(high / low) < 2
+    axis.set_minor_formatter(plain if narrow else NullFormatter())
 
 
 def _budget_key(fig, analysis: Analysis) -> None:
