@@ -64,7 +64,8 @@ def plot_frontier(analysis: Analysis, path: Path) -> None:
     """Left: memory held against learning GFLOP, coloured by last accuracy; right: last
     accuracy against learning GFLOP. Points on the Pareto frontier are ringed in red."""
     plt = _pyplot()
-    rows = [r for r in analysis.frontier if r["on_frontier"] is not None]
+    rows = [r for r in analysis.frontier  # a log axis has no place for 0
+            if r["on_frontier"] is not None and r["learning_flops"] > 0 and r["held_mb"] > 0]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     left, right = axes
     scatter = None
