@@ -148,13 +148,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from clsim.compare import rebuild_report
+    from clsim.compare import rebuild_report, report_files
 
     analysis = rebuild_report(Path(args.dir))
-    print(
-        f"rebuilt {args.dir}/report.md, summary.csv, auc.csv, accuracy_vs_memory.png from "
-        f"{len(analysis.records)} cells"
-    )
+    print(f"rebuilt {args.dir}/{report_files(analysis)} from {len(analysis.records)} cells")
     return 0
 
 

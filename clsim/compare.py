@@ -48,7 +48,17 @@ class CompareResult:
         return self.analysis.failed
 
 
-REPORT_FILES = "report.md, summary.csv, auc.csv, accuracy_vs_memory.png, tensorboard/"
+REPORT_FILES = ("report.md, summary.csv, auc.csv, frontier.csv, accuracy_vs_memory.png, "
+                "accuracy_vs_compute.png, frontier.png, tensorboard/")
+COMPUTE_PLOTS = ("accuracy_vs_compute.png", "frontier.png")  # written only with compute
+
+
+def report_files(analysis: Analysis) -> str:
+    """:data:`REPORT_FILES` as written for ``analysis``: without the compute figures when
+    no cell counted compute (report.md says why)."""
+    if analysis.has_compute:
+        return REPORT_FILES
+    return ", ".join(name for name in REPORT_FILES.split(", ") if name not in COMPUTE_PLOTS)
 
 
 def compare_summary(result: CompareResult) -> str:
@@ -57,7 +67,8 @@ def compare_summary(result: CompareResult) -> str:
     kept = f", kept {result.skipped} finished ones" if result.resumed else ""
     cached = feature_cache_by_worker(result.analysis.records)
     return (f"{terminal_summary(result.analysis)}\n\n{cached + chr(10) if cached else ''}"
-            f"ran {result.ran} cells{kept}; report: {result.out_dir}/{REPORT_FILES}")
+            f"ran {result.ran} cells{kept}; report: {result.out_dir}/"
+            f"{report_files(result.analysis)}")
 
 
 def feature_cache_by_worker(records: list[dict[str, Any]]) -> str:

@@ -463,6 +463,8 @@ class _Loop:
         )
         self.tensorboard.experience(exp.index, seen, row, loss, record.measurement.total_bytes,
                                     record.measurement.parts)
+        if self.outcome.compute is not None:  # accounting on: what it computed so far
+            self.tensorboard.compute(exp.index, [r.to_dict() for r in self.outcome.compute.rows])
         self._check_budget(record, f"after experience {exp.index}")
 
     def _check_compute(self, experience: int) -> None:

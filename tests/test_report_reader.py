@@ -103,8 +103,11 @@ def test_auc_is_a_mean_accuracy_in_percent_everywhere():
     assert rows["bad"]["auc_a_pct"] == pytest.approx(40.0)
     header, *lines = auc_csv(analysis).splitlines()
     assert header == ("strategy,auc_a_pct,auc_a_pct_ci95,auc_l_pct,auc_l_pct_ci95,seeds,"
-                      "memory_mb_from,memory_mb_to")
-    assert lines[1].startswith("good,85.0,") and lines[1].endswith(",3,1.0,3.0")
+                      "memory_mb_from,memory_mb_to,auc_a_compute_pct,auc_a_compute_pct_ci95,"
+                      "auc_l_compute_pct,auc_l_compute_pct_ci95,compute_seeds,"
+                      "learning_flops_from,learning_flops_to")
+    # these records carry no compute: its columns are empty, no compute seed
+    assert lines[1].startswith("good,85.0,") and lines[1].endswith(",3,1.0,3.0,,,,,0,,")
     report = report_markdown(analysis, "t")
     assert "| good | 85.00 ± 0.00 | 85.00 ± 2.48 | 1 to 3 | 3 |" in report
     assert "the mean accuracy over that range in %" in report

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from clsim.budget import format_bytes
+from clsim.compute_figures import compute_field, count_text, gflop_text, learning_flops
 
 
 def progress_factory() -> Callable[[str, int], Any]:
@@ -28,7 +29,9 @@ def progress_factory() -> Callable[[str, int], Any]:
 
 
 def results_table(strategies: dict[str, dict[str, Any]]) -> str:
-    """The summary as an aligned text table, one row per strategy."""
+    """The summary as an aligned text table, one row per strategy: scores, the bytes held
+    and, beside them, what the strategy computed to learn (GFLOP: learning FLOPs / 10^9;
+    steps: optimizer steps; ``-`` with compute accounting off)."""
     header = (
         "strategy",
         "final acc",
@@ -36,14 +39,16 @@ def results_table(strategies: dict[str, dict[str, Any]]) -> str:
         "forgetting",
         "peak held",
         "kept between",
+        "GFLOP",
+        "steps",
         "budget",
         "over budget",
     )
     rows = []
     for name, s in strategies.items():
         if s.get("status") == "failed":
-            rows.append((name, "failed", "-", "-", "-", "-", format_bytes(s.get("budget_bytes")),
-                         "-"))
+            rows.append((name, "failed", "-", "-", "-", "-", "-", "-",
+                         format_bytes(s.get("budget_bytes")), "-"))
             continue
         estimated = " (est.)" if s.get("memory_estimated") else ""
         # peak held: the most during training; kept: the most held between experiences
@@ -60,6 +65,8 @@ def results_table(strategies: dict[str, dict[str, Any]]) -> str:
                 _score(s.get("forgetting")),
                 format_bytes(s["peak_bytes"]) + estimated,
                 "-" if kept is None else format_bytes(kept) + estimated,
+                gflop_text(learning_flops(s)),
+                count_text(compute_field(s, "steps")),
                 format_bytes(s["budget_bytes"]),
                 over,
             )

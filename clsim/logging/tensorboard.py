@@ -17,7 +17,8 @@ from clsim.results import write_failure
 
 
 class TensorBoardLogger:
-    """Scalars per experience: accuracy on seen data, per-experience accuracy, ledger bytes."""
+    """Scalars per experience: accuracy on seen data, per-experience accuracy, ledger
+    bytes, and what the strategy computed."""
 
     def __init__(self, log_dir: Path | None) -> None:
         self._writer = None
@@ -48,6 +49,28 @@ class TensorBoardLogger:
         self.scalar("memory/total_bytes", total_bytes, step)
         for part, nbytes in parts.items():
             self.scalar(f"memory/{part}", nbytes, step)
+        self._call(self._writer.flush)
+
+    def compute(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """What the strategy computed, at experience ``step``: ``rows`` are the compute
+        meter's rows so far (:meth:`clsim.compute.ComputeRow.to_dict`), the last one this
+        experience's. Per experience: learning GFLOP (every FLOP but the test
+        predictions'), optimizer steps, samples forwarded, GFLOP per part (evaluation
+        included), inference FLOPs per test sample; and the learning GFLOP so far, the
+        figure a compute budget bounds."""
+        if self._writer is None or not rows:
+            return
+        row = rows[-1]
+        self.scalar("compute/learning_gflop", _learning(row) / 1e9, step)
+        self.scalar("compute/learning_gflop_so_far", sum(map(_learning, rows)) / 1e9, step)
+        self.scalar("compute/steps", row["optimizer_steps"], step)
+        for kind, samples in row["samples_forwarded"].items():
+            self.scalar(f"compute/samples_forwarded/{kind}", samples, step)
+        if row.get("inference_flops_per_sample") is not None:
+            self.scalar("compute/inference_flops_per_sample",
+                        row["inference_flops_per_sample"], step)
+        for part, flops in row["parts"].items():
+            self.scalar(f"compute/gflop/{part}", flops / 1e9, step)
         self._call(self._writer.flush)
 
     def anytime(self, position: int, seen_accuracy: float) -> None:
@@ -81,6 +104,11 @@ class TensorBoardLogger:
                 except OSError:
                     pass  # the failure already kept
             raise self.failure from None
+
+
+def _learning(row: dict[str, Any]) -> int:
+    """A compute row's FLOPs but its test predictions'."""
+    return row["flops"] - row["evaluation_flops"]
 
 
 def open_summary_writer(log_dir: Path) -> Any:
