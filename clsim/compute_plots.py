@@ -119,8 +119,8 @@ def _number_points(ax, points: list[tuple[float, float, int]], colour: str) -> N
 
 def _log_axis(axis, set_scale) -> None:
     """A log scale with ticks written as plain numbers (0.5, 2, 300), not 2x10^0; the
-    minor ticks labelled too when the data span less than two decades (else they would
-    crowd). Call it once the data are drawn."""
+    minor ticks at 2, 3 and 5 labelled too when the data span less than two decades.
+    Call it once the data are drawn."""
     import math
 
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -130,7 +130,12 @@ def _log_axis(axis, set_scale) -> None:
     axis.set_major_formatter(plain)
     low, high = axis.get_view_interval()
     narrow = low > 0 and math.log10(high / low) < 2
-    axis.set_minor_formatter(plain if narrow else NullFormatter())
+
+    def sparse(value: float, _) -> str:  # 2, 3 and 5 of each decade: 0.4 ... 0.9 crowd
+        mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
+        return f"{value:.3g}" if mantissa in (2.0, 3.0, 5.0) else ""
+
+    axis.set_minor_formatter(FuncFormatter(sparse) if narrow else NullFormatter())
 
 
 def _budget_key(fig, analysis: Analysis) -> None:
