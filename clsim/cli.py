@@ -72,7 +72,12 @@ def _load(arg: str):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from clsim.assembly import default_out_dir
-    from clsim.logging.console import family_table, feature_cache_note, results_table
+    from clsim.logging.console import (
+        compute_budget_note,
+        family_table,
+        feature_cache_note,
+        results_table,
+    )
     from clsim.runner import run_scenario
 
     if args.resume and not args.out:
@@ -96,9 +101,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     family = family_table(result.summary)
     if family:
         print("\n" + family)
-    cached = feature_cache_note(result.summary["strategies"])
-    if cached:
-        print("\n" + cached)
+    for note in (compute_budget_note, feature_cache_note):
+        text = note(result.summary["strategies"])
+        if text:
+            print("\n" + text)
     print(
         f"\nresults: {out}/summary.json, {figure}events.jsonl, tensorboard/ "
         f"(tensorboard --logdir {out}/tensorboard)"

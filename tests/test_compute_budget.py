@@ -229,3 +229,13 @@ def test_compare_cells_carry_their_compute_budget() -> None:
         rows = spending["share"] // PASS_FLOPS_PER_SAMPLE
         assert spending["trained_batches"] == rows // 32
         assert spending["spent"] == spending["trained_batches"] * 32 * PASS_FLOPS_PER_SAMPLE
+
+
+def test_the_run_console_says_what_each_budget_spent_and_cut(summary: dict) -> None:
+    from clsim.logging.console import compute_budget_note
+
+    note = compute_budget_note(summary).splitlines()
+    assert note[0].startswith("compute budgets")
+    assert "  naive_steps: 40 steps = 40 steps, spent 40; trained 40 batches, cut 50" in note
+    assert not any(line.startswith("  naive:") for line in note)  # no budget, no line
+    assert compute_budget_note({"naive": summary["naive"]}) == ""

@@ -123,6 +123,26 @@ def feature_cache_note(strategies: dict[str, dict[str, Any]]) -> str:
             "rows: " + "; ".join(parts))
 
 
+def compute_budget_note(strategies: dict[str, dict[str, Any]]) -> str:
+    """Each compute-budgeted strategy's budget, what it spent and the batches the loop
+    cut to keep to it; empty when no strategy has a compute budget."""
+    lines = []
+    for name, record in strategies.items():
+        budget = (record.get("compute") or {}).get("budget")
+        if not budget:
+            continue
+        steps = budget["kind"] == "steps"
+        total = f"{budget['total']} steps" if steps else f"{budget['total'] / 1e9:.4g} GFLOP"
+        spent = f"{budget['spent']}" if steps else f"{budget['spent'] / 1e9:.4g}"
+        over = "; OVER a share (work outside the loop's steps)" if budget["over_budget"] else ""
+        lines.append(f"  {name}: {budget['text']} = {total}, spent {spent}; trained "
+                     f"{budget['trained_batches']} batches, cut {budget['cut_batches']}{over}")
+    if not lines:
+        return ""
+    return "compute budgets (shared among experiences, the loop stops at each share):\n" \
+        + "\n".join(lines)
+
+
 def _align(rows: Iterable[tuple[str, ...]]) -> str:
     rows = list(rows)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
