@@ -515,6 +515,25 @@ def report_markdown(analysis: Analysis, title: str) -> str:
         for r in analysis.over_budget:
             lines.append(f"- {r['cell']}: {_checked_figure(r)} > budget "
                          f"{format_bytes(r['budget_bytes'])}")
+    over_compute = [r for r in analysis.records if r.get("status") == "ok"
+                    and (compute_budget(r) or {}).get("over_budget")]
+    if over_compute:
+        lines += [
+            "",
+            "## Over a compute share",
+            "",
+            "In these cells work outside the loop's steps (herding, a feature pass, a "
+            "closed-form solve, a plugin's own loop) took an experience over its share of "
+            "the compute budget; the loop stops its own steps at each share, but not that "
+            "work. They are scored; summary.csv has what each spent:",
+            "",
+        ]
+        for r in over_compute:
+            budget = compute_budget(r)
+            over = [e["experience"] for e in budget["experiences"] if e["over_share"]]
+            lines.append(f"- {r['cell']}: spent {budget['spent']:,} of {budget['total']:,} "
+                         f"{'steps' if budget['kind'] == 'steps' else 'FLOPs'}; over the "
+                         f"share of experience {', '.join(map(str, over))}")
     if analysis.failed:
         lines += ["", "## Failed cells", ""]
         for r in analysis.failed:

@@ -8,6 +8,8 @@ fewer steps.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import REPO_ROOT, run_cli
@@ -18,6 +20,7 @@ from clsim.compute_budget import ComputeBudget, one_pass_flops, split_shares
 from clsim.config import parse_scenario
 from clsim.errors import ConfigError
 from clsim.grid import plan, run_cell
+from clsim.report import analyse, report_markdown
 from clsim.runner import run_scenario
 
 SCENARIO = """\
@@ -224,6 +227,14 @@ def test_compare_cells_carry_their_compute_budget() -> None:
     assert half["total"] * 2 == whole["total"] == whole["pass_flops"]
     assert cells[0]["memory_mb"] is None and cells[1]["memory_mb"] == 64 / 1024
     assert whole["trained_batches"] == cells[1]["compute"]["steps"] == 45  # one epoch
+    # a cell whose work outside the loop overspent a share is listed in the report
+    over = copy.deepcopy(cells[0])
+    over["compute"]["budget"]["over_budget"] = True
+    over["compute"]["budget"]["experiences"][3]["over_share"] = True
+    report = report_markdown(analyse([over, cells[1]]), "t")
+    assert "## Over a compute share" in report
+    assert f"- {over['cell']}: spent {half['spent']:,} of {half['total']:,} FLOPs; over the " \
+        "share of experience 3" in report
     # half a pass: each experience trains the whole 32-row batches its share pays for
     for spending in half["experiences"]:
         rows = spending["share"] // PASS_FLOPS_PER_SAMPLE
