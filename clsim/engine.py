@@ -481,7 +481,7 @@ class _Loop:
                 f"experience {experience}, over its share of {spending.share} "
                 f"(compute budget {allowance.budget}, shared {allowance.share_rule}); the "
                 "standard loop stops at its share, so the excess is work outside its steps: "
-                f"by part, {_largest_parts(self.ctx._meter.row.flops)}")
+                f"by part, {_largest_parts(self.ctx._meter.row.flops, unit='FLOP')}")
 
     def _check_budget(self, record, when: str) -> None:
         if record.over_budget and self.strategy.strict:
@@ -573,12 +573,7 @@ def _grown_parts(now: Measurement, at_setup: Measurement | None) -> str:
         for part, (before, after) in grown.items())
 
 
-def _largest_parts(parts: dict[str, int], n: int = 3) -> str:
+def _largest_parts(parts: dict[str, int], n: int = 3, unit: str = "B") -> str:
+    """The ``n`` largest parts (bytes, or FLOPs with ``unit="FLOP"``), for a message."""
     top = sorted(parts.items(), key=lambda kv: -kv[1])[:n]
-    return ", ".join(f"{name} {nbytes} B" for name, nbytes in top)
-
-
-def _largest_parts(parts: dict[str, int], n: int = 3) -> str:
-    """The ``n`` parts with the most FLOPs, for a message."""
-    largest = sorted(parts.items(), key=lambda item: -item[1])[:n]
-    return ", ".join(f"{name} {flops:,}" for name, flops in largest) or "none"
+    return ", ".join(f"{name} {amount} {unit}" for name, amount in top) or "none"
