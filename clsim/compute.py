@@ -246,39 +246,43 @@ class ComputeMeter:
             self._counter.__exit__(None, None, None)
 
     @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Nothing dispatched inside is counted, hook calls included (the caller charges
-        what it knows)."""
-        was_entered, was_suppressed = self._entered, self._suppressed
+    def _counter_left(self) -> Iterator[None]:
+        """The counter off the dispatch stack inside, back on after if it was on."""
+        was_entered = self._entered
         if was_entered:
             self._entered = False
             self._counter.__exit__(None, None, None)
-        self._suppressed = True
         try:
             yield
         finally:
-            self._suppressed = was_suppressed
             if was_entered:
                 self._counter.__enter__()
                 self._entered = True
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Nothing dispatched inside is counted, hook calls included (the caller charges
+        what it knows)."""
+        was_suppressed = self._suppressed
+        with self._counter_left():
+            self._suppressed = True
+            try:
+                yield
+            finally:
+                self._suppressed = was_suppressed
 
     @contextmanager
     def replaying(self) -> Iterator[None]:
         """A memoised step whose counts are known: nothing inside is counted, but parts
         are still named and a nested step (``ctx.compute_step``) is still memoised, and
         charged, on its own (its count is not in the enclosing step's)."""
-        was_entered, was_replaying = self._entered, self._replaying
-        if was_entered:
-            self._entered = False
-            self._counter.__exit__(None, None, None)
-        self._replaying = True
-        try:
-            yield
-        finally:
-            self._replaying = was_replaying
-            if was_entered:
-                self._counter.__enter__()
-                self._entered = True
+        was_replaying = self._replaying
+        with self._counter_left():
+            self._replaying = True
+            try:
+                yield
+            finally:
+                self._replaying = was_replaying
 
     @contextmanager
     def recording(self, captured: dict[str, int]) -> Iterator[None]:

@@ -191,9 +191,10 @@ class ComputeAllowance:
         self._part = 0
 
     def begin_fit(self) -> None:
-        """A fit of the standard loop (one part of an online experience) begins."""
+        """A fit of the standard loop (one part of an online experience) begins: the
+        previous part's last step, if any, still predicts the next one's cost."""
         self._part += 1
-        self._last_reading = self._last_cost = None
+        self._last_reading = None
 
     def allows_step(self, meter: Any, rows: int) -> bool:
         """Whether the loop may take its next step, of a batch of ``rows`` samples: its
@@ -201,7 +202,7 @@ class ComputeAllowance:
         previous step's cost per batch row times ``rows`` (exact when a step's FLOPs grow
         with its rows, as the standard loop's do; a plugin that adds a fixed number of
         rows, replay's memory batch, makes a short last batch cost a little more than
-        predicted). The first step of a fit is taken while anything is left."""
+        predicted). The first step of an experience is taken while anything is left."""
         now = self.reading(meter)
         if self._last_reading is not None:
             self._last_cost = now - self._last_reading

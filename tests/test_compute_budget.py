@@ -250,3 +250,22 @@ def test_the_run_console_says_what_each_budget_spent_and_cut(summary: dict) -> N
     assert "  naive_steps: 40 steps = 40 steps, spent 40; trained 40 batches, cut 50" in note
     assert not any(line.startswith("  naive:") for line in note)  # no budget, no line
     assert compute_budget_note({"naive": summary["naive"]}) == ""
+
+
+def test_an_online_experience_keeps_to_its_share_across_its_parts() -> None:
+    """Online, an experience is trained in parts (one fit each): the share spans them, the
+    loop stops in the part where it runs out and cuts every later part whole, and the last
+    step's cost still predicts the next part's first (no part overshoots)."""
+    text = SCENARIO.replace("stream: {type: class_incremental, n_experiences: 5}",
+                            "stream: {type: class_incremental, n_experiences: 5, online: true, "
+                            "eval_every: 100}").replace("epochs: 2", "epochs: 1")
+    text = text.replace('compute_budget: "1.0 passes"', 'compute_budget: "0.5 passes"', 1)
+    record = run_scenario(parse_scenario(text), None, only=["naive_pass"]) \
+        .summary["strategies"]["naive_pass"]
+    assert record["status"] == "ok", record["error"]
+    budget = record["compute"]["budget"]
+    for spending in budget["experiences"]:
+        assert spending["spent"] <= spending["share"]
+        rows = spending["share"] // PASS_FLOPS_PER_SAMPLE
+        assert spending["spent"] > (rows - 32) * PASS_FLOPS_PER_SAMPLE  # within a batch
+        assert spending["first_cut"]["part"] >= 2 and spending["cut_batches"] > 0
