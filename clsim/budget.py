@@ -125,6 +125,9 @@ class BudgetPoint:
             if unknown:
                 raise ValueError(f"unknown key {', '.join(map(repr, unknown))} in a budget point "
                                  "(known keys: memory, aligned, compute)")
+            if any(value.get(key) is None for key in value):
+                empty = next(str(key) for key in value if value.get(key) is None)
+                raise ValueError(f"'{empty}' of a budget point needs a budget; got nothing")
             if not value or {"aligned", "memory"} <= set(value):
                 raise ValueError("a budget point mapping takes 'memory' or 'aligned' (a memory "
                                  "budget; not both) and/or 'compute' (a compute budget); got "
@@ -139,9 +142,15 @@ class BudgetPoint:
         return cls(Budget.parse(value))
 
     @property
+    def memory_label(self) -> str | None:
+        """The memory budget's part of the label (None: each strategy's own budget)."""
+        if self.budget is None:
+            return None
+        return f"aligned: {self.budget.text}" if self.aligned else self.budget.text
+
+    @property
     def label(self) -> str:
-        parts = [] if self.budget is None else \
-            [f"aligned: {self.budget.text}" if self.aligned else self.budget.text]
+        parts = [] if self.budget is None else [self.memory_label]
         if self.compute is not None:
             parts.append(self.compute.text)
         return ", ".join(parts)

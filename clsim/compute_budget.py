@@ -27,6 +27,7 @@ records (``over_budget``) and ``strict`` turns into a failure, as for memory.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from clsim.errors import ConfigError
 from clsim.flops import flops_of
 
 SHARE_RULES = ("proportional", "even")
@@ -64,6 +66,8 @@ class ComputeBudget:
         if not match:
             raise ValueError(f"cannot read {value!r}: expected {_FORMS}")
         number, unit = float(match["num"]), match["unit"]
+        if not math.isfinite(number):
+            raise ValueError(f"compute budget {value!r} is not a finite number")
         if unit in ("step", "steps"):
             if number != int(number):
                 raise ValueError(f"steps are whole numbers; got {value!r}")
@@ -83,6 +87,9 @@ class ComputeBudget:
         if number > limit:
             raise ValueError(f"compute budget {value!r} is implausibly large; is the unit "
                              "right?")
+        if kind != "passes" and number < 1:
+            raise ValueError(f"compute budget {value!r} is less than one "
+                             f"{'FLOP' if kind == 'flops' else 'step'}")
         return cls(number, kind, value.strip())
 
     @property
@@ -165,58 +172,88 @@ class ComputeAllowance:
     shows plugins, and what the standard loop keeps to (module docstring).
 
     ``kind`` is ``flops`` (the meter's FLOPs but the test predictions') or ``steps``
-    (optimizer steps); ``shares[i]`` is the share of the i-th experience shown."""
+    (optimizer steps); ``shares[i]`` is the share of the i-th experience shown. What the
+    setup hooks compute is charged to the first share; what the plugins compute for their
+    reports after the last experience (``after_last``) counts in ``spent`` alone."""
 
     budget: ComputeBudget
     kind: Literal["flops", "steps"]
     total: int
     share_rule: str
     shares: list[int]
-    pass_flops: int | None = None
+    pass_flops: int | None = None  # one pass over the stream (every FLOP budget has it)
+    n_samples: int = 0  # training samples of the stream
     experiences: list[ExperienceSpending] = field(default_factory=list)
-    _baseline: int = 0  # the meter's reading when the experience began
-    _last_reading: int | None = None  # at the top of the previous step
-    _last_cost: int | None = None  # of the previous step
-    _last_rows: int = 0  # the previous step's batch rows (before a plugin adds any)
+    after_last: int = 0  # computed after the last experience (plugin reports)
+    # the step-cost prediction (allows_step): the last trained step's cost and rows
+    _baseline: int = 0  # the meter's reading when the experience's share opened
+    _last_reading: int | None = None  # at the top of the previous step, if it trained
+    _last_cost: int | None = None
+    _last_rows: int = 0  # its batch rows as drawn
+    _last_inputs: int = 0  # its model-input rows (plugins' added rows and views included)
+    _pending: tuple[int, int] | None = None  # the step in flight: (rows, model inputs)
+    _stopped: bool = False  # the share ran out: the rest of the experience is cut
     _part: int = 0  # fits in the experience so far (an online experience has several)
 
     # -- the loop --------------------------------------------------------------
 
     def begin_experience(self, number: int, experience: int, meter: Any) -> None:
         """The ``number``-th shown experience (id ``experience``) begins: its share opens
-        at the meter's reading now (the meter has just begun the experience's row)."""
+        at the meter's reading now (the meter has just begun the experience's row), the
+        setup's computing charged to the first."""
         self.experiences.append(ExperienceSpending(experience, self.shares[number]))
-        self._baseline = self.reading(meter)
-        self._last_reading = self._last_cost = None
-        self._part = 0
+        setup = meter.rows[0] if number == 0 and meter.rows[0].stage == "setup" else None
+        self._baseline = self._reading(meter.row) - \
+            (0 if setup is None else self._reading(setup))
+        self._last_reading, self._pending, self._stopped, self._part = None, None, False, 0
 
     def begin_fit(self) -> None:
-        """A fit of the standard loop (one part of an online experience) begins: the
-        previous part's last step, if any, still predicts the next one's cost."""
+        """A fit of the standard loop (one part of an online experience) begins."""
         self._part += 1
-        self._last_reading = None
+        self._last_reading = self._pending = None
 
     def allows_step(self, meter: Any, rows: int) -> bool:
-        """Whether the loop may take its next step, of a batch of ``rows`` samples: its
-        predicted cost still fits in what is left of the share. The prediction is the
-        previous step's cost per batch row times ``rows`` (exact when a step's FLOPs grow
-        with its rows, as the standard loop's do; a plugin that adds a fixed number of
-        rows, replay's memory batch, makes a short last batch cost a little more than
-        predicted). The first step of an experience is taken while anything is left."""
-        now = self.reading(meter)
-        if self._last_reading is not None:
-            self._last_cost = now - self._last_reading
-        self._last_reading = now
-        spent = now - self._baseline
-        current = self.experiences[-1]
-        if self.kind == "steps":
-            return spent + 1 <= current.share
-        cost = 0 if not self._last_cost else -(-self._last_cost * rows // self._last_rows)
-        self._last_rows = rows
-        return spent < current.share and spent + cost <= current.share
+        """Whether the loop may take its next step, of a batch of ``rows`` samples as
+        drawn: its predicted cost still fits in what is left of the share. Once a step
+        does not fit, no later step of the experience is taken.
 
-    def stepped(self) -> None:
+        The prediction is the last trained step's cost (measured from the top of that
+        step to the top of this one: its hooks included) per model-input row, times the
+        rows this step is expected to feed the model: the last step's inputs less its
+        drawn rows, plus ``rows``, for a batch no larger than the last (exact where a
+        plugin adds a fixed number of rows, replay's memory batch; more than extra views
+        add), else the last inputs scaled by the rows (exact for views, more than a fixed
+        addition). Before any step of the run, one pass's FLOPs per sample times ``rows``.
+        """
+        now = self._reading(meter.row)
+        if self._last_reading is not None and self._pending is not None:
+            self._last_cost = now - self._last_reading
+            self._last_rows, self._last_inputs = self._pending
+        self._last_reading, self._pending = now, None
+        if self._stopped:
+            return False
+        spent, share = now - self._baseline, self.experiences[-1].share
+        if self.kind == "steps":
+            fits = spent + 1 <= share
+        else:
+            fits = spent < share and spent + self._predicted(rows) <= share
+        self._stopped = not fits
+        return fits
+
+    def _predicted(self, rows: int) -> int:
+        if self._last_cost is None or self._last_inputs == 0:
+            return 0 if not self.n_samples else -(-(self.pass_flops or 0) * rows
+                                                   // self.n_samples)
+        if rows <= self._last_rows:
+            inputs = rows + self._last_inputs - self._last_rows
+        else:
+            inputs = self._last_inputs * rows / self._last_rows
+        return math.ceil(self._last_cost * inputs / self._last_inputs)
+
+    def stepped(self, rows: int, inputs: int) -> None:
+        """The step trained on ``rows`` drawn samples, fed to the model as ``inputs``."""
         self.experiences[-1].trained_batches += 1
+        self._pending = (rows, inputs)
 
     def cut(self, batches: int, epoch: int, batch: int) -> None:
         """The loop stops the fit: ``batches`` of it are left untrained, the first at
@@ -229,13 +266,17 @@ class ComputeAllowance:
     def end_experience(self, meter: Any) -> ExperienceSpending:
         """The experience's learning is over (before its evaluation): what it spent."""
         current = self.experiences[-1]
-        current.spent = self.reading(meter) - self._baseline
+        current.spent = self._reading(meter.row) - self._baseline
         return current
 
-    def reading(self, meter: Any) -> int:
-        """The meter's count for this budget in the current row: FLOPs but the test
-        predictions', or optimizer steps."""
+    def close(self, meter: Any) -> None:
+        """The run is over: what the plugins computed after the last experience."""
         row = meter.row
+        self.after_last = self._reading(row) if row.stage == "report" else 0
+
+    def _reading(self, row: Any) -> int:
+        """A meter row's count for this budget: FLOPs but the test predictions', or
+        optimizer steps."""
         if self.kind == "steps":
             return row.optimizer_steps
         return sum(row.flops.values()) - row.evaluation_flops
@@ -244,7 +285,7 @@ class ComputeAllowance:
 
     @property
     def spent(self) -> int:
-        return sum(e.spent for e in self.experiences)
+        return sum(e.spent for e in self.experiences) + self.after_last
 
     def to_dict(self) -> dict[str, Any]:
         """``compute.budget`` of a strategy in summary.json."""
@@ -256,7 +297,8 @@ class ComputeAllowance:
             "share": self.share_rule,
             "shares": list(self.shares),
             "spent": self.spent,
-            "over_budget": any(e.over for e in self.experiences),
+            "after_last": self.after_last,
+            "over_budget": self.spent > self.total or any(e.over for e in self.experiences),
             "trained_batches": sum(e.trained_batches for e in self.experiences),
             "cut_batches": sum(e.cut_batches for e in self.experiences),
             "experiences": [e.to_dict() for e in self.experiences],
@@ -278,12 +320,15 @@ def allowance_for(budget: ComputeBudget, share_rule: str, model: nn.Module,
     the model's input."""
     sizes = [exp.n_train for exp in experiences]
     pass_flops = None
-    if budget.unit == "passes":
+    if budget.kind == "flops":  # what 'passes' are in, and the loop's first prediction
         # two rows (BatchNorm in training mode needs more than one), from any experience
         rows = to_input(torch.cat([exp.train_x[:2] for exp in experiences])[:2])
         labels = torch.cat([exp.train_y[:2] for exp in experiences])[:2].to(rows.device)
         with torch.random.fork_rng(devices=[rows.device] if rows.device.type == "cuda" else []):
             pass_flops = one_pass_flops(copy.deepcopy(model), rows, labels, sum(sizes))
     total = budget.resolve(pass_flops or 0)
+    if total < 1:
+        raise ConfigError(f"compute budget {budget} is less than one FLOP of this stream "
+                          f"(one pass: {pass_flops} FLOPs)")
     return ComputeAllowance(budget, budget.kind, total, share_rule,
-                            split_shares(total, sizes, share_rule), pass_flops)
+                            split_shares(total, sizes, share_rule), pass_flops, sum(sizes))

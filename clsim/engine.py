@@ -219,6 +219,8 @@ def run_strategy(
                 reports = plugin_reports(hooks, ctx, stream)
                 if reports:
                     outcome.metrics["plugins"] = reports
+                if ctx.compute_budget is not None:
+                    ctx.compute_budget.close(meter)
         except SnapshotError:  # a checkpoint that cannot be restored: not the strategy's fault
             raise
         except ClsimError as exc:
@@ -475,13 +477,19 @@ class _Loop:
         spending = allowance.end_experience(self.ctx._meter)
         self.events.write("compute_share", strategy=self.strategy.name, **spending.to_dict())
         if spending.over and self.strategy.strict:
-            unit = "optimizer steps" if allowance.kind == "steps" else "FLOPs"
+            if allowance.kind == "steps":
+                unit, parts = "optimizer steps", ""
+            else:
+                learning = {part: flops for part, flops in self.ctx._meter.row.flops.items()
+                            if not part.startswith("evaluation.")}
+                unit, parts = "FLOPs", f"; largest parts: {_largest_parts(learning, unit='FLOP')}"
             raise BudgetExceededError(
                 f"strategy {self.strategy.name!r} spent {spending.spent} {unit} learning "
                 f"experience {experience}, over its share of {spending.share} "
-                f"(compute budget {allowance.budget}, shared {allowance.share_rule}); the "
-                "standard loop stops at its share, so the excess is work outside its steps: "
-                f"by part, {_largest_parts(self.ctx._meter.row.flops, unit='FLOP')}")
+                f"(compute budget {allowance.budget}, shared {allowance.share_rule}). The "
+                "standard loop takes a step only if its predicted cost fits the share: work "
+                "outside its steps (a hook around the experience, a plugin's own loop), or "
+                f"a step costlier than predicted, went over{parts}")
 
     def _check_budget(self, record, when: str) -> None:
         if record.over_budget and self.strategy.strict:

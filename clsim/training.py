@@ -197,8 +197,8 @@ class Trainer:
             trained = 0
             for start in range(0, n, batch_size):
                 step = start // batch_size + 1
-                if allowance is not None and \
-                        not allowance.allows_step(meter, min(batch_size, n - start)):
+                drawn = min(batch_size, n - start)
+                if allowance is not None and not allowance.allows_step(meter, drawn):
                     # the share is spent: the rest of the plan is cut, as in budgeted CL
                     cut = per_epoch - step + 1 + (plan.epochs - epoch - 1) * per_epoch
                     allowance.cut(cut, epoch, step)
@@ -249,8 +249,8 @@ class Trainer:
                                        logits=output.logits.detach(), loss=loss,
                                        output=output)
                 meter.optimizer_step()
-                if allowance is not None:
-                    allowance.stepped()
+                if allowance is not None:  # a skipped batch (above) predicts no step
+                    allowance.stepped(drawn, int(output.inputs.shape[0]))
                 loss_sum += loss
                 trained += 1
                 self._experience_batches[0] += 1

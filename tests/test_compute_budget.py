@@ -73,6 +73,8 @@ def test_compute_budgets_parse(text: str, unit: str, amount: float) -> None:
     ("2 XFLOP", "unknown unit 'xflop'"), ("1.5 steps", "whole numbers"),
     ("0 passes", "more than 0"), (5000, "as a string with its unit"),
     ("lots", "cannot read"), ("1e30 TFLOP", "implausibly large"),
+    ("1e400 steps", "not a finite number"), ("0.3 FLOP", "less than one FLOP"),
+    ("nan passes", "cannot read"),
 ])
 def test_bad_compute_budgets_say_what_is_expected(value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -90,6 +92,8 @@ def test_a_budget_point_gives_memory_compute_or_both() -> None:
     assert aligned.aligned and aligned.label == "aligned: model, 10 steps"
     with pytest.raises(ValueError, match="'memory' or 'aligned'"):
         BudgetPoint.parse({"memory": "1MB", "aligned": "1MB"})
+    with pytest.raises(ValueError, match="'memory' of a budget point needs a budget"):
+        BudgetPoint.parse({"memory": None, "compute": "1 passes"})
 
 
 @pytest.mark.parametrize("rule", ["even", "proportional"])
@@ -150,6 +154,22 @@ def test_under_equal_compute_replay_pays_for_its_memory_batches(summary: dict) -
     assert summary["replay_pass"]["status"] == "ok"
 
 
+@pytest.mark.parametrize("passes", ["2.01", "2.03", "2.05", "2.07"])
+def test_a_fixed_memory_batch_never_takes_replay_over_a_share(passes: str) -> None:
+    """Replay adds 32 memory rows to every batch: a short last batch costs more per drawn
+    row than a full one, and the loop's prediction (the rows the model was fed) says so,
+    so no share is overspent at any boundary."""
+    text = SCENARIO.replace("{replay: {capacity: 200}}",
+                            "{replay: {capacity: 200, batch_size_mem: 32}}").replace(
+        'compute_budget: "1.0 passes"\n  naive_steps', f'compute_budget: "{passes} passes"'
+        '\n  naive_steps')
+    record = run_scenario(parse_scenario(text), None, only=["replay_pass"]) \
+        .summary["strategies"]["replay_pass"]
+    budget = record["compute"]["budget"]
+    assert budget["cut_batches"] > 0 and not budget["over_budget"]
+    assert all(e["spent"] <= e["share"] for e in budget["experiences"])
+
+
 def test_a_budget_does_not_change_an_uncut_run() -> None:
     """A budget that cuts nothing leaves the run as it was (the pass count draws no random
     number and changes no state)."""
@@ -171,13 +191,21 @@ def test_work_outside_the_loop_over_its_share_fails_a_strict_strategy() -> None:
     under strict."""
     text = (REPO_ROOT / "scenarios" / "analytic_quick.yaml").read_text()
     scenario = parse_scenario(text + '\ncompute_budget: "1 KFLOP"\n')
-    name = next(iter(scenario.strategies))
+    name = "analytic"
     record = run_scenario(scenario, None, only=[name]).summary["strategies"][name]
-    assert record["status"] == "ok" and record["compute"]["budget"]["over_budget"]
+    budget = record["compute"]["budget"]
+    assert record["status"] == "ok" and budget["over_budget"]
+    assert budget["trained_batches"] == 0  # the loop took no step: 1 KFLOP pays for none
+    assert record["compute"]["parts"]["analytic.clsim_train_experience"] > 1000
+    # naive's loop keeps to the share: not a single step fits
+    naive = run_scenario(scenario, None, only=["naive"]).summary["strategies"]["naive"]
+    assert naive["compute"]["budget"]["spent"] == 0 and not naive["compute"]["budget"][
+        "over_budget"]
     strict = parse_scenario(text + '\ncompute_budget: "1 KFLOP"\nstrict: true\n')
     failed = run_scenario(strict, None, only=[name]).summary["strategies"][name]
     assert failed["status"] == "failed"
     assert "over its share" in failed["error"] and "1 KFLOP" in failed["error"]
+    assert "largest parts: analytic.clsim_after_experience" in failed["error"]
 
 
 def test_a_compute_budget_needs_accounting(monkeypatch) -> None:
@@ -218,12 +246,17 @@ def test_the_cli_refuses_a_bad_compute_budget(tmp_path) -> None:
 
 def test_compare_cells_carry_their_compute_budget() -> None:
     text = SCENARIO + ("compare:\n  budgets: ['0.5 passes', {memory: 64KB, compute: "
-                       "'1.0 passes'}]\n  strategies: [naive]\n")
+                       "'1.0 passes'}, {aligned: model + 100 exemplars, compute: '2 steps'}]"
+                       "\n  strategies: [naive]\n")
     scenario = parse_scenario(text)
     cells = [run_cell(task) for task in plan(scenario, text, threads=1)]
-    assert [c["budget"] for c in cells] == ["0.5 passes", "64KB, 1.0 passes"]
-    assert [c["compute_budget"] for c in cells] == ["0.5 passes", "1.0 passes"]
-    half, whole = (c["compute"]["budget"] for c in cells)
+    assert [c["budget"] for c in cells] == ["0.5 passes", "64KB, 1.0 passes",
+                                            "aligned: model + 100 exemplars, 2 steps"]
+    assert [c["compute_budget"] for c in cells] == ["0.5 passes", "1.0 passes", "2 steps"]
+    assert [c["memory_budget"] for c in cells] == [None, "64KB",
+                                                   "aligned: model + 100 exemplars"]
+    assert cells[2]["compute"]["steps"] == 2
+    half, whole = (c["compute"]["budget"] for c in cells[:2])
     assert half["total"] * 2 == whole["total"] == whole["pass_flops"]
     assert cells[0]["memory_mb"] is None and cells[1]["memory_mb"] == 64 / 1024
     assert whole["trained_batches"] == cells[1]["compute"]["steps"] == 45  # one epoch
@@ -231,7 +264,7 @@ def test_compare_cells_carry_their_compute_budget() -> None:
     over = copy.deepcopy(cells[0])
     over["compute"]["budget"]["over_budget"] = True
     over["compute"]["budget"]["experiences"][3]["over_share"] = True
-    report = report_markdown(analyse([over, cells[1]]), "t")
+    report = report_markdown(analyse([over, *cells[1:]]), "t")
     assert "## Over a compute share" in report
     assert f"- {over['cell']}: spent {half['spent']:,} of {half['total']:,} FLOPs; over the " \
         "share of experience 3" in report
