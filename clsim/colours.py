@@ -38,3 +38,8 @@ def strategy_style(name: str) -> StrategyStyle:
 def strategy_colour(name: str) -> str:
     """The colour of strategy ``name`` (a hex string matplotlib accepts)."""
     return strategy_style(name).colour
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
+"""The lines of one strategy at successive levels of a second budget axis (a plot along
+memory through points that also vary compute, and the other way round)."""

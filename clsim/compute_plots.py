@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clsim.colours import strategy_style
+from clsim.colours import LINE_STYLES, strategy_style
 from clsim.compute_figures import GFLOP, learning_flops
 from clsim.results import write_atomic
 from clsim.stats import mean_ci
@@ -24,31 +24,36 @@ if TYPE_CHECKING:
 def plot_accuracy_vs_compute(analysis: Analysis, path: Path) -> None:
     """Average and last accuracy against learning GFLOP (log axis), one line per strategy
     through its budget points (mean over the seeds that counted compute, CI error bars),
-    each point labelled with its budget's number."""
+    each point labelled with its budget's number; where the points vary memory too, one
+    line per memory level (solid, dashed, dotted in budget order)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharey=True)
     for ax, metric, name in (
         (axes[0], "average_incremental_accuracy", "average accuracy"),
         (axes[1], "final_accuracy", "last accuracy"),
     ):
+        index_of = {label: i for i, (label, _) in enumerate(analysis.budgets)}
         for s in analysis.strategies:
-            points = []
-            for index, (label, _) in enumerate(analysis.budgets):
-                cells = analysis.compute_cells(s, label)
-                flops = [learning_flops(r) for r in cells]
-                if not cells or min(flops) <= 0:
-                    continue
-                ci = mean_ci([100.0 * r[metric] for r in cells])
-                points.append((sum(flops) / len(flops) / GFLOP, ci.mean, ci.half_width or 0.0,
-                               index))
-            if not points:
-                continue
-            points.sort()
             style = strategy_style(s)
-            ax.errorbar([p[0] for p in points], [p[1] for p in points],
-                        yerr=[p[2] for p in points], marker=style.marker, color=style.colour,
-                        capsize=3, label=s)
-            _number_points(ax, [(p[0], p[1], p[3]) for p in points], style.colour)
+            # one line per memory level where the points vary both axes
+            for n, labels in enumerate(analysis.lines_along("compute").values()):
+                points = []
+                for label in labels:
+                    cells = analysis.compute_cells(s, label)
+                    flops = [learning_flops(r) for r in cells]
+                    if not cells or min(flops) <= 0:
+                        continue
+                    ci = mean_ci([100.0 * r[metric] for r in cells])
+                    points.append((sum(flops) / len(flops) / GFLOP, ci.mean,
+                                   ci.half_width or 0.0, index_of[label]))
+                if not points:
+                    continue
+                points.sort()
+                ax.errorbar([p[0] for p in points], [p[1] for p in points],
+                            yerr=[p[2] for p in points], marker=style.marker,
+                            color=style.colour, capsize=3, label=s if n == 0 else None,
+                            linestyle=LINE_STYLES[n % len(LINE_STYLES)])
+                _number_points(ax, [(p[0], p[1], p[3]) for p in points], style.colour)
         _log_axis(ax.xaxis, ax.set_xscale)
         ax.set_ylim(0, 100)
         ax.set_xlabel("learning compute (GFLOP, 10^9 FLOPs, log scale)")

@@ -137,7 +137,7 @@ def _run(task: CellTask) -> dict[str, Any]:
             reference_model_bytes=model_bytes(reference),
             sample_bytes=dataset.sample_bytes,
         )
-        budget = Budget(bytes=total, text=point.label)
+        budget = Budget(bytes=total, text=point.memory_label)
     else:
         budget = point.budget
     compute_budget = strategy.compute_budget if point.compute is None else point.compute

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from clsim.budget import format_bytes
-from clsim.colours import strategy_style
+from clsim.colours import LINE_STYLES, strategy_style
 from clsim.compute_figures import (
     GFLOP,
     compute_budget,
@@ -135,6 +135,10 @@ FRONTIER_RULE = (
     "memory <=, compute <= and last accuracy >= with at least one strict; points equal "
     "on all three are all on it."
 )
+BOTH_AXES = ("No AUC: the budget points vary memory and compute both, so the points of a "
+             "strategy lie on no single curve along either axis (an area over memory would "
+             "join cells of different compute); compare them with the frontier and the "
+             "tables at each budget.")
 NO_AUC_COMPUTE = ("No AUC over compute: an area under accuracy against compute needs two "
                   "budgets or more; this grid has one.")
 NO_COMPUTE = (
@@ -165,6 +169,36 @@ class Analysis:
     def has_auc(self) -> bool:
         """An area needs a memory range: two budgets or more."""
         return len(self.budgets) >= 2
+
+    @property
+    def varies_both(self) -> bool:
+        """Whether the budget points vary memory and compute both: an area over one axis
+        would then join points of different levels of the other (order-dependent, and
+        not a curve), so there is no AUC; the frontier and the tables at each budget
+        compare such grids."""
+        memory = {r.get("memory_budget", r.get("budget")) for r in self.records}
+        compute = {r.get("compute_budget") for r in self.records}
+        return len(memory) > 1 and len(compute) > 1
+
+    def level(self, label: str, axis: str) -> str | None:
+        """The memory or compute budget (``axis``) of the budget point ``label``."""
+        for r in self.records:
+            if r["budget"] == label:
+                return r.get("memory_budget", label) if axis == "memory" \
+                    else r.get("compute_budget")
+        return None
+
+    def lines_along(self, axis: str) -> dict[str | None, list[str]]:
+        """The budget labels a plot along ``axis`` joins into one line: all of them, or,
+        where the points vary both axes, those at one level of the other axis each."""
+        labels = [label for label, _ in self.budgets]
+        if not self.varies_both:
+            return {None: labels}
+        other = "compute" if axis == "memory" else "memory"
+        groups: dict[str | None, list[str]] = {}
+        for label in labels:
+            groups.setdefault(self.level(label, other), []).append(label)
+        return groups
 
     @property
     def has_compute(self) -> bool:
@@ -262,6 +296,10 @@ def _auc_row(analysis: Analysis, strategy: str) -> dict[str, Any]:
         row[f"{name}_ci95"] = None if ci is None else ci.half_width
         row[f"{name}_per_seed"] = per_seed
     row.update(_auc_compute(analysis, strategy))
+    if analysis.varies_both:  # no curve along one axis (Analysis.varies_both)
+        for name in ("auc_a_pct", "auc_l_pct", "auc_a_compute_pct", "auc_l_compute_pct"):
+            row[name] = row[f"{name}_ci95"] = None
+            row[f"{name}_per_seed"] = {}
     return row
 
 
@@ -453,6 +491,8 @@ def report_markdown(analysis: Analysis, title: str) -> str:
     ]
     if not analysis.has_auc:
         lines.append(NO_AUC)
+    elif analysis.varies_both:
+        lines.append(BOTH_AXES)
     else:
         lines += [
             AUC_UNIT,
@@ -555,6 +595,8 @@ def _compute_markdown(analysis: Analysis) -> list[str]:
         return lines + [NO_COMPUTE]
     if not analysis.has_auc:
         lines.append(NO_AUC_COMPUTE)
+    elif analysis.varies_both:
+        lines.append("No AUC over compute either (see above).")
     else:
         lines += [
             AUC_COMPUTE_UNIT,
@@ -633,7 +675,9 @@ def terminal_summary(analysis: Analysis) -> str:
         "over seeds.",
         "",
     ]
-    if analysis.has_auc:
+    if analysis.has_auc and analysis.varies_both:
+        lines += [BOTH_AXES, ""]
+    elif analysis.has_auc:
         rows = [[r["strategy"], _fmt(_row_ci(r, "auc_a_pct"), 1.0, ".1f"),
                  _fmt(_row_ci(r, "auc_l_pct"), 1.0, ".1f"), _memory_range(r), str(r["seeds"])]
                 for r in _auc_rows_ranked(analysis)]
@@ -642,7 +686,7 @@ def terminal_summary(analysis: Analysis) -> str:
                                "memory (MB)", "seeds"], rows), ""]
     else:
         lines += [NO_AUC, ""]
-    if analysis.has_compute and analysis.has_auc:
+    if analysis.has_compute and analysis.has_auc and not analysis.varies_both:
         rows = [[r["strategy"],
                  _fmt(_row_ci(r, "auc_a_compute_pct", "compute_seeds"), 1.0, ".1f"),
                  _fmt(_row_ci(r, "auc_l_compute_pct", "compute_seeds"), 1.0, ".1f"),
@@ -706,17 +750,22 @@ def plot_accuracy_vs_memory(analysis: Analysis, path: Path) -> None:
         (axes[0], "average_incremental_accuracy", "average accuracy"),
         (axes[1], "final_accuracy", "last accuracy"),
     ):
+        memory_of = dict(analysis.budgets)
         for s in analysis.strategies:
-            points = [(mb, analysis.score(s, label, metric)) for label, mb in analysis.budgets]
-            points = [(mb, ci) for mb, ci in points if mb is not None and ci is not None]
-            if not points:
-                continue
-            xs = [mb for mb, _ in points]
-            ys = [ci.mean * 100 for _, ci in points]
-            errors = [(ci.half_width or 0.0) * 100 for _, ci in points]
             style = strategy_style(s)
-            ax.errorbar(xs, ys, yerr=errors, marker=style.marker, color=style.colour,
-                        capsize=3, label=s)
+            # one line per compute level where the points vary both axes
+            for n, labels in enumerate(analysis.lines_along("memory").values()):
+                points = [(memory_of[label], analysis.score(s, label, metric))
+                          for label in labels]
+                points = [(mb, ci) for mb, ci in points if mb is not None and ci is not None]
+                if not points:
+                    continue
+                xs = [mb for mb, _ in points]
+                ys = [ci.mean * 100 for _, ci in points]
+                errors = [(ci.half_width or 0.0) * 100 for _, ci in points]
+                ax.errorbar(xs, ys, yerr=errors, marker=style.marker, color=style.colour,
+                            capsize=3, label=s if n == 0 else None,
+                            linestyle=LINE_STYLES[n % len(LINE_STYLES)])
         ax.set_ylim(0, 100)
         ax.set_xlabel("memory budget (MB, 2^20 bytes)")
         ax.set_title(name)

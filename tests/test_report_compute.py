@@ -383,3 +383,34 @@ def test_the_console_table_shows_gflop_and_steps_beside_the_bytes():
     assert (cells["huge"][gflop], cells["huge"][steps]) == ("123", "4000")
     assert (cells["off"][gflop], cells["off"][steps]) == ("-", "-")
     assert cells["broken"][1:8] == ["failed", "-", "-", "-", "-", "-", "-"]
+
+
+def test_a_grid_varying_memory_and_compute_has_no_auc_along_either_axis():
+    """Points of two memory levels x two compute levels lie on no single curve along one
+    axis: an area would join levels of the other and change with the order the budgets
+    are listed in. The report gives none and says why."""
+    def grid(order):
+        records = []
+        for index, (memory, compute, last) in enumerate(order):
+            for seed in (0, 1):
+                records.append(_record("s", index, seed, last, flops=compute,
+                                       memory_budget=f"{memory}MB",
+                                       compute_budget=f"{compute:g} FLOP"))
+        return analyse(records)
+
+    points = [(1, 1e9, 0.2), (4, 1e9, 0.2), (1, 1e11, 0.8), (4, 1e11, 0.8)]
+    for analysis in (grid(points), grid(points[::-1])):
+        assert analysis.varies_both
+        (row,) = analysis.auc_rows
+        assert row["auc_l_pct"] is None and row["auc_l_compute_pct"] is None
+        report = report_markdown(analysis, "t")
+        assert "No AUC: the budget points vary memory and compute both" in report
+        assert "No AUC: the budget points vary memory and compute both" in \
+            terminal_summary(analysis)
+        # a plot along compute joins the points of one memory level each
+        assert list(analysis.lines_along("compute")) in (["1MB", "4MB"], ["4MB", "1MB"])
+    one_memory = analyse([_record("s", i, 0, last, flops=compute, memory_budget="1MB",
+                                  compute_budget=f"{compute:g} FLOP")
+                          for i, (_, compute, last) in enumerate(points[::2])])
+    assert not one_memory.varies_both
+    assert one_memory.auc_rows[0]["auc_l_compute_pct"] == pytest.approx(50.0)
