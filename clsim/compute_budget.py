@@ -305,11 +305,14 @@ class ComputeAllowance:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps: the experiences spent so far."""
-        return {"experiences": [vars(e).copy() for e in self.experiences]}
+        """What a checkpoint keeps: the experiences spent so far, and the last trained
+        step, which predicts the next experience's first."""
+        return {"experiences": [vars(e).copy() for e in self.experiences],
+                "last_step": [self._last_cost, self._last_rows, self._last_inputs]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.experiences = [ExperienceSpending(**e) for e in state["experiences"]]
+        self._last_cost, self._last_rows, self._last_inputs = state["last_step"]
 
 
 def allowance_for(budget: ComputeBudget, share_rule: str, model: nn.Module,
