@@ -189,7 +189,7 @@ class Trainer:
         allowance = ctx.compute_budget  # the compute budget's share of this experience
         if allowance is not None:
             allowance.begin_fit()
-        per_epoch, stopped = -(-n // batch_size), False
+        per_epoch, stopped = self.n_batches(n, 1), False
         for epoch in range(plan.epochs):
             order = torch.randperm(n, generator=self.generator) if shuffle else None
             loss_sum = torch.zeros((), device=ctx.device)

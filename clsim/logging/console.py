@@ -7,7 +7,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from clsim.budget import format_bytes
-from clsim.compute_figures import compute_field, count_text, gflop_text, learning_flops
+from clsim.compute_figures import (
+    compute_budget,
+    compute_field,
+    count_text,
+    gflop_text,
+    learning_flops,
+)
 
 
 def progress_factory() -> Callable[[str, int], Any]:
@@ -128,12 +134,12 @@ def compute_budget_note(strategies: dict[str, dict[str, Any]]) -> str:
     cut to keep to it; empty when no strategy has a compute budget."""
     lines = []
     for name, record in strategies.items():
-        budget = (record.get("compute") or {}).get("budget")
+        budget = compute_budget(record)
         if not budget:
             continue
         steps = budget["kind"] == "steps"
-        total = f"{budget['total']} steps" if steps else f"{budget['total'] / 1e9:.4g} GFLOP"
-        spent = f"{budget['spent']}" if steps else f"{budget['spent'] / 1e9:.4g}"
+        total = f"{budget['total']} steps" if steps else f"{gflop_text(budget['total'])} GFLOP"
+        spent = f"{budget['spent']}" if steps else gflop_text(budget["spent"])
         over = "; OVER a share (work outside the loop's steps)" if budget["over_budget"] else ""
         lines.append(f"  {name}: {budget['text']} = {total}, spent {spent}; trained "
                      f"{budget['trained_batches']} batches, cut {budget['cut_batches']}{over}")
